@@ -1,0 +1,26 @@
+"""The spiking IR: ops, the network graph, reference semantics and the .sir format."""
+
+from csdc.ir.graph import Network, TensorInfo
+from csdc.ir.ops import (
+    CURRENT,
+    OP_REGISTRY,
+    SPIKES,
+    Add,
+    ConvSynapse,
+    DenseSynapse,
+    DiagonalSynapse,
+    Encode,
+    Neuron,
+    Op,
+    Readout,
+    Reshape,
+    SpikeMaxPool,
+    SumPool,
+    Transpose,
+)
+
+__all__ = [
+    "CURRENT", "OP_REGISTRY", "SPIKES", "Add", "ConvSynapse", "DenseSynapse", "DiagonalSynapse",
+    "Encode", "Network", "Neuron", "Op", "Readout", "Reshape", "SpikeMaxPool", "SumPool",
+    "TensorInfo", "Transpose",
+]

@@ -1,0 +1,430 @@
+"""Operations of the spiking IR: one frozen dataclass per op.
+
+Every op consumes tensors of a declared *kind* and produces one tensor:
+
+- ``SPIKES``: a binary value per element and time step.
+- ``CURRENT``: an integer per element and time step.
+
+Shapes never include the batch or time axes. ``Op.infer(in_shapes, in_kinds)`` checks the
+inputs and returns the output shape; it raises :class:`csdc.errors.IRError` naming the
+problem. Array parameters are integer numpy arrays, frozen (read-only) on construction.
+The only floats are the input quantizer step of :class:`Encode` and the dequantization
+of :class:`Readout`.
+
+Timing (layer-synchronous semantics, SPEC section 3): every tensor is a sequence over
+local steps 1..T. Synapses, pools, adds and routing ops act step by step (latency 0);
+a :class:`Neuron` integrates steps 1..T and emits its T output steps after ``delay``
+steps (latency ``delay``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from csdc.errors import IRError
+
+SPIKES = "spikes"
+CURRENT = "current"
+
+Shape = tuple[int, ...]
+
+OP_REGISTRY: dict[str, type["Op"]] = {}
+
+
+def register_op(cls: type["Op"]) -> type["Op"]:
+    """Add an op class to the registry used by serialization and backends."""
+    OP_REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _int_array(value: object, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr.astype(np.int64, copy=False))
+    arr.flags.writeable = False
+    return arr
+
+
+def _float_array(value: object, name: str) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(value, dtype=np.float64))
+    if not np.all(np.isfinite(arr)):
+        raise IRError(f"parameter '{name}' has non-finite values")
+    arr.flags.writeable = False
+    return arr
+
+
+class Op:
+    """Base class. Subclasses are frozen, slotted dataclasses registered with ``register_op``."""
+
+    __slots__ = ()
+
+    in_kinds: ClassVar[tuple[str, ...] | None] = None  # None: any number of inputs, kind checked in infer
+    out_kind: ClassVar[str] = CURRENT
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        raise NotImplementedError
+
+    def output_kind(self, in_kinds: list[str]) -> str:
+        return self.out_kind
+
+    def _check_arity(self, in_shapes: list[Shape], in_kinds: list[str], allowed: tuple[tuple[str, ...], ...]) -> None:
+        if len(in_shapes) != len(allowed):
+            raise IRError(f"{type(self).__name__} takes {len(allowed)} input(s), got {len(in_shapes)}")
+        for i, (kind, ok) in enumerate(zip(in_kinds, allowed)):
+            if kind not in ok:
+                raise IRError(f"{type(self).__name__} input {i} must carry {' or '.join(ok)}, got {kind}")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array-valued parameters (serialized to the array store)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+
+    def attributes(self) -> dict[str, object]:
+        """The JSON-valued parameters."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, np.ndarray):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _pair(v: object, name: str) -> tuple[int, int]:
+    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v, v)))
+    if len(t) != 2:
+        raise IRError(f"'{name}' must have 2 entries, got {t}")
+    return t  # type: ignore[return-value]
+
+
+def _quad(v: object, name: str) -> tuple[int, int, int, int]:
+    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,) * 4))
+    if len(t) != 4 or min(t) < 0:
+        raise IRError(f"'{name}' must be 4 non-negative entries (top, left, bottom, right), got {t}")
+    return t  # type: ignore[return-value]
+
+
+def pool_output_hw(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """Output spatial size of a convolution or pool window (floor mode)."""
+    eh = dilation[0] * (kernel[0] - 1) + 1
+    ew = dilation[1] * (kernel[1] - 1) + 1
+    oh = (h + padding[0] + padding[2] - eh) // stride[0] + 1
+    ow = (w + padding[1] + padding[3] - ew) // stride[1] + 1
+    if oh < 1 or ow < 1:
+        raise IRError(f"window {kernel} with stride {stride}, padding {padding} does not fit input {h}x{w}")
+    return oh, ow
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Encode(Op):
+    """Network input: ``q = clip(round_half_even(x / scale), lo, hi)`` applied to the data,
+    delivered as the constant current ``q`` on every step 1..T ("direct encoding")."""
+
+    shape: Shape
+    scale: float
+    lo: int
+    hi: int
+
+    in_kinds: ClassVar = ()
+    out_kind: ClassVar = CURRENT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if not (self.scale > 0 and np.isfinite(self.scale)):
+            raise IRError(f"Encode scale must be positive and finite, got {self.scale}")
+        if self.lo > self.hi:
+            raise IRError(f"Encode range [{self.lo}, {self.hi}] is empty")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ())
+        return self.shape
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class DenseSynapse(Op):
+    """Fully connected synapses over the last axis: ``out[..., o] = sum_i weight[o, i] * in[..., i]``.
+
+    A spike input adds column ``weight[:, i]`` (an accumulate, AC); a current input
+    (only the encoded input) multiplies (MAC)."""
+
+    weight: np.ndarray  # (out, in)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
+        if self.weight.ndim != 2:
+            raise IRError(f"DenseSynapse weight must be 2-D (out, in), got shape {self.weight.shape}")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        shp = in_shapes[0]
+        if len(shp) < 1 or shp[-1] != self.weight.shape[1]:
+            raise IRError(f"DenseSynapse expects input (..., {self.weight.shape[1]}), got {shp}")
+        return (*shp[:-1], self.weight.shape[0])
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class ConvSynapse(Op):
+    """2-D convolution synapses (cross-correlation, as ONNX Conv) on a (C, H, W) tensor."""
+
+    weight: np.ndarray  # (O, C // groups, kh, kw)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
+        object.__setattr__(self, "stride", _pair(self.stride, "stride"))
+        object.__setattr__(self, "padding", _quad(self.padding, "padding"))
+        object.__setattr__(self, "dilation", _pair(self.dilation, "dilation"))
+        object.__setattr__(self, "groups", int(self.groups))
+        if self.weight.ndim != 4:
+            raise IRError(f"ConvSynapse weight must be 4-D (O, C/groups, kh, kw), got {self.weight.shape}")
+        if self.groups < 1 or self.weight.shape[0] % self.groups:
+            raise IRError(f"ConvSynapse groups={self.groups} does not divide {self.weight.shape[0]} output channels")
+        if min(self.stride) < 1 or min(self.dilation) < 1:
+            raise IRError("ConvSynapse stride and dilation must be >= 1")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        shp = in_shapes[0]
+        if len(shp) != 3 or shp[0] != self.weight.shape[1] * self.groups:
+            raise IRError(f"ConvSynapse expects input ({self.weight.shape[1] * self.groups}, H, W), got {shp}")
+        oh, ow = pool_output_hw(shp[1], shp[2], self.weight.shape[2:], self.stride, self.padding, self.dilation)
+        return (self.weight.shape[0], oh, ow)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class DiagonalSynapse(Op):
+    """One-to-one synapses: ``out = weight * in`` elementwise (weight has the input's shape).
+
+    Turns a spike tensor into a current in a chosen integer unit, e.g. a residual branch."""
+
+    weight: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES,),))
+        if tuple(self.weight.shape) != tuple(in_shapes[0]):
+            raise IRError(f"DiagonalSynapse weight shape {self.weight.shape} != input shape {in_shapes[0]}")
+        return tuple(in_shapes[0])
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Add(Op):
+    """Sum of two or more currents of the same shape."""
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        if len(in_shapes) < 2:
+            raise IRError(f"Add needs at least 2 inputs, got {len(in_shapes)}")
+        for i, (s, k) in enumerate(zip(in_shapes, in_kinds)):
+            if k != CURRENT:
+                raise IRError(f"Add input {i} must carry {CURRENT}, got {k}")
+            if tuple(s) != tuple(in_shapes[0]):
+                raise IRError(f"Add input shapes differ: {in_shapes}")
+        return tuple(in_shapes[0])
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Neuron(Op):
+    """A population of delayed integrate-and-fire neurons (paper Algorithm 1).
+
+    Per neuron: ``v = v0``; for u in 1..T+D: if u <= T, ``v += I(u) + bias``; if u > D and
+    ``v >= threshold``: emit a spike at output step u - D and ``v -= threshold``.
+    For ``delay >= T`` the spike count is ``clip(floor((V + T*bias + v0) / threshold), 0, T)``,
+    which is the quantizer the population replaces. ``delay = 0`` is the plain IF neuron.
+    Arrays ``threshold``, ``v0`` and ``bias`` have the population's shape.
+    """
+
+    threshold: np.ndarray
+    v0: np.ndarray
+    bias: np.ndarray
+    delay: int
+
+    out_kind: ClassVar = SPIKES
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "v0", "bias"):
+            object.__setattr__(self, name, _int_array(getattr(self, name), name))
+        object.__setattr__(self, "delay", int(self.delay))
+        if self.threshold.size and int(self.threshold.min()) < 1:
+            raise IRError(f"Neuron thresholds must be >= 1, got minimum {int(self.threshold.min())}")
+        if self.delay < 0:
+            raise IRError(f"Neuron delay must be >= 0, got {self.delay}")
+        if not (self.threshold.shape == self.v0.shape == self.bias.shape):
+            raise IRError(f"Neuron threshold/v0/bias shapes differ: {self.threshold.shape}, {self.v0.shape}, {self.bias.shape}")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((CURRENT,),))
+        if tuple(self.threshold.shape) != tuple(in_shapes[0]):
+            raise IRError(f"Neuron parameters have shape {self.threshold.shape}, input has {in_shapes[0]}")
+        return tuple(in_shapes[0])
+
+    def with_delay(self, delay: int) -> "Neuron":
+        return Neuron(self.threshold, self.v0, self.bias, delay)
+
+
+class _Window(Op):
+    """Shared attribute handling of the pooling ops (kernel, stride, padding on (C, H, W))."""
+
+    __slots__ = ()
+
+    def _normalize(self) -> None:
+        object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))  # type: ignore[attr-defined]
+        object.__setattr__(self, "stride", _pair(self.stride, "stride"))  # type: ignore[attr-defined]
+        object.__setattr__(self, "padding", _quad(self.padding, "padding"))  # type: ignore[attr-defined]
+        if min(self.kernel) < 1 or min(self.stride) < 1:  # type: ignore[attr-defined]
+            raise IRError(f"{type(self).__name__} kernel and stride must be >= 1")
+
+    def _infer_window(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES,),))
+        shp = in_shapes[0]
+        if len(shp) != 3:
+            raise IRError(f"{type(self).__name__} expects a (C, H, W) input, got {shp}")
+        oh, ow = pool_output_hw(shp[1], shp[2], self.kernel, self.stride, self.padding)  # type: ignore[attr-defined]
+        return (shp[0], oh, ow)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class SpikeMaxPool(_Window):
+    """Max pooling by temporal decomposition: ``y(t) = max_i C_i(t) - max_i C_i(t-1)`` over each
+    window, with ``C`` the running spike counts. The output is binary and its count is the
+    max of the input counts. Padding contributes count 0."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    out_kind: ClassVar = SPIKES
+
+    def __post_init__(self) -> None:
+        self._normalize()
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        return self._infer_window(in_shapes, in_kinds)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class SumPool(_Window):
+    """Sum of the spikes in each window (average pooling with 1/k absorbed downstream)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    out_kind: ClassVar = CURRENT
+
+    def __post_init__(self) -> None:
+        self._normalize()
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        return self._infer_window(in_shapes, in_kinds)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Reshape(Op):
+    """Routing: the same elements in a new shape (C order). Carries either kind."""
+
+    shape: Shape
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    def output_kind(self, in_kinds: list[str]) -> str:
+        return in_kinds[0]
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        if int(np.prod(in_shapes[0])) != int(np.prod(self.shape)):
+            raise IRError(f"Reshape from {in_shapes[0]} to {self.shape} changes the element count")
+        return self.shape
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Transpose(Op):
+    """Routing: permute axes. Carries either kind."""
+
+    perm: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "perm", tuple(int(p) for p in self.perm))
+
+    def output_kind(self, in_kinds: list[str]) -> str:
+        return in_kinds[0]
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        shp = in_shapes[0]
+        if sorted(self.perm) != list(range(len(shp))):
+            raise IRError(f"Transpose perm {self.perm} does not fit input rank {len(shp)}")
+        return tuple(shp[p] for p in self.perm)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class Readout(Op):
+    """Network output: accumulates ``V = sum_t I(t)`` per class and reports the float
+    logit ``V * scale + offset``."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+
+    in_kinds: ClassVar = (CURRENT,)
+    out_kind: ClassVar = CURRENT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _float_array(self.scale, "scale"))
+        object.__setattr__(self, "offset", _float_array(self.offset, "offset"))
+        if self.scale.ndim != 1 or self.scale.shape != self.offset.shape:
+            raise IRError(f"Readout scale/offset must be 1-D of equal length, got {self.scale.shape}, {self.offset.shape}")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((CURRENT,),))
+        if tuple(in_shapes[0]) != (self.scale.shape[0],):
+            raise IRError(f"Readout expects input ({self.scale.shape[0]},), got {in_shapes[0]}")
+        return tuple(in_shapes[0])
+
+
+def op_from_dict(op_name: str, attributes: dict[str, object], arrays: dict[str, np.ndarray]) -> Op:
+    """Rebuild an op from its serialized parts; unknown op names are rejected."""
+    cls = OP_REGISTRY.get(op_name)
+    if cls is None:
+        raise IRError(f"unknown op '{op_name}' (known: {', '.join(sorted(OP_REGISTRY))})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = set(attributes) | set(arrays)
+    if given != names:
+        raise IRError(f"op {op_name}: fields {sorted(given)} do not match {sorted(names)}")
+    kwargs: dict[str, object] = {}
+    for k, v in attributes.items():
+        kwargs[k] = tuple(v) if isinstance(v, list) else v
+    kwargs.update(arrays)
+    return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def ops_equal(a: Op, b: Op) -> bool:
+    """Structural equality of two ops (arrays compared exactly)."""
+    if type(a) is not type(b) or a.attributes() != b.attributes():
+        return False
+    aa, ba = a.arrays(), b.arrays()
+    return aa.keys() == ba.keys() and all(
+        aa[k].shape == ba[k].shape and np.array_equal(aa[k], ba[k]) for k in aa
+    )

@@ -1,0 +1,179 @@
+"""The ``.sir`` file: a spiking network on disk, loaded without executing code.
+
+A ``.sir`` file is a ZIP archive with
+
+- ``header.json``: format name and ``format_version``, T, metadata, and the nodes in
+  topological order (name, op type, inputs, JSON attributes, and for each array its
+  entry name, dtype, shape and SHA-256);
+- ``arrays/<n>.npy``: the arrays in numpy's ``.npy`` format, read with ``allow_pickle=False``;
+- ``header.sha256``: the SHA-256 of ``header.json``.
+
+Loading checks the archive, both digests, the version (older versions are upgraded by the
+functions in ``UPGRADES``), that every op is a registered IR op, and finally verifies the
+network. Files are written to a temporary file in the target folder and renamed into place,
+so an interrupted write never leaves a partial ``.sir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from typing import Callable
+
+import numpy as np
+
+from csdc.errors import CsdcError, IRError, SirFormatError
+from csdc.ir.graph import Network
+from csdc.ir.ops import op_from_dict
+
+FORMAT_NAME = "csdc-sir"
+FORMAT_VERSION = 1
+# version -> function turning a header of that version into one of the next version
+UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+
+def _narrow(arr: np.ndarray) -> np.ndarray:
+    """Store integers in the narrowest signed dtype that holds them."""
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return arr
+    lo, hi = int(arr.min()), int(arr.max())
+    for dt in (np.int8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return arr.astype(dt)
+    return arr
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def to_bytes(net: Network) -> bytes:
+    """Serialize a network to the bytes of a .sir file."""
+    nodes = []
+    blobs: dict[str, bytes] = {}
+    for name, op in net.nodes():
+        arrays = {}
+        for field, arr in op.arrays().items():
+            data = _npy_bytes(_narrow(arr))
+            key = f"arrays/{len(blobs)}.npy"
+            blobs[key] = data
+            arrays[field] = {"entry": key, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                             "sha256": hashlib.sha256(data).hexdigest()}
+        nodes.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name),
+                      "attributes": op.attributes(), "arrays": arrays})
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "T": net.T,
+              "metadata": net.metadata, "nodes": nodes}
+    header_bytes = json.dumps(header, indent=1, sort_keys=True).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("header.json", header_bytes)
+        for key, data in blobs.items():
+            zf.writestr(key, data)
+        zf.writestr("header.sha256", hashlib.sha256(header_bytes).hexdigest())
+    return buf.getvalue()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CsdcError(f"cannot write '{path}': folder '{folder}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(net: Network, path: str | os.PathLike) -> None:
+    """Verify ``net`` and write it atomically as a .sir file."""
+    net.verify()
+    write_atomic(path, to_bytes(net))
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Network:
+    """Parse and check the bytes of a .sir file."""
+    def fail(msg: str) -> SirFormatError:
+        return SirFormatError(f"{source}: {msg}")
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise fail(f"not a .sir file or truncated ({exc}); recompile it with 'csdc compile'") from None
+    with zf:
+        if not {"header.json", "header.sha256"} <= names:
+            raise fail("missing header; the file is truncated or not a .sir file")
+        try:
+            header_bytes = zf.read("header.json")
+            digest = zf.read("header.sha256").decode().strip()
+        except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as exc:
+            raise fail(f"damaged archive ({exc}); recompile it") from None
+        if hashlib.sha256(header_bytes).hexdigest() != digest:
+            raise fail("header checksum mismatch: the file was modified or corrupted; recompile it")
+        try:
+            header = json.loads(header_bytes)
+        except ValueError as exc:
+            raise fail(f"header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            raise fail(f"not a {FORMAT_NAME} file")
+        version = header.get("format_version")
+        if not isinstance(version, int):
+            raise fail("header has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise fail(f"format version {version} is newer than this csdc supports ({FORMAT_VERSION}); upgrade csdc")
+        while version < FORMAT_VERSION:
+            if version not in UPGRADES:
+                raise fail(f"format version {version} is no longer supported; recompile the model")
+            header = UPGRADES[version](header)
+            version = header["format_version"]
+        try:
+            net = Network(header["T"], header.get("metadata", {}))
+            for node in header["nodes"]:
+                arrays = {}
+                for field, desc in node["arrays"].items():
+                    try:
+                        blob = zf.read(desc["entry"])
+                    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+                        raise fail(f"node '{node['name']}': array '{field}' unreadable ({exc})") from None
+                    if hashlib.sha256(blob).hexdigest() != desc["sha256"]:
+                        raise fail(f"node '{node['name']}': array '{field}' checksum mismatch (corrupted or tampered)")
+                    arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
+                    if list(arr.shape) != list(desc["shape"]):
+                        raise fail(f"node '{node['name']}': array '{field}' has shape {arr.shape}, header says {desc['shape']}")
+                    arrays[field] = arr.astype(desc["dtype"])
+                op = op_from_dict(node["op"], node["attributes"], arrays)
+                net.add(node["name"], op, node["inputs"])
+            net.verify()
+        except SirFormatError:
+            raise
+        except (IRError, KeyError, TypeError, ValueError) as exc:
+            raise fail(f"invalid network: {exc}") from None
+    return net
+
+
+def load(path: str | os.PathLike) -> Network:
+    """Load and verify a .sir file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise SirFormatError(f"{path}: no such file; compile one with 'csdc compile model.onnx -o {path}'") from None
+    except OSError as exc:
+        raise SirFormatError(f"{path}: cannot read ({exc})") from None
+    return from_bytes(data, source=path)
