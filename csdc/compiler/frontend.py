@@ -1,0 +1,137 @@
+"""ONNX frontend: load and check a model file and turn it into a :class:`QGraph`.
+
+Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, one data input
+and one output, shapes inferable. Every node whose op csdc cannot make spike-driven is
+collected, and all of them are reported at once with the rewrite that would fix each.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import ModelFileError, UnsupportedModelError
+
+SUPPORTED = {
+    "QuantizeLinear", "DequantizeLinear", "Clip", "Conv", "Gemm", "MatMul", "Add", "Mul", "Div",
+    "BatchNormalization", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+    "Flatten", "Reshape", "Transpose", "Identity", "Dropout", "Constant", "Squeeze", "Unsqueeze", "Cast",
+}
+
+# op -> why it cannot run spike-driven and what to use instead
+REJECTED = {
+    "Softmax": "softmax needs exponentials and a division by a data-dependent sum; use NReLU attention "
+               "(ReLU(QK^T/sqrt(d)) / N followed by a quantizer), as in CSDformer",
+    "LogSoftmax": "needs exponentials and logarithms; remove it (argmax of the logits is unchanged)",
+    "LayerNormalization": "normalizes by data-dependent statistics; use BatchNormalization, which folds into weights",
+    "Gelu": "not piecewise linear; use ReLU followed by a quantizer",
+    "Sigmoid": "not expressible by integrate-and-fire; use ReLU followed by a quantizer",
+    "Tanh": "not expressible by integrate-and-fire; use ReLU followed by a quantizer",
+    "Erf": "part of GELU; use ReLU followed by a quantizer",
+    "Exp": "exponentials are not spike-driven; restructure the model without it",
+    "Sqrt": "data-dependent square roots are not spike-driven; use constants",
+    "Pow": "data-dependent powers are not spike-driven",
+    "ReduceMax": "use MaxPool on a spatial map instead",
+    "LeakyRelu": "negative slopes are not expressible by a non-negative spike count; use ReLU",
+    "PRelu": "negative slopes are not expressible by a non-negative spike count; use ReLU",
+    "HardSigmoid": "use ReLU followed by a quantizer",
+    "HardSwish": "use ReLU followed by a quantizer",
+    "Sub": "subtraction of tensors is not supported; fold constants into biases",
+}
+
+
+def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for i, d in enumerate(vi.type.tensor_type.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif i == 0:
+            dims.append(1)  # symbolic batch axis
+        else:
+            return None
+    return tuple(dims)
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file; errors name the file and the problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types for garbage
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); "
+                             "re-export it with torch.onnx.export or check the download") from None
+    if not model.graph.node:
+        raise ModelFileError(f"{path}: not a readable ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"{path}: the ONNX checker rejects the model: {first}") from None
+    return model
+
+
+def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
+    """Convert a checked ONNX model to a QGraph, rejecting unsupported ops all at once."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        raise ModelFileError(f"{path}: opset {opset} is too old; export with opset_version >= 13")
+    problems: list[tuple[str, str, str]] = []
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if node.domain not in ("", "ai.onnx"):
+            problems.append((name, f"{node.domain}.{node.op_type}", "custom-domain ops are not supported"))
+        elif node.op_type in REJECTED:
+            problems.append((name, node.op_type, REJECTED[node.op_type]))
+        elif node.op_type not in SUPPORTED:
+            problems.append((name, node.op_type, "no spike-driven lowering exists for this op"))
+    if problems:
+        raise UnsupportedModelError(path, problems)
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: ONNX shape inference failed: {exc}") from None
+    g = inferred.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in g.initializer}
+    inputs = [vi for vi in g.input if vi.name not in constants]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise ModelFileError(f"{path}: csdc needs exactly one data input and one output, found "
+                             f"{len(inputs)} input(s) and {len(g.output)} output(s)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        shp = _shape_of(vi)
+        if shp is not None:
+            shapes[vi.name] = shp
+    if inputs[0].name not in shapes:
+        raise ModelFileError(f"{path}: input '{inputs[0].name}' needs a static shape (batch axis may be symbolic)")
+    nodes = []
+    for i, node in enumerate(g.node):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for k, v in list(attrs.items()):
+            if isinstance(v, bytes):
+                attrs[k] = v.decode()
+            elif isinstance(v, onnx.TensorProto):
+                attrs[k] = numpy_helper.to_array(v)
+        nodes.append(QNode(node.name or f"{node.op_type}_{i}", node.op_type, tuple(node.input),
+                           tuple(node.output), attrs, node.domain))
+    for const in constants.values():
+        if const.dtype == object:
+            raise ModelFileError(f"{path}: string tensors are not supported")
+    return QGraph(nodes=nodes, constants=constants, shapes=shapes, input=inputs[0].name,
+                  output=g.output[0].name, path=path, opset=opset)
+
+
+def load_qgraph(path: str | os.PathLike) -> QGraph:
+    """Load, check and convert an ONNX file."""
+    return to_qgraph(load_model(path), os.fspath(path))
+
+
+__all__ = ["load_model", "to_qgraph", "load_qgraph", "SUPPORTED", "REJECTED", "np"]

@@ -1,0 +1,115 @@
+"""canonicalize_linear: Conv, Gemm and MatMul with constant weights become ``Linear`` nodes.
+
+``Linear`` computes ``y[o] = w_scale[o] * (w_int (*) x)[o] + bias[o]`` with integer ``w_int``
+and per-output-channel float ``w_scale`` and ``bias`` (attrs). Integer weights behind a
+DequantizeLinear (per tensor, or per channel along the output axis) are kept as they are;
+float weights are quantized per output channel, symmetric, to ``weight_bits`` and the
+relative error is recorded in ``attrs['weight_error']``.
+
+Invariant established: no Conv, Gemm or MatMul remains; an unsupported form (a MatMul of two
+activations, transA, a non-constant weight) is reported by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import UnsupportedModelError
+
+
+def quantize_weight(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Symmetric per-output-channel (axis 0) quantization: (ints, scales, max relative error)."""
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.reshape(w.shape[0], -1).astype(np.float64)
+    amax = np.abs(flat).max(axis=1)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    ints = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax).astype(np.int64)
+    err = np.abs(ints * scale[:, None] - flat).max(axis=1) / np.where(amax > 0, amax, 1.0)
+    return ints.reshape(w.shape), scale, float(err.max()) if err.size else 0.0
+
+
+def _weight(graph: QGraph, name: str, out_axis: int, bits: int) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """Integer weights with the output axis first, their per-output scale, error, and whether quantized here."""
+    w = graph.constants[name]
+    if name in graph.qconstants:
+        ints, scale, axis = graph.qconstants[name]
+        if axis is None or axis == out_axis:
+            ints = np.moveaxis(ints, out_axis, 0)
+            sc = np.broadcast_to(scale.reshape(-1), (ints.shape[0],)).astype(np.float64) if scale.size > 1 else np.full(ints.shape[0], float(scale.reshape(-1)[0]))
+            return ints.astype(np.int64), sc, 0.0, False
+    ints, sc, err = quantize_weight(np.moveaxis(np.asarray(w, dtype=np.float64), out_axis, 0), bits)
+    return ints, sc, err, True
+
+
+def _bias(graph: QGraph, name: str | None, n_out: int) -> np.ndarray:
+    if not name:
+        return np.zeros(n_out)
+    return np.broadcast_to(np.asarray(graph.constants[name], dtype=np.float64).reshape(-1), (n_out,)).copy()
+
+
+def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
+    """Rewrite Conv/Gemm/MatMul with constant weights into Linear nodes (see module docstring)."""
+    problems: list[tuple[str, str, str]] = []
+    out: list[QNode] = []
+    for n in graph.nodes:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            out.append(n)
+            continue
+        x, w = n.inputs[0], n.inputs[1]
+        if graph.is_const(x) or not graph.is_const(w):
+            what = "two activations" if not graph.is_const(w) and not graph.is_const(x) else "a constant data input"
+            problems.append((n.name, n.op_type, f"a {n.op_type} of {what} is not supported here; the second input must "
+                             "be constant weights (activation x activation products need quantizers on both inputs)"))
+            continue
+        if n.op_type == "Conv":
+            wt = graph.constants[w]
+            if wt.ndim != 4:
+                problems.append((n.name, "Conv", f"only 2-D convolutions are supported (weight rank {wt.ndim})"))
+                continue
+            ints, sc, err, q = _weight(graph, w, 0, weight_bits)
+            pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
+            auto = n.attrs.get("auto_pad", "NOTSET")
+            strides = list(n.attrs.get("strides", [1, 1]))
+            dil = list(n.attrs.get("dilations", [1, 1]))
+            if auto not in ("NOTSET", "VALID"):
+                in_hw = graph.shapes[x][2:]
+                pads = []
+                for d in range(2):
+                    out_sz = -(-in_hw[d] // strides[d])
+                    total = max(0, (out_sz - 1) * strides[d] + dil[d] * (ints.shape[2 + d] - 1) + 1 - in_hw[d])
+                    first = total // 2 if auto == "SAME_UPPER" else total - total // 2
+                    pads.append((first, total - first))
+                pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+            attrs = {"kind": "conv", "w_int": ints, "w_scale": sc, "bias": _bias(graph, n.inputs[2] if len(n.inputs) > 2 else None, ints.shape[0]),
+                     "strides": tuple(strides), "pads": tuple(pads), "dilations": tuple(dil), "group": int(n.attrs.get("group", 1))}
+        else:
+            if n.op_type == "Gemm":
+                if n.attrs.get("transA", 0):
+                    problems.append((n.name, "Gemm", "transA=1 is not supported; transpose the activation instead"))
+                    continue
+                out_axis = 0 if n.attrs.get("transB", 0) else 1
+                alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
+                bias_name = n.inputs[2] if len(n.inputs) > 2 else None
+            else:
+                out_axis, alpha, beta, bias_name = 1, 1.0, 1.0, None
+            if graph.constants[w].ndim != 2:
+                problems.append((n.name, n.op_type, f"weights must be 2-D, got shape {graph.constants[w].shape}"))
+                continue
+            ints, sc, err, q = _weight(graph, w, out_axis, weight_bits)
+            attrs = {"kind": "dense", "w_int": ints, "w_scale": sc * alpha, "bias": beta * _bias(graph, bias_name, ints.shape[0])}
+        attrs["weight_error"] = err
+        attrs["weights_quantized_by_csdc"] = q
+        out.append(QNode(n.name, "Linear", (x,), n.outputs, attrs))
+    if problems:
+        raise UnsupportedModelError(graph.path, problems)
+    return graph.with_nodes(out)
+
+
+def make_canonicalize_linear(weight_bits: int) -> Callable[[QGraph], QGraph]:
+    p = partial(canonicalize_linear, weight_bits=weight_bits)
+    p.__name__ = "canonicalize_linear"  # type: ignore[attr-defined]
+    return p

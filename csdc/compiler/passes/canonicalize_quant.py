@@ -1,0 +1,112 @@
+"""canonicalize_quant: turn every activation quantizer dialect into one ``Quant`` node.
+
+Patterns: ``QuantizeLinear -> DequantizeLinear`` (QDQ) and ``QuantizeLinear -> Clip -> DequantizeLinear``
+(QCDQ) on a non-constant tensor, with per-tensor scale and zero point equal on both sides.
+The ``Quant`` node computes ``scale * (clip(round(x / scale) + zero_point, lo, hi) - zero_point)``,
+``[lo, hi]`` being the storage type's range intersected with the Clip bounds.
+
+Invariant established: no QuantizeLinear, DequantizeLinear or quantizer Clip remains. A lone
+QuantizeLinear / DequantizeLinear on an activation, a per-channel activation quantizer, or a
+quantizer whose intermediate tensor has other consumers is reported (all at once) by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import UnsupportedModelError
+
+
+def _scalar(graph: QGraph, name: str | None, default: float | int | None) -> np.ndarray | None:
+    if not name:
+        return None if default is None else np.asarray(default)
+    if not graph.is_const(name):
+        return None
+    return np.asarray(graph.constants[name])
+
+
+def canonicalize_quant(graph: QGraph) -> QGraph:
+    """Fuse Q[->Clip]->DQ chains on activations into Quant nodes (see module docstring)."""
+    prod = graph.producers()
+    cons = graph.consumers()
+    problems: list[tuple[str, str, str]] = []
+    fused: dict[str, QNode] = {}  # DQ name -> Quant node
+    dropped: set[str] = set()
+    for dq in graph.nodes:
+        if dq.op_type != "DequantizeLinear":
+            continue
+        chain = [dq]
+        src = prod.get(dq.inputs[0])
+        clip = None
+        if src is not None and src.op_type == "Clip":
+            clip = src
+            chain.append(clip)
+            src = prod.get(clip.inputs[0])
+        if src is None or src.op_type != "QuantizeLinear":
+            problems.append((dq.name, "DequantizeLinear", "not preceded by a QuantizeLinear (optionally through Clip); "
+                             "export activations as QuantizeLinear -> [Clip] -> DequantizeLinear"))
+            continue
+        q = src
+        chain.append(q)
+        for n in chain[1:]:
+            if len(cons.get(n.outputs[0], [])) != 1:
+                problems.append((n.name, n.op_type, "the quantized integer tensor has several consumers; "
+                                 "each quantizer must feed exactly one DequantizeLinear"))
+        s_q = _scalar(graph, q.inputs[1], None)
+        s_dq = _scalar(graph, dq.inputs[1], None)
+        zp_q = _scalar(graph, q.inputs[2] if len(q.inputs) > 2 else None, 0)
+        zp_dq = _scalar(graph, dq.inputs[2] if len(dq.inputs) > 2 else None, 0)
+        if s_q is None or s_dq is None or zp_q is None or zp_dq is None:
+            problems.append((q.name, "QuantizeLinear", "scale and zero point must be constants"))
+            continue
+        if s_q.size != 1 or zp_q.size != 1:
+            problems.append((q.name, "QuantizeLinear", "per-channel activation quantizers are not supported; "
+                             "quantize activations per tensor"))
+            continue
+        if not (np.allclose(s_q.reshape(-1), s_dq.reshape(-1), rtol=1e-6, atol=0) and int(zp_q.reshape(-1)[0]) == int(zp_dq.reshape(-1)[0])):
+            problems.append((dq.name, "DequantizeLinear", f"scale/zero point ({s_dq.reshape(-1)}, {zp_dq.reshape(-1)}) differ from "
+                             f"its QuantizeLinear '{q.name}' ({s_q.reshape(-1)}, {zp_q.reshape(-1)})"))
+            continue
+        scale = float(s_q.reshape(-1)[0])
+        if not scale > 0:
+            problems.append((q.name, "QuantizeLinear", f"scale must be positive, got {scale}"))
+            continue
+        zp_arr = graph.constants.get(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] else None
+        dtype = zp_arr.dtype if zp_arr is not None else np.dtype(np.uint8)
+        if dtype.kind not in "iu":
+            problems.append((q.name, "QuantizeLinear", f"unsupported storage type {dtype}"))
+            continue
+        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        if clip is not None:
+            cmin = clip.inputs[1] if len(clip.inputs) > 1 else ""
+            cmax = clip.inputs[2] if len(clip.inputs) > 2 else ""
+            if (cmin and not graph.is_const(cmin)) or (cmax and not graph.is_const(cmax)):
+                problems.append((clip.name, "Clip", "clip bounds must be constants"))
+                continue
+            if cmin:
+                lo = max(lo, int(np.asarray(graph.constants[cmin]).reshape(-1)[0]))
+            elif "min" in clip.attrs:
+                lo = max(lo, int(clip.attrs["min"]))
+            if cmax:
+                hi = min(hi, int(np.asarray(graph.constants[cmax]).reshape(-1)[0]))
+            elif "max" in clip.attrs:
+                hi = min(hi, int(clip.attrs["max"]))
+        fused[dq.name] = QNode(q.name, "Quant", (q.inputs[0],), dq.outputs,
+                               {"scale": scale, "zero_point": int(zp_q.reshape(-1)[0]), "lo": lo, "hi": hi})
+        dropped.update(n.name for n in chain[1:])
+    for n in graph.nodes:
+        if n.op_type == "QuantizeLinear" and n.name not in dropped:
+            problems.append((n.name, "QuantizeLinear", "not followed by a DequantizeLinear; every activation quantizer "
+                             "must be a QuantizeLinear -> [Clip] -> DequantizeLinear chain"))
+    if problems:
+        raise UnsupportedModelError(graph.path, problems)
+    out = []
+    for n in graph.nodes:
+        if n.name in dropped:
+            continue
+        out.append(fused.get(n.name, n))
+    new = graph.with_nodes(out)
+    for qn in fused.values():
+        new.provenance[qn.name] = "quantizer"
+    return new

@@ -1,0 +1,50 @@
+"""fold_batchnorm: a BatchNormalization after a Linear folds into its scales and bias.
+
+``BN(y) = g (y - mean) / sqrt(var + eps) + b`` with ``y = w_scale * (W x) + bias`` gives
+``w_scale' = w_scale * k`` and ``bias' = (bias - mean) * k + b`` with ``k = g / sqrt(var + eps)``
+per output channel. ``k`` may be negative (the lowering negates that channel's integer weights,
+keeping thresholds positive). Condition: the Linear's output feeds only the BN, and the BN
+channel axis (axis 1) is the Linear's output channel axis.
+
+Invariant established: no BatchNormalization remains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import UnsupportedModelError
+
+
+def linear_channel_axis(graph: QGraph, node: QNode) -> int:
+    """Axis of the output channels of a Linear in its ONNX output (with batch axis)."""
+    return 1 if node.attrs["kind"] == "conv" else len(graph.shapes[node.outputs[0]]) - 1
+
+
+def fold_batchnorm(graph: QGraph) -> QGraph:
+    """Fold every BatchNormalization into the Linear before it (see module docstring)."""
+    prod, cons = graph.producers(), graph.consumers()
+    replaced: dict[str, QNode] = {}
+    removed: set[str] = set()
+    problems = []
+    for n in graph.nodes:
+        if n.op_type != "BatchNormalization":
+            continue
+        lin = prod.get(n.inputs[0])
+        lin = replaced.get(lin.name, lin) if lin is not None else None
+        if lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1 or linear_channel_axis(graph, lin) != 1:
+            problems.append((n.name, "BatchNormalization", "must directly follow a Conv/Gemm/MatMul whose output it alone "
+                             "consumes, normalizing its output channels (axis 1); place BN right after the linear layer"))
+            continue
+        gamma, beta, mean, var = (np.asarray(graph.constants[i], dtype=np.float64).reshape(-1) for i in n.inputs[1:5])
+        k = gamma / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5)))
+        a = dict(lin.attrs)
+        a["w_scale"] = a["w_scale"] * k
+        a["bias"] = (a["bias"] - mean) * k + beta
+        replaced[lin.name] = lin.with_(attrs=a, outputs=n.outputs)
+        removed.add(n.name)
+        graph.provenance[n.name] = f"folded into {lin.name}"
+    if problems:
+        raise UnsupportedModelError(graph.path, problems)
+    return graph.with_nodes(replaced.get(n.name, n) for n in graph.nodes if n.name not in removed)

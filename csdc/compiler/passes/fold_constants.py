@@ -1,0 +1,120 @@
+"""fold_constants: evaluate every node whose inputs are all constants.
+
+Invariant established: no node has only constant inputs; the outputs of such nodes are in
+``graph.constants``. A constant produced by ``DequantizeLinear`` also keeps its integer view
+(``graph.qconstants[name] = (ints - zero_point, scale, axis)``) so that quantized weights stay
+integers instead of being re-quantized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import UnsupportedModelError
+
+
+def _bcast(param: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    if param.ndim == 0 or param.size == 1:
+        return param.reshape(())
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = param.size
+    return param.reshape(shape)
+
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), in float32."""
+    dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
+    zpv = _bcast(zp.astype(np.int64), x, axis) if zp is not None else 0
+    q = np.rint(x.astype(np.float32) / _bcast(scale.astype(np.float32), x, axis)).astype(np.int64) + zpv
+    info = np.iinfo(dtype)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX DequantizeLinear; returns (float values, integer values minus zero point)."""
+    ints = x.astype(np.int64) - (_bcast(zp.astype(np.int64), x, axis) if zp is not None else 0)
+    return (ints * _bcast(scale.astype(np.float32), x, axis)).astype(np.float32), ints
+
+
+def _constant_node_value(node: QNode) -> np.ndarray:
+    a = node.attrs
+    if "value" in a:
+        return np.asarray(a["value"])
+    for key, dt in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return np.asarray(a[key], dtype=dt)
+    raise UnsupportedModelError("<model>", [(node.name, "Constant", "unsupported Constant attribute")])
+
+
+def _evaluate(node: QNode, vals: list[np.ndarray | None], graph: QGraph) -> np.ndarray | None:
+    op, a = node.op_type, node.attrs
+    x = vals[0] if vals else None
+    if op in ("Identity", "Dropout"):
+        return x
+    if op == "Cast":
+        import onnx.helper
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
+    if op == "QuantizeLinear":
+        return quantize_linear(x, vals[1], vals[2] if len(vals) > 2 else None, a.get("axis", 1))
+    if op == "DequantizeLinear":
+        axis = a.get("axis", 1)
+        out, ints = dequantize_linear(x, vals[1], vals[2] if len(vals) > 2 else None, axis)
+        scale = vals[1].astype(np.float64).reshape(-1)
+        graph.qconstants[node.outputs[0]] = (ints, scale, (axis % x.ndim) if scale.size > 1 else None)
+        return out
+    if op == "Clip":
+        lo = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("min")
+        hi = vals[2] if len(vals) > 2 and vals[2] is not None else a.get("max")
+        out = x
+        if lo is not None:
+            out = np.maximum(out, np.asarray(lo).astype(x.dtype))
+        if hi is not None:
+            out = np.minimum(out, np.asarray(hi).astype(x.dtype))
+        return out
+    if op == "Transpose":
+        return np.transpose(x, a.get("perm"))
+    if op == "Reshape":
+        shape = [int(s) for s in vals[1]]
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return x.reshape(shape)
+    if op == "Flatten":
+        ax = a.get("axis", 1)
+        return x.reshape(int(np.prod(x.shape[:ax])), -1)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = a.get("axes") if "axes" in a else (list(vals[1]) if len(vals) > 1 and vals[1] is not None else None)
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes) if axes is not None else None)
+        out = x
+        for ax in sorted(int(v) % (x.ndim + len(axes)) for v in axes):
+            out = np.expand_dims(out, ax)
+        return out
+    if op in ("Add", "Mul", "Div"):
+        y = vals[1]
+        res = {"Add": np.add, "Mul": np.multiply, "Div": np.divide}[op](x, y)
+        return res.astype(np.result_type(x.dtype, y.dtype)) if op != "Div" or x.dtype.kind == "f" else (x // y)
+    if op == "Relu":
+        return np.maximum(x, 0)
+    return None
+
+
+def fold_constants(graph: QGraph) -> QGraph:
+    """Replace all-constant subgraphs by their values (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
+    kept: list[QNode] = []
+    for node in graph.nodes:
+        if node.op_type == "Constant":
+            graph.constants[node.outputs[0]] = _constant_node_value(node)
+            graph.provenance[node.name] = "constant"
+            continue
+        data_inputs = [i for i in node.inputs if i]
+        if data_inputs and all(graph.is_const(i) for i in data_inputs):
+            vals = [graph.constants[i] if i else None for i in node.inputs]
+            value = _evaluate(node, vals, graph)
+            if value is not None:
+                graph.constants[node.outputs[0]] = np.asarray(value)
+                graph.provenance[node.name] = "constant"
+                continue
+        kept.append(node)
+    graph.nodes = kept
+    return graph

@@ -1,0 +1,122 @@
+"""The compile pipeline: ONNX file -> canonical quantized graph -> spiking IR, with a report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from csdc import __version__
+from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
+from csdc.compiler.frontend import load_qgraph
+from csdc.compiler.lower import lower
+from csdc.compiler.passes import run_passes
+from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
+from csdc.compiler.passes.canonicalize_quant import canonicalize_quant
+from csdc.compiler.passes.cleanup_routing import cleanup_routing
+from csdc.compiler.passes.fold_affine_constants import fold_affine_constants
+from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
+from csdc.compiler.passes.fold_constants import fold_constants
+from csdc.compiler.passes.move_maxpool import move_maxpool
+from csdc.compiler.passes.remove_identities import remove_identities
+from csdc.compiler.qgraph import QGraph
+from csdc.errors import CsdcError
+from csdc.ir.graph import Network
+from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    delay: int | None = None  # None: D = T (exact)
+    frac_bits: int = 8  # thresholds carry at least this many significant bits
+    weight_bits: int = 8  # for float weights that csdc quantizes itself
+    profile: str = "generic"
+
+    def __post_init__(self) -> None:
+        if self.delay is not None and self.delay < 0:
+            raise CsdcError(f"--delay must be >= 0, got {self.delay}")
+        if not 0 <= self.frac_bits <= 24:
+            raise CsdcError(f"--frac-bits must be in 0..24, got {self.frac_bits}")
+        if not 2 <= self.weight_bits <= 16:
+            raise CsdcError(f"--weight-bits must be in 2..16, got {self.weight_bits}")
+        if self.profile not in PROFILES:
+            raise CsdcError(f"unknown --profile '{self.profile}'; choose one of {', '.join(PROFILES)}")
+
+
+@dataclass
+class CompileReport:
+    source: str
+    T: int
+    delay: int
+    latency: int
+    populations: int
+    neurons: int
+    synapses: int
+    threshold_error: float
+    weight_error: float
+    bias_error: float
+    float_weight_error: float
+    bits: dict
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    explain: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("explain")
+        return d
+
+
+def canonical_passes(options: CompileOptions) -> list:
+    return [remove_identities, fold_constants, canonicalize_quant, move_maxpool, remove_identities,
+            make_canonicalize_linear(options.weight_bits), fold_batchnorm, fold_affine_constants]
+
+
+def canonicalize(graph: QGraph, options: CompileOptions, check=None) -> QGraph:
+    """Run the canonicalization passes on a loaded graph."""
+    return run_passes(graph, canonical_passes(options), check)
+
+
+def depth(net: Network) -> int:
+    """Largest number of neuron populations on any path from the input to the readout."""
+    d: dict[str, int] = {}
+    for name, op in net.nodes():
+        prev = max((d[s] for s in net.inputs(name)), default=0)
+        d[name] = prev + (1 if isinstance(op, Neuron) else 0)
+    return d[net.output_name]
+
+
+def count_synapses(net: Network) -> int:
+    total = 0
+    for name, op in net.nodes():
+        if isinstance(op, DenseSynapse):
+            total += int(np.count_nonzero(op.weight)) * int(np.prod(net.info(name).shape[:-1]))
+        elif isinstance(op, ConvSynapse):
+            oh, ow = net.info(name).shape[1:]
+            total += int(np.count_nonzero(op.weight)) * oh * ow
+        elif isinstance(op, DiagonalSynapse):
+            total += int(np.count_nonzero(op.weight))
+    return total
+
+
+def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
+    """Compile an ONNX file into a verified spiking network and a report."""
+    t0 = time.perf_counter()
+    graph = canonicalize(load_qgraph(path), options)
+    net, low = lower(graph, options.frac_bits, options.delay)
+    net = cleanup_routing(net)
+    net.verify()
+    bits = analyze_bitwidth(net, options.profile)
+    neurons = [n for n in net.neurons()]
+    D = options.delay if options.delay is not None else net.T
+    report = CompileReport(
+        source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=net.T + depth(net) * D,
+        populations=len(neurons), neurons=int(sum(np.prod(net.info(n).shape) for n in neurons)),
+        synapses=count_synapses(net), threshold_error=low.threshold_error, weight_error=low.weight_error,
+        bias_error=low.bias_error, float_weight_error=low.float_weight_error, bits=bits.to_dict(),
+        seconds=time.perf_counter() - t0, warnings=low.warnings, explain=low.explain)
+    net.metadata.update({"csdc_version": __version__, "compile": report.to_dict(),
+                         "options": asdict(options)})
+    return net, report

@@ -1,0 +1,70 @@
+"""The quantized graph: the ONNX model after loading, as a small mutable-free structure that the
+compiler passes rewrite (each pass builds a new node list; no list is mutated while iterated).
+
+Internal op types created by passes (besides ONNX op types):
+
+- ``Quant``: one activation quantizer ``y = scale * (clip(round(x / scale) + zero_point, lo, hi) - zero_point)``
+  (attrs: scale, zero_point, lo, hi), the canonical form of QDQ / QCDQ.
+- ``Linear``: ``y[o] = w_scale[o] * (W_int (*) x)[o] + bias[o]`` for a Conv (attrs kind='conv',
+  strides, pads, dilations, group) or a dense layer over the last axis (kind='dense'), with
+  integer weights ``w_int`` and float ``w_scale``/``bias`` per output channel (attrs hold arrays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QNode:
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict = field(default_factory=dict)
+    domain: str = ""
+
+    def with_(self, **changes: object) -> "QNode":
+        return replace(self, **changes)
+
+
+@dataclass
+class QGraph:
+    """Nodes in topological order, constant tensors, per-tensor shapes (with the batch axis)."""
+
+    nodes: list[QNode]
+    constants: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    input: str
+    output: str
+    path: str = "<model>"
+    opset: int = 13
+    # integer view of constants that came out of a DequantizeLinear: name -> (ints, scale, axis)
+    qconstants: dict[str, tuple[np.ndarray, np.ndarray, int | None]] = field(default_factory=dict)
+    # source node name -> what it became (for --explain); filled by passes and lowering
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def with_nodes(self, nodes: Iterable[QNode]) -> "QGraph":
+        return replace(self, nodes=list(nodes), constants=dict(self.constants), shapes=dict(self.shapes),
+                       qconstants=dict(self.qconstants), provenance=dict(self.provenance))
+
+    def producers(self) -> dict[str, QNode]:
+        return {o: n for n in self.nodes for o in n.outputs}
+
+    def consumers(self) -> dict[str, list[QNode]]:
+        out: dict[str, list[QNode]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i:
+                    out.setdefault(i, []).append(n)
+        return out
+
+    def is_const(self, name: str) -> bool:
+        return name in self.constants
+
+    def sample_shape(self, name: str) -> tuple[int, ...]:
+        """Shape without the batch axis."""
+        return tuple(self.shapes[name][1:])

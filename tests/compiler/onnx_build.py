@@ -1,0 +1,78 @@
+"""A tiny builder of quantized ONNX graphs for compiler tests (QDQ / QCDQ patterns by hand)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    def __init__(self, input_shape: tuple[int, ...], opset: int = 17, seed: int = 0):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.input_shape = input_shape
+        self.opset = opset
+        self.rng = np.random.default_rng(seed)
+        self.n = 0
+
+    def _name(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def const(self, arr: np.ndarray, base: str = "c") -> str:
+        name = self._name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self._name(op), **attrs))
+        return out
+
+    def quant(self, x: str, scale: float, levels: int, clip: bool = True, zp: int = 0, dtype=np.uint8) -> str:
+        s, z = self.const(np.float32(scale), "s"), self.const(np.array(zp, dtype=dtype), "zp")
+        q = self.node("QuantizeLinear", [x, s, z])
+        if clip:
+            q = self.node("Clip", [q, self.const(np.array(zp, dtype=dtype)), self.const(np.array(zp + levels, dtype=dtype))])
+        return self.node("DequantizeLinear", [q, s, z])
+
+    def qweight(self, shape: tuple[int, ...], bits: int = 4, axis: int = 0) -> str:
+        qmax = 2 ** (bits - 1) - 1
+        w = self.rng.integers(-qmax, qmax + 1, size=shape).astype(np.int8)
+        scale = self.rng.uniform(0.02, 0.1, size=shape[axis]).astype(np.float32)
+        return self.node("DequantizeLinear", [self.const(w, "w"), self.const(scale, "ws"), self.const(np.zeros(shape[axis], np.int8), "wz")], axis=axis)
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, pad: int = 1, stride: int = 1, bias: bool = True, float_w: bool = False) -> str:
+        w = self.const(self.rng.normal(0, 0.3, (cout, cin, k, k)).astype(np.float32)) if float_w else self.qweight((cout, cin, k, k))
+        ins = [x, w] + ([self.const(self.rng.normal(0, 0.1, cout).astype(np.float32), "b")] if bias else [])
+        return self.node("Conv", ins, pads=[pad] * 4, strides=[stride] * 2, kernel_shape=[k, k])
+
+    def bn(self, x: str, c: int, negative: bool = True) -> str:
+        g = self.rng.uniform(0.5, 1.5, c) * (np.where(self.rng.random(c) < 0.2, -1, 1) if negative else 1)
+        return self.node("BatchNormalization", [x, self.const(g.astype(np.float32)), self.const(self.rng.normal(0, 0.2, c).astype(np.float32)),
+                                                self.const(self.rng.normal(0, 0.2, c).astype(np.float32)), self.const(self.rng.uniform(0.5, 2, c).astype(np.float32))])
+
+    def gemm(self, x: str, nin: int, nout: int) -> str:
+        return self.node("Gemm", [x, self.qweight((nout, nin)), self.const(self.rng.normal(0, 0.1, nout).astype(np.float32))], transB=1)
+
+    def model(self, out: str, out_shape: tuple[int, ...]) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *self.input_shape[1:]])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", *out_shape[1:]])], self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+        m.ir_version = 8
+        onnx.checker.check_model(m)
+        return m
+
+
+def digits_like_cnn(levels: int = 15, seed: int = 0, pool_before_quant: bool = False, float_weights: bool = False) -> onnx.ModelProto:
+    """Input quantizer -> [Conv -> BN -> Quant -> MaxPool] x 2 -> Flatten -> Gemm, for (n, 1, 8, 8) input."""
+    b = Builder((1, 1, 8, 8), seed=seed)
+    x = b.quant("x", 1 / 16, 16)
+    for cin, cout, step in ((1, 8, 0.25), (8, 16, 0.3)):
+        y = b.bn(b.conv(x, cin, cout, float_w=float_weights), cout)
+        if pool_before_quant:
+            x = b.quant(b.node("MaxPool", [b.node("Relu", [y])], kernel_shape=[2, 2], strides=[2, 2]), step, levels)
+        else:
+            x = b.node("MaxPool", [b.quant(y, step, levels)], kernel_shape=[2, 2], strides=[2, 2])
+    return b.model(b.gemm(b.node("Flatten", [x], axis=1), 64, 10), (1, 10))
