@@ -1,0 +1,479 @@
+"""The numba backend: an event-driven, integer-only simulator of the spiking IR.
+
+It reproduces the layer-synchronous semantics of :func:`csdc.ir.semantics.run_steps`
+exactly: each node runs over all T steps before its consumers (the IR's semantics), in
+topological order. The network is first turned into a *plan*: one typed step per node,
+chosen through the registry ``STEP_BUILDERS`` (op type -> builder), holding the node's
+parameters prepared for its kernel (transposed / narrowed weights, integer dtypes).
+
+Tensors are numpy arrays of shape (batch, Tc, *shape): spikes are ``uint8`` with Tc = T;
+currents are ``int32`` when a static bound on ``|I|`` per step allows it, else ``int64``.
+A current that does not vary in time (the encoded input, and synapses / adds / routing
+fed only by it) keeps Tc = 1, so a synapse reading it multiplies once per sample instead
+of once per step.
+
+Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
+
+- ``acs`` (synapse nodes): for every presynaptic spike, the number of targets it reaches:
+  ``n_out`` for a dense synapse, the in-bounds kernel taps times the group's output
+  channels for a convolution, 1 for a diagonal synapse.
+- ``macs`` (synapse nodes fed by a current): the same count for each nonzero input
+  value, once per distinct time step (once in total for a constant current).
+- SumPool and SpikeMaxPool only route and compare spikes: no ACs.
+- ``neurons``, ``spikes`` (Neuron, SpikeMaxPool); ``max_abs_v`` (Neuron): the largest
+  |membrane potential| reached, for bit-width checks.
+
+Large batches are cut into chunks so that the live tensors stay within a memory budget;
+each chunk's samples run in parallel inside the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numba
+import numpy as np
+
+from csdc.backends.base import NodeStats, RunResult
+from csdc.backends.numba import kernels as K
+from csdc.errors import DataError, IRError
+from csdc.ir.graph import Network
+from csdc.ir.ops import (
+    SPIKES,
+    Add,
+    ConvSynapse,
+    DenseSynapse,
+    DiagonalSynapse,
+    Encode,
+    Neuron,
+    Op,
+    Readout,
+    Reshape,
+    Shape,
+    SpikeMaxPool,
+    SumPool,
+    Transpose,
+)
+from csdc.ir.semantics import encode, readout_logits
+
+_INT32_MAX = 2**31 - 1
+
+
+# -- integer types ------------------------------------------------------------------
+def _current_dtype(bound: int) -> type[np.signedinteger]:
+    """int32 when every per-step value (and partial sum) is bounded by ``bound`` < 2^31."""
+    return np.int32 if bound <= _INT32_MAX else np.int64
+
+
+def _narrow(w: np.ndarray) -> np.ndarray:
+    """``w`` in the narrowest signed integer type holding it (less memory traffic per AC)."""
+    lo, hi = (int(w.min()), int(w.max())) if w.size else (0, 0)
+    for dt in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return np.ascontiguousarray(w, dtype=dt)
+    return np.ascontiguousarray(w, dtype=np.int64)
+
+
+def _max_abs_row_sum(w: np.ndarray) -> int:
+    """max over rows (axis 0) of sum |w| over the other axes. Summed in float64, which is
+    exact below 2^53; larger sums select int64 whatever their exact value."""
+    if w.size == 0:
+        return 0
+    return int(np.abs(w.reshape(w.shape[0], -1).astype(np.float64)).sum(axis=1).max())
+
+
+# -- plan -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What a step builder knows about a node's surroundings."""
+
+    T: int
+    in_shapes: list[Shape]
+    in_kinds: list[str]
+    in_bounds: list[int]  # bound on |value| per element and step of each input (1 for spikes)
+    out_shape: Shape
+
+
+class Step(Protocol):
+    """A node prepared for execution: maps input tensors to the output tensor."""
+
+    bound: int  # bound on |output value| per element and step
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        ...
+
+
+StepBuilder = Callable[[Op, NodeContext], Step]
+STEP_BUILDERS: dict[type[Op], StepBuilder] = {}
+
+
+def _builds(op_type: type[Op]) -> Callable[[StepBuilder], StepBuilder]:
+    def register(fn: StepBuilder) -> StepBuilder:
+        STEP_BUILDERS[op_type] = fn
+        return fn
+
+    return register
+
+
+def _zeros_like_batch(x: np.ndarray, m: int, shape: Shape, dtype: type) -> np.ndarray:
+    return np.zeros((x.shape[0], m, *shape), dtype=dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeStep:
+    """Direct encoding: the integer levels of the data as a constant current (Tc = 1)."""
+
+    op: Encode
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        q = encode(self.op, ins[0])
+        return q.astype(_current_dtype(self.bound))[:, None]
+
+
+@_builds(Encode)
+def _encode(op: Encode, ctx: NodeContext) -> Step:
+    return EncodeStep(op, max(abs(op.lo), abs(op.hi)))
+
+
+@dataclass(frozen=True, slots=True)
+class DenseStep:
+    """Dense synapses over the last axis; ``w_t`` is (in, out) so a spike adds one row."""
+
+    w_t: np.ndarray
+    from_spikes: bool
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        x = ins[0]
+        n_in, n_out = self.w_t.shape
+        lead = x.shape[1:-1]  # (Tc, *leading axes)
+        flat = x.reshape(x.shape[0], -1, n_in)
+        out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=_current_dtype(self.bound))
+        work = np.zeros(x.shape[0], dtype=np.int64)
+        if self.from_spikes:
+            K.dense_spikes(flat, self.w_t, out, work)
+            stats.acs += int(work.sum())
+        else:
+            K.dense_currents(flat, self.w_t, out, work)
+            stats.macs += int(work.sum())
+        return out.reshape(x.shape[0], *lead, n_out)
+
+
+@_builds(DenseSynapse)
+def _dense(op: DenseSynapse, ctx: NodeContext) -> Step:
+    return DenseStep(_narrow(op.weight.T), ctx.in_kinds[0] == SPIKES, ctx.in_bounds[0] * _max_abs_row_sum(op.weight))
+
+
+@dataclass(frozen=True, slots=True)
+class ConvStep:
+    """Convolution synapses; ``w_r`` is (C, kh, kw, O/groups) so a tap adds contiguous weights."""
+
+    w_r: np.ndarray
+    stride: np.ndarray
+    pad: np.ndarray  # (top, left); bottom/right padding only shapes the output size
+    dilation: np.ndarray
+    out_shape: Shape
+    from_spikes: bool
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        x = ins[0]
+        out = _zeros_like_batch(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
+        work = np.zeros(x.shape[0], dtype=np.int64)
+        if self.from_spikes:
+            K.conv_spikes(x, self.w_r, self.stride, self.pad, self.dilation, out, work)
+            stats.acs += int(work.sum())
+        else:
+            K.conv_currents(x, self.w_r, self.stride, self.pad, self.dilation, out, work)
+            stats.macs += int(work.sum())
+        return out
+
+
+@_builds(ConvSynapse)
+def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
+    w = op.weight  # (O, cg, kh, kw)
+    o, cg, kh, kw = w.shape
+    g = op.groups
+    og = o // g
+    # w_r[c, ky, kx, j] = w[(c // cg) * og + j, c % cg, ky, kx]
+    w_r = w.reshape(g, og, cg, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cg, kh, kw, og)
+    return ConvStep(
+        w_r=_narrow(w_r),
+        stride=np.array(op.stride, dtype=np.int64),
+        pad=np.array(op.padding[:2], dtype=np.int64),
+        dilation=np.array(op.dilation, dtype=np.int64),
+        out_shape=ctx.out_shape,
+        from_spikes=ctx.in_kinds[0] == SPIKES,
+        bound=ctx.in_bounds[0] * _max_abs_row_sum(w),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DiagonalStep:
+    """One-to-one synapses: each spike adds its own weight (1 AC)."""
+
+    weight: np.ndarray
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        s = ins[0]
+        stats.acs += int(np.count_nonzero(s))
+        return np.multiply(s, self.weight, dtype=_current_dtype(self.bound))
+
+
+@_builds(DiagonalSynapse)
+def _diagonal(op: DiagonalSynapse, ctx: NodeContext) -> Step:
+    return DiagonalStep(op.weight, int(np.abs(op.weight.astype(np.float64)).max(initial=0)))
+
+
+@dataclass(frozen=True, slots=True)
+class AddStep:
+    """Sum of currents; a constant input (Tc = 1) broadcasts over the others' time axis."""
+
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        out = np.zeros(np.broadcast_shapes(*(a.shape for a in ins)), dtype=_current_dtype(self.bound))
+        for a in ins:
+            out += a  # same-kind cast: the bound says the sum fits
+        return out
+
+
+@_builds(Add)
+def _add(op: Add, ctx: NodeContext) -> Step:
+    return AddStep(sum(ctx.in_bounds))
+
+
+@dataclass(frozen=True, slots=True)
+class NeuronStep:
+    """DIF neurons; ``threshold``, ``v0``, ``bias`` flattened to (N,) int64."""
+
+    threshold: np.ndarray
+    v0: np.ndarray
+    bias: np.ndarray
+    delay: int
+    T: int
+    bound: int = 1
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        cur = ins[0]
+        b, tc = cur.shape[:2]
+        n = self.threshold.size
+        out = np.zeros((b, self.T, n), dtype=np.uint8)
+        peak = np.zeros(b, dtype=np.int64)
+        K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, peak)
+        stats.max_abs_v = max(stats.max_abs_v, int(peak.max(initial=0)))
+        return out.reshape(b, self.T, *cur.shape[2:])
+
+
+@_builds(Neuron)
+def _neuron(op: Neuron, ctx: NodeContext) -> Step:
+    return NeuronStep(op.threshold.ravel(), op.v0.ravel(), op.bias.ravel(), op.delay, ctx.T)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStep:
+    """SpikeMaxPool (TDEC, spikes out) or SumPool (current out) over (C, H, W) spikes."""
+
+    kernel: np.ndarray
+    stride: np.ndarray
+    pad: np.ndarray  # (top, left)
+    out_shape: Shape
+    is_max: bool
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        s = ins[0]
+        if self.is_max:
+            out = _zeros_like_batch(s, s.shape[1], self.out_shape, np.uint8)
+            K.spike_max_pool(s, self.kernel, self.stride, self.pad, out)
+        else:
+            out = _zeros_like_batch(s, s.shape[1], self.out_shape, _current_dtype(self.bound))
+            K.sum_pool(s, self.kernel, self.stride, self.pad, out)
+        return out
+
+
+@_builds(SumPool)
+@_builds(SpikeMaxPool)
+def _window(op: SpikeMaxPool | SumPool, ctx: NodeContext) -> Step:
+    is_max = isinstance(op, SpikeMaxPool)
+    return WindowStep(
+        kernel=np.array(op.kernel, dtype=np.int64),
+        stride=np.array(op.stride, dtype=np.int64),
+        pad=np.array(op.padding[:2], dtype=np.int64),
+        out_shape=ctx.out_shape,
+        is_max=is_max,
+        bound=1 if is_max else op.kernel[0] * op.kernel[1],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReshapeStep:
+    """Routing: C-order reshape of the element axes (no data movement)."""
+
+    shape: Shape
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        x = ins[0]
+        return x.reshape(x.shape[0], x.shape[1], *self.shape)
+
+
+@_builds(Reshape)
+def _reshape(op: Reshape, ctx: NodeContext) -> Step:
+    return ReshapeStep(op.shape, ctx.in_bounds[0])
+
+
+@dataclass(frozen=True, slots=True)
+class TransposeStep:
+    """Routing: permute the element axes (copied so kernels see contiguous arrays)."""
+
+    perm: tuple[int, ...]
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        return np.ascontiguousarray(ins[0].transpose(0, 1, *(p + 2 for p in self.perm)))
+
+
+@_builds(Transpose)
+def _transpose(op: Transpose, ctx: NodeContext) -> Step:
+    return TransposeStep(op.perm, ctx.in_bounds[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ReadoutStep:
+    """Accumulated readout currents ``V = sum_t I(t)`` (batch, classes) in int64."""
+
+    T: int
+    bound: int = 0
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        x = ins[0]
+        total = x.sum(axis=1, dtype=np.int64)
+        return total * self.T if x.shape[1] == 1 else total
+
+
+@_builds(Readout)
+def _readout(op: Readout, ctx: NodeContext) -> Step:
+    return ReadoutStep(ctx.T)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedNode:
+    name: str
+    op: Op
+    step: Step
+    inputs: list[str]
+    bytes_per_sample: int  # size of the node's output tensor for one sample
+
+
+def plan(net: Network) -> list[PlannedNode]:
+    """Prepare every node of a verified network for execution, in topological order."""
+    bounds: dict[str, int] = {}
+    nodes = []
+    for name, op in net.nodes():
+        builder = STEP_BUILDERS.get(type(op))
+        if builder is None:
+            raise IRError(f"node '{name}': the numba backend has no kernel for op {type(op).__name__}")
+        ins = net.inputs(name)
+        info = net.info(name)
+        ctx = NodeContext(
+            T=net.T,
+            in_shapes=[net.info(s).shape for s in ins],
+            in_kinds=[net.info(s).kind for s in ins],
+            in_bounds=[bounds[s] for s in ins],
+            out_shape=info.shape,
+        )
+        step = builder(op, ctx)
+        bounds[name] = step.bound
+        itemsize = 1 if info.kind == SPIKES else np.dtype(_current_dtype(step.bound)).itemsize
+        nodes.append(PlannedNode(name, op, step, ins, net.T * int(np.prod(info.shape)) * itemsize))
+    return nodes
+
+
+# -- backend ----------------------------------------------------------------------------
+@dataclass
+class _Collected:
+    """Per-chunk outputs of a run, concatenated at the end."""
+
+    readout: list[np.ndarray] = field(default_factory=list)
+    counts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    trains: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+class NumbaBackend:
+    """Event-driven integer simulator (SPEC section 4), bit-exact with ``run_steps``.
+
+    ``memory_budget``: bytes of live tensors per chunk of the batch (an upper bound, since
+    tensors are freed once their last consumer ran); the batch is split accordingly.
+    """
+
+    name = "numba"
+
+    def __init__(self, memory_budget: int = 512 * 2**20):
+        self.memory_budget = int(memory_budget)
+
+    def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
+        """Run the batch ``x`` (batch, *input_shape); see :class:`csdc.backends.base.Backend`.
+
+        Spike trains (``keep_trains``) are returned as ``uint8`` 0/1 arrays (batch, T, *shape);
+        counts and readout as ``int64``.
+        """
+        net.verify()
+        x = np.asarray(x)
+        if x.ndim < 1 or tuple(x.shape[1:]) != net.input_shape:
+            raise DataError(f"input batch has shape {x.shape}, the network expects (batch, {', '.join(map(str, net.input_shape))})")
+        nodes = plan(net)
+        stats = {n.name: NodeStats() for n in nodes}
+        for n in nodes:
+            if isinstance(n.op, (Neuron, SpikeMaxPool)):
+                stats[n.name].neurons = int(np.prod(net.info(n.name).shape))
+        uses = {n.name: len(net.consumers(n.name)) for n in nodes}
+        collected = _Collected()
+        chunk = self._chunk_size(nodes, x.shape[0])
+        for start in range(0, max(x.shape[0], 1), chunk):
+            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, stats, collected)
+        readout = np.concatenate(collected.readout)
+        counts = {k: np.concatenate(v) for k, v in collected.counts.items()}
+        trains = {k: np.concatenate(v) for k, v in collected.trains.items()}
+        return RunResult(
+            readout=readout,
+            logits=readout_logits(net.op(net.output_name), readout),
+            counts=counts,
+            trains=trains,
+            stats=stats,
+        )
+
+    def _chunk_size(self, nodes: list[PlannedNode], batch: int) -> int:
+        per_sample = max(1, sum(n.bytes_per_sample for n in nodes))
+        chunk = max(1, self.memory_budget // per_sample)
+        threads = numba.get_num_threads()
+        if chunk > threads:
+            chunk -= chunk % threads  # whole rounds of the parallel sample loop
+        return min(chunk, max(batch, 1))
+
+    @staticmethod
+    def _run_chunk(nodes: list[PlannedNode], uses: dict[str, int], x: np.ndarray, keep_trains: bool,
+                   stats: dict[str, NodeStats], collected: _Collected) -> None:
+        values: dict[str, np.ndarray] = {}
+        left = dict(uses)
+        for node in nodes:
+            ins = [x] if isinstance(node.op, Encode) else [values[s] for s in node.inputs]
+            out = node.step(ins, stats[node.name])
+            for s in node.inputs:
+                left[s] -= 1
+                if left[s] == 0:
+                    del values[s]  # free tensors as soon as their last consumer ran
+            if isinstance(node.op, Readout):
+                collected.readout.append(out)
+                continue
+            values[node.name] = out
+            if isinstance(node.op, (Neuron, SpikeMaxPool)):
+                counts = out.sum(axis=1, dtype=np.int64)
+                stats[node.name].spikes += int(counts.sum())
+                collected.counts.setdefault(node.name, []).append(counts)
+                if keep_trains:
+                    collected.trains.setdefault(node.name, []).append(out)

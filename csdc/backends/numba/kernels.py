@@ -1,0 +1,322 @@
+"""Numba kernels of the event-driven simulator.
+
+Every kernel works on a batch and runs its samples in parallel (``prange`` over the batch
+axis: coarse-grained, so it scales on a 2-core machine). Outputs are preallocated,
+zero-filled arrays owned by the caller; each kernel also writes per-sample statistics.
+
+Layouts (``B`` = batch, ``M`` = time steps times leading rows, ``T`` = time window):
+
+- spike tensors are ``uint8`` arrays of 0/1;
+- currents are ``int32`` or ``int64`` (chosen by the caller from a bound on ``|I|``);
+- membrane potentials are always ``int64``;
+- a current that is constant over time (the encoded input and what is derived from it
+  without spikes) has a time axis of length 1 instead of ``T``.
+
+Synaptic work is proportional to the number of nonzero inputs: a spike at input element
+``i`` adds the fan-out weights of ``i`` to the outputs it reaches (an accumulate, AC); a
+nonzero current ``q`` adds ``q`` times them (a multiply-accumulate, MAC).
+
+All kernels are compiled with ``cache=True``: the machine code is written to numba's
+cache directory (``NUMBA_CACHE_DIR``, default ``__pycache__`` next to this file) on first
+use and loaded from there by later processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
+
+
+@njit(parallel=True, cache=True)
+def dense_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray, acs: np.ndarray) -> None:
+    """Dense synapses driven by spikes: ``out[b, m, :] = sum_{i: s[b, m, i] = 1} w[i, :]``.
+
+    ``s`` (B, M, n_in) uint8; ``w`` (n_in, n_out), row ``i`` = the fan-out of input ``i``
+    (stored transposed so that a spike adds one contiguous row); ``out`` (B, M, n_out)
+    zeros; ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
+    """
+    B, M, n_in = s.shape
+    n_out = w.shape[1]
+    for b in prange(B):
+        n_ac = 0
+        for m in range(M):
+            row = out[b, m]
+            for i in range(n_in):
+                if s[b, m, i]:
+                    wi = w[i]
+                    for o in range(n_out):
+                        row[o] += wi[o]
+                    n_ac += n_out
+        acs[b] = n_ac
+
+
+@njit(parallel=True, cache=True)
+def dense_currents(x: np.ndarray, w: np.ndarray, out: np.ndarray, macs: np.ndarray) -> None:
+    """Dense synapses driven by integer currents: ``out[b, m, :] = sum_i x[b, m, i] * w[i, :]``.
+
+    Same layout as :func:`dense_spikes`; zero inputs are skipped, so
+    ``macs[b]`` = nonzero inputs of sample ``b`` times ``n_out``.
+    """
+    B, M, n_in = x.shape
+    n_out = w.shape[1]
+    for b in prange(B):
+        n_mac = 0
+        for m in range(M):
+            row = out[b, m]
+            for i in range(n_in):
+                q = x[b, m, i]
+                if q != 0:
+                    wi = w[i]
+                    for o in range(n_out):
+                        row[o] += q * wi[o]
+                    n_mac += n_out
+        macs[b] = n_mac
+
+
+@njit(parallel=True, cache=True)
+def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
+                out: np.ndarray, acs: np.ndarray) -> None:
+    """Grouped 2-D cross-correlation driven by spikes, by scattering each spike's kernel.
+
+    ``s`` (B, M, C, H, W) uint8; ``w`` (C, kh, kw, og) with ``w[c, ky, kx, j]`` the weight
+    from input channel ``c`` to output channel ``(c // cg) * og + j`` (``cg`` = C / groups);
+    ``stride`` (sh, sw), ``pad`` (top, left), ``dilation`` (dh, dw); ``out`` (B, M, O, OH, OW)
+    zeros. Input row ``y`` reaches output row ``oy`` through kernel row ``ky`` when
+    ``oy * sh - top + ky * dh == y`` with ``0 <= oy < OH`` (likewise for columns), so
+    ``acs[b]`` counts only the targets a spike actually reaches (border-aware).
+    """
+    B, M, C, H, W = s.shape
+    _, kh, kw, og = w.shape
+    O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
+    cg = C // (O // og)
+    sh, sw = stride[0], stride[1]
+    pt, pl = pad[0], pad[1]
+    dh, dw = dilation[0], dilation[1]
+    for b in prange(B):
+        # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
+        acc = np.zeros((OH, OW, O), dtype=out.dtype)
+        n_ac = 0
+        for m in range(M):
+            acc[:] = 0
+            for c in range(C):
+                o0 = (c // cg) * og
+                for y in range(H):
+                    for x in range(W):
+                        if not s[b, m, c, y, x]:
+                            continue
+                        for ky in range(kh):
+                            ny = y + pt - ky * dh
+                            if ny < 0:
+                                break  # ny only decreases with ky
+                            if ny % sh != 0 or ny // sh >= OH:
+                                continue
+                            oy = ny // sh
+                            for kx in range(kw):
+                                nx = x + pl - kx * dw
+                                if nx < 0:
+                                    break
+                                if nx % sw != 0 or nx // sw >= OW:
+                                    continue
+                                tgt = acc[oy, nx // sw]
+                                wk = w[c, ky, kx]
+                                for j in range(og):
+                                    tgt[o0 + j] += wk[j]
+                                n_ac += og
+            for o in range(O):
+                for oy in range(OH):
+                    for ox in range(OW):
+                        out[b, m, o, oy, ox] = acc[oy, ox, o]
+        acs[b] = n_ac
+
+
+@njit(parallel=True, cache=True)
+def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
+                  out: np.ndarray, macs: np.ndarray) -> None:
+    """Grouped 2-D cross-correlation driven by integer currents (see :func:`conv_spikes`):
+    each nonzero input ``q`` scatters ``q`` times its kernel; ``macs[b]`` counts the
+    (input, reached target) pairs of nonzero inputs."""
+    B, M, C, H, W = x.shape
+    _, kh, kw, og = w.shape
+    O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
+    cg = C // (O // og)
+    sh, sw = stride[0], stride[1]
+    pt, pl = pad[0], pad[1]
+    dh, dw = dilation[0], dilation[1]
+    for b in prange(B):
+        acc = np.zeros((OH, OW, O), dtype=out.dtype)
+        n_mac = 0
+        for m in range(M):
+            acc[:] = 0
+            for c in range(C):
+                o0 = (c // cg) * og
+                for y in range(H):
+                    for xx in range(W):
+                        q = x[b, m, c, y, xx]
+                        if q == 0:
+                            continue
+                        for ky in range(kh):
+                            ny = y + pt - ky * dh
+                            if ny < 0:
+                                break
+                            if ny % sh != 0 or ny // sh >= OH:
+                                continue
+                            oy = ny // sh
+                            for kx in range(kw):
+                                nx = xx + pl - kx * dw
+                                if nx < 0:
+                                    break
+                                if nx % sw != 0 or nx // sw >= OW:
+                                    continue
+                                tgt = acc[oy, nx // sw]
+                                wk = w[c, ky, kx]
+                                for j in range(og):
+                                    tgt[o0 + j] += q * wk[j]
+                                n_mac += og
+            for o in range(O):
+                for oy in range(OH):
+                    for ox in range(OW):
+                        out[b, m, o, oy, ox] = acc[oy, ox, o]
+        macs[b] = n_mac
+
+
+@njit(parallel=True, cache=True)
+def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
+    """Sum pooling of spikes: each spike adds 1 to every window that contains it.
+
+    ``s`` (B, T, C, H, W) uint8; ``kernel`` (kh, kw); ``stride`` (sh, sw); ``pad`` (top, left);
+    ``out`` (B, T, C, OH, OW) zeros. Windows are placed as in :func:`conv_spikes` (dilation 1).
+    """
+    B, T, C, H, W = s.shape
+    OH, OW = out.shape[3], out.shape[4]
+    kh, kw = kernel[0], kernel[1]
+    sh, sw = stride[0], stride[1]
+    pt, pl = pad[0], pad[1]
+    for b in prange(B):
+        for t in range(T):
+            for c in range(C):
+                for y in range(H):
+                    for x in range(W):
+                        if not s[b, t, c, y, x]:
+                            continue
+                        for ky in range(kh):
+                            ny = y + pt - ky
+                            if ny < 0:
+                                break
+                            if ny % sh != 0 or ny // sh >= OH:
+                                continue
+                            for kx in range(kw):
+                                nx = x + pl - kx
+                                if nx < 0:
+                                    break
+                                if nx % sw != 0 or nx // sw >= OW:
+                                    continue
+                                out[b, t, c, ny // sh, nx // sw] += 1
+
+
+@njit(parallel=True, cache=True)
+def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
+    """Max pooling by temporal decomposition: ``y(t) = max_win C(t) - max_win C(t-1)``.
+
+    ``s`` (B, T, C, H, W) uint8 spikes with running counts ``C``; ``out`` (B, T, C, OH, OW)
+    zeros; windows are placed as in :func:`sum_pool`.
+    Event-driven: a running count grows by at most 1 per step, so ``max_win C(t)`` exceeds
+    the window's previous maximum only when a spiking input's new count does; the first
+    such input in a step raises the maximum and emits the (single) output spike. Padding
+    has count 0 and never exceeds a maximum that starts at 0.
+    """
+    B, T, C, H, W = s.shape
+    OH, OW = out.shape[3], out.shape[4]
+    kh, kw = kernel[0], kernel[1]
+    sh, sw = stride[0], stride[1]
+    pt, pl = pad[0], pad[1]
+    for b in prange(B):
+        running = np.zeros((C, H, W), dtype=np.int64)
+        win_max = np.zeros((C, OH, OW), dtype=np.int64)
+        for t in range(T):
+            for c in range(C):
+                for y in range(H):
+                    for x in range(W):
+                        if not s[b, t, c, y, x]:
+                            continue
+                        running[c, y, x] += 1
+                        r = running[c, y, x]
+                        for ky in range(kh):
+                            ny = y + pt - ky
+                            if ny < 0:
+                                break
+                            if ny % sh != 0 or ny // sh >= OH:
+                                continue
+                            oy = ny // sh
+                            for kx in range(kw):
+                                nx = x + pl - kx
+                                if nx < 0:
+                                    break
+                                if nx % sw != 0 or nx // sw >= OW:
+                                    continue
+                                ox = nx // sw
+                                if r > win_max[c, oy, ox]:
+                                    win_max[c, oy, ox] = r
+                                    out[b, t, c, oy, ox] = 1
+
+
+@njit(parallel=True, cache=True)
+def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
+                out: np.ndarray, max_abs_v: np.ndarray) -> None:
+    """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
+
+    ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
+    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 zeros. Per neuron: ``v = v0``; for u in
+    1..T+delay: if u <= T, ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at
+    output step u - delay and ``v -= threshold``. Steps in (T, delay] do nothing and are
+    skipped. ``max_abs_v[b]`` receives the largest |v| that sample ``b`` reached (over v0 and
+    every integrated value; a reset only moves v towards 0, so it cannot set a new maximum).
+    """
+    B, Tc, N = cur.shape
+    T = out.shape[1]
+    for b in prange(B):
+        v = v0.copy()
+        peak = 0
+        for n in range(N):
+            peak = max(peak, abs(v[n]))
+        for u in range(1, T + 1):
+            ti = u - 1 if Tc > 1 else 0
+            fire = u > delay
+            t_out = u - delay - 1
+            for n in range(N):
+                vn = v[n] + cur[b, ti, n] + bias[n]
+                peak = max(peak, abs(vn))
+                if fire and vn >= threshold[n]:
+                    out[b, t_out, n] = 1
+                    vn -= threshold[n]
+                v[n] = vn
+        # Input exhausted: the remaining output steps only fire and reset.
+        for u in range(max(T, delay) + 1, T + delay + 1):
+            t_out = u - delay - 1
+            for n in range(N):
+                if v[n] >= threshold[n]:
+                    out[b, t_out, n] = 1
+                    v[n] -= threshold[n]
+        max_abs_v[b] = peak
+
+
+KERNELS: tuple[Dispatcher, ...] = (
+    dense_spikes, dense_currents, conv_spikes, conv_currents, sum_pool, spike_max_pool, dif_neurons,
+)
+
+
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache already holds compiled code for every kernel.
+
+    True means this process loads the kernels instead of compiling them (unless it needs a
+    dtype specialization no earlier run used). Reads the cache index through numba's own
+    cache object, which checks the numba version and the source file's timestamp.
+    """
+    for kernel in KERNELS:
+        try:
+            index = kernel._cache._cache_file._load_index()  # numba internals, stable since 0.40
+        except (AttributeError, OSError, EOFError, ValueError):
+            return False
+        if not index:
+            return False
+    return True
