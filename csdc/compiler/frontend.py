@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -134,4 +133,4 @@ def load_qgraph(path: str | os.PathLike) -> QGraph:
     return to_qgraph(load_model(path), os.fspath(path))
 
 
-__all__ = ["load_model", "to_qgraph", "load_qgraph", "SUPPORTED", "REJECTED", "np"]
+__all__ = ["load_model", "to_qgraph", "load_qgraph", "SUPPORTED", "REJECTED"]

@@ -1,0 +1,267 @@
+"""The ``csdc`` command line: compile, run, inspect, export.
+
+Every user error is a :class:`csdc.errors.CsdcError`: its message names the culprit and the
+fix, it goes to stderr, and the exit code is non-zero (2). Nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+
+import numpy as np
+
+from csdc import __version__
+from csdc.errors import CsdcError, DataError
+
+BACKEND_CHOICES = ("numba", "reference", "lava")
+
+
+def _fmt_count(v: float) -> str:
+    for unit, f in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= f:
+            return f"{v / f:.2f} {unit}"
+    return f"{v:.0f}"
+
+
+# -- compile -----------------------------------------------------------------------------
+def cmd_compile(args: argparse.Namespace) -> int:
+    from csdc.compiler.pipeline import CompileOptions, compile_onnx
+    from csdc.ir import serialize
+
+    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
+    net, rep = compile_onnx(args.model, opts)
+    serialize.save(net, args.output)
+    if args.json:
+        print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
+        return 0
+    print(f"compiled {args.model} -> {args.output} in {rep.seconds:.2f} s")
+    print(f"  time steps T          {rep.T}")
+    print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
+    print(f"  latency               {rep.latency} steps (T + depth x D)")
+    print(f"  populations           {rep.populations} ({rep.neurons} neurons)")
+    print(f"  synapses              {rep.synapses}")
+    print(f"  threshold rounding    {rep.threshold_error:.2e} worst relative error (--frac-bits {opts.frac_bits})")
+    print(f"  weight rescaling      {rep.weight_error:.2e} worst relative error")
+    print(f"  bias rounding         {rep.bias_error:.2e} of a threshold, worst case")
+    if rep.float_weight_error:
+        print(f"  float weights         quantized by csdc to {opts.weight_bits} bits, worst relative error {rep.float_weight_error:.2e}")
+    b = rep.bits
+    print(f"  bit widths            weights {b['weight_bits']}, thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
+          f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
+    for w in rep.warnings:
+        print(f"  warning: {w}")
+    if args.explain:
+        print("\nsource node -> spiking IR")
+        for src, made in rep.explain.items():
+            print(f"  {src:<32} {', '.join(made)}")
+    return 0
+
+
+# -- run -------------------------------------------------------------------------------------
+def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    from csdc.runtime.datasets import load_digits_split, load_npz
+
+    if spec == "digits":
+        x, y = load_digits_split("test")
+        if tuple(x.shape[1:]) != tuple(input_shape):
+            raise DataError(f"the digits set has samples of shape {tuple(x.shape[1:])} but the network expects "
+                            f"{tuple(input_shape)}; pass your own data with --data file.npz")
+    else:
+        x, y = load_npz(spec, tuple(input_shape))
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be >= 1, got {limit}")
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return x, y
+
+
+def _save_results(path: str, out) -> None:
+    from csdc.ir.serialize import write_atomic
+
+    buf = io.BytesIO()
+    arrays = {"logits": out.logits.astype(np.float32), "readout": out.readout.astype(np.int64)}
+    if out.labels is not None:
+        arrays["labels"] = out.labels.astype(np.int64)
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from csdc.backends.base import get_backend
+    from csdc.ir import serialize
+    from csdc.runtime.evaluate import PJ_PER_AC, PJ_PER_MAC, compare, run_dataset
+
+    net = serialize.load(args.sir)
+    if args.delay is not None:
+        if args.delay < 0:
+            raise CsdcError(f"--delay must be >= 0, got {args.delay}")
+        net = net.with_delay(args.delay)
+    if args.batch < 1:
+        raise CsdcError(f"--batch must be >= 1, got {args.batch}")
+    x, y = _load_data(args.data, net.input_shape, args.limit)
+    backend = get_backend(args.backend)
+    if args.backend == "numba":
+        from csdc.backends.numba import kernels_cached
+
+        if not kernels_cached():
+            print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
+    if args.backend == "reference" and any(net.op(n).delay < net.T for n in net.neurons()):
+        raise CsdcError(f"the reference backend is exact only for D >= T (T={net.T}); use --backend numba for smaller delays")
+    out = run_dataset(net, backend, x, y, batch=args.batch, progress=not args.no_progress and not args.json)
+    s = out.summary
+    if args.compare:
+        s.comparison = compare(args.compare, out, x)
+    if args.output:
+        _save_results(args.output, out)
+    if args.json:
+        print(json.dumps(s.to_dict(), indent=1))
+        return 0
+    n = s.samples
+    print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps")
+    if s.accuracy is not None:
+        print(f"  SNN accuracy          {100 * s.accuracy:.2f} %")
+    c = s.comparison
+    if c is not None:
+        if c.onnx_accuracy is not None:
+            print(f"  ONNX accuracy         {100 * c.onnx_accuracy:.2f} %  (onnxruntime on {c.model})")
+        print(f"  top-1 agreement       {100 * c.agreement:.2f} %  (max |logit difference| {c.max_abs_logit_diff:.3g})")
+    print(f"  spikes                {_fmt_count(s.spikes / n)} per image, {s.spike_rate:.4f} per neuron per step")
+    print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
+    print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
+    print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s)")
+    if args.output:
+        print(f"  results               {args.output}")
+    if s.per_population:
+        print("\n  population                         op              neurons    rate      ACs/img   max|v|")
+        for name, p in s.per_population.items():
+            if p["neurons"] or p["acs"] or p["macs"]:
+                ops = p["acs"] + p["macs"]
+                print(f"  {name:<34} {p['op']:<14} {p['neurons']:>8}  {p['rate']:>7.4f}  {_fmt_count(ops / n):>10}  {p['max_abs_v']:>7}")
+    return 0
+
+
+# -- inspect -------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from csdc.ir import serialize
+    from csdc.ir.ops import Neuron
+
+    net = serialize.load(args.sir)
+    rows = []
+    for name, op in net.nodes():
+        info = net.info(name)
+        params = []
+        for field, arr in op.arrays().items():
+            if arr.size:
+                params.append(f"{field}{list(arr.shape)} [{arr.min():.6g}, {arr.max():.6g}]")
+        attrs = {k: v for k, v in op.attributes().items() if k not in ("shape",)}
+        if attrs:
+            params.append(" ".join(f"{k}={v}" for k, v in attrs.items()))
+        rows.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name), "kind": info.kind,
+                     "shape": list(info.shape), "params": "; ".join(params)})
+    if args.json:
+        print(json.dumps({"T": net.T, "metadata": net.metadata, "nodes": rows}, indent=1, default=str))
+        return 0
+    comp = net.metadata.get("compile", {})
+    print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations, {len(rows)} nodes"
+          + (f", compiled from {comp.get('source')}" if comp else ""))
+    delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
+    print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
+    print(f"\n{'node':<30} {'op':<15} {'kind':<8} {'shape':<16} inputs / parameters")
+    for r in rows:
+        print(f"{r['name']:<30} {r['op']:<15} {r['kind']:<8} {str(tuple(r['shape'])):<16} "
+              f"{', '.join(r['inputs']) or '-'}  {r['params']}")
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from csdc.ir import serialize
+
+    net = serialize.load(args.sir)
+    try:
+        from csdc.backends.lava.export import export_bundle
+    except ImportError as exc:
+        raise CsdcError(f"the Lava exporter is not available: {exc}") from None
+    export_bundle(net, args.output)
+    print(f"wrote a Lava deployment bundle for {args.sir} to {args.output}/ (see its README)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csdc", description="Compile quantized ONNX networks into integer-only, spike-driven "
+                                "networks (CSDformer conversion) and run them.")
+    p.add_argument("--version", action="version", version=f"csdc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a QDQ/QCDQ ONNX model into a .sir spiking network",
+                       description="Lower a quantized ONNX model (QDQ or QCDQ) into an integer-only spiking network.")
+    c.add_argument("model", help="the quantized ONNX model (.onnx)")
+    c.add_argument("-o", "--output", required=True, help="the .sir file to write (written atomically)")
+    c.add_argument("--delay", type=int, default=None, metavar="D",
+                   help="delay of the DIF neurons in time steps; default T (exact: the network equals the quantized model); "
+                        "D=0 is the plain IF neuron")
+    c.add_argument("--frac-bits", type=int, default=8, metavar="F",
+                   help="precision of the integer thresholds: every threshold has at least F significant bits, "
+                        "so its relative rounding error is below 2^-(F+1) (default 8)")
+    c.add_argument("--weight-bits", type=int, default=8, metavar="B",
+                   help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
+    c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
+                   help="hardware bit budget checked by the bit-width analysis (default generic: 16-bit weights, "
+                        "24-bit thresholds, 32-bit membrane)")
+    c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
+    c.add_argument("--json", action="store_true", help="print the compile report as JSON")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run a .sir network on a dataset",
+                       description="Run a compiled network and report accuracy, agreement with onnxruntime, spikes, "
+                                   "synaptic operations, energy estimate and wall time.")
+    r.add_argument("sir", help="the compiled network (.sir)")
+    r.add_argument("--backend", default="numba", choices=BACKEND_CHOICES,
+                   help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
+                        "lava: Lava processes (needs lava-nc)")
+    r.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's digits test split) or a .npz with x (N,C,H,W float32) and optional y")
+    r.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
+    r.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
+    r.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    r.add_argument("--delay", type=int, default=None, metavar="D", help="override every neuron's delay for this run")
+    r.add_argument("--output", metavar="RESULTS.npz", help="save per-sample logits (float32, N x classes), readout "
+                   "integers and labels to this .npz")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="print a .sir network as a table", description="Print the nodes of a .sir network.")
+    i.add_argument("sir", help="the compiled network (.sir)")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="export a .sir network for deployment",
+                       description="Write a self-contained deployment bundle (Lava processes for Loihi-style hardware).")
+    e.add_argument("sir", help="the compiled network (.sir)")
+    e.add_argument("--to", default="lava", choices=("lava",), help="deployment target (default lava)")
+    e.add_argument("-o", "--output", required=True, help="folder to write the bundle into")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CsdcError as exc:
+        print(f"csdc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("csdc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser"]
