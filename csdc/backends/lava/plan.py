@@ -1,0 +1,473 @@
+"""Lower a spiking IR network to a Lava deployment plan: processes, wiring and the global-clock
+schedule (offsets and delay balancing). Pure numpy / scipy: no lava import.
+
+Process mapping (see docs/lava.md):
+
+- ``DenseSynapse`` on a 1-D input -> Lava ``Dense``; ``DenseSynapse`` on an N-D input,
+  ``DiagonalSynapse``, ``SumPool`` -> Lava ``Sparse`` (the op as a sparse integer matrix);
+  ``ConvSynapse`` -> Lava ``Conv``. Each only where its fixed-point model is exact: Dense and
+  Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
+  and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
+  Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
+- ``Neuron`` -> ``CsdcNeuron``, ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``Encode`` ->
+  ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
+- ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
+  all their incoming connections (a dendrite). ``Reshape`` / ``Transpose`` are no process
+  either: they become Lava virtual ports (``OutPort.reshape`` / ``OutPort.transpose``).
+
+Global clock. Every IR node gets an *offset*: the global step carrying its local step 1.
+``Encode`` has offset 1; a synapse adds 1 (Lava's Dense t-1 buffer); a neuron adds its delay D;
+max-pool and routing add 0. An Add takes the largest offset of its inputs and delays every
+earlier branch by the difference with a ``CsdcDelay`` (delay balancing). The readout window
+starts at its input's offset, so the end-to-end latency is ``offset(readout) - 1 + T`` steps.
+Samples are pipelined with ``period = T + max D`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from csdc.errors import IRError
+from csdc.ir.graph import Network
+from csdc.ir.ops import (
+    SPIKES,
+    Add,
+    ConvSynapse,
+    DenseSynapse,
+    DiagonalSynapse,
+    Encode,
+    Neuron,
+    Op,
+    Readout,
+    Reshape,
+    SpikeMaxPool,
+    SumPool,
+    Transpose,
+)
+from csdc.ir.semantics import _windows
+
+PLAN_FORMAT = "csdc-lava-plan"
+PLAN_VERSION = 1
+
+#: Loihi 2 budgets used for the hardware report (same numbers as the "loihi2" profile of the
+#: bit-width analysis: 8-bit synaptic weights, 24-bit thresholds and membrane potentials),
+#: plus 24-bit dendritic accumulators and graded-spike payloads.
+LOIHI2 = {"weight_bits": 8, "threshold_bits": 24, "membrane_bits": 24, "accumulator_bits": 24, "payload_bits": 24}
+
+_INT32 = 2**31
+_CONV24 = 2**23
+
+
+@dataclass
+class Term:
+    """One summand of an IR tensor: the output of ``proc`` delayed by ``delay`` steps and routed
+    through ``transforms`` (in IR shapes, starting from the process's IR output shape)."""
+
+    proc: str
+    delay: int
+    transforms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+@dataclass
+class Plan:
+    """A JSON-able deployment plan plus its integer arrays (for an ``.npz``)."""
+
+    meta: dict
+    processes: list[dict] = field(default_factory=list)
+    connections: list[dict] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "meta": self.meta,
+                "processes": self.processes, "connections": self.connections}
+
+    def process(self, name: str) -> dict:
+        for p in self.processes:
+            if p["name"] == name:
+                return p
+        raise KeyError(name)
+
+
+# -- linear ops as sparse matrices ----------------------------------------------------------
+def linear_matrix(op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> sp.csr_matrix:
+    """The synaptic matrix M (out_size, in_size), int64, with ``out.ravel() = M @ in.ravel()``."""
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    if isinstance(op, DenseSynapse):
+        lead = int(np.prod(in_shape[:-1])) if len(in_shape) > 1 else 1
+        return sp.kron(sp.identity(lead, dtype=np.int64, format="csr"), sp.csr_matrix(op.weight), format="csr").astype(np.int64)
+    if isinstance(op, DiagonalSynapse):
+        return sp.diags(op.weight.ravel().astype(np.int64), format="csr", dtype=np.int64)
+    if isinstance(op, (ConvSynapse, SumPool)):
+        if isinstance(op, ConvSynapse):
+            kh, kw = op.weight.shape[2:]
+            stride, padding, dilation, groups = op.stride, op.padding, op.dilation, op.groups
+        else:
+            kh, kw = op.kernel
+            stride, padding, dilation, groups = op.stride, op.padding, (1, 1), in_shape[0]
+        c, h, w = in_shape
+        # index map of the zero-padded input: -1 marks padding
+        idx = np.arange(n_in, dtype=np.int64).reshape(c, h, w)
+        padded = np.full((c, h + padding[0] + padding[2], w + padding[1] + padding[3]), -1, dtype=np.int64)
+        padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = idx
+        win = _windows(padded, (kh, kw), stride, (0, 0, 0, 0), dilation)  # c, oh, ow, kh, kw
+        o, oh, ow = out_shape
+        cg = c // groups
+        og = o // groups
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        out_idx = np.arange(n_out, dtype=np.int64).reshape(o, oh, ow)
+        pairs = ([(oc, (oc // og) * cg + ci, op.weight[oc, ci]) for oc in range(o) for ci in range(cg)]
+                 if isinstance(op, ConvSynapse) else [(ch, ch, np.ones((kh, kw), np.int64)) for ch in range(c)])
+        for oc, ic, wk in pairs:
+            src = win[ic]  # oh, ow, kh, kw
+            vals_k = np.broadcast_to(wk, src.shape)
+            dst = np.broadcast_to(out_idx[oc][:, :, None, None], src.shape)
+            keep = (src >= 0) & (vals_k != 0)
+            rows.append(dst[keep])
+            cols.append(src[keep])
+            vals.append(vals_k[keep])
+        if not vals:
+            return sp.csr_matrix((n_out, n_in), dtype=np.int64)
+        m = sp.coo_matrix((np.concatenate(vals).astype(np.int64), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n_out, n_in))
+        return m.tocsr()
+    raise IRError(f"no synaptic matrix for {type(op).__name__}")
+
+
+def abs_bounds(net: Network) -> dict[str, int]:
+    """Worst-case per-step ``max |value|`` of every node's output (scalar, conservative)."""
+    b: dict[str, int] = {}
+    for name, op in net.nodes():
+        ins = [b[s] for s in net.inputs(name)]
+        if isinstance(op, Encode):
+            b[name] = max(abs(op.lo), abs(op.hi))
+        elif isinstance(op, (Neuron, SpikeMaxPool)):
+            b[name] = 1
+        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool)):
+            m = linear_matrix(op, net.info(net.inputs(name)[0]).shape, net.info(name).shape)
+            row = np.asarray(abs(m).sum(axis=1)).ravel()
+            b[name] = int(row.max(initial=0)) * ins[0]
+        elif isinstance(op, Add):
+            b[name] = int(sum(ins))
+        else:
+            b[name] = ins[0]
+    return b
+
+
+def _weight_exp(m: sp.csr_matrix) -> int | None:
+    """Smallest e >= 0 such that every weight is ``mant << e`` with mant in [-256, 255] (Lava's
+    fixed-point Dense/Sparse with mixed sign and ``num_weight_bits=9``), or None."""
+    w = m.data.astype(np.int64)
+    if w.size == 0:
+        return 0
+    for e in range(0, 24):
+        if np.all(w % (1 << e) == 0):
+            mant = w >> e
+            if mant.min() >= -256 and mant.max() <= 255:
+                return e
+        else:
+            return None
+    return None
+
+
+class _Route:
+    """A chain of virtual-port steps from a start shape, simplified as it is built."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.start = tuple(shape)
+        self.shape = tuple(shape)
+        self.steps: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (kind, arg, shape after)
+
+    def add(self, kind: str, arg: tuple[int, ...]) -> None:
+        if kind == "reshape":
+            new = tuple(int(s) for s in arg)
+            if int(np.prod(new)) != int(np.prod(self.shape)):
+                raise IRError(f"internal routing error: reshape {self.shape} -> {new}")
+            if new == self.shape:
+                return
+            if self.steps and self.steps[-1][0] == "reshape":
+                self.steps.pop()  # reshape o reshape = reshape
+                before = self.steps[-1][2] if self.steps else self.start
+                if before == new:
+                    self.shape = new
+                    return
+            self.steps.append(("reshape", new, new))
+            self.shape = new
+            return
+        perm = tuple(int(p) for p in arg)
+        if sorted(perm) != list(range(len(self.shape))):
+            raise IRError(f"internal routing error: transpose {perm} of {self.shape}")
+        if perm == tuple(range(len(perm))):
+            return
+        self.shape = tuple(self.shape[p] for p in perm)
+        self.steps.append(("transpose", perm, self.shape))
+
+
+class _Planner:
+    def __init__(self, net: Network, n_samples: int, keep_trains: bool, use_lava_synapses: bool):
+        self.net = net
+        self.T = net.T
+        self.n = int(n_samples)
+        self.keep = bool(keep_trains)
+        self.use_lava = bool(use_lava_synapses)
+        delays = [net.op(nm).delay for nm in net.neurons()]
+        self.period = self.T + max(delays, default=0)
+        self.bounds = abs_bounds(net)
+        self.plan = Plan(meta={})
+        self.terms: dict[str, list[Term]] = {}
+        self.offset: dict[str, int] = {}
+        self.procs: dict[str, dict] = {}
+        self.delay_procs: dict[tuple[str, int], str] = {}
+        self.connected: set[tuple] = set()
+        self.relay_count = 0
+
+    # -- processes -------------------------------------------------------------------
+    def _proc(self, name: str, kind: str, ir_node: str | None, in_port: tuple | None, out_port: tuple | None,
+              out_ir: tuple | None, in_ir: tuple | None, offset: int | None, params: dict,
+              arrays: dict[str, np.ndarray] | None = None, impl: str = "custom", start: int | None = None) -> dict:
+        if name in self.procs:
+            raise IRError(f"duplicate Lava process name '{name}'")
+        keys = {}
+        for k, v in (arrays or {}).items():
+            key = f"{name}/{k}"
+            self.plan.arrays[key] = v
+            keys[k] = key
+        p = {"name": name, "kind": kind, "impl": impl, "ir_node": ir_node,
+             "in_port": list(in_port) if in_port is not None else None,
+             "out_port": list(out_port) if out_port is not None else None,
+             "out_ir": list(out_ir) if out_ir is not None else None,
+             "in_ir": list(in_ir) if in_ir is not None else None,
+             "start": start, "offset": offset, "params": params, "arrays": keys}
+        self.procs[name] = p
+        self.plan.processes.append(p)
+        return p
+
+    def _delayed(self, proc: str, d: int) -> str:
+        if d == 0:
+            return proc
+        key = (proc, d)
+        if key not in self.delay_procs:
+            src = self.procs[proc]
+            name = f"{proc}__delay{d}"
+            off = None if src["offset"] is None else src["offset"] + d
+            self._proc(name, "delay", None, tuple(src["out_port"]), tuple(src["out_port"]), tuple(src["out_ir"]),
+                       tuple(src["out_ir"]), off, {"steps": d}, impl="custom", start=src["offset"])
+            self._connect_raw(proc, name, [])
+            self.delay_procs[key] = name
+        return self.delay_procs[key]
+
+    # -- wiring -----------------------------------------------------------------------
+    def _connect_raw(self, src: str, dst: str, transforms: list) -> None:
+        key = (src, dst, tuple((t[0], t[1]) for t in transforms))
+        if key in self.connected:
+            # the same OutPort -> InPort edge twice (e.g. x + x through two routes): Lava keeps one
+            # connection per port pair, so route the duplicate through a zero-step relay
+            self.relay_count += 1
+            sp_ = self.procs[src]
+            relay = f"{src}__relay{self.relay_count}"
+            self._proc(relay, "delay", None, tuple(sp_["out_port"]), tuple(sp_["out_port"]), tuple(sp_["out_ir"]),
+                       tuple(sp_["out_ir"]), sp_["offset"], {"steps": 0}, impl="custom", start=sp_["offset"])
+            self._connect_raw(src, relay, [])
+            src = relay
+            key = (src, dst, key[2])
+        self.connected.add(key)
+        self.plan.connections.append({"src": src, "dst": dst,
+                                      "transforms": [[t[0], list(t[1])] for t in transforms]})
+
+    def _connect_terms(self, terms: list[Term], dst: str) -> None:
+        """Connect every term to dst's InPort; the IR tensor is converted to dst's port layout."""
+        d = self.procs[dst]
+        for term in terms:
+            src_name = self._delayed(term.proc, term.delay)
+            src = self.procs[src_name]
+            route = _Route(tuple(src["out_port"]))
+            # process output layout -> IR layout
+            if src["impl"] == "lava.Conv":
+                route.add("transpose", (2, 1, 0))
+            route.add("reshape", tuple(src["out_ir"]))
+            for kind, arg in term.transforms:
+                route.add(kind, arg)
+            # IR layout -> destination port layout
+            if d["impl"] == "lava.Conv":
+                route.add("reshape", tuple(d["in_ir"]))
+                route.add("transpose", (2, 1, 0))
+            route.add("reshape", tuple(d["in_port"]))
+            if route.shape != tuple(d["in_port"]):
+                raise IRError(f"internal wiring error: {src_name} -> {dst} gives {route.shape}, port is {d['in_port']}")
+            self._connect_raw(src_name, dst, route.steps)
+
+    # -- lowering ---------------------------------------------------------------------
+    def _synapse(self, name: str, op: Op) -> None:
+        src = self.net.inputs(name)[0]
+        in_ir, out_ir = self.net.info(src).shape, self.net.info(name).shape
+        in_kind = self.net.info(src).kind
+        m = linear_matrix(op, in_ir, out_ir)
+        in_bound = self.bounds[src]
+        acc = int(np.asarray(abs(m).sum(axis=1)).ravel().max(initial=0)) * in_bound
+        msg_bits = 0 if in_kind == SPIKES else 24
+        exp = _weight_exp(m)
+        off = self.offset[src] + 1
+        impl, reason = "custom", ""
+        if self.use_lava:
+            sym = isinstance(op, ConvSynapse) and op.padding[0] == op.padding[2] and op.padding[1] == op.padding[3]
+            if isinstance(op, ConvSynapse) and sym and acc < _CONV24 and np.abs(op.weight).max(initial=0) < _INT32:
+                impl = "lava.Conv"
+            elif exp is not None and acc < _INT32:
+                impl = "lava.Dense" if isinstance(op, DenseSynapse) and len(in_ir) == 1 else "lava.Sparse"
+            else:
+                reason = ("weights are not mant * 2**e with mant in [-256, 255]" if exp is None
+                          else f"accumulator bound {acc} exceeds int32")
+        params: dict = {"num_message_bits": msg_bits, "acc_bound": acc, "reason": reason}
+        arrays: dict[str, np.ndarray] = {}
+        if impl == "lava.Conv":
+            c, h, w = in_ir
+            o, oh, ow = out_ir
+            lw = np.ascontiguousarray(op.weight[:, :, ::-1, ::-1].transpose(0, 3, 2, 1)).astype(np.int64)
+            arrays["weight"] = lw
+            params.update(stride=[op.stride[1], op.stride[0]], padding=[op.padding[1], op.padding[0]],
+                          dilation=[op.dilation[1], op.dilation[0]], groups=op.groups)
+            in_port, out_port = (w, h, c), (ow, oh, o)
+        elif impl == "lava.Dense":
+            arrays["weights"] = (op.weight.astype(np.int64) >> exp)
+            params.update(weight_exp=exp, num_weight_bits=9)
+            in_port, out_port = (int(np.prod(in_ir)),), (int(np.prod(out_ir)),)
+        else:
+            mm = m.copy()
+            if impl == "lava.Sparse":
+                mm.data = mm.data >> exp
+                params.update(weight_exp=exp, num_weight_bits=9)
+            arrays.update(data=mm.data.astype(np.int64), indices=mm.indices.astype(np.int64),
+                          indptr=mm.indptr.astype(np.int64), shape=np.array(mm.shape, dtype=np.int64))
+            if impl == "custom":
+                in_port, out_port = tuple(in_ir), tuple(out_ir)
+            else:
+                in_port, out_port = (int(np.prod(in_ir)),), (int(np.prod(out_ir)),)
+        self._proc(name, "synapse", name, in_port, out_port, out_ir, in_ir, off, params, arrays, impl=impl,
+                   start=self.offset[src])
+        self._connect_terms(self.terms[src], name)
+        self.terms[name] = [Term(name, 0)]
+        self.offset[name] = off
+
+    def run(self) -> Plan:
+        net = self.net
+        for name, op in net.nodes():
+            ins = net.inputs(name)
+            shape = net.info(name).shape
+            if isinstance(op, Encode):
+                self._proc(name, "encode", name, None, shape, shape, None, 1,
+                           {"scale": float(op.scale), "lo": int(op.lo), "hi": int(op.hi)}, start=1)
+                self.terms[name], self.offset[name] = [Term(name, 0)], 1
+            elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool)):
+                self._synapse(name, op)
+            elif isinstance(op, Neuron):
+                start = self.offset[ins[0]]
+                self._proc(name, "neuron", name, shape, shape, shape, shape, start + op.delay,
+                           {"delay": int(op.delay)},
+                           {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}, start=start)
+                self._connect_terms(self.terms[ins[0]], name)
+                self.terms[name], self.offset[name] = [Term(name, 0)], start + op.delay
+            elif isinstance(op, SpikeMaxPool):
+                start = self.offset[ins[0]]
+                in_shape = net.info(ins[0]).shape
+                self._proc(name, "maxpool", name, in_shape, shape, shape, in_shape, start,
+                           {"kernel": list(op.kernel), "stride": list(op.stride), "padding": list(op.padding)},
+                           start=start)
+                self._connect_terms(self.terms[ins[0]], name)
+                self.terms[name], self.offset[name] = [Term(name, 0)], start
+            elif isinstance(op, Add):
+                off = max(self.offset[s] for s in ins)
+                terms: list[Term] = []
+                for s in ins:
+                    d = off - self.offset[s]
+                    terms += [Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]]
+                self.terms[name], self.offset[name] = terms, off
+            elif isinstance(op, Reshape):
+                self.terms[name] = [Term(t.proc, t.delay, t.transforms + (("reshape", op.shape),)) for t in self.terms[ins[0]]]
+                self.offset[name] = self.offset[ins[0]]
+            elif isinstance(op, Transpose):
+                self.terms[name] = [Term(t.proc, t.delay, t.transforms + (("transpose", op.perm),)) for t in self.terms[ins[0]]]
+                self.offset[name] = self.offset[ins[0]]
+            elif isinstance(op, Readout):
+                start = self.offset[ins[0]]
+                self._proc(name, "readout", name, shape, None, None, shape, start, {},
+                           {"scale": op.scale, "offset": op.offset}, start=start)
+                self._connect_terms(self.terms[ins[0]], name)
+                self.offset[name] = start
+            else:
+                raise IRError(f"node '{name}': the Lava backend has no mapping for {type(op).__name__}")
+        readout = net.output_name
+        self.plan.meta = {
+            "T": self.T,
+            "period": self.period,
+            "n_samples": self.n,
+            "keep_trains": self.keep,
+            "latency": self.offset[readout] - 1 + self.T,
+            "total_steps": (self.n - 1) * self.period + self.offset[readout] - 1 + self.T if self.n else 0,
+            "input": net.input_name,
+            "input_shape": list(net.input_shape),
+            "readout": readout,
+            "num_classes": net.num_classes,
+            "offsets": dict(self.offset),
+            "spiking": [n for n, op in net.nodes() if isinstance(op, (Neuron, SpikeMaxPool))],
+        }
+        return self.plan
+
+
+def make_plan(net: Network, n_samples: int = 1, *, keep_trains: bool = False, use_lava_synapses: bool = True) -> Plan:
+    """Lower ``net`` to a :class:`Plan` for ``n_samples`` pipelined samples.
+
+    ``use_lava_synapses=False`` maps every synapse to the exact custom ``CsdcSynapse``
+    (useful to isolate Lava's own processes when debugging)."""
+    net.verify()
+    return _Planner(net, n_samples, keep_trains, use_lava_synapses).run()
+
+
+def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
+    """Per IR node: the Lava process that runs it and what real Loihi 2 would need.
+
+    Budgets are those of the ``loihi2`` hardware profile (:data:`LOIHI2`)."""
+    plan = plan or make_plan(net)
+    bounds = abs_bounds(net)
+    rows = []
+    for p in plan.processes:
+        node = p["ir_node"]
+        kind, impl = p["kind"], p["impl"]
+        notes: list[str] = []
+        if kind == "synapse":
+            op = net.op(node)
+            w = op.weight if hasattr(op, "weight") else np.ones(1, np.int64)
+            wmax = int(np.abs(w).max(initial=0))
+            wbits = wmax.bit_length() + 1
+            if wbits > LOIHI2["weight_bits"]:
+                notes.append(f"weights need {wbits} bits (> {LOIHI2['weight_bits']}): split into weight_exp-scaled "
+                             "synapse groups on Loihi 2")
+            acc = p["params"]["acc_bound"]
+            if acc.bit_length() + 1 > LOIHI2["accumulator_bits"]:
+                notes.append(f"per-step current up to {acc} exceeds the 24-bit dendritic accumulator")
+            if p["params"]["num_message_bits"] and bounds[net.inputs(node)[0]].bit_length() + 1 > LOIHI2["payload_bits"]:
+                notes.append("graded input exceeds the 24-bit spike payload")
+            hw = "Loihi 2 synapses" if impl.startswith("lava.") else "Loihi 2 synapses (custom only in simulation: " + p["params"]["reason"] + ")"
+        elif kind == "neuron":
+            op = net.op(node)
+            tb = int(op.threshold.max(initial=1)).bit_length() + 1
+            if tb > LOIHI2["threshold_bits"]:
+                notes.append(f"thresholds need {tb} bits (> 24)")
+            hw = "custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by subtraction, per-neuron v0 and bias)"
+        elif kind == "maxpool":
+            hw = "custom neuron microcode (TDEC max-pool: running counts and window max per step)"
+        elif kind == "encode":
+            hw = "host / embedded CPU (graded spikes carrying the input levels)"
+        elif kind == "readout":
+            hw = "host / embedded CPU (accumulate currents, dequantize)"
+        else:
+            hw = "Loihi 2 axon / synaptic delay"
+        rows.append({"process": p["name"], "ir_node": node, "kind": kind, "lava": impl if impl != "custom" else f"Csdc{kind.capitalize()}",
+                     "offset": p["offset"], "loihi2": hw, "notes": notes})
+    return rows
+
+
+__all__ = ["LOIHI2", "PLAN_FORMAT", "PLAN_VERSION", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]

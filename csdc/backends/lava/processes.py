@@ -1,0 +1,414 @@
+"""Custom Lava processes (fixed-point ``PyLoihiProcessModel``s) for what Lava 0.10 lacks.
+
+This module depends only on numpy, scipy and lava-nc (it is copied verbatim into Lava
+deployment bundles), never on csdc.
+
+Global-clock schedule. Lava runs all processes in lock step; global step ``g`` = Lava's
+``time_step`` (1-based). Samples are pipelined: sample ``k`` enters the network at global
+step ``1 + k * period`` and every process works on it during its own window, which starts at
+``start + k * period`` where ``start`` is the global step at which local step 1 of the
+process's *input* arrives. A process is idle (and sends zeros) outside its windows, so
+consecutive samples never interact; ``period >= T + max delay`` guarantees the windows of one
+process do not overlap, and every process resets its state at local step 1.
+
+Latencies (global steps from input local step t to output local step t):
+``CsdcEncode`` -, ``CsdcNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
+``CsdcSynapse`` 1 (like Lava's Dense/Sparse/Conv, whose output at step g is the synaptic
+input of step g - 1), ``CsdcReadout`` -.
+
+Results leave the processes through Lava ``Var``s. ``Var.get()`` moves one float64 per element
+(about 45 microseconds each in Lava 0.10), so spike trains and counts are bit-packed into
+48-bit words (exact in float64) with :func:`pack_uint` and unpacked with :func:`unpack_uint`.
+"""
+
+from __future__ import annotations
+
+import typing as ty
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import _hook
+
+_hook.install()
+
+from lava.magma.core.decorator import implements, requires, tag  # noqa: E402
+from lava.magma.core.model.py.model import PyLoihiProcessModel  # noqa: E402
+from lava.magma.core.model.py.ports import PyInPort, PyOutPort  # noqa: E402
+from lava.magma.core.model.py.type import LavaPyType  # noqa: E402
+from lava.magma.core.process.ports.ports import InPort, OutPort  # noqa: E402
+from lava.magma.core.process.process import AbstractProcess  # noqa: E402
+from lava.magma.core.process.variable import Var  # noqa: E402
+from lava.magma.core.resources import CPU  # noqa: E402
+from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol  # noqa: E402
+
+WORD_BITS = 48  # bits per packed word: integers below 2**53 survive Var.get()'s float64
+
+
+# -- bit packing ------------------------------------------------------------------------
+def packed_words(n_values: int, bits: int) -> int:
+    """Number of 48-bit words that hold ``n_values`` unsigned integers of ``bits`` bits."""
+    return max(1, -(-n_values * bits // WORD_BITS))
+
+
+def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers (< 2**bits) into int64 words of 48 bits (little-endian bits)."""
+    flat = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    bitarr = ((flat[:, None] >> np.arange(bits, dtype=np.int64)) & 1).astype(np.int64).ravel()
+    n_words = packed_words(flat.size, bits)
+    padded = np.zeros(n_words * WORD_BITS, dtype=np.int64)
+    padded[: bitarr.size] = bitarr
+    return padded.reshape(n_words, WORD_BITS) @ (np.int64(1) << np.arange(WORD_BITS, dtype=np.int64))
+
+
+def unpack_uint(words: np.ndarray, bits: int, n_values: int) -> np.ndarray:
+    """Inverse of :func:`pack_uint`; ``words`` may be the float64 array ``Var.get()`` returns."""
+    w = np.rint(np.asarray(words, dtype=np.float64)).astype(np.int64).ravel()
+    bitarr = ((w[:, None] >> np.arange(WORD_BITS, dtype=np.int64)) & 1).ravel()[: n_values * bits]
+    return bitarr.reshape(n_values, bits) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+
+
+def count_bits(T: int) -> int:
+    """Bits of a spike count in 0..T."""
+    return max(1, int(T).bit_length())
+
+
+class _Schedule:
+    """Where a process is in the pipelined schedule at global step ``g``."""
+
+    def __init__(self, start: int, period: int, n_samples: int):
+        self.start, self.period, self.n_samples = int(start), int(period), int(n_samples)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(sample k, local step u >= 1); k = -1 when idle."""
+        phase = g - self.start
+        if phase < 0 or phase >= self.n_samples * self.period:
+            return -1, 0
+        return phase // self.period, phase % self.period + 1
+
+
+# -- processes --------------------------------------------------------------------------
+class CsdcEncode(AbstractProcess):
+    """Input source ("direct encoding"): sends the integer input levels of sample k as a
+    constant current on local steps 1..T, zeros otherwise."""
+
+    def __init__(self, *, levels: np.ndarray, T: int, period: int, name: str = "encode") -> None:
+        levels = np.asarray(levels, dtype=np.int64)
+        super().__init__(T=int(T), start=1, period=int(period), n_samples=int(levels.shape[0]), name=name)
+        shape = tuple(levels.shape[1:])
+        self.levels = Var(shape=levels.shape, init=levels)
+        self.a_out = OutPort(shape=shape)
+
+
+class CsdcNeuron(AbstractProcess):
+    """Delayed integrate-and-fire population (DIF, reset by subtraction), paper Algorithm 1.
+
+    At local step u (1..T+delay): ``v = v0`` before u = 1; ``v += I(u) + bias`` for u <= T;
+    for u > delay, ``v >= threshold`` emits a spike at output step u - delay and subtracts
+    ``threshold``. Counts (and, with ``keep_trains``, spike trains) are recorded per sample.
+    """
+
+    def __init__(self, *, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, T: int, delay: int,
+                 start: int, period: int, n_samples: int, keep_trains: bool = False, name: str = "neuron") -> None:
+        threshold = np.asarray(threshold, dtype=np.int64)
+        shape = tuple(threshold.shape)
+        size = int(np.prod(shape))
+        super().__init__(T=int(T), delay=int(delay), start=int(start), period=int(period), n_samples=int(n_samples),
+                         keep_trains=bool(keep_trains), name=name)
+        self.a_in = InPort(shape=shape)
+        self.s_out = OutPort(shape=shape)
+        self.threshold = Var(shape=shape, init=threshold)
+        self.v0 = Var(shape=shape, init=np.asarray(v0, dtype=np.int64))
+        self.bias = Var(shape=shape, init=np.asarray(bias, dtype=np.int64))
+        self.v = Var(shape=shape, init=np.asarray(v0, dtype=np.int64))
+        self.max_abs_v = Var(shape=(1,), init=0)
+        self.counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
+        self.trains_packed = Var(shape=(packed_words(n_samples * T * size if keep_trains else 0, 1),), init=0)
+
+
+class CsdcMaxPool(AbstractProcess):
+    """TDEC max pooling: ``y(t) = max_window C(t) - max_window C(t-1)`` with running counts C
+    (reset per sample); padding contributes count 0. Records counts / trains like CsdcNeuron."""
+
+    def __init__(self, *, in_shape: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int, int, int], T: int, start: int, period: int, n_samples: int,
+                 keep_trains: bool = False, name: str = "maxpool") -> None:
+        c, h, w = (int(s) for s in in_shape)
+        oh = (h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1
+        ow = (w + padding[1] + padding[3] - kernel[1]) // stride[1] + 1
+        out_shape = (c, oh, ow)
+        size = c * oh * ow
+        super().__init__(kernel=tuple(int(k) for k in kernel), stride=tuple(int(s) for s in stride),
+                         padding=tuple(int(p) for p in padding), T=int(T), start=int(start), period=int(period),
+                         n_samples=int(n_samples), keep_trains=bool(keep_trains), name=name)
+        self.s_in = InPort(shape=(c, h, w))
+        self.s_out = OutPort(shape=out_shape)
+        self.counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
+        self.trains_packed = Var(shape=(packed_words(n_samples * T * size if keep_trains else 0, 1),), init=0)
+
+
+class CsdcDelay(AbstractProcess):
+    """Delay line (FIFO) of ``steps`` global steps: ``out(g) = in(g - steps)``; used to balance
+    the branches of an Add (steps = 0 is a plain relay)."""
+
+    def __init__(self, *, shape: tuple[int, ...], steps: int, name: str = "delay") -> None:
+        super().__init__(steps=int(steps), name=name)
+        self.a_in = InPort(shape=tuple(shape))
+        self.a_out = OutPort(shape=tuple(shape))
+
+
+class CsdcSynapse(AbstractProcess):
+    """Exact int64 synapses for what Lava's Dense / Sparse / Conv cannot hold exactly (weights
+    beyond their fixed-point range, accumulators beyond int32 / 24 bits, asymmetric padding):
+    ``a(g) = M @ in(g - 1)`` with a sparse integer matrix M over the flattened tensors."""
+
+    def __init__(self, *, matrix: sp.csr_matrix, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 name: str = "synapse") -> None:
+        m = sp.csr_matrix(matrix, dtype=np.int64)
+        super().__init__(matrix=m, name=name)
+        self.s_in = InPort(shape=tuple(in_shape))
+        self.a_out = OutPort(shape=tuple(out_shape))
+
+
+class CsdcReadout(AbstractProcess):
+    """Network output: accumulates the input current of local steps 1..T per sample."""
+
+    def __init__(self, *, num_classes: int, T: int, start: int, period: int, n_samples: int,
+                 name: str = "readout") -> None:
+        super().__init__(T=int(T), start=int(start), period=int(period), n_samples=int(n_samples), name=name)
+        self.a_in = InPort(shape=(int(num_classes),))
+        self.readout = Var(shape=(int(n_samples), int(num_classes)), init=0)
+
+
+# -- process models (fixed point) --------------------------------------------------------
+@implements(proc=CsdcEncode, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcEncodeModel(PyLoihiProcessModel):
+    """Sends ``levels[k]`` on local steps 1..T of sample k."""
+
+    levels: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        self._sched = _Schedule(proc_params["start"], proc_params["period"], proc_params["n_samples"])
+        self._T = proc_params["T"]
+
+    def run_spk(self) -> None:
+        k, u = self._sched.locate(self.time_step)
+        if k >= 0 and u <= self._T:
+            self.a_out.send(self.levels[k].astype(np.int64))
+        else:
+            self.a_out.send(np.zeros(self.a_out.shape, dtype=np.int64))
+
+
+class _RecordingModel(PyLoihiProcessModel):
+    """Per-sample spike recording shared by the neuron and max-pool models."""
+
+    counts_packed: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    trains_packed: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def _init_recording(self, shape: tuple[int, ...]) -> None:
+        p = self.proc_params
+        self._T, self._keep = p["T"], p["keep_trains"]
+        self._n = p["n_samples"]
+        self._counts = np.zeros((self._n, *shape), dtype=np.int64)
+        self._trains = np.zeros((self._n, self._T, *shape), dtype=np.int8) if self._keep else None
+
+    def _record(self, k: int, t: int, spikes: np.ndarray) -> None:
+        self._counts[k] += spikes
+        if self._keep:
+            self._trains[k, t - 1] = spikes
+
+    def _finish(self) -> None:
+        self.counts_packed = pack_uint(self._counts, count_bits(self._T))
+        if self._keep:
+            self.trains_packed = pack_uint(self._trains, 1)
+
+
+@implements(proc=CsdcNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcNeuronModel(_RecordingModel):
+    """Fixed-point DIF neuron (int64 state)."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v0: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    bias: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    max_abs_v: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        p = proc_params
+        self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
+        self._D = p["delay"]
+        self._recording_ready = False
+
+    def run_spk(self) -> None:
+        if not self._recording_ready:
+            self._init_recording(self.v.shape)
+            self._recording_ready = True
+        current = self.a_in.recv().astype(np.int64)
+        k, u = self._sched.locate(self.time_step)
+        out = np.zeros(self.v.shape, dtype=np.int64)
+        if k >= 0 and u <= self._T + self._D:
+            if u == 1:
+                self.v = self.v0.astype(np.int64).copy()
+                self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+            if u <= self._T:
+                self.v = self.v + current + self.bias
+                self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+            if u > self._D:
+                fire = self.v >= self.threshold
+                self.v = self.v - np.where(fire, self.threshold, 0)
+                out = fire.astype(np.int64)
+                self._record(k, u - self._D, out)
+                if k == self._n - 1 and u == self._T + self._D:
+                    self._finish()
+        self.s_out.send(out)
+
+
+@implements(proc=CsdcMaxPool, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcMaxPoolModel(_RecordingModel):
+    """TDEC max pooling on running spike counts (latency 0)."""
+
+    s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        p = proc_params
+        self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
+        self._kernel, self._stride, self._padding = p["kernel"], p["stride"], p["padding"]
+        self._ready = False
+
+    def _pool(self, running: np.ndarray) -> np.ndarray:
+        t, l, b, r = self._padding
+        xp = np.pad(running, ((0, 0), (t, b), (l, r)))
+        win = np.lib.stride_tricks.sliding_window_view(xp, self._kernel, axis=(1, 2))
+        return win[:, :: self._stride[0], :: self._stride[1]].max(axis=(-2, -1))
+
+    def run_spk(self) -> None:
+        if not self._ready:
+            self._init_recording(self.s_out.shape)
+            self._running = np.zeros(self.s_in.shape, dtype=np.int64)
+            self._prev = np.zeros(self.s_out.shape, dtype=np.int64)
+            self._ready = True
+        spikes = self.s_in.recv().astype(np.int64)
+        k, u = self._sched.locate(self.time_step)
+        out = np.zeros(self.s_out.shape, dtype=np.int64)
+        if k >= 0 and u <= self._T:
+            if u == 1:
+                self._running[...] = 0
+                self._prev[...] = 0
+            self._running += spikes
+            m = self._pool(self._running)
+            out = m - self._prev
+            self._prev = m
+            self._record(k, u, out)
+            if k == self._n - 1 and u == self._T:
+                self._finish()
+        self.s_out.send(out)
+
+
+@implements(proc=CsdcDelay, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcDelayModel(PyLoihiProcessModel):
+    """Ring buffer of ``steps`` entries."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        self._steps = proc_params["steps"]
+        self._buf: np.ndarray | None = None
+        self._pos = 0
+
+    def run_spk(self) -> None:
+        x = self.a_in.recv().astype(np.int64)
+        if self._steps == 0:
+            self.a_out.send(x)
+            return
+        if self._buf is None:
+            self._buf = np.zeros((self._steps, *self.a_in.shape), dtype=np.int64)
+        self.a_out.send(self._buf[self._pos].copy())
+        self._buf[self._pos] = x
+        self._pos = (self._pos + 1) % self._steps
+
+
+@implements(proc=CsdcSynapse, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcSynapseModel(PyLoihiProcessModel):
+    """``a(g) = M @ in(g - 1)`` in int64 (one step of latency, like Lava's Dense)."""
+
+    s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        self._m: sp.csr_matrix = proc_params["matrix"]
+        self._buf: np.ndarray | None = None
+
+    def run_spk(self) -> None:
+        if self._buf is None:
+            self._buf = np.zeros(self.a_out.shape, dtype=np.int64)
+        self.a_out.send(self._buf)
+        x = self.s_in.recv().astype(np.int64).ravel()
+        self._buf = np.asarray(self._m @ x, dtype=np.int64).reshape(self.a_out.shape)
+
+
+@implements(proc=CsdcReadout, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcReadoutModel(PyLoihiProcessModel):
+    """Accumulates the readout current of each sample's window."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    readout: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        p = proc_params
+        self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
+        self._T = p["T"]
+
+    def run_spk(self) -> None:
+        current = self.a_in.recv().astype(np.int64)
+        k, u = self._sched.locate(self.time_step)
+        if k >= 0 and u <= self._T:
+            self.readout[k] = self.readout[k] + current
+
+
+#: Custom process -> model, passed to the run config as ``exception_proc_model_map`` so that
+#: model selection never depends on module discovery.
+PROCESS_MODELS: dict[type, type] = {
+    CsdcEncode: PyCsdcEncodeModel,
+    CsdcNeuron: PyCsdcNeuronModel,
+    CsdcMaxPool: PyCsdcMaxPoolModel,
+    CsdcDelay: PyCsdcDelayModel,
+    CsdcSynapse: PyCsdcSynapseModel,
+    CsdcReadout: PyCsdcReadoutModel,
+}
+
+__all__ = [
+    "CsdcDelay",
+    "CsdcEncode",
+    "CsdcMaxPool",
+    "CsdcNeuron",
+    "CsdcReadout",
+    "CsdcSynapse",
+    "PROCESS_MODELS",
+    "count_bits",
+    "pack_uint",
+    "packed_words",
+    "unpack_uint",
+]
