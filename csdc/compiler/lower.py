@@ -431,6 +431,8 @@ class Lowering:
             op = Reshape(out_shape)
         if isinstance(src, Spikes):
             self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step)
+        elif isinstance(src, Encoded):
+            self.vals[n.outputs[0]] = Encoded(self.add(n.name, op, [src.node]), src.unit)
         elif isinstance(src, Affine):
             node, U = self.materialize(src, n.name, None, None)
             routed = self.add(n.name, op, [node])

@@ -76,3 +76,49 @@ def digits_like_cnn(levels: int = 15, seed: int = 0, pool_before_quant: bool = F
         else:
             x = b.node("MaxPool", [b.quant(y, step, levels)], kernel_shape=[2, 2], strides=[2, 2])
     return b.model(b.gemm(b.node("Flatten", [x], axis=1), 64, 10), (1, 10))
+
+
+def residual_cnn(levels: int = 7, seed: int = 0) -> onnx.ModelProto:
+    """Quant -> Conv-BN-Quant -> [Conv-BN + skip] residual Add -> Quant -> AvgPool -> Quant -> GAP -> Gemm."""
+    b = Builder((1, 1, 8, 8), seed=seed)
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 8), 8), 0.25, levels)
+    r = b.node("Add", [b.bn(b.conv(h, 8, 8), 8), h])
+    h2 = b.quant(r, 0.3, levels)
+    p = b.quant(b.node("AveragePool", [h2], kernel_shape=[2, 2], strides=[2, 2]), 0.2, levels)
+    g = b.node("GlobalAveragePool", [p])
+    return b.model(b.gemm(b.node("Flatten", [g], axis=1), 8, 10), (1, 10))
+
+
+def token_mlp(levels: int = 7, seed: int = 0) -> onnx.ModelProto:
+    """Image -> Reshape to tokens -> MatMul + bias Add -> Mul const -> Quant -> Transpose/Reshape -> ReduceMean -> Gemm(transB=0)."""
+    b = Builder((1, 1, 8, 8), seed=seed)
+    x = b.quant("x", 1 / 16, 16)
+    t = b.node("Reshape", [x, b.const(np.array([-1, 8, 8], np.int64))])  # (n, 8 tokens, 8 features)
+    w = b.qweight((8, 12), axis=1)
+    h = b.node("MatMul", [t, w])
+    h = b.node("Add", [h, b.const(b.rng.normal(0, 0.1, 12).astype(np.float32))])
+    h = b.node("Mul", [h, b.const(np.float32(1.5))])
+    q = b.quant(h, 0.2, levels)  # (n, 8, 12)
+    q = b.node("Transpose", [q], perm=[0, 2, 1])  # (n, 12, 8)
+    q = b.node("Transpose", [q], perm=[0, 2, 1])  # (n, 8, 12)
+    m = b.node("ReduceMean", [q], axes=[1], keepdims=0)  # opset 17: axes attribute
+    w2 = b.qweight((12, 10), axis=1)
+    out = b.node("Gemm", [m, w2, b.const(b.rng.normal(0, 0.1, 10).astype(np.float32))])
+    return b.model(out, (1, 10))
+
+
+def with_ops(ops: list[str], opset: int = 20) -> onnx.ModelProto:
+    """A quantized CNN with extra unconvertible ops appended to the classifier output."""
+    b = Builder((1, 1, 8, 8), seed=0, opset=opset)
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.25, 7)
+    y = b.gemm(b.node("Flatten", [h], axis=1), 256, 10)
+    for op in ops:
+        if op == "LayerNormalization":
+            y = b.node(op, [y, b.const(np.ones(10, np.float32)), b.const(np.zeros(10, np.float32))], axis=-1)
+        elif op == "Softmax":
+            y = b.node(op, [y], axis=-1)
+        else:
+            y = b.node(op, [y])
+    return b.model(y, (1, 10))
