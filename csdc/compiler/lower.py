@@ -97,7 +97,8 @@ class Lowering:
 
     # -- helpers ------------------------------------------------------------------------
     def _find_T(self) -> int:
-        hidden = [n for n in self.g.nodes if n.op_type == "Quant" and n.inputs[0] != self.g.input]
+        # quantizers that become neurons: not the input's (Encode) nor the output's (readout)
+        hidden = [n for n in self.g.nodes if n.op_type == "Quant" and n.inputs[0] != self.g.input and n.outputs[0] != self.g.output]
         if not hidden:
             raise UnsupportedModelError(self.g.path, [("<graph>", "-", "the model has no activation quantizers between layers "
                                         "(a float model); quantize it first (QAT with LSQ, Brevitas, or onnxruntime quantize_static)")])
@@ -250,6 +251,11 @@ class Lowering:
             self.vals[n.outputs[0]] = Encoded(nm, a["scale"] / self.T)
             return
         src = self.vals.get(n.inputs[0])
+        if n.outputs[0] == self.g.output and isinstance(src, Affine):
+            self.report.warnings.append(f"quantizer '{n.name}' on the network output is not applied: the readout reports "
+                                        "unquantized logits")
+            self.vals[n.outputs[0]] = src
+            return
         if a["zero_point"] != 0 or a["lo"] != 0:
             self.fail(n, f"a quantizer feeding neurons must be unsigned with zero point 0 (got zero_point={a['zero_point']}, "
                          f"range [{a['lo']}, {a['hi']}]); use a ReLU-style unsigned activation quantizer")
@@ -263,11 +269,6 @@ class Lowering:
         if isinstance(src, Pooled):
             src = self.pooled_dense(src, np.eye(int(np.prod(src.shape))), np.ones(int(np.prod(src.shape))),
                                     np.zeros(int(np.prod(src.shape))), n)
-        if n.outputs[0] == self.g.output and isinstance(src, Affine):
-            self.report.warnings.append(f"quantizer '{n.name}' on the network output is not applied: the readout reports "
-                                        "unquantized logits")
-            self.vals[n.outputs[0]] = src
-            return
         if not isinstance(src, Affine):
             self.fail(n, "its input is not a current csdc can integrate")
             return
