@@ -48,13 +48,13 @@ def _int_array(value: object, name: str) -> np.ndarray:
             arr = arr.astype(np.int64)
         else:
             raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr.astype(np.int64, copy=False))
+    arr = np.array(arr, dtype=np.int64, order="C", copy=True)  # own copy: never alias or freeze the caller's array
     arr.flags.writeable = False
     return arr
 
 
 def _float_array(value: object, name: str) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(value, dtype=np.float64))
+    arr = np.array(value, dtype=np.float64, order="C", copy=True)  # own copy, as in _int_array
     if not np.all(np.isfinite(arr)):
         raise IRError(f"parameter '{name}' has non-finite values")
     arr.flags.writeable = False
