@@ -40,9 +40,11 @@ class Network:
             raise IRError(f"node names must be non-empty strings, got {name!r}")
         if name in self.graph:
             raise IRError(f"node '{name}' already exists")
-        for src in inputs:
+        for i, src in enumerate(inputs):
             if src not in self.graph:
                 raise IRError(f"node '{name}': input '{src}' does not exist")
+            if src in inputs[:i]:
+                raise IRError(f"node '{name}': input '{src}' is used twice")
         shapes = [self.graph.nodes[s]["info"].shape for s in inputs]
         kinds = [self.graph.nodes[s]["info"].kind for s in inputs]
         try:
@@ -51,8 +53,6 @@ class Network:
             raise IRError(f"node '{name}' ({type(op).__name__}): {exc}") from None
         self.graph.add_node(name, op=op, info=TensorInfo(shape, op.output_kind(kinds)))
         for port, src in enumerate(inputs):
-            if self.graph.has_edge(src, name):
-                raise IRError(f"node '{name}': input '{src}' is used twice")
             self.graph.add_edge(src, name, port=port)
         self._order.append(name)
         return name
