@@ -66,7 +66,8 @@ def load_npz(
     ``x`` must be a floating array ``(N, ...)`` laid out exactly as the ONNX model's
     input; it is returned as float32. ``y``, if present, must hold N integer labels
     and is returned as int64. ``input_shape`` is the model's input shape *without*
-    the batch dimension (e.g. ``(1, 8, 8)``); ``None`` skips the shape check.
+    the batch dimension (e.g. ``(1, 8, 8)``); ``None`` skips the shape check, and an
+    entry that is not a positive int (``None``, a symbolic name) matches any size.
     The file is read with ``allow_pickle=False``. Any problem raises
     :class:`csdc.errors.DataError` naming the file.
     """
@@ -112,9 +113,13 @@ def load_npz(
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{name}: 'x' is empty (shape {x.shape}); it needs at least one sample")
     if input_shape is not None:
-        expected = tuple(int(d) for d in input_shape)
+        expected = tuple(input_shape)
         got = tuple(int(d) for d in x.shape[1:])
-        if got != expected:
+        fits = len(got) == len(expected) and all(
+            not isinstance(e, (int, np.integer)) or int(e) <= 0 or int(e) == g
+            for e, g in zip(expected, got)
+        )
+        if not fits:
             raise DataError(
                 f"{name}: 'x' has shape {tuple(x.shape)}, i.e. samples of shape {got}, "
                 f"but the model input expects (N, {', '.join(map(str, expected))}) "

@@ -39,7 +39,6 @@ from csdc.training.cnn import (
     quantize_static_model,
     train,
 )
-from csdc.training.export import write_onnx_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

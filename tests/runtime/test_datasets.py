@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from csdc.errors import CsdcError, DataError
 from csdc.runtime.datasets import iter_batches, load_digits_split, load_npz
-
 
 # ----------------------------------------------------------------------------- digits
 
@@ -39,8 +39,11 @@ def test_digits_split_deterministic_disjoint_and_stratified() -> None:
     x_tr, y_tr = load_digits_split("train")
     x_all, y_all = load_digits_split("all")
     # together the two splits are exactly the whole set (as multisets of (image, label))
-    rows = lambda x, y: sorted(map(bytes, np.concatenate(  # noqa: E731
-        [x.reshape(len(x), -1).view(np.uint8), y[:, None].view(np.uint8)], axis=1)))
+
+    def rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+        flat = np.concatenate([x.reshape(len(x), -1).view(np.uint8), y[:, None].view(np.uint8)], axis=1)
+        return sorted(map(bytes, flat))
+
     assert rows(np.concatenate([x_tr, xa]), np.concatenate([y_tr, ya])) == rows(x_all, y_all)
     # stratified: each class keeps its share of the test split to within one image
     for c in range(10):
@@ -108,7 +111,7 @@ def test_not_an_npz(tmp_path) -> None:
 
 def test_truncated_npz(tmp_path) -> None:
     good = _save(str(tmp_path / "good.npz"), x=np.zeros((50, 1, 8, 8), np.float32))
-    data = open(good, "rb").read()
+    data = Path(good).read_bytes()
     p = tmp_path / "cut.npz"
     p.write_bytes(data[: len(data) // 2])
     _expect(str(p), None, "npz")
@@ -116,7 +119,7 @@ def test_truncated_npz(tmp_path) -> None:
 
 def test_corrupt_member(tmp_path) -> None:
     good = _save(str(tmp_path / "good.npz"), x=np.arange(800, dtype=np.float32).reshape(10, 1, 8, 10))
-    data = bytearray(open(good, "rb").read())
+    data = bytearray(Path(good).read_bytes())
     # damage the stored array bytes inside the zip (its CRC then fails on read)
     i = data.find(b"\x00\x00\x80\x3f")  # float32 1.0
     assert i > 0
@@ -145,6 +148,13 @@ def test_x_not_floating(tmp_path) -> None:
 def test_x_shape_mismatch_names_expected_and_got(tmp_path) -> None:
     p = _save(str(tmp_path / "nhwc.npz"), x=np.zeros((3, 8, 8, 1), np.float32))
     _expect(p, (1, 8, 8), "(N, 1, 8, 8)", "(3, 8, 8, 1)", "expected per-sample (1, 8, 8)", "got (8, 8, 1)")
+
+
+def test_symbolic_dims_match_anything(tmp_path) -> None:
+    p = _save(str(tmp_path / "dyn.npz"), x=np.zeros((3, 1, 8, 6), np.float32))
+    x, _ = load_npz(p, (1, "H", None))
+    assert x.shape == (3, 1, 8, 6)
+    _expect(p, (2, "H", None), "expected", "got (1, 8, 6)")
 
 
 def test_x_flat_vs_image(tmp_path) -> None:

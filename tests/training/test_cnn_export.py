@@ -4,6 +4,7 @@ onnxruntime quantize_static, and the shipped example models."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -186,7 +187,7 @@ def test_onnxruntime_agrees_with_torch_eval(tiny_qat, digits) -> None:
     from csdc.training.cnn import export_qcdq_onnx, predict_logits
 
     model, hist = tiny_qat
-    _, _, x_te, y_te = digits
+    _, _, x_te, _ = digits
     m = export_qcdq_onnx(model)
     pt = predict_logits(model, x_te)
     ox = _ort_logits(m, x_te)
@@ -276,7 +277,12 @@ def test_negative_weight_step_exports_positive_scale(digits) -> None:
 
 def test_float_export_and_guards(digits) -> None:
     pytest.importorskip("torch")
-    from csdc.training.cnn import build_cnn, export_float_onnx, export_qcdq_onnx, predict_logits
+    from csdc.training.cnn import (
+        build_cnn,
+        export_float_onnx,
+        export_qcdq_onnx,
+        predict_logits,
+    )
 
     _, _, x_te, _ = digits
     flt = build_cnn(0, quantize=False).eval()
@@ -338,8 +344,8 @@ def test_shipped_qcdq_pattern() -> None:
 def test_shipped_readme_matches_files() -> None:
     import hashlib
 
-    text = open(os.path.join(EXAMPLE, "README.md"), encoding="utf-8").read()
+    text = Path(EXAMPLE, "README.md").read_text(encoding="utf-8")
     assert "python examples/digits_cnn/train.py" in text
     for name in ("model.onnx", "model_float.onnx", "model_qdq_static.onnx"):
-        digest = hashlib.sha256(open(os.path.join(EXAMPLE, name), "rb").read()).hexdigest()
+        digest = hashlib.sha256(Path(EXAMPLE, name).read_bytes()).hexdigest()
         assert f"{digest}  {name}" in text

@@ -7,6 +7,7 @@ import ast
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +17,18 @@ PKG = os.path.dirname(os.path.abspath(csdc.__file__))
 
 
 def _imports_torch(path: str) -> bool:
-    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             if any(a.name == "torch" or a.name.startswith("torch.") for a in node.names):
                 return True
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "torch" or node.module.startswith("torch."):
-                return True
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and (node.module == "torch" or node.module.startswith("torch."))
+        ):
+            return True
     return False
 
 
