@@ -18,7 +18,7 @@ from csdc.errors import BudgetError
 from csdc.ir import semantics
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, Reshape,
-                         SpikeMaxPool, SumPool, Transpose)
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             P, N = cls(wp, **kw), cls(wn, **kw)
             f = lambda o, v: semantics._linear(o, v[None])[0]  # noqa: E731
             b[name] = (f(P, lo) + f(N, hi), f(P, hi) + f(N, lo))
+        elif isinstance(op, SpikeMatMul):
+            # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
+            k = net.info(net.inputs(name)[0]).shape[-1]
+            reach = np.full(shape, 2 * k * net.T * abs(op.weight), np.int64)
+            b[name] = (-reach, reach) if op.weight < 0 else (np.zeros(shape, np.int64), reach)
         elif isinstance(op, Add):
             b[name] = (np.sum([i[0] for i in ins], axis=0), np.sum([i[1] for i in ins], axis=0))
         elif isinstance(op, (SumPool, Reshape, Transpose)):

@@ -14,6 +14,7 @@ from csdc.ir.ops import (
     Op,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
@@ -21,6 +22,6 @@ from csdc.ir.ops import (
 
 __all__ = [
     "CURRENT", "OP_REGISTRY", "SPIKES", "Add", "ConvSynapse", "DenseSynapse", "DiagonalSynapse",
-    "Encode", "Network", "Neuron", "Op", "Readout", "Reshape", "SpikeMaxPool", "SumPool",
+    "Encode", "Network", "Neuron", "Op", "Readout", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
     "TensorInfo", "Transpose",
 ]

@@ -340,6 +340,33 @@ class SumPool(_Window):
 
 @register_op
 @dataclass(frozen=True, slots=True, eq=False)
+class SpikeMatMul(Op):
+    """Product of two spike tensors by temporal decomposition (SPEC 2.4).
+
+    Inputs ``A`` (..., M, K) and ``B`` (..., K, N) with equal leading axes; output current
+    (..., M, N): ``I(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running spike counts
+    ``C(t) = sum_{u<=t} s(u)``. Every elementary operation adds an accumulated count gated by
+    a binary spike; summed over the window ``sum_t I(t) = weight * C_A(T) C_B(T)`` exactly.
+    ``weight`` is the integer synaptic weight of every such event (the unit rescaling that the
+    compiler would otherwise put into synapses)."""
+
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", int(self.weight))
+        if self.weight == 0:
+            raise IRError("SpikeMatMul weight must be non-zero")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((SPIKES,), (SPIKES,)))
+        a, b = tuple(in_shapes[0]), tuple(in_shapes[1])
+        if len(a) < 2 or len(a) != len(b) or a[:-2] != b[:-2] or a[-1] != b[-2]:
+            raise IRError(f"SpikeMatMul needs (..., M, K) x (..., K, N) with equal leading axes, got {a} x {b}")
+        return (*a[:-1], b[-1])
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
 class Reshape(Op):
     """Routing: the same elements in a new shape (C order). Carries either kind."""
 

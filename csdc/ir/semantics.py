@@ -31,6 +31,7 @@ from csdc.ir.ops import (
     Op,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
@@ -105,6 +106,16 @@ def sum_pool(op: SumPool, x: np.ndarray) -> np.ndarray:
     return _windows(x.astype(np.int64), op.kernel, op.stride, op.padding).sum(axis=(-2, -1))
 
 
+def spike_matmul_steps(op: SpikeMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """TDEC VMM over time: a (batch, T, ..., M, K), b (batch, T, ..., K, N) spike trains."""
+    a = a.astype(np.int64)
+    b = b.astype(np.int64)
+    ca = np.cumsum(a, axis=1)
+    cb = np.cumsum(b, axis=1)
+    ca_prev = np.concatenate([np.zeros_like(ca[:, :1]), ca[:, :-1]], axis=1)
+    return op.weight * (np.matmul(a, cb) + np.matmul(ca_prev, b))
+
+
 def readout_logits(op: Readout, total: np.ndarray) -> np.ndarray:
     """Float logits from accumulated readout currents (float64, then float32)."""
     return (total.astype(np.float64) * op.scale + op.offset).astype(np.float32)
@@ -165,6 +176,8 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
             out = max_pool(op, ins[0])
         elif isinstance(op, Add):
             out = np.sum(ins, axis=0)
+        elif isinstance(op, SpikeMatMul):
+            out = op.weight * np.matmul(ins[0].astype(np.int64), ins[1].astype(np.int64))
         elif isinstance(op, Readout):
             out = readout = ins[0]
         else:
@@ -195,6 +208,8 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True) -> Result:
             out = np.diff(m, axis=1, prepend=0)
         elif isinstance(op, Add):
             out = np.sum(ins, axis=0)
+        elif isinstance(op, SpikeMatMul):
+            out = spike_matmul_steps(op, ins[0], ins[1])
         elif isinstance(op, Readout):
             readout = ins[0].sum(axis=1)
             out = ins[0]
