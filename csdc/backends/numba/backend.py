@@ -29,6 +29,7 @@ each chunk's samples run in parallel inside the kernels.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -150,7 +151,7 @@ class DenseStep:
         x = ins[0]
         n_in, n_out = self.w_t.shape
         lead = x.shape[1:-1]  # (Tc, *leading axes)
-        flat = x.reshape(x.shape[0], -1, n_in)
+        flat = x.reshape(x.shape[0], int(np.prod(lead)), n_in)
         out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=_current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
@@ -415,6 +416,9 @@ class NumbaBackend:
 
     def __init__(self, memory_budget: int = 512 * 2**20):
         self.memory_budget = int(memory_budget)
+        # Plans per network, reused while the network's ops are the same objects (ops are
+        # frozen, so a changed node means a new op): repeated batches skip weight preparation.
+        self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, list[PlannedNode]]] = weakref.WeakKeyDictionary()
 
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         """Run the batch ``x`` (batch, *input_shape); see :class:`csdc.backends.base.Backend`.
@@ -426,7 +430,7 @@ class NumbaBackend:
         x = np.asarray(x)
         if x.ndim < 1 or tuple(x.shape[1:]) != net.input_shape:
             raise DataError(f"input batch has shape {x.shape}, the network expects (batch, {', '.join(map(str, net.input_shape))})")
-        nodes = plan(net)
+        nodes = self._plan(net)
         stats = {n.name: NodeStats() for n in nodes}
         for n in nodes:
             if isinstance(n.op, (Neuron, SpikeMaxPool)):
@@ -446,6 +450,14 @@ class NumbaBackend:
             trains=trains,
             stats=stats,
         )
+
+    def _plan(self, net: Network) -> list[PlannedNode]:
+        key = (net.T, tuple(net.nodes()))  # ops compare by identity
+        cached = self._plans.get(net)
+        if cached is None or cached[0] != key:
+            cached = (key, plan(net))
+            self._plans[net] = cached
+        return cached[1]
 
     def _chunk_size(self, nodes: list[PlannedNode], batch: int) -> int:
         per_sample = max(1, sum(n.bytes_per_sample for n in nodes))

@@ -280,23 +280,28 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
         for n in range(N):
             peak = max(peak, abs(v[n]))
         for u in range(1, T + 1):
-            ti = u - 1 if Tc > 1 else 0
-            fire = u > delay
-            t_out = u - delay - 1
-            for n in range(N):
-                vn = v[n] + cur[b, ti, n] + bias[n]
-                peak = max(peak, abs(vn))
-                if fire and vn >= threshold[n]:
-                    out[b, t_out, n] = 1
-                    vn -= threshold[n]
-                v[n] = vn
+            x = cur[b, u - 1 if Tc > 1 else 0]
+            if u > delay:
+                # Branch-free update (vectorizes): fire where v >= threshold, reset by subtraction.
+                row = out[b, u - delay - 1]
+                for n in range(N):
+                    vn = v[n] + x[n] + bias[n]
+                    peak = max(peak, abs(vn))
+                    f = vn >= threshold[n]
+                    row[n] = f
+                    v[n] = vn - f * threshold[n]
+            else:
+                for n in range(N):
+                    vn = v[n] + x[n] + bias[n]
+                    peak = max(peak, abs(vn))
+                    v[n] = vn
         # Input exhausted: the remaining output steps only fire and reset.
         for u in range(max(T, delay) + 1, T + delay + 1):
-            t_out = u - delay - 1
+            row = out[b, u - delay - 1]
             for n in range(N):
-                if v[n] >= threshold[n]:
-                    out[b, t_out, n] = 1
-                    v[n] -= threshold[n]
+                f = v[n] >= threshold[n]
+                row[n] = f
+                v[n] -= f * threshold[n]
         max_abs_v[b] = peak
 
 

@@ -1,0 +1,345 @@
+"""The numba backend against the reference semantics: bit-exact spike trains, counts and
+readout for any delay (``run_steps``), the count-domain reference for delay >= T
+(``run_counts``), hand-computed cases per op, activity statistics, batching and the
+on-disk JIT cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shared strategies
+from strategies import inputs_for, networks  # noqa: E402
+
+from csdc.backends.base import get_backend  # noqa: E402
+from csdc.backends.numba import NumbaBackend, kernels_cached  # noqa: E402
+from csdc.backends.numba.kernels import KERNELS  # noqa: E402
+from csdc.errors import DataError  # noqa: E402
+from csdc.ir import (  # noqa: E402
+    Add,
+    ConvSynapse,
+    DenseSynapse,
+    DiagonalSynapse,
+    Encode,
+    Network,
+    Neuron,
+    Readout,
+    Reshape,
+    SpikeMaxPool,
+    SumPool,
+    Transpose,
+)
+from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps  # noqa: E402
+
+BACKEND = NumbaBackend()
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_same_as_steps(net: Network, x: np.ndarray) -> None:
+    ref = run_steps(net, x)
+    got = BACKEND.run(net, x, keep_trains=True)
+    assert np.array_equal(got.readout, ref.readout)
+    assert got.readout.dtype == np.int64
+    assert np.array_equal(got.logits, ref.logits)
+    assert got.counts.keys() == ref.counts.keys() == got.trains.keys()
+    for name in ref.counts:
+        assert got.counts[name].shape == ref.counts[name].shape
+        assert np.array_equal(got.counts[name], ref.counts[name]), name
+        assert np.array_equal(got.trains[name], ref.trains[name]), name
+
+
+def neuron(shape: tuple[int, ...], threshold: int, delay: int, v0: int = 0, bias: int = 0) -> Neuron:
+    return Neuron(np.full(shape, threshold), np.full(shape, v0), np.full(shape, bias), delay)
+
+
+def readout_net(net: Network, src: str, classes: int = 2) -> None:
+    """Finish ``net``: flatten ``src`` (spikes), a dense layer and the readout."""
+    n = int(np.prod(net.info(src).shape))
+    if len(net.info(src).shape) > 1:
+        src = net.add(f"{src}_flat", Reshape((n,)), [src])
+    w = np.arange(classes * n).reshape(classes, n) % 5 - 2
+    net.add("fc_out", DenseSynapse(w), [src])
+    net.add("out", Readout(np.linspace(0.5, 1.5, classes), np.zeros(classes)), ["fc_out"])
+
+
+def spiking_input(shape: tuple[int, ...], T: int, delay: int = 0) -> tuple[Network, str]:
+    """Encode -> IF neurons with threshold 2: inputs in [0, 3] give irregular spike trains."""
+    net = Network(T)
+    net.add("in", Encode(shape, 1.0, 0, 3))
+    net.add("s", neuron(shape, 2, delay, v0=1), ["in"])
+    return net, "s"
+
+
+def random_x(shape: tuple[int, ...], batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.5, 3.5, (batch, *shape)).astype(np.float32)
+
+
+# -- property tests -----------------------------------------------------------------------
+@PROPERTY
+@given(networks(), st.integers(1, 3), st.integers(0, 2**16))
+def test_equals_run_steps_for_any_delay(net: Network, batch: int, seed: int) -> None:
+    assert_same_as_steps(net, inputs_for(net, batch, seed))
+
+
+@PROPERTY
+@given(networks(exact=True), st.integers(1, 3), st.integers(0, 2**16))
+def test_equals_run_counts_for_delay_at_least_T(net: Network, batch: int, seed: int) -> None:
+    x = inputs_for(net, batch, seed)
+    ref = run_counts(net, x)
+    got = BACKEND.run(net, x)
+    assert np.array_equal(got.readout, ref.readout)
+    assert np.array_equal(got.logits, ref.logits)
+    assert got.counts.keys() == ref.counts.keys()
+    for name in ref.counts:
+        assert np.array_equal(got.counts[name], ref.counts[name]), name
+    assert got.trains == {}
+
+
+# -- neurons -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("delay", "train", "peak"), [
+    (0, [0, 1, 1, 1, 0], 6),  # v: 3, 6->2, 5->1, 4->0, 3
+    (2, [1, 1, 1, 0, 0], 9),  # v: 3, 6, 9->5, 8->4, 7->3, then 3 stays below 4
+])
+def test_dif_neuron_hand_computed(delay: int, train: list[int], peak: int) -> None:
+    net = Network(5)
+    net.add("in", Encode((1,), 1.0, 0, 10))
+    net.add("n", neuron((1,), 4, delay), ["in"])
+    readout_net(net, "n", classes=1)
+    res = BACKEND.run(net, np.array([[3.0]], dtype=np.float32), keep_trains=True)
+    assert res.trains["n"][0, :, 0].tolist() == train
+    assert res.stats["n"].max_abs_v == peak
+    assert res.stats["n"].spikes == 3 and res.stats["n"].neurons == 1
+
+
+def test_negative_bias_and_late_negative_input() -> None:
+    # current 5 per step, bias -2, threshold 3, v0 = 1: v = 4->1, 4->1, ... one spike per step;
+    # a second neuron gets bias -6: v = 0, -1, -2, ... never fires.
+    net = Network(4)
+    net.add("in", Encode((2,), 1.0, 0, 10))
+    net.add("n", Neuron(np.array([3, 3]), np.array([1, 1]), np.array([-2, -6]), 0), ["in"])
+    readout_net(net, "n")
+    x = np.array([[5.0, 5.0]], dtype=np.float32)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert res.trains["n"][0].tolist() == [[1, 0], [1, 0], [1, 0], [1, 0]]
+    assert res.stats["n"].max_abs_v == 4
+    assert_same_as_steps(net, x)
+
+
+@pytest.mark.parametrize("delay", [0, 1, 3, 5, 6, 1000])
+def test_delay_sweep_against_references(delay: int) -> None:
+    T = 5
+    net, s = spiking_input((3, 4, 4), T, delay=1)
+    net.add("d", DiagonalSynapse(np.arange(48).reshape(3, 4, 4) % 7 - 3), [s])
+    net.add("n", neuron((3, 4, 4), 2, delay, v0=1, bias=-1), ["d"])
+    readout_net(net, "n")
+    x = random_x((3, 4, 4), 4)
+    assert_same_as_steps(net, x)
+    if delay >= T:
+        exact = net.with_delay(delay)
+        assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
+
+
+# -- synapses and pools -------------------------------------------------------------------------
+CONV_CASES = {
+    "plain": dict(out=3, cin=2, k=(3, 3)),
+    "stride2": dict(out=3, cin=2, k=(3, 3), stride=(2, 2)),
+    "asym_pad": dict(out=2, cin=2, k=(3, 2), stride=(2, 1), padding=(0, 2, 1, 0)),
+    "dilation": dict(out=2, cin=2, k=(2, 3), dilation=(2, 1), padding=(1, 1, 1, 1)),
+    "groups": dict(out=4, cin=4, k=(3, 3), groups=2, padding=(1, 1, 1, 1)),
+    "depthwise": dict(out=4, cin=4, k=(2, 2), groups=4, stride=(2, 2), padding=(1, 0, 0, 1)),
+}
+
+
+def conv_op(case: dict, seed: int = 1) -> ConvSynapse:
+    g = case.get("groups", 1)
+    w = np.random.default_rng(seed).integers(-3, 4, (case["out"], case["cin"] // g, *case["k"]))
+    return ConvSynapse(w, case.get("stride", 1), case.get("padding", 0), case.get("dilation", 1), g)
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES), ids=list(CONV_CASES))
+def test_conv_on_spikes_and_acs(case: str) -> None:
+    c = CONV_CASES[case]
+    net, s = spiking_input((c["cin"], 7, 6), 4)
+    op = conv_op(c)
+    net.add("conv", op, [s])
+    net.add("n", neuron(net.info("conv").shape, 3, 2, v0=1), ["conv"])
+    readout_net(net, "n")
+    x = random_x((c["cin"], 7, 6), 3)
+    assert_same_as_steps(net, x)
+    # ACs, computed independently: a convolution with all-one weights counts, per output,
+    # the (spike, tap) pairs reaching it; summed over outputs = sum over spikes of fan-out.
+    res = BACKEND.run(net, x, keep_trains=True)
+    spikes = res.trains[s].reshape(-1, c["cin"], 7, 6)
+    ones = ConvSynapse(np.ones_like(op.weight), op.stride, op.padding, op.dilation, op.groups)
+    assert res.stats["conv"].acs == int(conv(ones, spikes).sum()) > 0
+    assert res.stats["conv"].macs == 0
+
+
+@pytest.mark.parametrize("case", ["stride2", "asym_pad", "groups"])
+def test_conv_on_encoded_input_counts_macs_once(case: str) -> None:
+    c = CONV_CASES[case]
+    T = 3
+    net = Network(T)
+    net.add("in", Encode((c["cin"], 5, 6), 0.5, -2, 5))
+    op = conv_op(c)
+    net.add("conv", op, ["in"])
+    net.add("n", neuron(net.info("conv").shape, 4, 0), ["conv"])
+    readout_net(net, "n")
+    x = random_x((c["cin"], 5, 6), 2, seed=3)
+    x[:, 0] = 0.0
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x)
+    levels = encode(net.op("in"), x)
+    ones = ConvSynapse(np.ones_like(op.weight), op.stride, op.padding, op.dilation, op.groups)
+    assert res.stats["conv"].macs == int(conv(ones, (levels != 0).astype(np.int64)).sum())  # once, not T times
+    assert res.stats["conv"].acs == 0
+
+
+def test_dense_acs_and_macs() -> None:
+    T = 4
+    net = Network(T)
+    net.add("in", Encode((2, 6), 1.0, 0, 3))
+    net.add("fc1", DenseSynapse(np.arange(30).reshape(5, 6) % 4 - 1), ["in"])  # over the last axis
+    net.add("n1", neuron((2, 5), 2, 1), ["fc1"])
+    net.add("fc2", DenseSynapse(np.arange(15).reshape(3, 5) % 5 - 2), ["n1"])
+    net.add("n2", neuron((2, 3), 1, 0), ["fc2"])
+    readout_net(net, "n2")
+    x = random_x((2, 6), 3, seed=5)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    levels = np.clip(np.rint(x), 0, 3)
+    assert res.stats["fc1"].macs == int(np.count_nonzero(levels)) * 5
+    assert res.stats["fc2"].acs == int(res.trains["n1"].sum()) * 3 > 0
+    assert res.stats["fc_out"].acs == int(res.trains["n2"].sum()) * 2
+    assert res.stats["n1"].spikes == int(res.counts["n1"].sum()) and res.stats["n1"].neurons == 10
+
+
+def test_spike_max_pool_with_padding_is_max_of_counts() -> None:
+    T = 6
+    net, s = spiking_input((2, 5, 5), T)
+    op = SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1))
+    net.add("mp", op, [s])
+    readout_net(net, "mp")
+    x = random_x((2, 5, 5), 3, seed=7)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert np.array_equal(res.counts["mp"], max_pool(op, res.counts[s]))
+    assert res.trains["mp"].max() <= 1
+    assert res.stats["mp"].acs == 0 and res.stats["mp"].neurons == int(np.prod(net.info("mp").shape))
+
+
+def test_sum_pool_current_feeds_dense_and_routing() -> None:
+    T = 3
+    net, s = spiking_input((2, 4, 5), T)
+    net.add("sp", SumPool((2, 2), (2, 2), (1, 1, 0, 0)), [s])  # current (2, 2, 3)
+    net.add("tr", Transpose((1, 2, 0)), ["sp"])  # current (2, 3, 2)
+    net.add("fc", DenseSynapse(np.array([[1, -1], [2, 1]])), ["tr"])  # a non-encoded current: MACs
+    net.add("n", neuron((2, 3, 2), 2, 1), ["fc"])
+    readout_net(net, "n")
+    x = random_x((2, 4, 5), 3, seed=11)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x)
+    assert res.stats["sp"].acs == 0 and res.stats["fc"].macs > 0
+
+
+def test_residual_add_of_constant_and_spike_currents() -> None:
+    T = 4
+    net, s = spiking_input((6,), T)
+    net.add("diag", DiagonalSynapse(np.array([1, -2, 3, 1, 1, -1])), [s])
+    net.add("res", Add(), ["diag", "in"])  # time-varying + constant current
+    net.add("n", neuron((6,), 3, 2), ["res"])
+    readout_net(net, "n")
+    x = random_x((6,), 4, seed=13)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert res.stats["diag"].acs == int(res.trains[s].sum())
+
+
+def test_large_weights_use_int64_currents() -> None:
+    T = 3
+    net, s = spiking_input((4,), T)
+    big = 2**40
+    net.add("fc", DenseSynapse(np.array([[big, big, -big, 1], [3, 2, 1, 0]])), [s])
+    net.add("n", Neuron(np.array([big, 2]), np.array([0, 0]), np.array([0, 0]), 1), ["fc"])
+    readout_net(net, "n")
+    assert_same_as_steps(net, random_x((4,), 3))
+
+
+# -- batching, API, cache -----------------------------------------------------------------------
+def test_batch_equals_per_sample_and_chunking() -> None:
+    net, s = spiking_input((2, 6, 6), 4, delay=2)
+    net.add("conv", conv_op(CONV_CASES["groups"] | {"cin": 2, "out": 4}), [s])
+    net.add("n", neuron((4, 6, 6), 3, 1), ["conv"])
+    readout_net(net, "n", classes=3)
+    x = random_x((2, 6, 6), 9, seed=17)
+    whole = BACKEND.run(net, x, keep_trains=True)
+    chunked = NumbaBackend(memory_budget=1).run(net, x, keep_trains=True)  # one sample per chunk
+    singles = [BACKEND.run(net, x[i:i + 1], keep_trains=True) for i in range(len(x))]
+    for res in (chunked, *singles):
+        assert res.stats["n"].max_abs_v <= whole.stats["n"].max_abs_v
+    assert chunked.stats == whole.stats
+    assert sum(r.stats["conv"].acs for r in singles) == whole.stats["conv"].acs
+    assert np.array_equal(np.concatenate([r.readout for r in singles]), whole.readout)
+    assert np.array_equal(chunked.readout, whole.readout)
+    for name in whole.trains:
+        assert np.array_equal(np.concatenate([r.trains[name] for r in singles]), whole.trains[name])
+        assert np.array_equal(chunked.trains[name], whole.trains[name])
+
+
+def test_registry_and_input_checks() -> None:
+    assert isinstance(get_backend("numba"), NumbaBackend)
+    net, s = spiking_input((3,), 2)
+    readout_net(net, s)
+    with pytest.raises(DataError, match="expects"):
+        BACKEND.run(net, np.zeros((2, 4), dtype=np.float32))
+    empty = BACKEND.run(net, np.zeros((0, 3), dtype=np.float32))
+    assert empty.readout.shape == (0, 2) and empty.counts[s].shape == (0, 3)
+
+
+def all_kernels_net() -> tuple[Network, np.ndarray]:
+    """A small network that needs every kernel (each in one dtype specialization)."""
+    net = Network(3)
+    net.add("in", Encode((2, 5, 5), 1.0, 0, 4))
+    net.add("c0", ConvSynapse(np.ones((2, 2, 3, 3), int), 1, 1), ["in"])
+    net.add("n0", neuron((2, 5, 5), 5, 1), ["c0"])
+    net.add("mp", SpikeMaxPool((2, 2), (1, 1), (0, 0, 1, 1)), ["n0"])
+    net.add("sp", SumPool((2, 2), (1, 1)), ["mp"])
+    net.add("c1", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["sp"])
+    net.add("n1", neuron((2, 3, 3), 3, 0), ["c1"])
+    net.add("c2", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["n1"])
+    net.add("f", Reshape((8,)), ["c2"])
+    net.add("n2", neuron((8,), 2, 0), ["f"])
+    net.add("d", DenseSynapse(np.ones((3, 8), int)), ["n2"])
+    net.add("d1", DenseSynapse(np.ones((3, 3), int)), ["d"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["d1"])
+    return net, random_x((2, 5, 5), 2)
+
+
+def test_second_process_reuses_the_kernel_cache() -> None:
+    """A run (here, in this process) fills numba's cache; a new process with the same
+    ``NUMBA_CACHE_DIR`` sees it and compiles nothing."""
+    BACKEND.run(*all_kernels_net())
+    assert kernels_cached()
+    child = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_numba import BACKEND, all_kernels_net
+from csdc.backends.numba import kernels_cached
+from csdc.backends.numba.kernels import KERNELS
+before = kernels_cached()
+BACKEND.run(*all_kernels_net())
+misses = sum(sum(k.stats.cache_misses.values()) for k in KERNELS)
+hits = sum(sum(k.stats.cache_hits.values()) for k in KERNELS)
+print(before, misses, hits)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ), check=True)
+    before, misses, hits = out.stdout.split()
+    assert before == "True" and misses == "0" and int(hits) == len(KERNELS)
