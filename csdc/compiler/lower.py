@@ -11,8 +11,10 @@ Each ONNX tensor is tracked as one of:
 
 Materializing an :class:`Affine` into integer currents picks one unit ``U`` per element
 (SPEC 2.3): with a single group ``U = |unit| / 2^k`` and weights ``w_int * sign * 2^k`` (exact);
-with several groups (residual sums) ``U = min_g |unit_g| / 2^k`` and weights
-``round(w_int * unit_g / U)`` (error reported). A quantizer consuming it becomes a
+with several groups (residual sums) the unit is set by the resolution that matters, the step
+``s`` of the quantizer that reads the sum: ``U = s / 2^(frac_bits + 4)`` (so that threshold is an
+exact power of two) and weights ``round(w_int * unit_g / U)``, each rounding worth at most
+``2^-(frac_bits + 5)`` of a quantization level (reported). A quantizer consuming it becomes a
 :class:`Neuron` with ``threshold = round(step / U)`` (``k`` chosen so that every threshold has at
 least ``frac_bits`` significant bits), bias total ``B = round(bias / U)`` delivered as
 ``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``. Ties round
@@ -29,7 +31,8 @@ import numpy as np
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
-from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Add, Encode, Neuron, Readout, Reshape, SpikeMaxPool, Transpose
+from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, Reshape,
+                         SpikeMatMul, SpikeMaxPool, Transpose)
 
 
 @dataclass
@@ -46,14 +49,15 @@ class Encoded:
 
 @dataclass
 class Term:
-    """A current: a pending synapse from ``src`` (kind dense/conv/diag), or a ``fixed`` IR current."""
+    """A current: a pending synapse from ``src`` (kind dense/conv/diag), a pending spike product
+    ``src x src2`` (kind matmul), or a ``fixed`` IR current."""
 
     kind: str
     src: str
     unit: np.ndarray  # real value of one integer unit, per output element (signed)
     w_int: np.ndarray | None = None
     conv: dict = field(default_factory=dict)
-    source_name: str = ""
+    src2: str = ""
 
 
 @dataclass
@@ -149,6 +153,11 @@ class Lowering:
         """Per-output-channel multiplier of a synapse term; it must not vary within a channel."""
         if term.kind == "diag":
             return mult
+        if term.kind == "matmul":
+            if not np.allclose(mult, mult.flat[0], rtol=1e-9, atol=0):
+                raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "a per-element scale after an "
+                                            "activation product cannot be absorbed; scale by a scalar only")])
+            return np.asarray(mult.flat[0])
         per = mult.reshape(mult.shape[0], -1) if term.kind == "conv" else mult.reshape(-1, mult.shape[-1]).T
         ref = per[:, :1]
         if not np.allclose(per, ref, rtol=1e-9, atol=0):
@@ -156,8 +165,27 @@ class Lowering:
                                         "absorbed into shared synaptic weights; quantize before this layer")])
         return ref[:, 0]
 
+    SUM_GUARD_BITS = 4  # extra bits of a residual sum's unit below its reader's step
+
+    def downstream_step(self, tensor: str) -> float | None:
+        """Smallest step of the quantizers that read ``tensor`` through residual Adds and routing."""
+        steps, todo, seen = [], [tensor], set()
+        while todo:
+            t = todo.pop()
+            for c in self.cons.get(t, []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.op_type == "Quant" and c.outputs[0] != self.g.output:
+                    steps.append(float(c.attrs["scale"]))
+                elif c.op_type in ("Add", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+                    todo.append(c.outputs[0])
+        return min(steps) if steps else None
+
     def materialize(self, value: Affine, base: str, k: int | None, step: float | None) -> tuple[str, np.ndarray]:
-        """Create the IR currents of ``value``; returns (node, U) with ``real = U * I + bias``."""
+        """Create the IR currents of ``value``; returns (node, U) with ``real = U * I + bias``.
+
+        ``step``: the quantization step of the reader (sets the unit of multi-group sums)."""
         fixed = [t for t in value.terms if t.kind == "fixed"]
         free = [t for t in value.terms if t.kind != "fixed"]
         absu = [np.abs(t.unit) for t in value.terms]
@@ -167,6 +195,8 @@ class Lowering:
                 if not np.allclose(np.abs(t.unit), U, rtol=1e-12, atol=0):
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "Add", "adds two residual streams with "
                                                 "different units; csdc supports one stream plus branches")])
+        elif len(free) > 1 and step is not None:
+            U = np.full(absu[0].shape, step / float(2 ** (self.frac_bits + self.SUM_GUARD_BITS)))
         else:
             ubase = np.min(np.stack(absu), axis=0)
             positive = ubase[ubase > 0]
@@ -177,8 +207,6 @@ class Lowering:
                 else:
                     theta0 = float(np.min(step / ubase))
                     k = max(0, math.ceil(self.frac_bits - math.log2(theta0)))
-                    if len(free) > 1:
-                        k = max(k, self.frac_bits)
             U = ubase / float(2 ** k)
         currents = []
         for t in value.terms:
@@ -186,7 +214,7 @@ class Lowering:
                 currents.append(t.src)
                 continue
             mult = self._channel_mult(t, t.unit / U)
-            if t.kind == "diag":
+            if t.kind in ("diag", "matmul"):
                 exact = mult
                 w = np.rint(exact).astype(np.int64)
             else:
@@ -202,6 +230,11 @@ class Lowering:
                 currents.append(self.add(f"{base}_syn", DenseSynapse(w), [src]))
             elif t.kind == "conv":
                 currents.append(self.add(f"{base}_syn", ConvSynapse(w, **t.conv), [t.src]))
+            elif t.kind == "matmul":
+                if int(w) == 0:
+                    raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "an activation product "
+                                                "vanishes at this precision; raise --frac-bits")])
+                currents.append(self.add(f"{base}_matmul", SpikeMatMul(int(w)), [t.src, t.src2]))
             else:
                 currents.append(self.add(f"{base}_syn", DiagonalSynapse(w), [t.src]))
         node = currents[0] if len(currents) == 1 else self.add(f"{base}_sum", Add(), currents)
@@ -235,7 +268,7 @@ class Lowering:
     def settle(self, tensor: str, value: object) -> object:
         """A current read by several consumers is made into one IR current, shared by all."""
         if isinstance(value, Affine) and len(self.cons.get(tensor, [])) > 1 and any(t.kind != "fixed" for t in value.terms):
-            node, U = self.materialize(value, tensor, None, None)
+            node, U = self.materialize(value, tensor, None, self.downstream_step(tensor) if len(value.terms) > 1 else None)
             return Affine([Term("fixed", node, U)], value.bias)
         return value
 
@@ -264,8 +297,7 @@ class Lowering:
             if math.isclose(src.step, a["scale"], rel_tol=1e-6):
                 self.vals[n.outputs[0]] = src  # requantizing spikes on the same grid changes nothing
                 return
-            self.fail(n, "re-quantizes a spike tensor with a different step; remove the duplicate quantizer")
-            return
+            src = self.as_affine(n.inputs[0], n)  # a new grid: one-to-one synapses into a new population
         if isinstance(src, Pooled):
             src = self.pooled_dense(src, np.eye(int(np.prod(src.shape))), np.ones(int(np.prod(src.shape))),
                                     np.zeros(int(np.prod(src.shape))), n)
@@ -354,8 +386,24 @@ class Lowering:
             if any(t.kind == "fixed" for t in v.terms) and not np.all(f == 1):
                 self.fail(n, "scales a shared residual stream; fold the constant into the layers that produce it")
                 return
-            out = Affine([Term(t.kind, t.src, t.unit * f, t.w_int, t.conv) for t in v.terms], v.bias * f)
+            out = Affine([Term(t.kind, t.src, t.unit * f, t.w_int, t.conv, t.src2) for t in v.terms], v.bias * f)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], out)
+
+    def lower_matmul(self, n: QNode) -> None:
+        """Product of two quantized activations: a TDEC SpikeMatMul with unit step_a * step_b."""
+        a, b = (self.vals.get(i) for i in n.inputs)
+        if not (isinstance(a, Spikes) and isinstance(b, Spikes)):
+            self.fail(n, "a MatMul of two activations needs an activation quantizer on both inputs "
+                         "(e.g. Q and K after their quantizers); quantize the operand(s) first")
+            return
+        sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
+        if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
+            self.fail(n, f"operands of shapes {sa} and {sb} need equal leading axes and (M, K) x (K, N); "
+                         "reshape/transpose explicitly instead of broadcasting")
+            return
+        out_shape = self.sample_shape(n.outputs[0])
+        term = Term("matmul", a.node, np.full(out_shape, a.step * b.step), src2=b.node)
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], np.zeros(out_shape)))
 
     def lower_maxpool(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
@@ -464,7 +512,7 @@ class Lowering:
         self.add("readout", Readout(U, v.bias), [node])
 
     def run(self) -> tuple[Network, LoweringReport]:
-        handlers = {"Quant": self.lower_quant, "Linear": self.lower_linear, "Add": self.lower_add_mul, "Mul": self.lower_add_mul,
+        handlers = {"Quant": self.lower_quant, "Linear": self.lower_linear, "MatMul": self.lower_matmul, "Add": self.lower_add_mul, "Mul": self.lower_add_mul,
                     "Div": self.lower_add_mul, "MaxPool": self.lower_maxpool, "AveragePool": self.lower_avgpool,
                     "GlobalAveragePool": self.lower_avgpool, "ReduceMean": self.lower_avgpool, "Flatten": self.lower_route,
                     "Reshape": self.lower_route, "Transpose": self.lower_route, "Squeeze": self.lower_route, "Unsqueeze": self.lower_route}

@@ -71,7 +71,7 @@ class CompileReport:
 
 def canonical_passes(options: CompileOptions) -> list:
     return [remove_identities, fold_constants, canonicalize_quant, move_maxpool, remove_identities,
-            make_canonicalize_linear(options.weight_bits), fold_batchnorm, fold_affine_constants]
+            make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
 
 
 def canonicalize(graph: QGraph, options: CompileOptions, check=None) -> QGraph:

@@ -122,3 +122,41 @@ def with_ops(ops: list[str], opset: int = 20) -> onnx.ModelProto:
         else:
             y = b.node(op, [y])
     return b.model(y, (1, 10))
+
+
+def attention_model(levels: int = 4, seed: int = 0, heads: int = 2, softmax: bool = False) -> onnx.ModelProto:
+    """Conv tokenizer -> one tailored self-attention block (NReLU) with residual -> mean over tokens -> Gemm.
+
+    Tokens: (n, 16, 8) from an (8, 4, 4) map; Q/K/V projections with token BN written as
+    Transpose -> BatchNormalization -> Transpose; heads split after the quantizers."""
+    b = Builder((1, 1, 8, 8), seed=seed)
+    d, N = 8, 16
+    dk = d // heads
+    x = b.quant("x", 1 / 16, 16)
+    f = b.quant(b.bn(b.conv(x, 1, d), d, negative=False), 0.3, levels)
+    f = b.node("MaxPool", [f], kernel_shape=[2, 2], strides=[2, 2])  # (n, 8, 4, 4)
+    z0 = b.node("Transpose", [b.node("Reshape", [f, b.const(np.array([0, d, N], np.int64))])], perm=[0, 2, 1])  # (n, N, d)
+    xq = b.quant(z0, 0.45, levels)  # requantize the token spikes on a new grid
+
+    def proj(inp, step):
+        h = b.node("Add", [b.node("MatMul", [inp, b.qweight((d, d), axis=1)]), b.const(b.rng.normal(0, 0.1, d).astype(np.float32))])
+        h = b.node("Transpose", [b.bn(b.node("Transpose", [h], perm=[0, 2, 1]), d)], perm=[0, 2, 1])
+        return h if step is None else b.quant(h, step, levels)
+
+    def heads_of(t, perm):
+        return b.node("Transpose", [b.node("Reshape", [t, b.const(np.array([0, N, heads, dk], np.int64))])], perm=perm)
+
+    q = heads_of(proj(xq, 0.3), [0, 2, 1, 3])  # (n, h, N, dk)
+    kt = heads_of(proj(xq, 0.3), [0, 2, 3, 1])  # (n, h, dk, N)
+    v = heads_of(proj(xq, 0.3), [0, 2, 1, 3])
+    s = b.node("Mul", [b.node("MatMul", [q, kt]), b.const(np.float32(1 / np.sqrt(dk)))])
+    if softmax:
+        a = b.quant(b.node("Softmax", [s], axis=-1), 0.25, levels)
+    else:
+        a = b.quant(b.node("Div", [b.node("Relu", [s]), b.const(np.float32(N))]), 0.02, levels)
+    o = b.quant(b.node("MatMul", [a, v]), 0.05, levels)  # (n, h, N, dk)
+    o = b.node("Reshape", [b.node("Transpose", [o], perm=[0, 2, 1, 3]), b.const(np.array([0, N, d], np.int64))])
+    z1 = b.node("Add", [z0, proj(o, None)])
+    hq = b.quant(z1, 0.4, levels)
+    m = b.node("ReduceMean", [hq], axes=[1], keepdims=0)
+    return b.model(b.gemm(m, d, 10), (1, 10))

@@ -158,7 +158,7 @@ def test_activation_matmul_is_refused(tmp_path):
     t = b.node("Reshape", [x, b.const(np.array([-1, 8, 8], np.int64))])
     m = b.node("MatMul", [t, t])
     onnx.save(b.model(b.node("ReduceMean", [m], axes=[1], keepdims=0), (1, 8)), tmp_path / "m.onnx")
-    with pytest.raises(UnsupportedModelError, match="two activations"):
+    with pytest.raises(UnsupportedModelError, match="quantizer on both inputs"):
         compile_onnx(tmp_path / "m.onnx")
 
 
@@ -168,3 +168,26 @@ def test_budget_exceeded_names_node(tmp_path):
     onnx.save(digits_like_cnn(), tmp_path / "m.onnx")
     with pytest.raises(BudgetError, match="Neuron|weights"):
         compile_onnx(tmp_path / "m.onnx", CompileOptions(frac_bits=20, profile="loihi2"))
+
+
+def test_attention_block_becomes_spike_matmuls(tmp_path):
+    from csdc.ir.ops import SpikeMatMul
+
+    from onnx_build import attention_model
+
+    net, rep, ref, res = _compile_and_compare(tmp_path, attention_model())
+    matmuls = [op for _, op in net.nodes() if isinstance(op, SpikeMatMul)]
+    assert len(matmuls) == 2  # Q K^T and A V
+    assert np.mean(ref.argmax(1) == res.logits.argmax(1)) >= 0.99
+    assert np.median(np.abs(ref - res.logits)) < 1e-4
+    # no float scale survives: 1/sqrt(dk), 1/N and the quantizer steps live in integer thresholds
+    for name in net.neurons():
+        assert net.op(name).threshold.dtype.kind == "i"
+
+
+def test_softmax_attention_is_refused_with_fix(tmp_path):
+    from onnx_build import attention_model
+
+    onnx.save(attention_model(softmax=True), tmp_path / "sm.onnx")
+    with pytest.raises(UnsupportedModelError, match="NReLU"):
+        compile_onnx(tmp_path / "sm.onnx")

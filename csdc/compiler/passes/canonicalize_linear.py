@@ -6,8 +6,9 @@ DequantizeLinear (per tensor, or per channel along the output axis) are kept as 
 float weights are quantized per output channel, symmetric, to ``weight_bits`` and the
 relative error is recorded in ``attrs['weight_error']``.
 
-Invariant established: no Conv, Gemm or MatMul remains; an unsupported form (a MatMul of two
-activations, transA, a non-constant weight) is reported by name.
+Invariant established: no Conv or Gemm remains, and a MatMul remains only as a product of two
+activations (lowered to a TDEC ``SpikeMatMul`` when both are quantized); an unsupported form
+(transA, a non-constant weight of Conv/Gemm, a constant first operand) is reported by name.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
             out.append(n)
             continue
         x, w = n.inputs[0], n.inputs[1]
+        if n.op_type == "MatMul" and not graph.is_const(x) and not graph.is_const(w):
+            out.append(n)  # activation x activation: the lowering checks both sides are quantized
+            continue
         if graph.is_const(x) or not graph.is_const(w):
             what = "two activations" if not graph.is_const(w) and not graph.is_const(x) else "a constant data input"
             problems.append((n.name, n.op_type, f"a {n.op_type} of {what} is not supported here; the second input must "

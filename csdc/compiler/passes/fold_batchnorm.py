@@ -4,7 +4,9 @@
 ``w_scale' = w_scale * k`` and ``bias' = (bias - mean) * k + b`` with ``k = g / sqrt(var + eps)``
 per output channel. ``k`` may be negative (the lowering negates that channel's integer weights,
 keeping thresholds positive). Condition: the Linear's output feeds only the BN, and the BN
-channel axis (axis 1) is the Linear's output channel axis.
+channel axis (axis 1) is the Linear's output channel axis. A BN on tokens written as
+``Transpose(p) -> BatchNormalization -> Transpose(p^-1)`` after a dense layer whose output
+channels land on axis 1 under ``p`` folds the same way and both Transposes disappear.
 
 Invariant established: no BatchNormalization remains.
 """
@@ -22,6 +24,24 @@ def linear_channel_axis(graph: QGraph, node: QNode) -> int:
     return 1 if node.attrs["kind"] == "conv" else len(graph.shapes[node.outputs[0]]) - 1
 
 
+def _token_sandwich(graph: QGraph, bn: QNode, t_in: QNode | None, prod: dict[str, QNode],
+                    cons: dict[str, list[QNode]]) -> tuple[QNode, QNode, QNode] | None:
+    """(linear, transpose before, transpose after) when ``bn`` sits in a foldable Transpose sandwich."""
+    if t_in is None or t_in.op_type != "Transpose" or len(cons.get(bn.outputs[0], [])) != 1:
+        return None
+    t_out = cons[bn.outputs[0]][0]
+    lin = prod.get(t_in.inputs[0])
+    if t_out.op_type != "Transpose" or lin is None or lin.op_type != "Linear" or lin.attrs["kind"] != "dense":
+        return None
+    if len(cons.get(t_in.inputs[0], [])) != 1 or len(cons.get(t_in.outputs[0], [])) != 1:
+        return None
+    p_in, p_out = list(t_in.attrs.get("perm", [])), list(t_out.attrs.get("perm", []))
+    rank = len(graph.shapes[t_in.inputs[0]])
+    if len(p_in) != rank or [p_in[i] for i in p_out] != list(range(rank)) or p_in[1] != rank - 1 or p_in[0] != 0:
+        return None
+    return lin, t_in, t_out
+
+
 def fold_batchnorm(graph: QGraph) -> QGraph:
     """Fold every BatchNormalization into the Linear before it (see module docstring)."""
     prod, cons = graph.producers(), graph.consumers()
@@ -32,8 +52,16 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
         if n.op_type != "BatchNormalization":
             continue
         lin = prod.get(n.inputs[0])
+        outputs = n.outputs
+        sandwich = _token_sandwich(graph, n, lin, prod, cons)
+        if sandwich is not None:
+            lin, t_in, t_out = sandwich
+            removed.update((t_in.name, t_out.name))
+            outputs = t_out.outputs
+            graph.provenance[t_in.name] = graph.provenance[t_out.name] = f"folded into {lin.name} with {n.name}"
         lin = replaced.get(lin.name, lin) if lin is not None else None
-        if lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1 or linear_channel_axis(graph, lin) != 1:
+        if sandwich is None and (lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1
+                                 or linear_channel_axis(graph, lin) != 1):
             problems.append((n.name, "BatchNormalization", "must directly follow a Conv/Gemm/MatMul whose output it alone "
                              "consumes, normalizing its output channels (axis 1); place BN right after the linear layer"))
             continue
@@ -42,7 +70,7 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
         a = dict(lin.attrs)
         a["w_scale"] = a["w_scale"] * k
         a["bias"] = (a["bias"] - mean) * k + beta
-        replaced[lin.name] = lin.with_(attrs=a, outputs=n.outputs)
+        replaced[lin.name] = lin.with_(attrs=a, outputs=outputs)
         removed.add(n.name)
         graph.provenance[n.name] = f"folded into {lin.name}"
     if problems:

@@ -1,28 +1,52 @@
 """remove_identities: drop nodes that do not change values.
 
 Identity, Dropout (inference), float-to-float Cast, and a Relu whose every consumer is a
-quantizer with ``lo == zero_point`` (the quantizer's lower clip already is the ReLU:
-``clip(round(x/s), 0, L) == clip(round(max(x, 0)/s), 0, L)``).
+quantizer with ``lo == zero_point``, directly or through Mul/Div by positive scalar constants:
+the quantizer's lower clip already is the ReLU (``clip(round(x/s), 0, L) ==
+clip(round(max(x, 0)/s), 0, L)``) and ``max(c x, 0) == c max(x, 0)`` for ``c > 0``. This is how
+NReLU attention ``q(ReLU(y) / N)`` loses its ReLU.
 
 Invariant established: none of these nodes remain; consumers read the node's input.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx.helper
+
 from csdc.compiler.qgraph import QGraph, QNode
+
+
+def _positive_scalar(graph: QGraph, name: str) -> bool:
+    if not graph.is_const(name):
+        return False
+    c = np.asarray(graph.constants[name])
+    return c.size == 1 and float(c.reshape(-1)[0]) > 0
+
+
+def _ends_in_unsigned_quant(graph: QGraph, tensor: str, cons: dict[str, list[QNode]]) -> bool:
+    """Every use of ``tensor`` reaches a quantizer with lo == zero_point through positive scalings only."""
+    users = cons.get(tensor, [])
+    if not users or tensor == graph.output:
+        return False
+    for u in users:
+        if u.op_type == "Quant" and u.attrs["lo"] == u.attrs["zero_point"]:
+            continue
+        scaled_by = [i for i in u.inputs if i != tensor]
+        if (u.op_type == "Mul" or (u.op_type == "Div" and u.inputs[0] == tensor)) and len(scaled_by) == 1 \
+                and _positive_scalar(graph, scaled_by[0]) and _ends_in_unsigned_quant(graph, u.outputs[0], cons):
+            continue
+        return False
+    return True
 
 
 def _removable(graph: QGraph, n: QNode, cons: dict[str, list[QNode]]) -> bool:
     if n.op_type in ("Identity", "Dropout"):
         return True
     if n.op_type == "Cast":
-        import numpy as np
-        import onnx.helper
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(n.attrs["to"])).kind == "f"
     if n.op_type == "Relu":
-        users = cons.get(n.outputs[0], [])
-        return bool(users) and n.outputs[0] != graph.output and all(
-            u.op_type == "Quant" and u.attrs["lo"] == u.attrs["zero_point"] for u in users)
+        return _ends_in_unsigned_quant(graph, n.outputs[0], cons)
     return False
 
 
