@@ -8,15 +8,22 @@ import time
 import numpy as np
 
 from csdc.backends.base import NodeStats, RunResult
-from csdc.backends.lava import builder
-from csdc.backends.lava.plan import Plan, linear_matrix, make_plan
-from csdc.ir.graph import Network
-from csdc.ir.ops import SPIKES, ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron, Reshape, SpikeMaxPool, SumPool, Transpose
-from csdc.ir.semantics import encode, readout_logits
+from csdc.backends.lava.compat import import_lava
+
+import_lava()
+
+from csdc.backends.lava import builder  # noqa: E402
+from csdc.backends.lava.plan import Plan, linear_matrix, make_plan  # noqa: E402
+from csdc.errors import DataError  # noqa: E402
+from csdc.ir.graph import Network  # noqa: E402
+from csdc.ir.ops import (SPIKES, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Op, Reshape, SpikeMaxPool,
+                         Transpose)
+from csdc.ir.semantics import _linear, encode, readout_logits  # noqa: E402
 
 
 def build_process_graph(net: Network, x: np.ndarray | None = None, *, n_samples: int | None = None,
-                        keep_trains: bool = False, use_lava_synapses: bool = True) -> builder.LavaGraph:
+                        keep_trains: bool = False, use_lava_synapses: bool = True,
+                        conv: str = "lava.Sparse") -> builder.LavaGraph:
     """The Lava process graph of ``net`` for embedding in a Lava application.
 
     Returns a :class:`csdc.backends.lava.builder.LavaGraph` with ``source`` (the
@@ -32,7 +39,7 @@ def build_process_graph(net: Network, x: np.ndarray | None = None, *, n_samples:
         levels = encode(net.op(net.input_name), np.asarray(x))
     else:
         levels = np.zeros((int(n_samples or 1), *net.input_shape), dtype=np.int64)
-    plan = make_plan(net, levels.shape[0], keep_trains=keep_trains, use_lava_synapses=use_lava_synapses)
+    plan = make_plan(net, levels.shape[0], keep_trains=keep_trains, use_lava_synapses=use_lava_synapses, conv=conv)
     return builder.build_graph(plan.to_json(), plan.arrays, levels, keep_trains=keep_trains)
 
 
@@ -49,27 +56,54 @@ def _spike_counts_of(net: Network, name: str, counts: dict[str, np.ndarray]) -> 
     return None
 
 
-def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str, int], levels: np.ndarray) -> dict[str, NodeStats]:
-    """Activity per node from spike counts: spikes of spiking nodes, ACs of synapses driven by
-    spikes (one per presynaptic spike per non-zero fan-out weight) and MACs of synapses driven
-    by currents (one per non-zero input element per non-zero fan-out weight per step)."""
+def _structural_fanout(net: Network, name: str) -> np.ndarray:
+    """Targets each input element of a synapse reaches, whatever the weight values (the numba
+    backend's definition): n_out for dense, in-bounds taps times the group's output channels
+    for conv, 1 for diagonal."""
+    op = net.op(name)
+    src = net.inputs(name)[0]
+    if isinstance(op, DiagonalSynapse):
+        return np.ones(int(np.prod(net.info(src).shape)), dtype=np.int64)
+    if isinstance(op, DenseSynapse):
+        ones: Op = DenseSynapse(np.ones_like(op.weight))
+    else:
+        ones = ConvSynapse(np.ones_like(op.weight), op.stride, op.padding, op.dilation, op.groups)
+    m = linear_matrix(ones, net.info(src).shape, net.info(name).shape)
+    return np.diff(m.tocsc().indptr).astype(np.int64)
+
+
+def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str, int],
+               levels: np.ndarray) -> dict[str, NodeStats]:
+    """Activity per node, with the numba backend's definitions: ``neurons`` / ``spikes`` of
+    spiking nodes, ``max_abs_v`` of neurons (measured inside the Lava processes), ``acs`` of
+    synapses fed by spikes (per presynaptic spike, the targets it reaches) and ``macs`` of
+    synapses fed by the constant encoded current (per nonzero input value, once per sample).
+    Synapses fed by a time-varying current (e.g. a SumPool output) get no MAC count here:
+    their per-step values never leave the Lava processes."""
     stats: dict[str, NodeStats] = {}
-    T = net.T
+    const: dict[str, np.ndarray] = {}  # values of currents that are constant over time
     for name, op in net.nodes():
+        ins = net.inputs(name)
         size = int(np.prod(net.info(name).shape))
-        if isinstance(op, (Neuron, SpikeMaxPool)):
+        if isinstance(op, Encode):
+            const[name] = levels
+        elif isinstance(op, (Neuron, SpikeMaxPool)):
             stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)))
-        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool)):
-            src = net.inputs(name)[0]
-            m = linear_matrix(op, net.info(src).shape, net.info(name).shape)
-            fanout = np.diff(m.tocsc().indptr)
+        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+            src = ins[0]
+            fan = _structural_fanout(net, name)
             if net.info(src).kind == SPIKES:
                 c = _spike_counts_of(net, src, counts)
-                acs = int((c.reshape(c.shape[0], -1) * fanout).sum()) if c is not None else 0
-                stats[name] = NodeStats(neurons=size, acs=acs)
-            elif src == net.input_name:
-                nz = (levels.reshape(levels.shape[0], -1) != 0)
-                stats[name] = NodeStats(neurons=size, macs=int(T * (nz * fanout).sum()))
+                stats[name] = NodeStats(acs=int((c.reshape(c.shape[0], fan.size) * fan).sum()) if c is not None else 0)
+            else:
+                st = NodeStats()
+                if src in const:
+                    nz = const[src].reshape(const[src].shape[0], int(np.prod(const[src].shape[1:]))) != 0
+                    st.macs = int((nz * fan).sum())
+                    const[name] = _linear(op, const[src])
+                stats[name] = st
+        elif isinstance(op, (Add, Reshape, Transpose)) and ins and all(s in const for s in ins):
+            const[name] = np.sum([const[s] for s in ins], axis=0) if isinstance(op, Add) else _linear(op, const[ins[0]])
     return stats
 
 
@@ -80,14 +114,16 @@ class LavaBackend:
 
     name = "lava"
 
-    def __init__(self, *, use_lava_synapses: bool = True):
+    def __init__(self, *, use_lava_synapses: bool = True, conv: str = "lava.Sparse"):
         self.use_lava_synapses = use_lava_synapses
+        self.conv = conv
         self.last_plan: Plan | None = None
         self.last_timing: dict[str, float] = {}
 
     def plan(self, net: Network, n_samples: int = 1, *, keep_trains: bool = False) -> Plan:
         """The deployment plan (processes, wiring, offsets, latency) for ``n_samples`` samples."""
-        return make_plan(net, n_samples, keep_trains=keep_trains, use_lava_synapses=self.use_lava_synapses)
+        return make_plan(net, n_samples, keep_trains=keep_trains, use_lava_synapses=self.use_lava_synapses,
+                         conv=self.conv)
 
     def latency(self, net: Network) -> int:
         """End-to-end latency of one sample in global time steps (deepest offset + T)."""
@@ -97,7 +133,6 @@ class LavaBackend:
         t0 = time.perf_counter()
         x = np.asarray(x)
         if tuple(x.shape[1:]) != tuple(net.input_shape):
-            from csdc.errors import DataError
             raise DataError(f"input batch has sample shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
         levels = encode(net.op(net.input_name), x)
         plan = self.plan(net, levels.shape[0], keep_trains=keep_trains)

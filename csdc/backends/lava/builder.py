@@ -40,6 +40,12 @@ def encode_levels(x: np.ndarray, scale: float, lo: int, hi: int) -> np.ndarray:
     return np.clip(q, lo, hi).astype(np.int64)
 
 
+def readout_logits(readout: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Float logits from accumulated readout currents (float64, then float32), as csdc's
+    reference semantics compute them."""
+    return (np.asarray(readout).astype(np.float64) * scale + offset).astype(np.float32)
+
+
 @dataclass
 class LavaGraph:
     """The Lava processes of one plan: ``source`` (input encoder), ``processes`` (every process by
@@ -184,7 +190,12 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
     meta = graph.plan["meta"]
     T, n = int(meta["T"]), graph.n_samples
     out = GraphOutput(readout=np.zeros((n, int(meta["num_classes"])), dtype=np.int64))
-    if n == 0:
+    if n == 0:  # nothing to run: empty results of the right shapes
+        for p in graph.plan["processes"]:
+            if p["kind"] in ("neuron", "maxpool"):
+                out.counts[p["ir_node"]] = np.zeros((0, *p["out_port"]), dtype=np.int64)
+                if graph.keep_trains:
+                    out.trains[p["ir_node"]] = np.zeros((0, T, *p["out_port"]), dtype=np.int64)
         return out
     steps = graph.total_steps
     t0 = time.perf_counter()
@@ -210,4 +221,4 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
     return out
 
 
-__all__ = ["GraphOutput", "LavaGraph", "build_graph", "check_plan", "encode_levels", "run_config", "run_graph"]
+__all__ = ["GraphOutput", "LavaGraph", "build_graph", "check_plan", "encode_levels", "readout_logits", "run_config", "run_graph"]
