@@ -22,7 +22,7 @@ GONE_AFTER = {
     "fold_constants": {"Constant"},
     "canonicalize_quant": {"QuantizeLinear", "DequantizeLinear"},
     "move_maxpool": set(),
-    "canonicalize_linear": {"Conv", "Gemm", "MatMul"},
+    "canonicalize_linear": {"Conv", "Gemm"},  # MatMul survives only as activation x activation
     "fold_batchnorm": {"BatchNormalization"},
     "remove_identities": {"Identity", "Dropout"},
 }
@@ -38,6 +38,8 @@ def verify_qgraph(graph: QGraph, pass_name: str) -> None:
         for i in n.inputs:
             assert not i or i in produced, f"'{n.name}' reads '{i}' before it is produced (after {pass_name})"
         produced.update(n.outputs)
+        if n.op_type == "MatMul" and "canonicalize_linear" in verify_qgraph.seen:
+            assert not any(graph.is_const(i) for i in n.inputs), f"MatMul '{n.name}' with a constant operand survived"
         if n.op_type == "Quant":
             assert n.attrs["lo"] <= n.attrs["hi"] and n.attrs["scale"] > 0
         if n.op_type == "MaxPool" and pass_name == "move_maxpool":
@@ -156,7 +158,8 @@ def test_activation_matmul_is_refused(tmp_path):
     b = Builder((1, 1, 8, 8))
     x = b.quant("x", 1 / 16, 16)
     t = b.node("Reshape", [x, b.const(np.array([-1, 8, 8], np.int64))])
-    m = b.node("MatMul", [t, t])
+    h = b.node("MatMul", [t, b.qweight((8, 8), axis=1)])
+    m = b.quant(b.node("MatMul", [h, b.quant(h, 0.2, 7)]), 0.2, 7)  # left operand not quantized
     onnx.save(b.model(b.node("ReduceMean", [m], axes=[1], keepdims=0), (1, 8)), tmp_path / "m.onnx")
     with pytest.raises(UnsupportedModelError, match="quantizer on both inputs"):
         compile_onnx(tmp_path / "m.onnx")
