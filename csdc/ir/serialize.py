@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -34,6 +35,9 @@ FORMAT_NAME = "csdc-sir"
 FORMAT_VERSION = 1
 # version -> function turning a header of that version into one of the next version
 UPGRADES: dict[int, Callable[[dict], dict]] = {}
+# what zipfile raises on a damaged archive: bad CRC or structure, a broken deflate stream, a
+# stream that ends early, a forged compression method / version / encryption flag
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError)
 
 
 def _narrow(arr: np.ndarray) -> np.ndarray:
@@ -113,27 +117,27 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Network:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         names = set(zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _ARCHIVE_ERRORS as exc:
         raise fail(f"not a .sir file or truncated ({exc}); recompile it with 'csdc compile'") from None
     with zf:
         if not {"header.json", "header.sha256"} <= names:
-            raise fail("missing header; the file is truncated or not a .sir file")
+            raise fail("missing header; the file is truncated or not a .sir file: recompile it with 'csdc compile'")
         try:
             header_bytes = zf.read("header.json")
             digest = zf.read("header.sha256").decode().strip()
-        except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as exc:
+        except _ARCHIVE_ERRORS as exc:
             raise fail(f"damaged archive ({exc}); recompile it") from None
         if hashlib.sha256(header_bytes).hexdigest() != digest:
             raise fail("header checksum mismatch: the file was modified or corrupted; recompile it")
         try:
             header = json.loads(header_bytes)
-        except ValueError as exc:
-            raise fail(f"header is not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise fail(f"header is not valid JSON ({exc}); recompile it") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            raise fail(f"not a {FORMAT_NAME} file")
+            raise fail(f"not a {FORMAT_NAME} file; compile one with 'csdc compile'")
         version = header.get("format_version")
         if not isinstance(version, int):
-            raise fail("header has no integer format_version")
+            raise fail("header has no integer format_version; recompile it")
         if version > FORMAT_VERSION:
             raise fail(f"format version {version} is newer than this csdc supports ({FORMAT_VERSION}); upgrade csdc")
         while version < FORMAT_VERSION:
@@ -148,21 +152,21 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Network:
                 for field, desc in node["arrays"].items():
                     try:
                         blob = zf.read(desc["entry"])
-                    except (KeyError, zipfile.BadZipFile, OSError) as exc:
-                        raise fail(f"node '{node['name']}': array '{field}' unreadable ({exc})") from None
+                    except (KeyError, *_ARCHIVE_ERRORS) as exc:
+                        raise fail(f"node '{node['name']}': array '{field}' unreadable ({exc}); recompile it") from None
                     if hashlib.sha256(blob).hexdigest() != desc["sha256"]:
-                        raise fail(f"node '{node['name']}': array '{field}' checksum mismatch (corrupted or tampered)")
+                        raise fail(f"node '{node['name']}': array '{field}' checksum mismatch (corrupted or tampered); recompile it")
                     arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
                     if list(arr.shape) != list(desc["shape"]):
-                        raise fail(f"node '{node['name']}': array '{field}' has shape {arr.shape}, header says {desc['shape']}")
+                        raise fail(f"node '{node['name']}': array '{field}' has shape {arr.shape}, header says {desc['shape']}; recompile it")
                     arrays[field] = arr.astype(desc["dtype"])
                 op = op_from_dict(node["op"], node["attributes"], arrays)
                 net.add(node["name"], op, node["inputs"])
             net.verify()
         except SirFormatError:
             raise
-        except (IRError, KeyError, TypeError, ValueError) as exc:
-            raise fail(f"invalid network: {exc}") from None
+        except (IRError, KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            raise fail(f"invalid network: {exc}; recompile it") from None
     return net
 
 
