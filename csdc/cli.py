@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 
 import numpy as np
@@ -143,6 +144,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep -------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from csdc.backends.base import get_backend
+    from csdc.ir import serialize
+    from csdc.runtime.sweep import markdown_table, parse_delays, plot, rows_to_dicts, sweep_delays
+
+    net = serialize.load(args.sir)
+    delays = parse_delays(args.delays, net.T)
+    x, y = _load_data(args.data, net.input_shape, args.limit)
+    if args.backend == "reference" and min(delays) < net.T:
+        raise CsdcError(f"the reference backend is exact only for D >= T (T={net.T}); sweep with --backend numba")
+    rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
+                        progress=not args.no_progress and not args.json)
+    if args.plot:
+        plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", args.plot)
+    if args.json:
+        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows)}, indent=1))
+    else:
+        print(f"delay sweep of {args.sir} on {len(x)} samples, T={net.T}, backend {args.backend}\n")
+        print(markdown_table(rows, net.T))
+        if args.plot:
+            print(f"\nplot: {args.plot}")
+    return 0
+
+
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
@@ -233,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("sweep", help="accuracy and agreement against the neuron delay D",
+                       description="Run a network once per delay D and report accuracy, agreement with onnxruntime "
+                                   "and latency (T + depth x D); optionally plot them.")
+    w.add_argument("sir", help="the compiled network (.sir)")
+    w.add_argument("--delays", default="0..T", help="delays to try: a range '0..T' (default) or a list '0,1,4'")
+    w.add_argument("--backend", default="numba", choices=BACKEND_CHOICES, help="simulator (default numba)")
+    w.add_argument("--data", default="digits", help="'digits' or a .npz with x (and y)")
+    w.add_argument("--compare", metavar="MODEL.onnx", help="source model for the agreement column")
+    w.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    w.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
+    w.add_argument("--plot", metavar="FILE.png", help="write a plot of accuracy/agreement against D and latency")
+    w.add_argument("--json", action="store_true", help="print the table as JSON")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("inspect", help="print a .sir network as a table", description="Print the nodes of a .sir network.")
     i.add_argument("sir", help="the compiled network (.sir)")

@@ -111,3 +111,13 @@ def test_console_script_exit_code(tmp_path):
     help_text = subprocess.run([exe, "run", "--help"], capture_output=True, text=True).stdout
     for opt in ("--backend", "--data", "--compare", "--batch", "--limit", "--delay", "--output", "--json"):
         assert opt in help_text
+
+
+def test_sweep_table_and_plot(sir, tmp_path, capsys):
+    png = tmp_path / "sweep.png"
+    assert main(["sweep", str(sir), "--delays", "0,T", "--limit", "60", "--compare", MODEL, "--plot", str(png), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["delay"] for r in rows] == [0, 15]
+    assert rows[1]["agreement"] >= 0.99 and rows[0]["latency_steps"] == 15 and rows[1]["latency_steps"] == 45
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _fails(["sweep", str(sir), "--delays", "a..b"], capsys, "--delays")
