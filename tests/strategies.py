@@ -8,7 +8,8 @@ on ``sys.path``, see ``tests/backends/test_numba.py``):
   synapse (dense or conv fed by the constant current, or none) -> ``Neuron`` -> blocks of
   conv / dense / diagonal synapses (some as residual ``Add`` of two or three currents,
   one of them possibly the constant encoded input), ``SpikeMaxPool``, ``SumPool`` (whose
-  current may feed a synapse or be reshaped), ``Reshape`` / ``Transpose`` routing ->
+  current may feed a synapse or be reshaped), attention-like ``SpikeMatMul`` products
+  (``S S^T``, then ``A S``), ``Reshape`` / ``Transpose`` routing ->
   ``DenseSynapse`` (optionally plus a skip from an earlier layer) -> ``Readout``.
   Neurons get thresholds >= 1, random ``v0`` and biases (negative too) and delays in
   ``0..T+2`` (``exact=True``: ``T..T+2``, where the count-domain reference is exact).
@@ -32,12 +33,13 @@ from csdc.ir import (
     Neuron,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
 )
 
-__all__ = ["networks", "inputs_for"]
+__all__ = ["inputs_for", "networks"]
 
 
 class _Builder:
@@ -59,9 +61,10 @@ class _Builder:
     def weights(self, shape: tuple[int, ...]) -> np.ndarray:
         return self.rng.integers(-2, 4, size=shape)
 
-    def neuron(self, cur: str) -> str:
+    def neuron(self, cur: str, scale: int = 1) -> str:
+        """Neurons on ``cur``; ``scale`` raises thresholds for inputs with a large fan-in."""
         shape = self.shape(cur)
-        threshold = self.rng.integers(1, 7, size=shape)
+        threshold = self.rng.integers(1, 7, size=shape) * scale
         v0 = self.rng.integers(-2, threshold + 1)
         bias = self.rng.integers(-2, 3, size=shape)
         return self.add(Neuron(threshold, v0, bias, self.draw(self.delays)), [cur])
@@ -116,6 +119,17 @@ class _Builder:
             cur = self.add(Add(), terms)
         return self.neuron(cur)
 
+    def matmul_block(self, s: str) -> str:
+        """Attention-like TDEC products: ``A = N(S S^T)`` (..., M, M), then optionally
+        ``N(A S)`` (..., M, K); S^T swaps the last two axes of the spike tensor S."""
+        rank = len(self.shape(s))
+        s_t = self.add(Transpose((*range(rank - 2), rank - 1, rank - 2)), [s])
+        weight = self.draw(st.sampled_from([1, 2, -1, 3]))
+        a = self.neuron(self.add(SpikeMatMul(weight), [s, s_t]), scale=self.shape(s)[-1])
+        if self.draw(st.booleans()):
+            return self.neuron(self.add(SpikeMatMul(self.draw(st.sampled_from([1, -2]))), [a, s]), scale=self.shape(s)[-2])
+        return a
+
     def routing(self, s: str) -> str:
         shape = self.shape(s)
         if len(shape) >= 2 and self.draw(st.booleans()):
@@ -145,20 +159,26 @@ def networks(draw: st.DrawFn, exact: bool = False, max_T: int = 6) -> Network:
     lo, hi = draw(st.integers(-3, 0)), draw(st.integers(1, 6))
     encoded = b.add(Encode(shape, draw(st.sampled_from([0.25, 0.5, 1.0])), lo, hi), [])
 
-    first = draw(st.sampled_from(["neuron", "synapse"]))
+    first = draw(st.sampled_from(["neuron", "synapse", "residual"]))
     if first == "neuron":
         s = b.neuron(encoded)
+    elif first == "residual":  # constant input current plus a time-varying one
+        s = b.neuron(encoded)
+        s = b.neuron(b.add(Add(), [b.diagonal(s), encoded]))
     else:  # the encoded (constant) current feeds a synapse: multiply-accumulates
         s = b.neuron(b.conv(encoded) if layout == "image" and draw(st.booleans()) else b.dense(encoded))
     first_spikes = s
 
     for _ in range(draw(st.integers(0, 4))):
         rank = len(b.shape(s))
-        block = draw(st.sampled_from(["synapse", "synapse", "maxpool", "sumpool", "routing"] if rank == 3 else ["synapse", "routing"]))
+        blocks = ["synapse", "routing"] + (["synapse", "maxpool", "sumpool"] if rank == 3 else []) + (["matmul"] if rank >= 2 else [])
+        block = draw(st.sampled_from(blocks))
         if block == "synapse":
             s = b.synapse_block(s, encoded)
         elif block == "maxpool":
             s = b.window(s, SpikeMaxPool)
+        elif block == "matmul":
+            s = b.matmul_block(s)
         elif block == "sumpool":
             cur = b.window(s, SumPool)
             follow = draw(st.sampled_from(["neuron", "reshape", "synapse", "synapse"]))

@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shared strategies
-from strategies import inputs_for, networks  # noqa: E402
+from strategies import inputs_for, networks
 
-from csdc.backends.base import get_backend  # noqa: E402
-from csdc.backends.numba import NumbaBackend, kernels_cached  # noqa: E402
-from csdc.backends.numba.kernels import KERNELS  # noqa: E402
-from csdc.errors import DataError  # noqa: E402
-from csdc.ir import (  # noqa: E402
+from csdc.backends.base import get_backend
+from csdc.backends.numba import NumbaBackend, kernels_cached
+from csdc.backends.numba.kernels import KERNELS
+from csdc.errors import DataError
+from csdc.ir import (
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -32,11 +32,12 @@ from csdc.ir import (  # noqa: E402
     Neuron,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
 )
-from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps  # noqa: E402
+from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps
 
 BACKEND = NumbaBackend()
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -148,12 +149,12 @@ def test_delay_sweep_against_references(delay: int) -> None:
 
 # -- synapses and pools -------------------------------------------------------------------------
 CONV_CASES = {
-    "plain": dict(out=3, cin=2, k=(3, 3)),
-    "stride2": dict(out=3, cin=2, k=(3, 3), stride=(2, 2)),
-    "asym_pad": dict(out=2, cin=2, k=(3, 2), stride=(2, 1), padding=(0, 2, 1, 0)),
-    "dilation": dict(out=2, cin=2, k=(2, 3), dilation=(2, 1), padding=(1, 1, 1, 1)),
-    "groups": dict(out=4, cin=4, k=(3, 3), groups=2, padding=(1, 1, 1, 1)),
-    "depthwise": dict(out=4, cin=4, k=(2, 2), groups=4, stride=(2, 2), padding=(1, 0, 0, 1)),
+    "plain": {"out": 3, "cin": 2, "k": (3, 3)},
+    "stride2": {"out": 3, "cin": 2, "k": (3, 3), "stride": (2, 2)},
+    "asym_pad": {"out": 2, "cin": 2, "k": (3, 2), "stride": (2, 1), "padding": (0, 2, 1, 0)},
+    "dilation": {"out": 2, "cin": 2, "k": (2, 3), "dilation": (2, 1), "padding": (1, 1, 1, 1)},
+    "groups": {"out": 4, "cin": 4, "k": (3, 3), "groups": 2, "padding": (1, 1, 1, 1)},
+    "depthwise": {"out": 4, "cin": 4, "k": (2, 2), "groups": 4, "stride": (2, 2), "padding": (1, 0, 0, 1)},
 }
 
 
@@ -262,6 +263,27 @@ def test_residual_add_of_constant_and_spike_currents() -> None:
     assert res.stats["diag"].acs == int(res.trains[s].sum())
 
 
+@pytest.mark.parametrize("weight", [1, -3])
+def test_spike_matmul_attention_shapes_and_acs(weight: int) -> None:
+    T = 5
+    net, s = spiking_input((2, 3, 4), T)  # heads, tokens, width
+    net.add("kt", Transpose((0, 2, 1)), [s])  # (2, 4, 3)
+    net.add("qk", SpikeMatMul(weight), [s, "kt"])  # (2, 3, 3)
+    net.add("a", neuron((2, 3, 3), 4, T), ["qk"])
+    net.add("av", SpikeMatMul(1), ["a", s])  # (2, 3, 4)
+    net.add("o", neuron((2, 3, 4), 3, 1), ["av"])
+    readout_net(net, "o")
+    x = random_x((2, 3, 4), 3, seed=19)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    # each left spike adds a row of N counts, each right spike a column of M counts
+    spikes = int(res.trains[s].sum())
+    assert res.stats["qk"].acs == spikes * 3 + spikes * 3
+    assert res.stats["av"].acs == int(res.trains["a"].sum()) * 4 + spikes * 3
+    exact = net.with_delay(T)
+    assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
+
+
 def test_large_weights_use_int64_currents() -> None:
     T = 3
     net, s = spiking_input((4,), T)
@@ -313,8 +335,12 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("sp", SumPool((2, 2), (1, 1)), ["mp"])
     net.add("c1", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["sp"])
     net.add("n1", neuron((2, 3, 3), 3, 0), ["c1"])
-    net.add("c2", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["n1"])
-    net.add("f", Reshape((8,)), ["c2"])
+    net.add("mm", SpikeMatMul(1), ["mp", "n0"])  # (2, 5, 5) x (2, 5, 5)
+    net.add("n3", neuron((2, 5, 5), 4, 0), ["mm"])
+    net.add("c2", ConvSynapse(np.ones((2, 2, 4, 4), int)), ["n3"])
+    net.add("c3", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["n1"])
+    net.add("sum", Add(), ["c2", "c3"])
+    net.add("f", Reshape((8,)), ["sum"])
     net.add("n2", neuron((8,), 2, 0), ["f"])
     net.add("d", DenseSynapse(np.ones((3, 8), int)), ["n2"])
     net.add("d1", DenseSynapse(np.ones((3, 3), int)), ["d"])

@@ -16,7 +16,8 @@ Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
 
 - ``acs`` (synapse nodes): for every presynaptic spike, the number of targets it reaches:
   ``n_out`` for a dense synapse, the in-bounds kernel taps times the group's output
-  channels for a convolution, 1 for a diagonal synapse.
+  channels for a convolution, 1 for a diagonal synapse; for a SpikeMatMul (M, K) x (K, N),
+  N per spike of the left input and M per spike of the right one (each adds a running count).
 - ``macs`` (synapse nodes fed by a current): the same count for each nonzero input
   value, once per distinct time step (once in total for a constant current).
 - SumPool and SpikeMaxPool only route and compare spikes: no ACs.
@@ -30,8 +31,9 @@ each chunk's samples run in parallel inside the kernels.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numba
 import numpy as np
@@ -52,6 +54,7 @@ from csdc.ir.ops import (
     Readout,
     Reshape,
     Shape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
@@ -118,7 +121,7 @@ def _builds(op_type: type[Op]) -> Callable[[StepBuilder], StepBuilder]:
     return register
 
 
-def _zeros_like_batch(x: np.ndarray, m: int, shape: Shape, dtype: type) -> np.ndarray:
+def _batch_zeros(x: np.ndarray, m: int, shape: Shape, dtype: type) -> np.ndarray:
     return np.zeros((x.shape[0], m, *shape), dtype=dtype)
 
 
@@ -182,7 +185,7 @@ class ConvStep:
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         x = ins[0]
-        out = _zeros_like_batch(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
+        out = _batch_zeros(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
             K.conv_spikes(x, self.w_r, self.stride, self.pad, self.dilation, out, work)
@@ -289,10 +292,10 @@ class WindowStep:
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         s = ins[0]
         if self.is_max:
-            out = _zeros_like_batch(s, s.shape[1], self.out_shape, np.uint8)
+            out = _batch_zeros(s, s.shape[1], self.out_shape, np.uint8)
             K.spike_max_pool(s, self.kernel, self.stride, self.pad, out)
         else:
-            out = _zeros_like_batch(s, s.shape[1], self.out_shape, _current_dtype(self.bound))
+            out = _batch_zeros(s, s.shape[1], self.out_shape, _current_dtype(self.bound))
             K.sum_pool(s, self.kernel, self.stride, self.pad, out)
         return out
 
@@ -309,6 +312,34 @@ def _window(op: SpikeMaxPool | SumPool, ctx: NodeContext) -> Step:
         is_max=is_max,
         bound=1 if is_max else op.kernel[0] * op.kernel[1],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SpikeMatMulStep:
+    """TDEC product of two spike tensors (..., M, K) x (..., K, N) -> current (..., M, N)."""
+
+    weight: int
+    out_shape: Shape
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        a, b = ins
+        bsz, T = a.shape[:2]
+        m, k = a.shape[-2:]
+        n = b.shape[-1]
+        lead = int(np.prod(a.shape[2:-2]))
+        out = np.zeros((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))
+        work = np.zeros(bsz, dtype=np.int64)
+        K.spike_matmul(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out, work)
+        stats.acs += int(work.sum())
+        return out.reshape(bsz, T, *self.out_shape)
+
+
+@_builds(SpikeMatMul)
+def _spike_matmul(op: SpikeMatMul, ctx: NodeContext) -> Step:
+    # Per step: A(t) C_B(t) <= K * T and C_A(t-1) B(t) <= K * (T - 1).
+    k = ctx.in_shapes[0][-1]
+    return SpikeMatMulStep(op.weight, ctx.out_shape, abs(op.weight) * k * (2 * ctx.T - 1))
 
 
 @dataclass(frozen=True, slots=True)

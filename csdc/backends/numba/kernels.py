@@ -261,6 +261,45 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
 
 
 @njit(parallel=True, cache=True)
+def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, acs: np.ndarray) -> None:
+    """Product of two spike tensors by temporal decomposition (SPEC 2.4):
+    ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running counts ``C``.
+
+    ``a`` (B, T, L, M, K) and ``bm`` (B, T, L, K, N) uint8 spikes (L = product of the
+    leading axes); ``out`` (B, T, L, M, N) zeros. Event-driven: a spike ``B(t)[k, n]`` adds
+    the previous counts ``C_A(t-1)[:, k]`` to column ``n`` (M targets), a spike ``A(t)[m, k]``
+    adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); ``acs[b]`` counts the targets.
+    """
+    B, T, L, M, K = a.shape
+    N = bm.shape[4]
+    for b in prange(B):
+        n_ac = 0
+        for l in range(L):
+            count_a = np.zeros((K, M), dtype=np.int64)  # C_A, transposed: column k of C_A is contiguous
+            count_b = np.zeros((K, N), dtype=np.int64)  # C_B
+            for t in range(T):
+                o = out[b, t, l]
+                # B(t) spikes: first use C_A(t-1) (count_a not yet updated), then C_B(t) includes t.
+                for k in range(K):
+                    ca = count_a[k]
+                    for n in range(N):
+                        if bm[b, t, l, k, n]:
+                            count_b[k, n] += 1
+                            for m in range(M):
+                                o[m, n] += weight * ca[m]
+                            n_ac += M
+                for m in range(M):
+                    for k in range(K):
+                        if a[b, t, l, m, k]:
+                            cb = count_b[k]
+                            for n in range(N):
+                                o[m, n] += weight * cb[n]
+                            n_ac += N
+                            count_a[k, m] += 1
+        acs[b] = n_ac
+
+
+@njit(parallel=True, cache=True)
 def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
                 out: np.ndarray, max_abs_v: np.ndarray) -> None:
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
@@ -306,7 +345,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
 
 
 KERNELS: tuple[Dispatcher, ...] = (
-    dense_spikes, dense_currents, conv_spikes, conv_currents, sum_pool, spike_max_pool, dif_neurons,
+    dense_spikes, dense_currents, conv_spikes, conv_currents, sum_pool, spike_max_pool, spike_matmul, dif_neurons,
 )
 
 
