@@ -34,18 +34,18 @@ except ImportError as exc:  # LavaUnavailableError is an ImportError
         f"the Lava backend tests need lava-nc, which is not usable here: {exc}\n"
         "Install it (see docs/lava.md) or set CSDC_ALLOW_NO_LAVA=1 to skip these tests explicitly.") from exc
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from csdc.backends.base import get_backend  # noqa: E402
-from csdc.backends.lava import _hook, compat  # noqa: E402
-from csdc.backends.lava.backend import LavaBackend, build_process_graph  # noqa: E402
-from csdc.backends.lava.builder import run_graph  # noqa: E402
-from csdc.backends.lava.export import export_bundle  # noqa: E402
-from csdc.backends.lava.plan import hardware_report, linear_matrix, make_plan  # noqa: E402
-from csdc.backends.lava.processes import pack_uint, unpack_uint  # noqa: E402
-from csdc.backends.numba import NumbaBackend  # noqa: E402
-from csdc.ir import (  # noqa: E402
+from csdc.backends.base import get_backend
+from csdc.backends.lava import _hook, compat
+from csdc.backends.lava.backend import LavaBackend, build_process_graph
+from csdc.backends.lava.builder import run_graph
+from csdc.backends.lava.export import export_bundle
+from csdc.backends.lava.plan import hardware_report, linear_matrix, make_plan
+from csdc.backends.lava.processes import pack_uint, unpack_uint
+from csdc.backends.numba import NumbaBackend
+from csdc.ir import (
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -55,14 +55,15 @@ from csdc.ir import (  # noqa: E402
     Neuron,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
 )
-from csdc.ir.semantics import _linear, run_steps  # noqa: E402
+from csdc.ir.semantics import _linear, run_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shared strategies
-from strategies import inputs_for, networks  # noqa: E402
+from strategies import inputs_for, networks
 
 REPO = Path(__file__).resolve().parents[2]
 BACKEND = LavaBackend()
@@ -153,12 +154,12 @@ def test_rewrite_only_mutable_dataclass_defaults() -> None:
     tree, rewritten = compat.rewrite_mutable_defaults(HOOK_SAMPLE, "<sample>")
     assert rewritten == ["Outer.x", "Outer.y"]  # frozen (hashable) defaults, ints and non-dataclasses untouched
     ns: dict = {}
-    exec(compile(tree, "<sample>", "exec"), ns)
+    exec(compile(tree, "<sample>", "exec"), ns)  # noqa: S102  (our own test source)
     a, b = ns["Outer"](), ns["Outer"]()
     assert a.x == ns["Inner"]() and a.x is not b.x and a.y.a == 3 and a.n == 4
     assert isinstance(ns["NotADataclass"].z, ns["Inner"])
     with pytest.raises(ValueError, match="mutable default"):  # what Python 3.11 does without the hook
-        exec(compile(HOOK_SAMPLE, "<sample>", "exec"), {})
+        exec(compile(HOOK_SAMPLE, "<sample>", "exec"), {})  # noqa: S102
     clean = "from dataclasses import dataclass\n@dataclass\nclass A:\n    a: int = 1\n"
     assert compat.rewrite_mutable_defaults(clean, "<clean>")[1] == []
 
@@ -182,11 +183,12 @@ def test_hook_claims_only_var_model() -> None:
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="the dataclass check that breaks lava 0.10 is new in 3.11")
 def test_lava_needs_the_hook_and_imports_with_it() -> None:
-    bare = subprocess.run([sys.executable, "-c", "import lava.magma.compiler.var_model"], capture_output=True, text=True)
+    bare = subprocess.run([sys.executable, "-c", "import lava.magma.compiler.var_model"], capture_output=True, text=True,
+                          check=False)
     assert bare.returncode != 0 and "mutable default" in bare.stderr
-    ok = subprocess.run([sys.executable, "-c", "import csdc.backends.lava as L; L.import_lava(); "
-                         "from lava.magma.core.run_configs import Loihi2SimCfg; print('ok')"],
-                        capture_output=True, text=True)
+    code = ("import csdc.backends.lava as L; L.import_lava(); "
+            "from lava.magma.core.run_configs import Loihi2SimCfg; print('ok')")
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
 
 
@@ -272,6 +274,44 @@ def test_every_op_equals_run_steps(T: int, D: int) -> None:
     kinds = {p["impl"] for p in BACKEND.last_plan.processes}
     assert {"lava.Dense", "lava.Sparse", "custom"} <= kinds
     assert any(p["kind"] == "delay" for p in BACKEND.last_plan.processes)  # the skip / residual were balanced
+
+
+def attention_net(T: int, D: int, seed: int = 0) -> Network:
+    """Tokens -> DIF S -> dense -> DIF Q; A = DIF(Q S^T) (S delayed to meet Q), O = DIF(A S)
+    (TDEC SpikeMatMul, negative weight too) -> flatten -> dense -> readout."""
+    rng = np.random.default_rng(seed)
+    net = Network(T)
+    net.add("x", Encode((4, 3), 0.5, 0, 5))
+    net.add("s", neuron((4, 3), 3, D, rng=rng), ["x"])
+    net.add("wq", DenseSynapse(rng.integers(-2, 4, (3, 3))), ["s"])
+    net.add("q", neuron((4, 3), 3, D, rng=rng), ["wq"])
+    net.add("st", Transpose((1, 0)), ["s"])
+    net.add("qk", SpikeMatMul(2), ["q", "st"])
+    net.add("a", neuron((4, 4), 6, D, rng=rng), ["qk"])
+    net.add("av", SpikeMatMul(-1), ["a", "s"])
+    net.add("res", DiagonalSynapse(np.full((4, 3), 3)), ["s"])
+    net.add("sum", Add(), ["av", "res"])
+    net.add("o", neuron((4, 3), 4, D, rng=rng), ["sum"])
+    net.add("f", Reshape((12,)), ["o"])
+    net.add("head", DenseSynapse(rng.integers(-2, 3, (2, 12))), ["f"])
+    net.add("out", Readout(np.array([1.0, 0.5]), np.zeros(2)), ["head"])
+    net.verify()
+    return net
+
+
+@pytest.mark.parametrize("T,D", [(3, 3), (4, 1)])
+def test_spike_matmul_equals_run_steps(T: int, D: int) -> None:
+    net = attention_net(T, D, seed=T + D)
+    x = batch_for(net, 3, seed=T)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert_same(run_steps(net, x), res)
+    off = BACKEND.last_plan.meta["offsets"]
+    assert off["qk"] == off["q"] + 1 and off["av"] == off["a"] + 1
+    delays = {p["name"] for p in BACKEND.last_plan.processes if p["kind"] == "delay"}
+    assert f"s__delay{off['q'] - off['s']}" in delays  # S waits for Q
+    assert {p["dst_port"] for p in BACKEND.last_plan.connections if p["dst"] == "qk"} == {"a_in", "b_in"}
+    ref = NumbaBackend().run(net, x)
+    assert res.stats["qk"].acs == ref.stats["qk"].acs and res.stats["av"].acs == ref.stats["av"].acs
 
 
 def test_lava_conv_process_and_all_custom_give_the_same() -> None:
@@ -398,13 +438,14 @@ def test_bundle_runs_in_fresh_lava_env(tmp_path: Path) -> None:
     assert {p.name for p in bundle.iterdir()} >= {"plan.json", "arrays.npz", "run_lava.py", "README.md", "manifest.json",
                                                   "csdc_lava_runtime"}
     for src in (bundle / "csdc_lava_runtime").glob("*.py"):
-        assert not re.search(r"^\s*(import|from)\s+csdc\b", src.read_text(), re.M), src  # no csdc import
+        assert not re.search(r"^\s*(import|from)\s+csdc\b", src.read_text(), re.MULTILINE), src  # no csdc import
     np.savez(tmp_path / "input.npz", x=x)
     py = _fresh_lava_env(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    assert subprocess.run([str(py), "-c", "import csdc"], capture_output=True, cwd=tmp_path, env=env).returncode != 0
+    assert subprocess.run([str(py), "-c", "import csdc"], capture_output=True, cwd=tmp_path, env=env,
+                          check=False).returncode != 0
     run = subprocess.run([str(py), str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o", str(tmp_path / "out.npz")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     ref = BACKEND.run(net.with_delay(4), x)
     with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
@@ -415,7 +456,7 @@ def test_bundle_runs_in_fresh_lava_env(tmp_path: Path) -> None:
     # a tampered bundle is refused
     (bundle / "plan.json").write_text((bundle / "plan.json").read_text().replace('"T"', '"T" ', 1))
     bad = subprocess.run([str(py), str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o", str(tmp_path / "o2.npz")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
     assert bad.returncode != 0 and "SHA-256" in bad.stderr and not (tmp_path / "o2.npz").exists()
 
 

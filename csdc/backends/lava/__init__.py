@@ -36,4 +36,14 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["LavaUnavailableError", "import_lava", *_LAZY]
+__all__ = [
+    "LavaBackend",
+    "LavaGraph",
+    "LavaUnavailableError",
+    "build_process_graph",
+    "export_bundle",
+    "hardware_report",
+    "import_lava",
+    "make_plan",
+    "run_graph",
+]

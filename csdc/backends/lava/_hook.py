@@ -16,7 +16,8 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from typing import Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 #: The single module the hook rewrites.
 TARGET_MODULE = "lava.magma.compiler.var_model"
@@ -105,7 +106,7 @@ def rewrite_mutable_defaults(source: str, filename: str) -> tuple[ast.Module, li
 class _PatchedVarModelLoader(importlib.machinery.SourceFileLoader):
     """Loads the target module from its installed source with the rewrite applied."""
 
-    rewritten: list[str] = []
+    rewritten: ClassVar[list[str]] = []  # Class.field names rewritten by the last load
 
     def get_code(self, fullname: str) -> types.CodeType:
         # Always compile from source: a cached .pyc holds the unfixed module.

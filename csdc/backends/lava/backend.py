@@ -12,13 +12,25 @@ from csdc.backends.lava.compat import import_lava
 
 import_lava()
 
-from csdc.backends.lava import builder  # noqa: E402
-from csdc.backends.lava.plan import Plan, linear_matrix, make_plan  # noqa: E402
-from csdc.errors import DataError  # noqa: E402
-from csdc.ir.graph import Network  # noqa: E402
-from csdc.ir.ops import (SPIKES, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Op, Reshape, SpikeMaxPool,
-                         Transpose)
-from csdc.ir.semantics import _linear, encode, readout_logits  # noqa: E402
+from csdc.backends.lava import builder
+from csdc.backends.lava.plan import Plan, linear_matrix, make_plan
+from csdc.errors import DataError
+from csdc.ir.graph import Network
+from csdc.ir.ops import (
+    SPIKES,
+    Add,
+    ConvSynapse,
+    DenseSynapse,
+    DiagonalSynapse,
+    Encode,
+    Neuron,
+    Op,
+    Reshape,
+    SpikeMatMul,
+    SpikeMaxPool,
+    Transpose,
+)
+from csdc.ir.semantics import _linear, encode, readout_logits
 
 
 def build_process_graph(net: Network, x: np.ndarray | None = None, *, n_samples: int | None = None,
@@ -77,7 +89,8 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
     """Activity per node, with the numba backend's definitions: ``neurons`` / ``spikes`` of
     spiking nodes, ``max_abs_v`` of neurons (measured inside the Lava processes), ``acs`` of
     synapses fed by spikes (per presynaptic spike, the targets it reaches) and ``macs`` of
-    synapses fed by the constant encoded current (per nonzero input value, once per sample).
+    synapses fed by the constant encoded current (per nonzero input value, once per sample); a
+    SpikeMatMul (M, K) x (K, N) counts N ACs per spike of A and M per spike of B.
     Synapses fed by a time-varying current (e.g. a SumPool output) get no MAC count here:
     their per-step values never leave the Lava processes."""
     stats: dict[str, NodeStats] = {}
@@ -102,6 +115,10 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
                     st.macs = int((nz * fan).sum())
                     const[name] = _linear(op, const[src])
                 stats[name] = st
+        elif isinstance(op, SpikeMatMul):
+            m, n = net.info(ins[0]).shape[-2], net.info(ins[1]).shape[-1]
+            ca, cb = _spike_counts_of(net, ins[0], counts), _spike_counts_of(net, ins[1], counts)
+            stats[name] = NodeStats(acs=int(n * ca.sum() + m * cb.sum()))
         elif isinstance(op, (Add, Reshape, Transpose)) and ins and all(s in const for s in ins):
             const[name] = np.sum([const[s] for s in ins], axis=0) if isinstance(op, Add) else _linear(op, const[ins[0]])
     return stats

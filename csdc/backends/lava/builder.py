@@ -18,15 +18,15 @@ from . import _hook
 
 _hook.install()
 
-from lava.magma.core.process.process import AbstractProcess  # noqa: E402
-from lava.magma.core.run_conditions import RunSteps  # noqa: E402
-from lava.magma.core.run_configs import Loihi2SimCfg  # noqa: E402
-from lava.proc.conv.process import Conv  # noqa: E402
-from lava.proc.dense.process import Dense  # noqa: E402
-from lava.proc.sparse.process import Sparse  # noqa: E402
-from lava.utils.weightutils import SignMode  # noqa: E402
+from lava.magma.core.process.process import AbstractProcess
+from lava.magma.core.run_conditions import RunSteps
+from lava.magma.core.run_configs import Loihi2SimCfg
+from lava.proc.conv.process import Conv
+from lava.proc.dense.process import Dense
+from lava.proc.sparse.process import Sparse
+from lava.utils.weightutils import SignMode
 
-from . import processes as P  # noqa: E402
+from . import processes as P
 
 PLAN_FORMAT = "csdc-lava-plan"
 SUPPORTED_PLAN_VERSIONS = (1,)
@@ -122,6 +122,9 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
                                  keep_trains=keep_trains, name=name)
         elif kind == "delay":
             proc = P.CsdcDelay(shape=tuple(p["out_port"]), steps=prm["steps"], name=name)
+        elif kind == "matmul":
+            proc = P.CsdcSpikeMatMul(a_shape=tuple(p["in_port"]), b_shape=tuple(p["in_port_b"]), weight=prm["weight"],
+                                     T=T, start=p["start"], period=period, n_samples=n, name=name)
         elif kind == "readout":
             proc = sink = P.CsdcReadout(num_classes=int(p["in_port"][0]), T=T, start=p["start"], period=period,
                                         n_samples=n, name=name)
@@ -150,7 +153,8 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
         port = _out_port(procs[c["src"]])
         for kind, arg in c["transforms"]:
             port = port.reshape(tuple(arg)) if kind == "reshape" else port.transpose(list(arg))
-        port.connect(_in_port(procs[c["dst"]]))
+        dst = procs[c["dst"]]
+        port.connect(getattr(dst, c["dst_port"]) if c.get("dst_port") else _in_port(dst))
     return LavaGraph(source=source, processes=procs, sink=sink, plan=plan, n_samples=n, keep_trains=keep_trains)
 
 

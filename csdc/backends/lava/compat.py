@@ -67,11 +67,11 @@ def import_lava() -> types.ModuleType:
             f"lava-nc needs the 'fork' multiprocessing start method, but '{method}' was already set in this "
             "process; import csdc.backends.lava before choosing a start method")
     try:
-        import lava  # noqa: F401
-        import lava.magma.compiler.var_model  # noqa: F401  (through the hook)
-        import lava.magma.core.run_configs  # noqa: F401
-        import lava.magma.core.run_conditions  # noqa: F401
-        import lava.proc.dense.models  # noqa: F401
+        import lava
+        import lava.magma.compiler.var_model
+        import lava.magma.core.run_conditions
+        import lava.magma.core.run_configs
+        import lava.proc.dense.models
         import lava.proc.dense.process  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "lava":
@@ -87,9 +87,9 @@ def import_lava() -> types.ModuleType:
 
 __all__ = [
     "INSTALL_HINT",
+    "TARGET_MODULE",
     "LavaCompatFinder",
     "LavaUnavailableError",
-    "TARGET_MODULE",
     "hook_needed",
     "import_lava",
     "install",

@@ -9,7 +9,8 @@ Process mapping (see docs/lava.md):
   only where its fixed-point model is exact: Dense and Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
   and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
-- ``Neuron`` -> ``CsdcNeuron``, ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``Encode`` ->
+- ``Neuron`` -> ``CsdcNeuron``, ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
+  ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
   ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
 - ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
   all their incoming connections (a dendrite). ``Reshape`` / ``Transpose`` are no process
@@ -17,8 +18,9 @@ Process mapping (see docs/lava.md):
 
 Global clock. Every IR node gets an *offset*: the global step carrying its local step 1.
 ``Encode`` has offset 1; a synapse adds 1 (Lava's Dense t-1 buffer); a neuron adds its delay D;
-max-pool and routing add 0. An Add takes the largest offset of its inputs and delays every
-earlier branch by the difference with a ``CsdcDelay`` (delay balancing). The readout window
+max-pool and routing add 0, a SpikeMatMul adds 1. An Add or a SpikeMatMul takes the largest
+offset of its inputs and delays every earlier input by the difference with a ``CsdcDelay``
+(delay balancing). The readout window
 starts at its input's offset, so the end-to-end latency is ``offset(readout) - 1 + T`` steps.
 Samples are pipelined with ``period = T + max D`` steps.
 """
@@ -43,6 +45,7 @@ from csdc.ir.ops import (
     Op,
     Readout,
     Reshape,
+    SpikeMatMul,
     SpikeMaxPool,
     SumPool,
     Transpose,
@@ -154,6 +157,9 @@ def abs_bounds(net: Network) -> dict[str, int]:
             b[name] = int(row.max(initial=0)) * ins[0]
         elif isinstance(op, Add):
             b[name] = int(sum(ins))
+        elif isinstance(op, SpikeMatMul):
+            k = net.info(net.inputs(name)[0]).shape[-1]
+            b[name] = abs(op.weight) * 2 * k * net.T  # A(t) C_B(t) + C_A(t-1) B(t) <= 2 K T
         else:
             b[name] = ins[0]
     return b
@@ -165,7 +171,7 @@ def _weight_exp(m: sp.csr_matrix) -> int | None:
     w = m.data.astype(np.int64)
     if w.size == 0:
         return 0
-    for e in range(0, 24):
+    for e in range(24):
         if np.all(w % (1 << e) == 0):
             mant = w >> e
             if mant.min() >= -256 and mant.max() <= 255:
@@ -265,8 +271,8 @@ class _Planner:
         return self.delay_procs[key]
 
     # -- wiring -----------------------------------------------------------------------
-    def _connect_raw(self, src: str, dst: str, transforms: list) -> None:
-        key = (src, dst, tuple((t[0], t[1]) for t in transforms))
+    def _connect_raw(self, src: str, dst: str, transforms: list, dst_port: str | None = None) -> None:
+        key = (src, dst, dst_port, tuple((t[0], t[1]) for t in transforms))
         if key in self.connected:
             # the same OutPort -> InPort edge twice (e.g. x + x through two routes): Lava keeps one
             # connection per port pair, so route the duplicate through a zero-step relay
@@ -277,14 +283,18 @@ class _Planner:
                        tuple(sp_["out_ir"]), sp_["offset"], {"steps": 0}, impl="custom", start=sp_["offset"])
             self._connect_raw(src, relay, [])
             src = relay
-            key = (src, dst, key[2])
+            key = (src, dst, dst_port, key[3])
         self.connected.add(key)
-        self.plan.connections.append({"src": src, "dst": dst,
-                                      "transforms": [[t[0], list(t[1])] for t in transforms]})
+        conn = {"src": src, "dst": dst, "transforms": [[t[0], list(t[1])] for t in transforms]}
+        if dst_port is not None:
+            conn["dst_port"] = dst_port
+        self.plan.connections.append(conn)
 
-    def _connect_terms(self, terms: list[Term], dst: str) -> None:
-        """Connect every term to dst's InPort; the IR tensor is converted to dst's port layout."""
+    def _connect_terms(self, terms: list[Term], dst: str, dst_port: str | None = None) -> None:
+        """Connect every term to dst's InPort (``dst_port``: its name when the process has
+        several); the IR tensor is converted to dst's port layout."""
         d = self.procs[dst]
+        in_port = tuple(d["in_port_b"] if dst_port == "b_in" else d["in_port"])
         for term in terms:
             src_name = self._delayed(term.proc, term.delay)
             src = self.procs[src_name]
@@ -299,10 +309,10 @@ class _Planner:
             if d["impl"] == "lava.Conv":
                 route.add("reshape", tuple(d["in_ir"]))
                 route.add("transpose", (2, 1, 0))
-            route.add("reshape", tuple(d["in_port"]))
-            if route.shape != tuple(d["in_port"]):
-                raise IRError(f"internal wiring error: {src_name} -> {dst} gives {route.shape}, port is {d['in_port']}")
-            self._connect_raw(src_name, dst, route.steps)
+            route.add("reshape", in_port)
+            if route.shape != in_port:
+                raise IRError(f"internal wiring error: {src_name} -> {dst} gives {route.shape}, port is {in_port}")
+            self._connect_raw(src_name, dst, route.steps, dst_port)
 
     # -- lowering ---------------------------------------------------------------------
     def _synapse(self, name: str, op: Op) -> None:
@@ -383,6 +393,16 @@ class _Planner:
                            start=start)
                 self._connect_terms(self.terms[ins[0]], name)
                 self.terms[name], self.offset[name] = [Term(name, 0)], start
+            elif isinstance(op, SpikeMatMul):
+                start = max(self.offset[s] for s in ins)
+                a_shape, b_shape = net.info(ins[0]).shape, net.info(ins[1]).shape
+                p = self._proc(name, "matmul", name, a_shape, shape, shape, a_shape, start + 1,
+                               {"weight": int(op.weight)}, start=start)
+                p["in_port_b"] = list(b_shape)
+                for port, s in zip(("a_in", "b_in"), ins):
+                    d = start - self.offset[s]  # delay balancing of the earlier operand
+                    self._connect_terms([Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]], name, port)
+                self.terms[name], self.offset[name] = [Term(name, 0)], start + 1
             elif isinstance(op, Add):
                 off = max(self.offset[s] for s in ins)
                 terms: list[Term] = []
@@ -436,6 +456,10 @@ def make_plan(net: Network, n_samples: int = 1, *, keep_trains: bool = False, us
     return _Planner(net, n_samples, keep_trains, use_lava_synapses, conv).run()
 
 
+_CUSTOM_CLASS = {"encode": "CsdcEncode", "neuron": "CsdcNeuron", "maxpool": "CsdcMaxPool", "delay": "CsdcDelay",
+                 "readout": "CsdcReadout", "matmul": "CsdcSpikeMatMul", "synapse": "CsdcSynapse"}
+
+
 def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     """Per IR node: the Lava process that runs it and what real Loihi 2 would need.
 
@@ -469,13 +493,16 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
             hw = "custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by subtraction, per-neuron v0 and bias)"
         elif kind == "maxpool":
             hw = "custom neuron microcode (TDEC max-pool: running counts and window max per step)"
+        elif kind == "matmul":
+            hw = ("custom neuron microcode (TDEC VMM: running spike counts held as neuron state, sent as graded spikes "
+                  "and gated by the other operand's spikes)")
         elif kind == "encode":
             hw = "host / embedded CPU (graded spikes carrying the input levels)"
         elif kind == "readout":
             hw = "host / embedded CPU (accumulate currents, dequantize)"
         else:
             hw = "Loihi 2 axon / synaptic delay"
-        rows.append({"process": p["name"], "ir_node": node, "kind": kind, "lava": impl if impl != "custom" else f"Csdc{kind.capitalize()}",
+        rows.append({"process": p["name"], "ir_node": node, "kind": kind, "lava": impl if impl != "custom" else _CUSTOM_CLASS[kind],
                      "offset": p["offset"], "loihi2": hw, "notes": notes})
     return rows
 

@@ -13,8 +13,8 @@ process do not overlap, and every process resets its state at local step 1.
 
 Latencies (global steps from input local step t to output local step t):
 ``CsdcEncode`` -, ``CsdcNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
-``CsdcSynapse`` 1 (like Lava's Dense/Sparse/Conv, whose output at step g is the synaptic
-input of step g - 1), ``CsdcReadout`` -.
+``CsdcSynapse`` and ``CsdcSpikeMatMul`` 1 (like Lava's Dense/Sparse/Conv, whose output at
+step g is the synaptic input of step g - 1), ``CsdcReadout`` -.
 
 Results leave the processes through Lava ``Var``s. ``Var.get()`` moves one float64 per element
 (about 45 microseconds each in Lava 0.10), so spike trains and counts are bit-packed into
@@ -23,8 +23,6 @@ Results leave the processes through Lava ``Var``s. ``Var.get()`` moves one float
 
 from __future__ import annotations
 
-import typing as ty
-
 import numpy as np
 import scipy.sparse as sp
 
@@ -32,15 +30,15 @@ from . import _hook
 
 _hook.install()
 
-from lava.magma.core.decorator import implements, requires, tag  # noqa: E402
-from lava.magma.core.model.py.model import PyLoihiProcessModel  # noqa: E402
-from lava.magma.core.model.py.ports import PyInPort, PyOutPort  # noqa: E402
-from lava.magma.core.model.py.type import LavaPyType  # noqa: E402
-from lava.magma.core.process.ports.ports import InPort, OutPort  # noqa: E402
-from lava.magma.core.process.process import AbstractProcess  # noqa: E402
-from lava.magma.core.process.variable import Var  # noqa: E402
-from lava.magma.core.resources import CPU  # noqa: E402
-from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol  # noqa: E402
+from lava.magma.core.decorator import implements, requires, tag
+from lava.magma.core.model.py.model import PyLoihiProcessModel
+from lava.magma.core.model.py.ports import PyInPort, PyOutPort
+from lava.magma.core.model.py.type import LavaPyType
+from lava.magma.core.process.ports.ports import InPort, OutPort
+from lava.magma.core.process.process import AbstractProcess
+from lava.magma.core.process.variable import Var
+from lava.magma.core.resources import CPU
+from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 WORD_BITS = 48  # bits per packed word: integers below 2**53 survive Var.get()'s float64
 
@@ -168,6 +166,21 @@ class CsdcSynapse(AbstractProcess):
         super().__init__(matrix=m, name=name)
         self.s_in = InPort(shape=tuple(in_shape))
         self.a_out = OutPort(shape=tuple(out_shape))
+
+
+class CsdcSpikeMatMul(AbstractProcess):
+    """TDEC product of two spike tensors A (..., M, K) and B (..., K, N) (SPEC 2.4):
+    ``I(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running counts C reset per sample;
+    the current is delivered one step later (latency 1, like a synapse)."""
+
+    def __init__(self, *, a_shape: tuple[int, ...], b_shape: tuple[int, ...], weight: int, T: int, start: int,
+                 period: int, n_samples: int, name: str = "spike_matmul") -> None:
+        a_shape, b_shape = tuple(int(s) for s in a_shape), tuple(int(s) for s in b_shape)
+        super().__init__(weight=int(weight), T=int(T), start=int(start), period=int(period), n_samples=int(n_samples),
+                         name=name)
+        self.a_in = InPort(shape=a_shape)
+        self.b_in = InPort(shape=b_shape)
+        self.a_out = OutPort(shape=(*a_shape[:-1], b_shape[-1]))
 
 
 class CsdcReadout(AbstractProcess):
@@ -366,6 +379,43 @@ class PyCsdcSynapseModel(PyLoihiProcessModel):
         self._buf = np.asarray(self._m @ x, dtype=np.int64).reshape(self.a_out.shape)
 
 
+@implements(proc=CsdcSpikeMatMul, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcSpikeMatMulModel(PyLoihiProcessModel):
+    """Running counts of both inputs; each step adds count rows/columns gated by spikes."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    b_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        p = proc_params
+        self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
+        self._T, self._w = p["T"], p["weight"]
+        self._buf: np.ndarray | None = None
+
+    def run_spk(self) -> None:
+        if self._buf is None:
+            self._buf = np.zeros(self.a_out.shape, dtype=np.int64)
+            self._ca = np.zeros(self.a_in.shape, dtype=np.int64)
+            self._cb = np.zeros(self.b_in.shape, dtype=np.int64)
+        self.a_out.send(self._buf)
+        a = self.a_in.recv().astype(np.int64)
+        b = self.b_in.recv().astype(np.int64)
+        k, u = self._sched.locate(self.time_step)
+        if k >= 0 and u <= self._T:
+            if u == 1:
+                self._ca[...] = 0
+                self._cb[...] = 0
+            self._cb += b
+            self._buf = self._w * (np.matmul(a, self._cb) + np.matmul(self._ca, b))
+            self._ca += a
+        else:
+            self._buf = np.zeros(self.a_out.shape, dtype=np.int64)
+
+
 @implements(proc=CsdcReadout, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
@@ -396,17 +446,19 @@ PROCESS_MODELS: dict[type, type] = {
     CsdcMaxPool: PyCsdcMaxPoolModel,
     CsdcDelay: PyCsdcDelayModel,
     CsdcSynapse: PyCsdcSynapseModel,
+    CsdcSpikeMatMul: PyCsdcSpikeMatMulModel,
     CsdcReadout: PyCsdcReadoutModel,
 }
 
 __all__ = [
+    "PROCESS_MODELS",
     "CsdcDelay",
     "CsdcEncode",
     "CsdcMaxPool",
     "CsdcNeuron",
     "CsdcReadout",
+    "CsdcSpikeMatMul",
     "CsdcSynapse",
-    "PROCESS_MODELS",
     "count_bits",
     "pack_uint",
     "packed_words",
