@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from csdc.errors import IRError
+from csdc.errors import CsdcError, IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
     SPIKES,
@@ -460,37 +460,58 @@ _CUSTOM_CLASS = {"encode": "CsdcEncode", "neuron": "CsdcNeuron", "maxpool": "Csd
                  "readout": "CsdcReadout", "matmul": "CsdcSpikeMatMul", "synapse": "CsdcSynapse"}
 
 
-def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
-    """Per IR node: the Lava process that runs it and what real Loihi 2 would need.
+def _profile_bits(net: Network) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Loihi 2 budgets and per-node bit widths from the compiler's bit-width analysis (its
+    ``loihi2`` profile), falling back to :data:`LOIHI2` if the analysis is unavailable."""
+    budget = dict(LOIHI2)
+    try:
+        from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
 
-    Budgets are those of the ``loihi2`` hardware profile (:data:`LOIHI2`)."""
+        prof = PROFILES["loihi2"]
+        budget.update(weight_bits=prof.weight_bits, threshold_bits=prof.threshold_bits, membrane_bits=prof.membrane_bits)
+        per_node = analyze_bitwidth(net, "int64").per_node  # measure without enforcing a budget
+    except (ImportError, KeyError, CsdcError):
+        per_node = {}
+    return budget, per_node
+
+
+def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
+    """Per Lava process: the class that runs it, its offset, what real Loihi 2 would need and
+    where the network exceeds the ``loihi2`` hardware profile of the bit-width analysis (8-bit
+    weights, 24-bit thresholds and membrane potentials; plus 24-bit dendritic accumulators and
+    graded-spike payloads)."""
     plan = plan or make_plan(net)
     bounds = abs_bounds(net)
+    budget, bits = _profile_bits(net)
     rows = []
     for p in plan.processes:
         node = p["ir_node"]
         kind, impl = p["kind"], p["impl"]
+        nb = bits.get(node, {}) if node else {}
         notes: list[str] = []
         if kind == "synapse":
             op = net.op(node)
             w = op.weight if hasattr(op, "weight") else np.ones(1, np.int64)
-            wmax = int(np.abs(w).max(initial=0))
-            wbits = wmax.bit_length() + 1
-            if wbits > LOIHI2["weight_bits"]:
-                notes.append(f"weights need {wbits} bits (> {LOIHI2['weight_bits']}): split into weight_exp-scaled "
-                             "synapse groups on Loihi 2")
+            wbits = nb.get("weight_bits", int(np.abs(w).max(initial=0)).bit_length() + 1)
+            if wbits > budget["weight_bits"]:
+                notes.append(f"weights need {wbits} bits (> {budget['weight_bits']}): split into synapse groups with "
+                             "different weight exponents on Loihi 2")
             acc = p["params"]["acc_bound"]
-            if acc.bit_length() + 1 > LOIHI2["accumulator_bits"]:
-                notes.append(f"per-step current up to {acc} exceeds the 24-bit dendritic accumulator")
-            if p["params"]["num_message_bits"] and bounds[net.inputs(node)[0]].bit_length() + 1 > LOIHI2["payload_bits"]:
-                notes.append("graded input exceeds the 24-bit spike payload")
-            hw = "Loihi 2 synapses" if impl.startswith("lava.") else "Loihi 2 synapses (custom only in simulation: " + p["params"]["reason"] + ")"
+            if acc.bit_length() + 1 > budget["accumulator_bits"]:
+                notes.append(f"per-step current up to {acc} exceeds the {budget['accumulator_bits']}-bit dendritic accumulator")
+            if p["params"]["num_message_bits"] and bounds[net.inputs(node)[0]].bit_length() + 1 > budget["payload_bits"]:
+                notes.append(f"graded input exceeds the {budget['payload_bits']}-bit spike payload")
+            hw = ("Loihi 2 synapses" if impl.startswith("lava.")
+                  else "Loihi 2 synapses (custom only in simulation: " + p["params"]["reason"] + ")")
         elif kind == "neuron":
             op = net.op(node)
-            tb = int(op.threshold.max(initial=1)).bit_length() + 1
-            if tb > LOIHI2["threshold_bits"]:
-                notes.append(f"thresholds need {tb} bits (> 24)")
-            hw = "custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by subtraction, per-neuron v0 and bias)"
+            tb = nb.get("threshold_bits", int(op.threshold.max(initial=1)).bit_length())
+            if tb > budget["threshold_bits"]:
+                notes.append(f"thresholds need {tb} bits (> {budget['threshold_bits']})")
+            if nb.get("membrane_bits", 0) > budget["membrane_bits"]:
+                notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['membrane_bits']})")
+            hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
+                  "subtraction, per-neuron v0 and bias)")
         elif kind == "maxpool":
             hw = "custom neuron microcode (TDEC max-pool: running counts and window max per step)"
         elif kind == "matmul":
@@ -499,10 +520,13 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
         elif kind == "encode":
             hw = "host / embedded CPU (graded spikes carrying the input levels)"
         elif kind == "readout":
+            if nb.get("accumulator_bits", 0) > budget["membrane_bits"]:
+                notes.append(f"readout accumulates {nb['accumulator_bits']} bits (> {budget['membrane_bits']})")
             hw = "host / embedded CPU (accumulate currents, dequantize)"
         else:
             hw = "Loihi 2 axon / synaptic delay"
-        rows.append({"process": p["name"], "ir_node": node, "kind": kind, "lava": impl if impl != "custom" else _CUSTOM_CLASS[kind],
+        rows.append({"process": p["name"], "ir_node": node, "kind": kind,
+                     "lava": impl if impl != "custom" else _CUSTOM_CLASS[kind],
                      "offset": p["offset"], "loihi2": hw, "notes": notes})
     return rows
 
