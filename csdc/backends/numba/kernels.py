@@ -28,6 +28,20 @@ from numba import njit, prange
 from numba.core.dispatcher import Dispatcher
 
 
+@njit(cache=True)
+def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dilation: int) -> np.ndarray:
+    """Window geometry along one axis: ``tab[i, j]`` is the output index that input index ``i``
+    reaches through kernel tap ``j`` (``o * stride - pad + j * dilation == i``, ``0 <= o < n_out``),
+    or -1. Tabulated once per call so the scatter loops need no divisions."""
+    tab = np.full((n_in, k), -1, dtype=np.int64)
+    for i in range(n_in):
+        for j in range(k):
+            num = i + pad - j * dilation
+            if num >= 0 and num % stride == 0 and num // stride < n_out:
+                tab[i, j] = num // stride
+    return tab
+
+
 @njit(parallel=True, cache=True)
 def dense_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray, acs: np.ndarray) -> None:
     """Dense synapses driven by spikes: ``out[b, m, :] = sum_{i: s[b, m, i] = 1} w[i, :]``.
@@ -90,9 +104,8 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarra
     _, kh, kw, og = w.shape
     O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
     cg = C // (O // og)
-    sh, sw = stride[0], stride[1]
-    pt, pl = pad[0], pad[1]
-    dh, dw = dilation[0], dilation[1]
+    rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
+    cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
     for b in prange(B):
         # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
         acc = np.zeros((OH, OW, O), dtype=out.dtype)
@@ -106,19 +119,14 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarra
                         if not s[b, m, c, y, x]:
                             continue
                         for ky in range(kh):
-                            ny = y + pt - ky * dh
-                            if ny < 0:
-                                break  # ny only decreases with ky
-                            if ny % sh != 0 or ny // sh >= OH:
+                            oy = rows[y, ky]
+                            if oy < 0:
                                 continue
-                            oy = ny // sh
                             for kx in range(kw):
-                                nx = x + pl - kx * dw
-                                if nx < 0:
-                                    break
-                                if nx % sw != 0 or nx // sw >= OW:
+                                ox = cols[x, kx]
+                                if ox < 0:
                                     continue
-                                tgt = acc[oy, nx // sw]
+                                tgt = acc[oy, ox]
                                 wk = w[c, ky, kx]
                                 for j in range(og):
                                     tgt[o0 + j] += wk[j]
@@ -140,9 +148,8 @@ def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndar
     _, kh, kw, og = w.shape
     O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
     cg = C // (O // og)
-    sh, sw = stride[0], stride[1]
-    pt, pl = pad[0], pad[1]
-    dh, dw = dilation[0], dilation[1]
+    rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
+    cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
     for b in prange(B):
         acc = np.zeros((OH, OW, O), dtype=out.dtype)
         n_mac = 0
@@ -156,19 +163,14 @@ def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndar
                         if q == 0:
                             continue
                         for ky in range(kh):
-                            ny = y + pt - ky * dh
-                            if ny < 0:
-                                break
-                            if ny % sh != 0 or ny // sh >= OH:
+                            oy = rows[y, ky]
+                            if oy < 0:
                                 continue
-                            oy = ny // sh
                             for kx in range(kw):
-                                nx = xx + pl - kx * dw
-                                if nx < 0:
-                                    break
-                                if nx % sw != 0 or nx // sw >= OW:
+                                ox = cols[xx, kx]
+                                if ox < 0:
                                     continue
-                                tgt = acc[oy, nx // sw]
+                                tgt = acc[oy, ox]
                                 wk = w[c, ky, kx]
                                 for j in range(og):
                                     tgt[o0 + j] += q * wk[j]
@@ -190,8 +192,8 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
     B, T, C, H, W = s.shape
     OH, OW = out.shape[3], out.shape[4]
     kh, kw = kernel[0], kernel[1]
-    sh, sw = stride[0], stride[1]
-    pt, pl = pad[0], pad[1]
+    rows = _taps(H, OH, kh, stride[0], pad[0], 1)
+    cols = _taps(W, OW, kw, stride[1], pad[1], 1)
     for b in prange(B):
         for t in range(T):
             for c in range(C):
@@ -200,18 +202,13 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
                         if not s[b, t, c, y, x]:
                             continue
                         for ky in range(kh):
-                            ny = y + pt - ky
-                            if ny < 0:
-                                break
-                            if ny % sh != 0 or ny // sh >= OH:
+                            oy = rows[y, ky]
+                            if oy < 0:
                                 continue
                             for kx in range(kw):
-                                nx = x + pl - kx
-                                if nx < 0:
-                                    break
-                                if nx % sw != 0 or nx // sw >= OW:
-                                    continue
-                                out[b, t, c, ny // sh, nx // sw] += 1
+                                ox = cols[x, kx]
+                                if ox >= 0:
+                                    out[b, t, c, oy, ox] += 1
 
 
 @njit(parallel=True, cache=True)
@@ -228,8 +225,8 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
     B, T, C, H, W = s.shape
     OH, OW = out.shape[3], out.shape[4]
     kh, kw = kernel[0], kernel[1]
-    sh, sw = stride[0], stride[1]
-    pt, pl = pad[0], pad[1]
+    rows = _taps(H, OH, kh, stride[0], pad[0], 1)
+    cols = _taps(W, OW, kw, stride[1], pad[1], 1)
     for b in prange(B):
         running = np.zeros((C, H, W), dtype=np.int64)
         win_max = np.zeros((C, OH, OW), dtype=np.int64)
@@ -242,20 +239,12 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
                         running[c, y, x] += 1
                         r = running[c, y, x]
                         for ky in range(kh):
-                            ny = y + pt - ky
-                            if ny < 0:
-                                break
-                            if ny % sh != 0 or ny // sh >= OH:
+                            oy = rows[y, ky]
+                            if oy < 0:
                                 continue
-                            oy = ny // sh
                             for kx in range(kw):
-                                nx = x + pl - kx
-                                if nx < 0:
-                                    break
-                                if nx % sw != 0 or nx // sw >= OW:
-                                    continue
-                                ox = nx // sw
-                                if r > win_max[c, oy, ox]:
+                                ox = cols[x, kx]
+                                if ox >= 0 and r > win_max[c, oy, ox]:
                                     win_max[c, oy, ox] = r
                                     out[b, t, c, oy, ox] = 1
 
