@@ -348,9 +348,13 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     return net, random_x((2, 5, 5), 2)
 
 
-def test_second_process_reuses_the_kernel_cache() -> None:
+def test_second_process_reuses_the_kernel_cache(tmp_path: Path) -> None:
     """A run (here, in this process) fills numba's cache; a new process with the same
-    ``NUMBA_CACHE_DIR`` sees it and compiles nothing."""
+    ``NUMBA_CACHE_DIR`` sees it and compiles nothing, one with an empty cache does not."""
+    probe = "from csdc.backends.numba import kernels_cached; print(kernels_cached())"
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}, check=True)
+    assert fresh.stdout.split() == ["False"]
     BACKEND.run(*all_kernels_net())
     assert kernels_cached()
     child = f"""
