@@ -40,7 +40,7 @@ from csdc.ir import (
 from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps
 
 BACKEND = NumbaBackend()
-PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def assert_same_as_steps(net: Network, x: np.ndarray) -> None:
@@ -119,9 +119,9 @@ def test_dif_neuron_hand_computed(delay: int, train: list[int], peak: int) -> No
     assert res.stats["n"].spikes == 3 and res.stats["n"].neurons == 1
 
 
-def test_negative_bias_and_late_negative_input() -> None:
+def test_negative_bias() -> None:
     # current 5 per step, bias -2, threshold 3, v0 = 1: v = 4->1, 4->1, ... one spike per step;
-    # a second neuron gets bias -6: v = 0, -1, -2, ... never fires.
+    # a second neuron gets bias -6: v = 0, -1, -2, -3, never fires.
     net = Network(4)
     net.add("in", Encode((2,), 1.0, 0, 10))
     net.add("n", Neuron(np.array([3, 3]), np.array([1, 1]), np.array([-2, -6]), 0), ["in"])
@@ -130,6 +130,27 @@ def test_negative_bias_and_late_negative_input() -> None:
     res = BACKEND.run(net, x, keep_trains=True)
     assert res.trains["n"][0].tolist() == [[1, 0], [1, 0], [1, 0], [1, 0]]
     assert res.stats["n"].max_abs_v == 4
+    assert_same_as_steps(net, x)
+
+
+@pytest.mark.parametrize(("delay", "train"), [(0, [0, 1, 0, 0]), (4, [0, 0, 0, 0])])
+def test_late_negative_input_unevenness(delay: int, train: list[int]) -> None:
+    # "early" fires every step (bias 1, threshold 1); "late" only at step 3 (bias 1, threshold 3).
+    # The target gets +1 per step and -3 at step 3: v = 1, 2 -> fires at D = 0, then -2, -1;
+    # with D >= T it sees the total 4 - 3 = 1 < 2 first and never fires (SPEC 2.2).
+    net = Network(4)
+    net.add("in", Encode((1,), 1.0, 0, 1))
+    net.add("early", neuron((1,), 1, 0, bias=1), ["in"])
+    net.add("late", neuron((1,), 3, 0, bias=1), ["in"])
+    net.add("w_early", DiagonalSynapse(np.array([1])), ["early"])
+    net.add("w_late", DiagonalSynapse(np.array([-3])), ["late"])
+    net.add("sum", Add(), ["w_early", "w_late"])
+    net.add("n", neuron((1,), 2, delay), ["sum"])
+    readout_net(net, "n", classes=1)
+    x = np.zeros((1, 1), dtype=np.float32)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert res.trains["late"][0, :, 0].tolist() == [0, 0, 1, 0]
+    assert res.trains["n"][0, :, 0].tolist() == train
     assert_same_as_steps(net, x)
 
 
