@@ -364,12 +364,14 @@ def test_build_process_graph_for_embedding() -> None:
 
 
 # -- against the numba backend --------------------------------------------------------------
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(net=networks(max_T=4), seed=st.integers(0, 2**16))
-def test_random_networks_equal_numba(net: Network, seed: int) -> None:
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(net=networks(max_T=4), seed=st.integers(0, 2**16), conv=st.sampled_from(["lava.Sparse", "lava.Conv"]))
+def test_random_networks_equal_numba(net: Network, seed: int, conv: str) -> None:
+    """Random networks (every op kind, delays 0..T+2: D < T and D >= T) on both convolution
+    mappings: Lava == numba spike for spike, readouts, logits and activity statistics."""
     x = inputs_for(net, 2, seed)
     ref = NumbaBackend().run(net, x, keep_trains=True)
-    got = BACKEND.run(net, x, keep_trains=True)
+    got = LavaBackend(conv=conv).run(net, x, keep_trains=True)
     assert_same(ref, got)
     for name, st_ in got.stats.items():
         if name in ref.stats:

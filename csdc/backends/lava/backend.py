@@ -41,11 +41,14 @@ def build_process_graph(net: Network, x: np.ndarray | None = None, *, n_samples:
     Returns a :class:`csdc.backends.lava.builder.LavaGraph` with ``source`` (the
     ``CsdcEncode`` input process), ``processes`` (every Lava process by name: Lava's own
     ``Dense`` / ``Sparse`` / ``Conv`` and csdc's custom ones) and ``sink`` (the
-    ``CsdcReadout``). ``x`` (n, *input_shape) float data is encoded into the source; without it
-    the source holds ``n_samples`` all-zero inputs, to be replaced with
-    ``graph.source.levels.set(levels)`` before running. Run it with
+    ``CsdcReadout``). ``x`` (n, *input_shape) float data is encoded into the source (the
+    samples are pipelined, one every ``period`` steps); without it the source holds
+    ``n_samples`` all-zero inputs, e.g. for inspecting or re-wiring the graph (Lava Vars can
+    only be set while a runtime runs, so build one graph per batch: building is cheap, Lava
+    compiles at run time). Run it with
     ``graph.sink.run(condition=RunSteps(num_steps=graph.total_steps), run_cfg=builder.run_config(graph))``
-    and read ``graph.sink.readout.get()``, or call :func:`csdc.backends.lava.builder.run_graph`.
+    and read ``graph.sink.readout.get()`` (then ``graph.sink.stop()``), or call
+    :func:`csdc.backends.lava.builder.run_graph`, which also fetches counts and trains.
     """
     if x is not None:
         levels = encode(net.op(net.input_name), np.asarray(x))
