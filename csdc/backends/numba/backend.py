@@ -23,6 +23,7 @@ Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
 - SumPool and SpikeMaxPool only route and compare spikes: no ACs.
 - ``neurons``, ``spikes`` (Neuron, SpikeMaxPool); ``max_abs_v`` (Neuron): the largest
   |membrane potential| reached, for bit-width checks.
+- ``stats`` has an entry for each Neuron, SpikeMaxPool and synapse node (incl. SpikeMatMul).
 
 Large batches are cut into chunks so that the live tensors stay within a memory budget;
 each chunk's samples run in parallel inside the kernels.
@@ -62,6 +63,8 @@ from csdc.ir.ops import (
 from csdc.ir.semantics import encode, readout_logits
 
 _INT32_MAX = 2**31 - 1
+# Nodes whose activity is reported: spiking populations and synapses (the others only route).
+_REPORTED = (Neuron, SpikeMaxPool, DenseSynapse, ConvSynapse, DiagonalSynapse, SpikeMatMul)
 
 
 # -- integer types ------------------------------------------------------------------
@@ -479,7 +482,7 @@ class NumbaBackend:
             logits=readout_logits(net.op(net.output_name), readout),
             counts=counts,
             trains=trains,
-            stats=stats,
+            stats={k: v for k, v in stats.items() if isinstance(net.op(k), _REPORTED)},
         )
 
     def _plan(self, net: Network) -> list[PlannedNode]:
