@@ -192,6 +192,18 @@ def test_lava_needs_the_hook_and_imports_with_it() -> None:
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
 
 
+def test_import_after_multiprocessing_was_used_and_with_another_start_method() -> None:
+    """Lava fixes the 'fork' start method at import: that must work after a multiprocessing
+    object (a Queue, a tqdm bar) fixed 'fork' already, and fail clearly for 'spawn'."""
+    after_queue = ("import multiprocessing as mp; q = mp.Queue(); import csdc.backends.lava as L; L.import_lava(); "
+                   "assert mp.set_start_method.__module__ == 'multiprocessing.context'; print('ok')")
+    ok = subprocess.run([sys.executable, "-c", after_queue], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+    spawn = "import multiprocessing as mp; mp.set_start_method('spawn'); import csdc.backends.lava as L; L.import_lava()"
+    bad = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "needs the 'fork' multiprocessing start method" in bad.stderr
+
+
 def test_registry_gives_the_lava_backend() -> None:
     assert get_backend("lava").name == "lava"
 

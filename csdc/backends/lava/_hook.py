@@ -11,12 +11,14 @@ while that one module is imported, without touching any installed file.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import multiprocessing
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 #: The single module the hook rewrites.
@@ -152,3 +154,36 @@ def install() -> bool:
 def uninstall() -> None:
     """Remove the finder (modules already imported stay imported)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, LavaCompatFinder)]
+
+
+@contextlib.contextmanager
+def tolerate_same_start_method() -> Iterator[None]:
+    """Let lava's import-time ``multiprocessing.set_start_method('fork')`` succeed when 'fork'
+    is already in effect.
+
+    Lava 0.10 calls it unconditionally when ``lava.magma.runtime.message_infrastructure.
+    multiprocessing`` is imported, and the standard library raises "context has already been
+    set" as soon as anything created a multiprocessing object before (a Queue, a tqdm progress
+    bar, ...), even if that fixed the very same method. While the context is active, a request
+    for the method already in effect is a no-op; a different method still raises. The original
+    function is restored on exit."""
+    original = multiprocessing.set_start_method
+
+    def set_start_method(method: str, force: bool = False) -> None:
+        if not force and multiprocessing.get_start_method(allow_none=True) == method:
+            return
+        original(method, force=force)
+
+    multiprocessing.set_start_method = set_start_method  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method = original  # type: ignore[assignment]
+
+
+def prepare_lava() -> None:
+    """Install the finder and import lava's multiprocessing runtime (which fixes the 'fork'
+    start method) under :func:`tolerate_same_start_method`. Call before importing lava."""
+    install()
+    with tolerate_same_start_method():
+        importlib.import_module("lava.magma.runtime.message_infrastructure.multiprocessing")

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from . import _hook
 
-_hook.install()
+_hook.prepare_lava()
 
 from lava.magma.core.process.process import AbstractProcess
 from lava.magma.core.run_conditions import RunSteps

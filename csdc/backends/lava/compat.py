@@ -36,7 +36,9 @@ from csdc.backends.lava._hook import (
     LavaCompatFinder,
     hook_needed,
     install,
+    prepare_lava,
     rewrite_mutable_defaults,
+    tolerate_same_start_method,
     uninstall,
 )
 from csdc.errors import CsdcError
@@ -57,18 +59,22 @@ def import_lava() -> types.ModuleType:
     """Install the hook, import the lava modules csdc needs and return ``lava``.
 
     Lava's multiprocessing runtime calls ``multiprocessing.set_start_method('fork')`` at
-    import time, which fails if another start method was already chosen; that case gets a
-    clear error here instead of a bare RuntimeError from inside lava.
+    import time. That fails if anything created a multiprocessing object before (even with
+    'fork' in effect): :func:`tolerate_same_start_method` makes the same-method call a no-op.
+    Another start method already chosen gets a clear error instead of a RuntimeError from
+    inside lava.
     """
     install()
     method = multiprocessing.get_start_method(allow_none=True)
     if method not in (None, "fork") and "lava.magma.runtime.message_infrastructure.multiprocessing" not in sys.modules:
         raise LavaUnavailableError(
             f"lava-nc needs the 'fork' multiprocessing start method, but '{method}' was already set in this "
-            "process; import csdc.backends.lava before choosing a start method")
+            "process; import csdc.backends.lava before choosing another start method")
     try:
         import lava
         import lava.magma.compiler.var_model
+
+        prepare_lava()  # lava's runtime sets the 'fork' start method at import
         import lava.magma.core.run_conditions
         import lava.magma.core.run_configs
         import lava.proc.dense.models
@@ -93,6 +99,8 @@ __all__ = [
     "hook_needed",
     "import_lava",
     "install",
+    "prepare_lava",
     "rewrite_mutable_defaults",
+    "tolerate_same_start_method",
     "uninstall",
 ]

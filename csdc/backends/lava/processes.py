@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from . import _hook
 
-_hook.install()
+_hook.prepare_lava()
 
 from lava.magma.core.decorator import implements, requires, tag
 from lava.magma.core.model.py.model import PyLoihiProcessModel
