@@ -209,6 +209,13 @@ def test_registry_gives_the_lava_backend() -> None:
 
 
 # -- plan and schedule ----------------------------------------------------------------------
+def test_every_ir_op_is_mapped() -> None:
+    from csdc.backends.lava.plan import LOWERINGS
+    from csdc.ir.ops import OP_REGISTRY
+
+    assert set(OP_REGISTRY.values()) == set(LOWERINGS)
+
+
 def test_pack_roundtrip() -> None:
     rng = np.random.default_rng(1)
     for bits in (1, 3, 4, 7):

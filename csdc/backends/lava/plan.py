@@ -27,7 +27,9 @@ Samples are pipelined with ``period = T + max D`` steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -367,63 +369,70 @@ class _Planner:
         self.terms[name] = [Term(name, 0)]
         self.offset[name] = off
 
+    # One lowering per op type, registered in LOWERINGS below. Each creates the node's Lava
+    # process (if any), wires its inputs and sets ``terms`` / ``offset`` of the node.
+    def _encode(self, name: str, op: Encode, ins: list[str], shape: tuple[int, ...]) -> None:
+        self._proc(name, "encode", name, None, shape, shape, None, 1,
+                   {"scale": float(op.scale), "lo": int(op.lo), "hi": int(op.hi)}, start=1)
+        self.terms[name], self.offset[name] = [Term(name, 0)], 1
+
+    def _linear_op(self, name: str, op: Op, ins: list[str], shape: tuple[int, ...]) -> None:
+        self._synapse(name, op)
+
+    def _neuron(self, name: str, op: Neuron, ins: list[str], shape: tuple[int, ...]) -> None:
+        start = self.offset[ins[0]]
+        self._proc(name, "neuron", name, shape, shape, shape, shape, start + op.delay, {"delay": int(op.delay)},
+                   {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}, start=start)
+        self._connect_terms(self.terms[ins[0]], name)
+        self.terms[name], self.offset[name] = [Term(name, 0)], start + op.delay
+
+    def _maxpool(self, name: str, op: SpikeMaxPool, ins: list[str], shape: tuple[int, ...]) -> None:
+        start = self.offset[ins[0]]
+        in_shape = self.net.info(ins[0]).shape
+        self._proc(name, "maxpool", name, in_shape, shape, shape, in_shape, start,
+                   {"kernel": list(op.kernel), "stride": list(op.stride), "padding": list(op.padding)}, start=start)
+        self._connect_terms(self.terms[ins[0]], name)
+        self.terms[name], self.offset[name] = [Term(name, 0)], start
+
+    def _matmul(self, name: str, op: SpikeMatMul, ins: list[str], shape: tuple[int, ...]) -> None:
+        start = max(self.offset[s] for s in ins)
+        a_shape, b_shape = self.net.info(ins[0]).shape, self.net.info(ins[1]).shape
+        p = self._proc(name, "matmul", name, a_shape, shape, shape, a_shape, start + 1, {"weight": int(op.weight)},
+                       start=start)
+        p["in_port_b"] = list(b_shape)
+        for port, s in zip(("a_in", "b_in"), ins):
+            d = start - self.offset[s]  # delay balancing of the earlier operand
+            self._connect_terms([Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]], name, port)
+        self.terms[name], self.offset[name] = [Term(name, 0)], start + 1
+
+    def _add(self, name: str, op: Add, ins: list[str], shape: tuple[int, ...]) -> None:
+        off = max(self.offset[s] for s in ins)
+        terms: list[Term] = []
+        for s in ins:
+            d = off - self.offset[s]  # delay balancing of the earlier branches
+            terms += [Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]]
+        self.terms[name], self.offset[name] = terms, off
+
+    def _route(self, name: str, op: Reshape | Transpose, ins: list[str], shape: tuple[int, ...]) -> None:
+        step = ("reshape", op.shape) if isinstance(op, Reshape) else ("transpose", op.perm)
+        self.terms[name] = [Term(t.proc, t.delay, (*t.transforms, step)) for t in self.terms[ins[0]]]
+        self.offset[name] = self.offset[ins[0]]
+
+    def _readout(self, name: str, op: Readout, ins: list[str], shape: tuple[int, ...]) -> None:
+        start = self.offset[ins[0]]
+        self._proc(name, "readout", name, shape, None, None, shape, start, {},
+                   {"scale": op.scale, "offset": op.offset}, start=start)
+        self._connect_terms(self.terms[ins[0]], name)
+        self.offset[name] = start
+
     def run(self) -> Plan:
         net = self.net
         for name, op in net.nodes():
-            ins = net.inputs(name)
-            shape = net.info(name).shape
-            if isinstance(op, Encode):
-                self._proc(name, "encode", name, None, shape, shape, None, 1,
-                           {"scale": float(op.scale), "lo": int(op.lo), "hi": int(op.hi)}, start=1)
-                self.terms[name], self.offset[name] = [Term(name, 0)], 1
-            elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool)):
-                self._synapse(name, op)
-            elif isinstance(op, Neuron):
-                start = self.offset[ins[0]]
-                self._proc(name, "neuron", name, shape, shape, shape, shape, start + op.delay,
-                           {"delay": int(op.delay)},
-                           {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}, start=start)
-                self._connect_terms(self.terms[ins[0]], name)
-                self.terms[name], self.offset[name] = [Term(name, 0)], start + op.delay
-            elif isinstance(op, SpikeMaxPool):
-                start = self.offset[ins[0]]
-                in_shape = net.info(ins[0]).shape
-                self._proc(name, "maxpool", name, in_shape, shape, shape, in_shape, start,
-                           {"kernel": list(op.kernel), "stride": list(op.stride), "padding": list(op.padding)},
-                           start=start)
-                self._connect_terms(self.terms[ins[0]], name)
-                self.terms[name], self.offset[name] = [Term(name, 0)], start
-            elif isinstance(op, SpikeMatMul):
-                start = max(self.offset[s] for s in ins)
-                a_shape, b_shape = net.info(ins[0]).shape, net.info(ins[1]).shape
-                p = self._proc(name, "matmul", name, a_shape, shape, shape, a_shape, start + 1,
-                               {"weight": int(op.weight)}, start=start)
-                p["in_port_b"] = list(b_shape)
-                for port, s in zip(("a_in", "b_in"), ins):
-                    d = start - self.offset[s]  # delay balancing of the earlier operand
-                    self._connect_terms([Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]], name, port)
-                self.terms[name], self.offset[name] = [Term(name, 0)], start + 1
-            elif isinstance(op, Add):
-                off = max(self.offset[s] for s in ins)
-                terms: list[Term] = []
-                for s in ins:
-                    d = off - self.offset[s]
-                    terms += [Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]]
-                self.terms[name], self.offset[name] = terms, off
-            elif isinstance(op, Reshape):
-                self.terms[name] = [Term(t.proc, t.delay, t.transforms + (("reshape", op.shape),)) for t in self.terms[ins[0]]]
-                self.offset[name] = self.offset[ins[0]]
-            elif isinstance(op, Transpose):
-                self.terms[name] = [Term(t.proc, t.delay, t.transforms + (("transpose", op.perm),)) for t in self.terms[ins[0]]]
-                self.offset[name] = self.offset[ins[0]]
-            elif isinstance(op, Readout):
-                start = self.offset[ins[0]]
-                self._proc(name, "readout", name, shape, None, None, shape, start, {},
-                           {"scale": op.scale, "offset": op.offset}, start=start)
-                self._connect_terms(self.terms[ins[0]], name)
-                self.offset[name] = start
-            else:
-                raise IRError(f"node '{name}': the Lava backend has no mapping for {type(op).__name__}")
+            lower = LOWERINGS.get(type(op))
+            if lower is None:
+                raise IRError(f"node '{name}': the Lava backend has no mapping for {type(op).__name__} "
+                              f"(mapped: {', '.join(sorted(c.__name__ for c in LOWERINGS))})")
+            lower(self, name, op, net.inputs(name), net.info(name).shape)
         readout = net.output_name
         self.plan.meta = {
             "T": self.T,
@@ -440,6 +449,23 @@ class _Planner:
             "spiking": [n for n, op in net.nodes() if isinstance(op, (Neuron, SpikeMaxPool))],
         }
         return self.plan
+
+
+#: IR op type -> lowering (explicit registry: a new IR op fails loudly until it is mapped).
+LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ...]], None]] = {
+    Encode: _Planner._encode,
+    DenseSynapse: _Planner._linear_op,
+    ConvSynapse: _Planner._linear_op,
+    DiagonalSynapse: _Planner._linear_op,
+    SumPool: _Planner._linear_op,
+    Neuron: _Planner._neuron,
+    SpikeMaxPool: _Planner._maxpool,
+    SpikeMatMul: _Planner._matmul,
+    Add: _Planner._add,
+    Reshape: _Planner._route,
+    Transpose: _Planner._route,
+    Readout: _Planner._readout,
+}
 
 
 def make_plan(net: Network, n_samples: int = 1, *, keep_trains: bool = False, use_lava_synapses: bool = True,
@@ -531,4 +557,4 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     return rows
 
 
-__all__ = ["CONV_IMPLS", "LOIHI2", "PLAN_FORMAT", "PLAN_VERSION", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]
+__all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]
