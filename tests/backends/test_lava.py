@@ -192,6 +192,29 @@ def test_lava_needs_the_hook_and_imports_with_it() -> None:
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
 
 
+def test_every_lava_module_imports() -> None:
+    """All of lava-nc 0.10 (not only what csdc uses) imports on this Python / numpy / asteval."""
+    code = """
+import importlib, pathlib, warnings
+warnings.simplefilter("ignore")
+import csdc.backends.lava as L
+L.import_lava()
+import lava
+root = pathlib.Path(next(iter(lava.__path__)))  # a namespace package: no __file__
+names = sorted(".".join(("lava",) + p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py"))
+names = [n[: -len(".__init__")] if n.endswith(".__init__") else n for n in names]
+bad = []
+for n in names:
+    try:
+        importlib.import_module(n)
+    except Exception as exc:
+        bad.append(f"{n}: {type(exc).__name__}: {exc}")
+print(len(names), "modules;", "\\n".join(bad) or "all imported")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("all imported"), res.stdout + res.stderr
+
+
 def test_import_after_multiprocessing_was_used_and_with_another_start_method() -> None:
     """Lava fixes the 'fork' start method at import: that must work after a multiprocessing
     object (a Queue, a tqdm bar) fixed 'fork' already, and fail clearly for 'spawn'."""
