@@ -126,10 +126,10 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarra
                                 ox = cols[x, kx]
                                 if ox < 0:
                                     continue
-                                tgt = acc[oy, ox]
+                                tgt = acc[oy, ox, o0:o0 + og]  # a view: plain j indexing vectorizes
                                 wk = w[c, ky, kx]
                                 for j in range(og):
-                                    tgt[o0 + j] += wk[j]
+                                    tgt[j] += wk[j]
                                 n_ac += og
             for o in range(O):
                 for oy in range(OH):
@@ -170,10 +170,10 @@ def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndar
                                 ox = cols[xx, kx]
                                 if ox < 0:
                                     continue
-                                tgt = acc[oy, ox]
+                                tgt = acc[oy, ox, o0:o0 + og]  # a view: plain j indexing vectorizes
                                 wk = w[c, ky, kx]
                                 for j in range(og):
-                                    tgt[o0 + j] += q * wk[j]
+                                    tgt[j] += q * wk[j]
                                 n_mac += og
             for o in range(O):
                 for oy in range(OH):
@@ -281,8 +281,9 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                     for k in range(K):
                         if a[b, t, l, m, k]:
                             cb = count_b[k]
+                            row = o[m]
                             for n in range(N):
-                                o[m, n] += weight * cb[n]
+                                row[n] += weight * cb[n]
                             n_ac += N
                             count_a[k, m] += 1
         acs[b] = n_ac
