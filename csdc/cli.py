@@ -216,6 +216,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train ---------------------------------------------------------------------------------
+_CSDFORMER_ONLY = ("depth", "dim", "heads", "mlp_ratio", "input_levels")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:  # csdc.training is the only part of csdc that needs PyTorch
+        from csdc.training.recipe import TrainConfig, train_and_export
+    except ImportError as exc:
+        if "torch" not in str(exc):
+            raise
+        raise CsdcError("csdc train needs PyTorch, an optional dependency: pip install csdc[torch]") from None
+
+    if args.model == "cnn":
+        given = [f"--{k.replace('_', '-')}" for k in _CSDFORMER_ONLY if getattr(args, k) is not None]
+        if given:
+            raise CsdcError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --model csdformer only")
+    if os.path.isdir(args.output):
+        raise CsdcError(f"-o {args.output} is a directory; give the .onnx file to write")
+    overrides = {k: getattr(args, k) for k in _CSDFORMER_ONLY if getattr(args, k) is not None}
+    config = TrainConfig(model=args.model, data=args.data if args.data is not None else args.dataset,
+                         levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
+                         batch_size=args.batch_size, seed=args.seed, **overrides)
+    c = config.resolved()
+    arch = (f"CSDformer-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if c.model == "csdformer"
+            else "digits CNN")
+    print(f"training {arch}, L = {c.levels} levels, {c.weight_bits}-bit weights, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
+          f"Adam lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}")
+    r = train_and_export(config, args.output, progress=not args.no_progress)
+    print(f"data                       {r.data_description}")
+    print(f"parameters                 {r.num_parameters}")
+    print(f"training time              {r.history.seconds:.1f} s")
+    print(f"PyTorch eval accuracy      {100 * r.acc_torch:.2f} %  ({r.n_test} test images)")
+    print(f"ONNX accuracy              {100 * r.acc_onnx:.2f} %  (onnxruntime)")
+    print(f"top-1 agreement            {100 * r.agreement:.2f} %  (max |logit difference| {r.max_logit_diff:.3g})")
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB, QCDQ, {len(r.ops)} nodes); "
+          f"compile it with: csdc compile {args.output} -o net.sir")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csdc", description="Compile quantized ONNX networks into integer-only, spike-driven "
                                 "networks (CSDformer conversion) and run them.")
@@ -286,6 +325,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", default="lava", choices=("lava",), help="deployment target (default lava)")
     e.add_argument("-o", "--output", required=True, help="folder to write the bundle into")
     e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser(
+        "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX (needs csdc[torch])",
+        description="Quantization-aware training (LSQ: learned activation steps, per-channel integer weights) of "
+                    "the tailored transformer (CSDformer: conv tokenizer, NReLU attention, BatchNorm, no softmax / "
+                    "LayerNorm / GELU) or the digits CNN, then QCDQ ONNX export that 'csdc compile' takes. Prints one "
+                    "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
+                    "agreement on the test split. Deterministic: the same options give a byte-identical file. "
+                    "Needs PyTorch: pip install csdc[torch].")
+    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn"),
+                   help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default="digits", choices=("digits",),
+                     help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
+                          "split")
+    src.add_argument("--data", metavar="FILE.npz", default=None,
+                     help="your own data instead: x (N,C,H,W float32 in [0, 1], square images) and y (N int labels); "
+                          "a fixed 20%% (seed 0) is held out for testing")
+    t.add_argument("--depth", type=int, default=None, help="csdformer: number of transformer blocks (default 2)")
+    t.add_argument("--dim", type=int, default=None, help="csdformer: token width d (default 64)")
+    t.add_argument("--heads", type=int, default=None, help="csdformer: attention heads, must divide --dim (default 4)")
+    t.add_argument("--mlp-ratio", type=float, default=None, help="csdformer: MLP hidden width / d (default 2)")
+    t.add_argument("--levels", type=int, default=None, metavar="L",
+                   help="levels of every hidden activation quantizer = time steps T of the spiking network "
+                        "(default 4 for csdformer, 15 for cnn)")
+    t.add_argument("--weight-bits", type=int, default=None, metavar="B",
+                   help="bits of the signed per-channel weight quantizers, 2..8 (default 4)")
+    t.add_argument("--input-levels", type=int, default=None, metavar="L_IN",
+                   help="csdformer: levels of the input quantizer (step 1/L_IN on [0, 1]); default 16 for digits "
+                        "(exact), 255 for --data")
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (default 15 for csdformer, 30 for cnn)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate, cosine decay (default 0.002 for "
+                   "csdformer, 0.01 for cnn)")
+    t.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    t.add_argument("--seed", type=int, default=0, help="random seed of the initial weights and the shuffling (default 0)")
+    t.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                   help="the QCDQ ONNX file to write (atomically, only after training and checking succeeded)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch lines are still printed)")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -4,8 +4,14 @@ This subpackage is the only part of csdc that uses PyTorch, an optional dependen
 install it with ``pip install csdc[torch]``.
 
 - :mod:`csdc.training.lsq`: LSQ activation / weight quantizers and their QCDQ export.
-- :mod:`csdc.training.cnn`: the digits CNN, its training loop, QCDQ / float export and
-  onnxruntime ``quantize_static`` post-training quantization.
+- :mod:`csdc.training.loop`: the shared training loop (Adam, cosine schedule,
+  deterministic), PyTorch / onnxruntime prediction.
+- :mod:`csdc.training.cnn`: the digits CNN, its QCDQ / float export and onnxruntime
+  ``quantize_static`` post-training quantization.
+- :mod:`csdc.training.transformer`: CSDformer, the tailored quantized transformer
+  (conv tokenizer, NReLU attention, BatchNorm; no softmax / LayerNorm / GELU), its QCDQ
+  export and the randomly initialised CIFAR-size CSDformer-4-384.
+- :mod:`csdc.training.recipe`: train + export + check, what ``csdc train`` runs.
 """
 
 from __future__ import annotations
@@ -29,13 +35,25 @@ from csdc.training.cnn import (
     train,
 )
 from csdc.training.lsq import ActQuantizer, WeightQuantizer, export_mode
+from csdc.training.transformer import (
+    CSDformer,
+    build_csdformer,
+    csdformer_cifar,
+    export_csdformer_cifar,
+    export_csdformer_onnx,
+)
 
 __all__ = [
     "ActQuantizer",
+    "CSDformer",
     "DigitsCNN",
     "TrainHistory",
     "WeightQuantizer",
+    "build_csdformer",
+    "csdformer_cifar",
     "evaluate",
+    "export_csdformer_cifar",
+    "export_csdformer_onnx",
     "export_float_onnx",
     "export_mode",
     "export_qcdq_onnx",

@@ -3,7 +3,8 @@
 The legacy TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is used
 because it honours the ``symbolic`` methods of :mod:`csdc.training.lsq` (QCDQ ops
 with exactly the L of each quantizer). After export the graph is tidied so it is easy
-to read and to compile: ``Constant`` nodes become initializers, and initializers the
+to read and to compile: ``Constant`` nodes become initializers, ``Identity`` nodes by
+which the exporter shares equal-valued initializers become named copies, and initializers the
 exporter named ``onnx::...`` (or after a Constant node) get a name from their consumer (``/q1/QuantizeLinear``
 -> ``q1.QuantizeLinear.y_zero_point``). The model is then checked with
 ``onnx.checker`` (full check, with shape inference) and written atomically.
@@ -39,12 +40,24 @@ _ROLES: dict[str, tuple[str, ...]] = {
 
 
 def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Move Constant nodes into initializers and give anonymous initializers names."""
+    """Move Constant nodes into initializers, undo the exporter's deduplication of equal
+    initializers, and give anonymous initializers names."""
     graph = model.graph
     nodes = []
     new_inits = []
     from_constants: set[str] = set()
+    by_name = {t.name: t for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
     for node in graph.node:
+        if (node.op_type == "Identity" and node.input[0] in by_name
+                and node.output[0] not in outputs and node.output[0] not in by_name):
+            # The exporter shares equal-valued parameters (e.g. the BatchNorm weights of an
+            # untrained model) through Identity nodes: give each its own named copy.
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(by_name[node.input[0]])
+            tensor.name = node.output[0]
+            new_inits.append(tensor)
+            continue
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensor = onnx.TensorProto()
             tensor.CopyFrom(node.attribute[0].t)

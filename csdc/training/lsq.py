@@ -19,7 +19,8 @@ QuantizeLinear does, so the eval forward and the exported ONNX agree.
 Export (inside :func:`export_mode`): an activation quantizer becomes
 ``QuantizeLinear(s, zero_point uint8 0) -> Clip(0, L) -> DequantizeLinear(s, 0)``
 (no Clip when L = 255); a weight quantizer becomes an int8 initializer behind
-``DequantizeLinear(scale per channel, zero_point int8 0, axis=0)``.
+``DequantizeLinear(scale per channel, zero_point int8 0, axis=0)`` (``axis=1`` for the
+transposed ``(in, out)`` weight of a :class:`QLinear` applied to tokens, a MatMul).
 """
 
 from __future__ import annotations
@@ -71,18 +72,20 @@ class _ActQuantQCDQ(torch.autograd.Function):
 
 
 class _WeightDequant(torch.autograd.Function):
-    """Export-only: int8 weights behind a per-channel DequantizeLinear (axis 0)."""
+    """Export-only: int8 weights behind a per-channel DequantizeLinear along ``axis``
+    (the output-channel axis: 0 for Conv / Gemm weights, 1 for a MatMul's (in, out))."""
 
     @staticmethod
-    def forward(ctx, w_int: torch.Tensor, step: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        shape = (-1,) + (1,) * (w_int.dim() - 1)
+    def forward(ctx, w_int: torch.Tensor, step: torch.Tensor, axis: int = 0) -> torch.Tensor:  # type: ignore[override]
+        shape = [1] * w_int.dim()
+        shape[axis] = -1
         return w_int.to(step.dtype) * step.reshape(shape)
 
     @staticmethod
-    def symbolic(g, w_int, step):  # type: ignore[no-untyped-def]
-        channels = w_int.type().sizes()[0]
+    def symbolic(g, w_int, step, axis: int = 0):  # type: ignore[no-untyped-def]
+        channels = w_int.type().sizes()[axis]
         zero = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int8))
-        return g.op("DequantizeLinear", w_int, step, zero, axis_i=0)
+        return g.op("DequantizeLinear", w_int, step, zero, axis_i=axis)
 
 
 class ActQuantizer(nn.Module):
@@ -166,9 +169,24 @@ class WeightQuantizer(nn.Module):
             q = torch.round(w / self.scale().reshape(self._shape(w))).clamp(-self.qmax, self.qmax)
         return q.to(torch.int8)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def export_weight(self, transposed: bool = False) -> torch.Tensor:
+        """Export mode only: the dequantized weight as an ONNX ``DequantizeLinear``.
+
+        ``transposed=False``: int8 ``(out, in, ...)`` with per-channel scales on axis 0.
+        ``transposed=True`` (2-D weights): int8 ``(in, out)``, scales on axis 1, i.e. the
+        right-hand operand of a MatMul ``x @ W^T`` with no Transpose node in the graph.
+        """
+        if not self._export:
+            raise RuntimeError("export_weight() is only available inside export_mode()")
+        if transposed:
+            return _WeightDequant.apply(self.int_weight_t, self.export_scale, 1)
+        return _WeightDequant.apply(self.int_weight, self.export_scale, 0)
+
+    def forward(self, w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """The fake-quantized weight; in export mode ``export_weight(transposed)``
+        (``transposed`` matters only there)."""
         if self._export:
-            return _WeightDequant.apply(self.int_weight, self.export_scale)
+            return self.export_weight(transposed)
         if not bool(self.initialized):
             with torch.no_grad():
                 per_channel = w.detach().abs().reshape(w.shape[0], -1).mean(dim=1)
@@ -196,13 +214,23 @@ class QConv2d(nn.Conv2d):
 
 
 class QLinear(nn.Linear):
-    """``nn.Linear`` whose weight passes through a :class:`WeightQuantizer`."""
+    """``nn.Linear`` whose weight passes through a :class:`WeightQuantizer`.
+
+    ONNX export: on a 2-D input ``(B, in)`` a ``Gemm(transB=1)`` whose weight is int8
+    ``(out, in)`` behind ``DequantizeLinear(axis=0)``; on a higher-rank input such as
+    tokens ``(B, N, in)`` a ``MatMul`` whose weight is stored transposed, int8
+    ``(in, out)`` behind ``DequantizeLinear(axis=1)`` (still one scale per output
+    channel), followed by ``Add`` of the bias if the layer has one.
+    """
 
     def __init__(self, *args, weight_bits: int = 4, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.wq = WeightQuantizer(self.out_features, weight_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wq._export and x.dim() > 2:
+            y = torch.matmul(x, self.wq(self.weight, transposed=True))
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.wq(self.weight), self.bias)
 
 
@@ -212,8 +240,10 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     Each :class:`WeightQuantizer` gets temporary buffers ``int_weight`` (int8) and
     ``export_scale`` (``|step|``), which the exporter writes as initializers
-    ``<layer>.wq.int_weight`` and ``<layer>.wq.export_scale``. On exit the
-    buffers are removed and the previous train/eval state is restored.
+    ``<layer>.wq.int_weight`` and ``<layer>.wq.export_scale``; a :class:`QLinear`'s
+    also gets ``int_weight_t`` (its transpose, written when the layer is exported as a
+    MatMul on tokens). On exit the buffers are removed and the previous train/eval
+    state is restored.
     """
     for qname, module in model.named_modules():
         if isinstance(module, ActQuantizer) and not float(module.step.detach()) > 0:
@@ -231,6 +261,8 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
                     module.wq(module.weight)  # initialise the step from the weights
                 module.wq.register_buffer("int_weight", module.wq.integer_weight(module.weight))
                 module.wq.register_buffer("export_scale", module.wq.scale())
+                if isinstance(module, QLinear):
+                    module.wq.register_buffer("int_weight_t", module.wq.int_weight.t().contiguous())
             if isinstance(module, (ActQuantizer, WeightQuantizer)):
                 module._export = True
                 touched.append(module)
@@ -239,6 +271,6 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
         for module in touched:
             module._export = False
             if isinstance(module, WeightQuantizer):
-                for name in ("int_weight", "export_scale"):
+                for name in ("int_weight", "int_weight_t", "export_scale"):
                     module._buffers.pop(name, None)
         model.train(was_training)
