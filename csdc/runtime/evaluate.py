@@ -48,6 +48,7 @@ class RunSummary:
     seconds: float
     per_population: dict[str, dict] = field(default_factory=dict)
     comparison: Comparison | None = None
+    clock_latency_steps: int | None = None  # on the backend's global clock (Lava: +1 step per synapse layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +114,8 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         backend=backend.name, samples=n, T=T, delay=D, latency_steps=latency,
         accuracy=float(np.mean(lg.argmax(1) == y)) if y is not None else None,
         spikes=int(spikes), spike_rate=spikes / (neurons * n * T) if neurons else 0.0, acs=int(acs), macs=int(macs),
-        energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6, seconds=seconds, per_population=per_pop)
+        energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6, seconds=seconds, per_population=per_pop,
+        clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None)
     return RunOutput(summary, lg, ro, y)
 
 
