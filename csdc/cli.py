@@ -121,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(s.to_dict(), indent=1))
         return 0
     n = s.samples
-    print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps")
+    print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps"
+          + (f" ({s.clock_latency_steps} on the backend's global clock)" if s.clock_latency_steps is not None else ""))
     if s.accuracy is not None:
         print(f"  SNN accuracy          {100 * s.accuracy:.2f} %")
     c = s.comparison
