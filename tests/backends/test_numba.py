@@ -40,7 +40,7 @@ from csdc.ir import (
 from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps
 
 BACKEND = NumbaBackend()
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def assert_same_as_steps(net: Network, x: np.ndarray) -> None:
