@@ -50,7 +50,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if rep.float_weight_error:
         print(f"  float weights         quantized by csdc to {opts.weight_bits} bits, worst relative error {rep.float_weight_error:.2e}")
     b = rep.bits
-    print(f"  bit widths            weights {b['weight_bits']}, thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
+    print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
     for w in rep.warnings:
         print(f"  warning: {w}")
@@ -269,14 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--delay", type=int, default=None, metavar="D",
                    help="delay of the DIF neurons in time steps; default T (exact: the network equals the quantized model); "
                         "D=0 is the plain IF neuron")
-    c.add_argument("--frac-bits", type=int, default=8, metavar="F",
+    c.add_argument("--frac-bits", type=int, default=16, metavar="F",
                    help="precision of the integer thresholds: every threshold has at least F significant bits, "
-                        "so its relative rounding error is below 2^-(F+1) (default 8)")
+                        "so its relative rounding error is below 2^-(F+1); sums of branches get F+4 (default 16)")
     c.add_argument("--weight-bits", type=int, default=8, metavar="B",
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
-                   help="hardware bit budget checked by the bit-width analysis (default generic: 16-bit weights, "
-                        "24-bit thresholds, 32-bit membrane)")
+                   help="hardware bit budget checked by the bit-width analysis (default generic: a 32-bit datapath with "
+                        "24-bit weight mantissas, 24-bit thresholds, 32-bit membrane; loihi2: 8-bit weights, 24-bit membrane)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)

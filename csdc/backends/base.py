@@ -43,7 +43,8 @@ class Backend(Protocol):
 
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         """Run a batch ``x`` (batch, *input_shape) float32; counts are always returned for
-        Neuron and SpikeMaxPool nodes, spike trains (batch, T, *shape) only with keep_trains."""
+        Neuron and SpikeMaxPool nodes, spike trains (batch, T, *shape) only with keep_trains.
+        Trains are 0/1 integer arrays whose dtype depends on the backend (numba: uint8)."""
         ...
 
 

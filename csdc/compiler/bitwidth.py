@@ -1,6 +1,10 @@
 """Bit-width analysis: the integer range of every weight, threshold, current and membrane
 potential, checked against a hardware profile.
 
+Weights are counted as a signed mantissa times a power of two shared by the synapse node
+(``w = m * 2^e``, as Loihi's weight exponent): the scale-absorption multiplies integer weights
+by ``2^k``, which costs exponent, not mantissa bits.
+
 Bounds are worst cases over all inputs: a spike is 0 or 1 per step, the encoded input lies
 in its declared range, so each synapse's per-step current lies in
 ``[W+ lo + W- hi, W+ hi + W- lo]``. A neuron integrates T steps before firing (D >= T) and
@@ -32,7 +36,8 @@ class HardwareProfile:
 
 
 PROFILES = {
-    "generic": HardwareProfile("generic", weight_bits=16, threshold_bits=24, membrane_bits=32),
+    # a 32-bit integer datapath: 24-bit weight mantissas, 24-bit thresholds, 32-bit membrane
+    "generic": HardwareProfile("generic", weight_bits=24, threshold_bits=24, membrane_bits=32),
     "loihi2": HardwareProfile("loihi2", weight_bits=8, threshold_bits=24, membrane_bits=24),
     "int64": HardwareProfile("int64", weight_bits=32, threshold_bits=48, membrane_bits=64),
 }
@@ -44,10 +49,23 @@ def signed_bits(lo: int, hi: int) -> int:
     return max(hi.bit_length(), (-lo - 1).bit_length() if lo < 0 else 0) + 1
 
 
+def weight_mantissa_exponent(w: np.ndarray) -> tuple[int, int]:
+    """(signed mantissa bits, shared exponent) of an integer weight array."""
+    nz = np.abs(w[w != 0]).astype(np.int64)
+    if nz.size == 0:
+        return 1, 0
+    e = 0
+    while np.all(nz % (2 ** (e + 1)) == 0):
+        e += 1
+    m = w // (2 ** e)
+    return signed_bits(int(m.min()), int(m.max())), e
+
+
 @dataclass
 class BitReport:
     profile: str
-    weight_bits: int = 0
+    weight_bits: int = 0  # mantissa bits (see weight_mantissa_exponent)
+    weight_exponent: int = 0
     threshold_bits: int = 0
     membrane_bits: int = 0
     accumulator_bits: int = 0
@@ -105,8 +123,9 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
     for name, op in net.nodes():
         entry: dict[str, int] = {}
         if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and op.weight.size:
-            entry["weight_bits"] = signed_bits(int(op.weight.min()), int(op.weight.max()))
+            entry["weight_bits"], entry["weight_exponent"] = weight_mantissa_exponent(op.weight)
             rep.weight_bits = max(rep.weight_bits, entry["weight_bits"])
+            rep.weight_exponent = max(rep.weight_exponent, entry["weight_exponent"])
             if entry["weight_bits"] > prof.weight_bits:
                 raise BudgetError(f"node '{name}' ({type(op).__name__}) needs {entry['weight_bits']}-bit weights, profile "
                                   f"'{prof.name}' allows {prof.weight_bits}; compile with a smaller --frac-bits or another --profile")

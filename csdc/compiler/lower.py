@@ -12,9 +12,9 @@ Each ONNX tensor is tracked as one of:
 Materializing an :class:`Affine` into integer currents picks one unit ``U`` per element
 (SPEC 2.3): with a single group ``U = |unit| / 2^k`` and weights ``w_int * sign * 2^k`` (exact);
 with several groups (residual sums) the unit is set by the resolution that matters, the step
-``s`` of the quantizer that reads the sum: ``U = s / 2^(frac_bits + 4)`` (so that threshold is an
+``s`` of the quantizer that reads the sum: ``U = s / 2^frac_bits`` (so that threshold is an
 exact power of two) and weights ``round(w_int * unit_g / U)``, each rounding worth at most
-``2^-(frac_bits + 5)`` of a quantization level (reported). A quantizer consuming it becomes a
+``2^-(frac_bits + 1)`` of a quantization level (reported). A quantizer consuming it becomes a
 :class:`Neuron` with ``threshold = round(step / U)`` (``k`` chosen so that every threshold has at
 least ``frac_bits`` significant bits), bias total ``B = round(bias / U)`` delivered as
 ``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``. Ties round
@@ -165,7 +165,7 @@ class Lowering:
                                         "absorbed into shared synaptic weights; quantize before this layer")])
         return ref[:, 0]
 
-    SUM_GUARD_BITS = 4  # extra bits of a residual sum's unit below its reader's step
+    SUM_GUARD_BITS = 0  # extra bits of a residual sum's unit below its reader's step (frac_bits already suffices)
 
     def downstream_step(self, tensor: str) -> float | None:
         """Smallest step of the quantizers that read ``tensor`` through residual Adds and routing."""

@@ -30,7 +30,7 @@ from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
 @dataclass(frozen=True)
 class CompileOptions:
     delay: int | None = None  # None: D = T (exact)
-    frac_bits: int = 8  # thresholds carry at least this many significant bits
+    frac_bits: int = 16  # thresholds carry at least this many significant bits
     weight_bits: int = 8  # for float weights that csdc quantizes itself
     profile: str = "generic"
 

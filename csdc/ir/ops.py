@@ -48,6 +48,8 @@ def _int_array(value: object, name: str) -> np.ndarray:
             arr = arr.astype(np.int64)
         else:
             raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise IRError(f"parameter '{name}' exceeds the int64 range")
     arr = np.array(arr, dtype=np.int64, order="C", copy=True)  # own copy: never alias or freeze the caller's array
     arr.flags.writeable = False
     return arr

@@ -15,6 +15,7 @@ time domain have shape (batch, T, *shape).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,8 @@ def neuron_steps(op: Neuron, current: np.ndarray, T: int) -> np.ndarray:
     batch = current.shape[0]
     v = np.broadcast_to(op.v0, (batch, *op.v0.shape)).astype(np.int64).copy()
     out = np.zeros_like(current, dtype=np.int64)
-    for u in range(1, T + op.delay + 1):
+    # steps T < u <= delay neither integrate nor fire: skip them
+    for u in itertools.chain(range(1, T + 1), range(max(T, op.delay) + 1, T + op.delay + 1)):
         if u <= T:
             v += current[:, u - 1] + op.bias
         if u > op.delay:
