@@ -136,12 +136,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s)")
     if args.output:
         print(f"  results               {args.output}")
-    if s.per_population:
-        print("\n  population                         op              neurons    rate      ACs/img   max|v|")
-        for name, p in s.per_population.items():
-            if p["neurons"] or p["acs"] or p["macs"]:
-                ops = p["acs"] + p["macs"]
-                print(f"  {name:<34} {p['op']:<14} {p['neurons']:>8}  {p['rate']:>7.4f}  {_fmt_count(ops / n):>10}  {p['max_abs_v']:>7}")
+    by_op: dict[str, int] = {}
+    for p in s.per_population.values():
+        if p["acs"] or p["macs"]:
+            by_op[p["op"]] = by_op.get(p["op"], 0) + p["acs"] + p["macs"]
+    if by_op:
+        print("  synaptic ops by op    " + ", ".join(f"{op} {_fmt_count(v / n)}" for op, v in sorted(by_op.items())))
+    pops = {k: p for k, p in s.per_population.items() if p["neurons"]}
+    if pops:
+        width = max(max(len(k) for k in pops), len("spiking population")) + 2
+        print(f"\n  {'spiking population':<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>10}")
+        for name, p in pops.items():
+            print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {p['max_abs_v']:>10}")
     return 0
 
 

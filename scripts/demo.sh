@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Set up (idempotent), compile the shipped digits example and run it on the numba backend,
-# compared with onnxruntime on the same ONNX model.
+# Set up (idempotent), compile the shipped examples and run them on the numba backend, each
+# compared with onnxruntime on its source ONNX: the digits CSDformer (spiking transformer),
+# then the digits CNN. MODEL=path.onnx runs just that model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL=${MODEL:-examples/digits_cnn/model.onnx}
 mkdir -p out
-.venv/bin/csdc compile "$MODEL" -o out/digits.sir
-.venv/bin/csdc run out/digits.sir --backend numba --data digits --compare "$MODEL"
+if [ -n "${MODEL:-}" ]; then
+    MODELS=("$MODEL")
+else
+    MODELS=(examples/digits_csdformer/model.onnx examples/digits_cnn/model.onnx)
+fi
+for m in "${MODELS[@]}"; do
+    name=$(basename "$(dirname "$m")")
+    echo "== $m"
+    .venv/bin/csdc compile "$m" -o "out/$name.sir"
+    .venv/bin/csdc run "out/$name.sir" --backend numba --data digits --compare "$m"
+    echo
+done

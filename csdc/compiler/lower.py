@@ -116,7 +116,12 @@ class Lowering:
         return next(iter(levels))
 
     def name(self, base: str) -> str:
-        base = base.replace("/", "_").strip("_") or "node"
+        # '/blocks.0/attn/q_q/QuantizeLinear' -> 'blocks.0/attn/q_q': keep the module path, drop the op suffix
+        base = base.strip("/")
+        for suffix in ("/QuantizeLinear", "_QuantizeLinear", "QuantizeLinear"):
+            if base.endswith(suffix) and len(base) > len(suffix):
+                base = base[: -len(suffix)]
+        base = base.strip("/_") or "node"
         cand, i = base, 1
         while cand in self.net:
             i += 1
