@@ -421,8 +421,8 @@ def test_random_networks_equal_numba(net: Network, seed: int, conv: str) -> None
                 ref.stats[name].spikes, ref.stats[name].neurons, ref.stats[name].max_abs_v, ref.stats[name].acs), name
 
 
-def _digits_net():
-    model = REPO / "examples" / "digits_cnn" / "model.onnx"
+def _digits_net(example: str = "digits_cnn"):
+    model = REPO / "examples" / example / "model.onnx"
     if not model.exists():
         pytest.skip(f"{model} is not there")
     from csdc.compiler.pipeline import compile_onnx
@@ -443,6 +443,14 @@ def test_digits_cnn_equals_numba(delay) -> None:
     for name in ("spikes", "acs", "macs", "max_abs_v"):
         assert {k: getattr(s, name) for k, s in got.stats.items()} == {
             k: getattr(ref.stats[k], name) for k in got.stats}, name
+
+
+@pytest.mark.parametrize("delay", ["T", 1])
+def test_digits_csdformer_equals_numba(delay) -> None:
+    """The spiking transformer (TDEC SpikeMatMul, residual sums, delay balancing) on Lava."""
+    net, x, _ = _digits_net("digits_csdformer")
+    net = net.with_delay(net.T if delay == "T" else delay)
+    assert_same(NumbaBackend().run(net, x, keep_trains=True), BACKEND.run(net, x, keep_trains=True))
 
 
 # -- deployment bundle ----------------------------------------------------------------------
