@@ -262,6 +262,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that runs a network on data (run, sweep)."""
+    p.add_argument("sir", help="the compiled network (.sir)")
+    p.add_argument("--backend", default="numba", choices=BACKEND_CHOICES,
+                   help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
+                        "lava: Lava processes (needs lava-nc)")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's digits test split) or a .npz with x (N,C,H,W float32) and optional y")
+    p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
+    p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csdc", description="Compile quantized ONNX networks into integer-only, spike-driven "
                                 "networks (CSDformer conversion) and run them.")
@@ -277,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "D=0 is the plain IF neuron")
     c.add_argument("--frac-bits", type=int, default=16, metavar="F",
                    help="precision of the integer thresholds: every threshold has at least F significant bits, "
-                        "so its relative rounding error is below 2^-(F+1); sums of branches get F+4 (default 16)")
+                        "so its relative rounding error is below 2^-(F+1); a sum of branches (residual) is kept in units of "
+                        "step / 2^F of the quantizer that reads it (default 16)")
     c.add_argument("--weight-bits", type=int, default=8, metavar="B",
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
@@ -290,35 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a .sir network on a dataset",
                        description="Run a compiled network and report accuracy, agreement with onnxruntime, spikes, "
                                    "synaptic operations, energy estimate and wall time.")
-    r.add_argument("sir", help="the compiled network (.sir)")
-    r.add_argument("--backend", default="numba", choices=BACKEND_CHOICES,
-                   help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
-                        "lava: Lava processes (needs lava-nc)")
-    r.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn's digits test split) or a .npz with x (N,C,H,W float32) and optional y")
-    r.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
-    r.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
-    r.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    _add_run_options(r)
     r.add_argument("--delay", type=int, default=None, metavar="D", help="override every neuron's delay for this run")
     r.add_argument("--output", metavar="RESULTS.npz", help="save per-sample logits (float32, N x classes), readout "
                    "integers and labels to this .npz")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("sweep", help="accuracy and agreement against the neuron delay D",
                        description="Run a network once per delay D and report accuracy, agreement with onnxruntime "
                                    "and latency (T + depth x D); optionally plot them.")
-    w.add_argument("sir", help="the compiled network (.sir)")
+    _add_run_options(w)
     w.add_argument("--delays", default="0..T", help="delays to try: a range '0..T' (default) or a list '0,1,4'")
-    w.add_argument("--backend", default="numba", choices=BACKEND_CHOICES, help="simulator (default numba)")
-    w.add_argument("--data", default="digits", help="'digits' or a .npz with x (and y)")
-    w.add_argument("--compare", metavar="MODEL.onnx", help="source model for the agreement column")
-    w.add_argument("--limit", type=int, default=None, help="use only the first N samples")
-    w.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     w.add_argument("--plot", metavar="FILE.png", help="write a plot of accuracy/agreement against D and latency")
     w.add_argument("--json", action="store_true", help="print the table as JSON")
-    w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("inspect", help="print a .sir network as a table", description="Print the nodes of a .sir network.")
