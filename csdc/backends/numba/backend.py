@@ -25,14 +25,18 @@ Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
   |membrane potential| reached, for bit-width checks.
 - ``stats`` has an entry for each Neuron, SpikeMaxPool and synapse node (incl. SpikeMatMul).
 
-Large batches are cut into chunks so that the live tensors stay within a memory budget;
-each chunk's samples run in parallel inside the kernels.
+The batch is cut into chunks (about two per worker thread, and small enough that the
+live tensors of all workers stay within a memory budget); worker threads take whole
+chunks through the network (the kernels release the GIL), so parallelism is per chunk of
+samples, never inside a kernel.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,6 +85,24 @@ def _narrow(w: np.ndarray) -> np.ndarray:
         if info.min <= lo and hi <= info.max:
             return np.ascontiguousarray(w, dtype=dt)
     return np.ascontiguousarray(w, dtype=np.int64)
+
+
+def _narrow_scaled(w: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(w / scale, scale)`` with ``scale`` the largest power of two dividing every weight,
+    when dividing lets ``w`` fit a narrower type (e.g. 8-bit weights times 2^F rescaled to a
+    residual sum's unit); else ``(w, 1)``. Kernels accumulate ``w / scale`` and multiply the
+    sum by ``scale``: the same integers, with less memory traffic per AC."""
+    plain = _narrow(w)
+    nz = w[w != 0].astype(np.int64)
+    if nz.size == 0:
+        return plain, 1
+    scale = int(np.bitwise_and(nz, -nz).min())
+    if scale == 1:
+        return plain, 1
+    scaled = _narrow(w // scale)
+    if scaled.dtype.itemsize < plain.dtype.itemsize:
+        return scaled, scale
+    return plain, 1
 
 
 def _max_abs_row_sum(w: np.ndarray) -> int:
@@ -147,9 +169,11 @@ def _encode(op: Encode, ctx: NodeContext) -> Step:
 
 @dataclass(frozen=True, slots=True)
 class DenseStep:
-    """Dense synapses over the last axis; ``w_t`` is (in, out) so a spike adds one row."""
+    """Dense synapses over the last axis; ``w_t`` is (in, out) so a spike adds one row
+    (the weights divided by ``scale``, a power of two, see :func:`_narrow_scaled`)."""
 
     w_t: np.ndarray
+    scale: int
     from_spikes: bool
     bound: int
 
@@ -161,24 +185,27 @@ class DenseStep:
         out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=_current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
-            K.dense_spikes(flat, self.w_t, out, work)
+            K.dense_spikes(flat, self.w_t, self.scale, out, work)
             stats.acs += int(work.sum())
         else:
-            K.dense_currents(flat, self.w_t, out, work)
+            K.dense_currents(flat, self.w_t, self.scale, out, work)
             stats.macs += int(work.sum())
         return out.reshape(x.shape[0], *lead, n_out)
 
 
 @_builds(DenseSynapse)
 def _dense(op: DenseSynapse, ctx: NodeContext) -> Step:
-    return DenseStep(_narrow(op.weight.T), ctx.in_kinds[0] == SPIKES, ctx.in_bounds[0] * _max_abs_row_sum(op.weight))
+    w_t, scale = _narrow_scaled(op.weight.T)
+    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, ctx.in_bounds[0] * _max_abs_row_sum(op.weight))
 
 
 @dataclass(frozen=True, slots=True)
 class ConvStep:
-    """Convolution synapses; ``w_r`` is (C, kh, kw, O/groups) so a tap adds contiguous weights."""
+    """Convolution synapses; ``w_r`` is (C, kh, kw, O/groups) so a tap adds contiguous weights
+    (divided by ``scale``, a power of two, see :func:`_narrow_scaled`)."""
 
     w_r: np.ndarray
+    scale: int
     stride: np.ndarray
     pad: np.ndarray  # (top, left); bottom/right padding only shapes the output size
     dilation: np.ndarray
@@ -191,10 +218,10 @@ class ConvStep:
         out = _batch_zeros(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
-            K.conv_spikes(x, self.w_r, self.stride, self.pad, self.dilation, out, work)
+            K.conv_spikes(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, work)
             stats.acs += int(work.sum())
         else:
-            K.conv_currents(x, self.w_r, self.stride, self.pad, self.dilation, out, work)
+            K.conv_currents(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, work)
             stats.macs += int(work.sum())
         return out
 
@@ -207,8 +234,10 @@ def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
     og = o // g
     # w_r[c, ky, kx, j] = w[(c // cg) * og + j, c % cg, ky, kx]
     w_r = w.reshape(g, og, cg, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cg, kh, kw, og)
+    w_r, scale = _narrow_scaled(w_r)
     return ConvStep(
-        w_r=_narrow(w_r),
+        w_r=w_r,
+        scale=scale,
         stride=np.array(op.stride, dtype=np.int64),
         pad=np.array(op.padding[:2], dtype=np.int64),
         dilation=np.array(op.dilation, dtype=np.int64),
@@ -266,14 +295,19 @@ class NeuronStep:
     bound: int = 1
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        return self.fire(ins, stats)[0]
+
+    def fire(self, ins: list[np.ndarray], stats: NodeStats) -> tuple[np.ndarray, np.ndarray]:
+        """The spike trains (batch, T, *shape) and their counts (batch, *shape) int64."""
         cur = ins[0]
         b, tc = cur.shape[:2]
         n = self.threshold.size
         out = np.zeros((b, self.T, n), dtype=np.uint8)
+        counts = np.zeros((b, n), dtype=np.int64)
         peak = np.zeros(b, dtype=np.int64)
-        K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, peak)
+        K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts, peak)
         stats.max_abs_v = max(stats.max_abs_v, int(peak.max(initial=0)))
-        return out.reshape(b, self.T, *cur.shape[2:])
+        return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
 
 
 @_builds(Neuron)
@@ -444,12 +478,15 @@ class NumbaBackend:
 
     ``memory_budget``: bytes of live tensors per chunk of the batch (an upper bound, since
     tensors are freed once their last consumer ran); the batch is split accordingly.
+    ``profile``: accumulate the wall time of every node in ``node_seconds`` (name -> s),
+    summed over runs (for benchmarks; off by default).
     """
 
     name = "numba"
 
-    def __init__(self, memory_budget: int = 512 * 2**20):
+    def __init__(self, memory_budget: int = 512 * 2**20, profile: bool = False):
         self.memory_budget = int(memory_budget)
+        self.node_seconds: dict[str, float] | None = {} if profile else None
         # Plans per network, reused while the network's ops are the same objects (ops are
         # frozen, so a changed node means a new op): repeated batches skip weight preparation.
         self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, list[PlannedNode]]] = weakref.WeakKeyDictionary()
@@ -465,15 +502,43 @@ class NumbaBackend:
         if x.ndim < 1 or tuple(x.shape[1:]) != net.input_shape:
             raise DataError(f"input batch has shape {x.shape}, the network expects (batch, {', '.join(map(str, net.input_shape))})")
         nodes = self._plan(net)
-        stats = {n.name: NodeStats() for n in nodes}
-        for n in nodes:
-            if isinstance(n.op, (Neuron, SpikeMaxPool)):
-                stats[n.name].neurons = int(np.prod(net.info(n.name).shape))
         uses = {n.name: len(net.consumers(n.name)) for n in nodes}
+        n = x.shape[0]
+        chunk = self._chunk_size(nodes, n)
+        starts = list(range(0, max(n, 1), chunk))
+        profile = self.node_seconds is not None
+
+        def run_chunk(start: int) -> tuple[dict[str, NodeStats], _Collected, dict[str, float] | None]:
+            st = {p.name: NodeStats() for p in nodes}
+            col = _Collected()
+            secs: dict[str, float] | None = {} if profile else None
+            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, st, col, secs)
+            return st, col, secs
+
+        workers = min(numba.get_num_threads(), len(starts))
+        if workers > 1:
+            # Coarse-grained parallelism: whole chunks run through the network in threads
+            # (the kernels release the GIL); a worker that finishes early takes the next chunk.
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(run_chunk, starts))
+        else:
+            parts = [run_chunk(s) for s in starts]
+        stats = {p.name: NodeStats() for p in nodes}
         collected = _Collected()
-        chunk = self._chunk_size(nodes, x.shape[0])
-        for start in range(0, max(x.shape[0], 1), chunk):
-            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, stats, collected)
+        for st, col, secs in parts:  # in batch order
+            for name, v in st.items():
+                stats[name].merge(v)
+            collected.readout.extend(col.readout)
+            for k, v in col.counts.items():
+                collected.counts.setdefault(k, []).extend(v)
+            for k, v in col.trains.items():
+                collected.trains.setdefault(k, []).extend(v)
+            if secs is not None:
+                for k, v in secs.items():
+                    self.node_seconds[k] = self.node_seconds.get(k, 0.0) + v
+        for p in nodes:
+            if isinstance(p.op, (Neuron, SpikeMaxPool)):
+                stats[p.name].neurons = int(np.prod(net.info(p.name).shape))
         readout = np.concatenate(collected.readout)
         counts = {k: np.concatenate(v) for k, v in collected.counts.items()}
         trains = {k: np.concatenate(v) for k, v in collected.trains.items()}
@@ -494,21 +559,29 @@ class NumbaBackend:
         return cached[1]
 
     def _chunk_size(self, nodes: list[PlannedNode], batch: int) -> int:
+        """Samples per chunk: about two chunks per worker thread (so that a worker slowed by
+        another process leaves work to the others), within the memory budget for all
+        workers' live tensors."""
+        threads = max(1, numba.get_num_threads())
         per_sample = max(1, sum(n.bytes_per_sample for n in nodes))
-        chunk = max(1, self.memory_budget // per_sample)
-        threads = numba.get_num_threads()
-        if chunk > threads:
-            chunk -= chunk % threads  # whole rounds of the parallel sample loop
-        return min(chunk, max(batch, 1))
+        by_memory = max(1, self.memory_budget // (per_sample * threads))
+        balanced = max(1, -(-batch // (2 * threads)))
+        return min(by_memory, balanced)
 
     @staticmethod
     def _run_chunk(nodes: list[PlannedNode], uses: dict[str, int], x: np.ndarray, keep_trains: bool,
-                   stats: dict[str, NodeStats], collected: _Collected) -> None:
+                   stats: dict[str, NodeStats], collected: _Collected, seconds: dict[str, float] | None) -> None:
         values: dict[str, np.ndarray] = {}
         left = dict(uses)
         for node in nodes:
             ins = [x] if isinstance(node.op, Encode) else [values[s] for s in node.inputs]
-            out = node.step(ins, stats[node.name])
+            call = node.step.fire if isinstance(node.op, Neuron) else node.step
+            if seconds is None:
+                out = call(ins, stats[node.name])
+            else:
+                t0 = time.perf_counter()
+                out = call(ins, stats[node.name])
+                seconds[node.name] = seconds.get(node.name, 0.0) + time.perf_counter() - t0
             for s in node.inputs:
                 left[s] -= 1
                 if left[s] == 0:
@@ -516,9 +589,12 @@ class NumbaBackend:
             if isinstance(node.op, Readout):
                 collected.readout.append(out)
                 continue
+            if isinstance(node.op, Neuron):
+                out, counts = out
+            elif isinstance(node.op, SpikeMaxPool):
+                counts = out.sum(axis=1, dtype=np.int64)
             values[node.name] = out
             if isinstance(node.op, (Neuron, SpikeMaxPool)):
-                counts = out.sum(axis=1, dtype=np.int64)
                 stats[node.name].spikes += int(counts.sum())
                 collected.counts.setdefault(node.name, []).append(counts)
                 if keep_trains:

@@ -1,8 +1,10 @@
 """Numba kernels of the event-driven simulator.
 
-Every kernel works on a batch and runs its samples in parallel (``prange`` over the batch
-axis: coarse-grained, so it scales on a 2-core machine). Outputs are preallocated,
-zero-filled arrays owned by the caller; each kernel also writes per-sample statistics.
+Every kernel works on a chunk of the batch, one sample after the other, and releases the
+GIL (``nogil``): the backend runs whole chunks through the network in parallel threads
+(coarse-grained, so a core taken by another process slows one chunk instead of stalling
+every kernel at a barrier). Outputs are preallocated, zero-filled arrays owned by the
+caller; each kernel also writes per-sample statistics.
 
 Layouts (``B`` = batch, ``M`` = time steps times leading rows, ``T`` = time window):
 
@@ -24,7 +26,7 @@ use and loaded from there by later processes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.core.dispatcher import Dispatcher
 
 
@@ -42,39 +44,58 @@ def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dilation: int) -
     return tab
 
 
-@njit(parallel=True, cache=True)
-def dense_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray, acs: np.ndarray) -> None:
-    """Dense synapses driven by spikes: ``out[b, m, :] = sum_{i: s[b, m, i] = 1} w[i, :]``.
+@njit(nogil=True, cache=True)
+def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acs: np.ndarray) -> None:
+    """Dense synapses driven by spikes: ``out[b, m, :] = scale * sum_{i: s[b, m, i] = 1} w[i, :]``.
 
     ``s`` (B, M, n_in) uint8; ``w`` (n_in, n_out), row ``i`` = the fan-out of input ``i``
-    (stored transposed so that a spike adds one contiguous row); ``out`` (B, M, n_out)
-    zeros; ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
+    (stored transposed so that a spike adds one contiguous row), divided by ``scale`` (the
+    largest power of two dividing every weight, so that ``w`` fits a narrower type);
+    ``out`` (B, M, n_out) zeros; ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
+    The spikes of a row are gathered first and added four at a time, so the output row is
+    loaded and stored once per four spikes.
     """
     B, M, n_in = s.shape
     n_out = w.shape[1]
-    for b in prange(B):
+    idx = np.empty(n_in, dtype=np.int64)
+    for b in range(B):
         n_ac = 0
         for m in range(M):
             row = out[b, m]
+            sm = s[b, m]
+            k = 0
             for i in range(n_in):
-                if s[b, m, i]:
-                    wi = w[i]
-                    for o in range(n_out):
-                        row[o] += wi[o]
-                    n_ac += n_out
+                if sm[i]:
+                    idx[k] = i
+                    k += 1
+            n_ac += k * n_out
+            j = 0
+            while j + 4 <= k:
+                w0, w1, w2, w3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]
+                for o in range(n_out):
+                    row[o] += (w0[o] + w1[o]) + (w2[o] + w3[o])
+                j += 4
+            while j < k:
+                wi = w[idx[j]]
+                for o in range(n_out):
+                    row[o] += wi[o]
+                j += 1
+            if scale != 1 and k:
+                for o in range(n_out):
+                    row[o] *= scale
         acs[b] = n_ac
 
 
-@njit(parallel=True, cache=True)
-def dense_currents(x: np.ndarray, w: np.ndarray, out: np.ndarray, macs: np.ndarray) -> None:
-    """Dense synapses driven by integer currents: ``out[b, m, :] = sum_i x[b, m, i] * w[i, :]``.
+@njit(nogil=True, cache=True)
+def dense_currents(x: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, macs: np.ndarray) -> None:
+    """Dense synapses driven by integer currents: ``out[b, m, :] = scale * sum_i x[b, m, i] * w[i, :]``.
 
     Same layout as :func:`dense_spikes`; zero inputs are skipped, so
     ``macs[b]`` = nonzero inputs of sample ``b`` times ``n_out``.
     """
     B, M, n_in = x.shape
     n_out = w.shape[1]
-    for b in prange(B):
+    for b in range(B):
         n_mac = 0
         for m in range(M):
             row = out[b, m]
@@ -85,39 +106,60 @@ def dense_currents(x: np.ndarray, w: np.ndarray, out: np.ndarray, macs: np.ndarr
                     for o in range(n_out):
                         row[o] += q * wi[o]
                     n_mac += n_out
+            if scale != 1:
+                for o in range(n_out):
+                    row[o] *= scale
         macs[b] = n_mac
 
 
-@njit(parallel=True, cache=True)
-def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
+@njit(nogil=True, cache=True)
+def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
                 out: np.ndarray, acs: np.ndarray) -> None:
     """Grouped 2-D cross-correlation driven by spikes, by scattering each spike's kernel.
 
     ``s`` (B, M, C, H, W) uint8; ``w`` (C, kh, kw, og) with ``w[c, ky, kx, j]`` the weight
-    from input channel ``c`` to output channel ``(c // cg) * og + j`` (``cg`` = C / groups);
+    from input channel ``c`` to output channel ``(c // cg) * og + j`` (``cg`` = C / groups),
+    divided by ``scale`` (a power of two dividing every weight);
     ``stride`` (sh, sw), ``pad`` (top, left), ``dilation`` (dh, dw); ``out`` (B, M, O, OH, OW)
     zeros. Input row ``y`` reaches output row ``oy`` through kernel row ``ky`` when
     ``oy * sh - top + ky * dh == y`` with ``0 <= oy < OH`` (likewise for columns), so
     ``acs[b]`` counts only the targets a spike actually reaches (border-aware).
+    The spiking channels of one pixel and group are gathered first and their kernels added
+    four at a time to each reached output pixel (one load / store of the target per four).
     """
     B, M, C, H, W = s.shape
     _, kh, kw, og = w.shape
     O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
-    cg = C // (O // og)
+    G = O // og
+    cg = C // G
     rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
-    for b in prange(B):
-        # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
-        acc = np.zeros((OH, OW, O), dtype=out.dtype)
+    # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
+    acc = np.zeros((OH, OW, O), dtype=out.dtype)
+    idx = np.empty(cg, dtype=np.int64)
+    for b in range(B):
         n_ac = 0
         for m in range(M):
             acc[:] = 0
-            for c in range(C):
-                o0 = (c // cg) * og
-                for y in range(H):
-                    for x in range(W):
-                        if not s[b, m, c, y, x]:
+            sbm = s[b, m]
+            for y in range(H):
+                for x in range(W):
+                    reach = 0
+                    for ky in range(kh):
+                        if rows[y, ky] >= 0:
+                            for kx in range(kw):
+                                if cols[x, kx] >= 0:
+                                    reach += 1
+                    for g in range(G):
+                        o0 = g * og
+                        k = 0
+                        for c in range(g * cg, (g + 1) * cg):
+                            if sbm[c, y, x]:
+                                idx[k] = c
+                                k += 1
+                        if k == 0:
                             continue
+                        n_ac += k * reach * og
                         for ky in range(kh):
                             oy = rows[y, ky]
                             if oy < 0:
@@ -127,20 +169,28 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarra
                                 if ox < 0:
                                     continue
                                 tgt = acc[oy, ox, o0:o0 + og]  # a view: plain j indexing vectorizes
-                                wk = w[c, ky, kx]
-                                for j in range(og):
-                                    tgt[j] += wk[j]
-                                n_ac += og
+                                j = 0
+                                while j + 4 <= k:
+                                    w0, w1 = w[idx[j], ky, kx], w[idx[j + 1], ky, kx]
+                                    w2, w3 = w[idx[j + 2], ky, kx], w[idx[j + 3], ky, kx]
+                                    for jj in range(og):
+                                        tgt[jj] += (w0[jj] + w1[jj]) + (w2[jj] + w3[jj])
+                                    j += 4
+                                while j < k:
+                                    wk = w[idx[j], ky, kx]
+                                    for jj in range(og):
+                                        tgt[jj] += wk[jj]
+                                    j += 1
             for o in range(O):
                 for oy in range(OH):
                     for ox in range(OW):
-                        out[b, m, o, oy, ox] = acc[oy, ox, o]
+                        out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
         acs[b] = n_ac
 
 
-@njit(parallel=True, cache=True)
-def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
-                  out: np.ndarray, macs: np.ndarray) -> None:
+@njit(nogil=True, cache=True)
+def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray,
+                  dilation: np.ndarray, out: np.ndarray, macs: np.ndarray) -> None:
     """Grouped 2-D cross-correlation driven by integer currents (see :func:`conv_spikes`):
     each nonzero input ``q`` scatters ``q`` times its kernel; ``macs[b]`` counts the
     (input, reached target) pairs of nonzero inputs."""
@@ -150,8 +200,8 @@ def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndar
     cg = C // (O // og)
     rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
-    for b in prange(B):
-        acc = np.zeros((OH, OW, O), dtype=out.dtype)
+    acc = np.zeros((OH, OW, O), dtype=out.dtype)
+    for b in range(B):
         n_mac = 0
         for m in range(M):
             acc[:] = 0
@@ -178,11 +228,11 @@ def conv_currents(x: np.ndarray, w: np.ndarray, stride: np.ndarray, pad: np.ndar
             for o in range(O):
                 for oy in range(OH):
                     for ox in range(OW):
-                        out[b, m, o, oy, ox] = acc[oy, ox, o]
+                        out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
         macs[b] = n_mac
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
     """Sum pooling of spikes: each spike adds 1 to every window that contains it.
 
@@ -194,7 +244,7 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
     kh, kw = kernel[0], kernel[1]
     rows = _taps(H, OH, kh, stride[0], pad[0], 1)
     cols = _taps(W, OW, kw, stride[1], pad[1], 1)
-    for b in prange(B):
+    for b in range(B):
         for t in range(T):
             for c in range(C):
                 for y in range(H):
@@ -211,7 +261,7 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
                                     out[b, t, c, oy, ox] += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
     """Max pooling by temporal decomposition: ``y(t) = max_win C(t) - max_win C(t-1)``.
 
@@ -227,7 +277,7 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
     kh, kw = kernel[0], kernel[1]
     rows = _taps(H, OH, kh, stride[0], pad[0], 1)
     cols = _taps(W, OW, kw, stride[1], pad[1], 1)
-    for b in prange(B):
+    for b in range(B):
         running = np.zeros((C, H, W), dtype=np.int64)
         win_max = np.zeros((C, OH, OW), dtype=np.int64)
         for t in range(T):
@@ -249,7 +299,7 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
                                     out[b, t, c, oy, ox] = 1
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, acs: np.ndarray) -> None:
     """Product of two spike tensors by temporal decomposition (SPEC 2.4):
     ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running counts ``C``.
@@ -258,53 +308,80 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
     leading axes); ``out`` (B, T, L, M, N) zeros. Event-driven: a spike ``B(t)[k, n]`` adds
     the previous counts ``C_A(t-1)[:, k]`` to column ``n`` (M targets), a spike ``A(t)[m, k]``
     adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); ``acs[b]`` counts the targets.
+    Counts are int32 (at most T); the column sums go to a transposed buffer (contiguous
+    adds) that is added to ``out`` once per step, and ``weight`` multiplies each output once.
     """
     B, T, L, M, K = a.shape
     N = bm.shape[4]
-    for b in prange(B):
+    count_a = np.zeros((K, M), dtype=np.int32)  # C_A, transposed: column k of C_A is contiguous
+    count_b = np.zeros((K, N), dtype=np.int32)  # C_B
+    col = np.zeros((N, M), dtype=out.dtype)  # C_A(t-1) B(t), transposed
+    for b in range(B):
         n_ac = 0
         for l in range(L):
-            count_a = np.zeros((K, M), dtype=np.int64)  # C_A, transposed: column k of C_A is contiguous
-            count_b = np.zeros((K, N), dtype=np.int64)  # C_B
+            count_a[:] = 0
+            count_b[:] = 0
             for t in range(T):
                 o = out[b, t, l]
+                bt = bm[b, t, l]
+                at = a[b, t, l]
                 # B(t) spikes: first use C_A(t-1) (count_a not yet updated), then C_B(t) includes t.
+                col[:] = 0
+                nb = 0
                 for k in range(K):
                     ca = count_a[k]
+                    cbk = count_b[k]
                     for n in range(N):
-                        if bm[b, t, l, k, n]:
-                            count_b[k, n] += 1
+                        if bt[k, n]:
+                            cbk[n] += 1
+                            cn = col[n]
                             for m in range(M):
-                                o[m, n] += weight * ca[m]
-                            n_ac += M
+                                cn[m] += ca[m]
+                            nb += 1
+                n_ac += nb * M
+                na = 0
                 for m in range(M):
+                    row = o[m]
                     for k in range(K):
-                        if a[b, t, l, m, k]:
+                        if at[m, k]:
                             cb = count_b[k]
-                            row = o[m]
                             for n in range(N):
-                                row[n] += weight * cb[n]
-                            n_ac += N
+                                row[n] += cb[n]
                             count_a[k, m] += 1
+                            na += 1
+                n_ac += na * N
+                if nb:
+                    for m in range(M):
+                        row = o[m]
+                        for n in range(N):
+                            row[n] += col[n, m]
+                if weight != 1:
+                    for m in range(M):
+                        row = o[m]
+                        for n in range(N):
+                            row[n] *= weight
         acs[b] = n_ac
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
-                out: np.ndarray, max_abs_v: np.ndarray) -> None:
+                out: np.ndarray, counts: np.ndarray, max_abs_v: np.ndarray) -> None:
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
 
     ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
-    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 zeros. Per neuron: ``v = v0``; for u in
-    1..T+delay: if u <= T, ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at
-    output step u - delay and ``v -= threshold``. Steps in (T, delay] do nothing and are
-    skipped. ``max_abs_v[b]`` receives the largest |v| that sample ``b`` reached (over v0 and
-    every integrated value; a reset only moves v towards 0, so it cannot set a new maximum).
+    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 zeros; ``counts`` (B, N) int64 zeros receives
+    the spike counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
+    ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at output step u - delay
+    and ``v -= threshold``. Steps in (T, delay] do nothing and are skipped. ``max_abs_v[b]``
+    receives the largest |v| that sample ``b`` reached (over v0 and every integrated value; a
+    reset only moves v towards 0, so it cannot set a new maximum).
     """
     B, Tc, N = cur.shape
     T = out.shape[1]
-    for b in prange(B):
-        v = v0.copy()
+    v = np.empty(N, dtype=np.int64)
+    for b in range(B):
+        v[:] = v0
+        cnt = counts[b]
         peak = 0
         for n in range(N):
             peak = max(peak, abs(v[n]))
@@ -318,6 +395,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
                     peak = max(peak, abs(vn))
                     f = vn >= threshold[n]
                     row[n] = f
+                    cnt[n] += f
                     v[n] = vn - f * threshold[n]
             else:
                 for n in range(N):
@@ -330,6 +408,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
             for n in range(N):
                 f = v[n] >= threshold[n]
                 row[n] = f
+                cnt[n] += f
                 v[n] -= f * threshold[n]
         max_abs_v[b] = peak
 
