@@ -7,12 +7,18 @@
   model's input) and optional integer labels ``y``; every problem raises
   :class:`csdc.errors.DataError` naming the file, the problem and the fix.
 - ``iter_batches``: stream a dataset in slices (views, no copy of the whole set).
+
+A float32 ``x`` stored uncompressed (``numpy.savez``, the usual case) is memory-mapped
+instead of read: a 10 000-image file costs no memory up front, and batches are paged in
+as they are run. The member's CRC is still checked (in one streaming pass).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,6 +64,50 @@ def load_digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x[sel]), y[sel]
 
 
+def _memmap_member(path: str, key: str) -> np.ndarray | None:
+    """Memory-map array ``key`` of the .npz at ``path`` when it is stored uncompressed as a
+    C-ordered float32 array whose CRC checks out; ``None`` when it cannot (then the caller
+    reads it normally, which reports any problem)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(key + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            crc, left = 0, info.file_size
+            while left > 0:
+                block = f.read(min(left, 1 << 22))
+                if not block:
+                    return None
+                crc = zlib.crc32(block, crc)
+                left -= len(block)
+            if crc != info.CRC:
+                return None
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+            offset = f.tell()
+        if fortran or dtype != np.dtype(np.float32) or len(shape) == 0:
+            return None
+        if offset - start + int(np.prod(shape)) * dtype.itemsize != info.file_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
+        return None
+
+
 def load_npz(
     path: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,7 +118,8 @@ def load_npz(
     and is returned as int64. ``input_shape`` is the model's input shape *without*
     the batch dimension (e.g. ``(1, 8, 8)``); ``None`` skips the shape check, and an
     entry that is not a positive int (``None``, a symbolic name) matches any size.
-    The file is read with ``allow_pickle=False``. Any problem raises
+    The file is read with ``allow_pickle=False``; a float32 ``x`` stored uncompressed is
+    returned as a read-only ``numpy.memmap`` (see the module docstring). Any problem raises
     :class:`csdc.errors.DataError` naming the file.
     """
     name = os.fspath(path)
@@ -97,7 +148,9 @@ def load_npz(
                 "as numpy.savez(path, x=x, y=y)"
             )
         try:
-            x = archive["x"]
+            x = _memmap_member(name, "x")
+            if x is None:
+                x = archive["x"]
             y = archive["y"] if "y" in keys else None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(
