@@ -1,7 +1,8 @@
 """ONNX frontend: load and check a model file and turn it into a :class:`QGraph`.
 
 Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, one data input
-and one output, shapes inferable. Every node whose op csdc cannot make spike-driven is
+and one output, shapes inferable (QONNX ``Quant`` nodes, from Brevitas ``export_qonnx``, count as
+shape-preserving, and a symbolic batch axis as 1, so dynamic-batch shape arithmetic resolves). Every node whose op csdc cannot make spike-driven is
 collected, and all of them are reported at once with the rewrite that would fix each.
 """
 
@@ -19,7 +20,13 @@ SUPPORTED = {
     "QuantizeLinear", "DequantizeLinear", "Clip", "Conv", "Gemm", "MatMul", "Add", "Mul", "Div",
     "BatchNormalization", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
     "Flatten", "Reshape", "Transpose", "Identity", "Dropout", "Constant", "Squeeze", "Unsqueeze", "Cast",
+    "Shape", "Slice", "Concat", "Gather",  # shape arithmetic for Reshape targets (folded to constants)
+    "Round",  # only inside an LSQ quantizer written as arithmetic (Div -> Round -> Clip -> Mul)
 }
+
+# QONNX quantizers (Brevitas export_qonnx); canonicalize_qonnx_quant turns them into csdc's Quant
+QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general")
+QONNX_SUPPORTED = {"Quant"}
 
 # op -> why it cannot run spike-driven and what to use instead
 REJECTED = {
@@ -77,6 +84,33 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _for_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: QONNX Quant nodes (shape-preserving, unknown to ONNX) become
+    Identity nodes, and a symbolic batch axis of the input becomes 1, so that shape arithmetic of
+    dynamic-batch exports (``Shape -> Slice -> Concat -> Reshape``) propagates to concrete shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name for i in m.graph.initializer}
+    for vi in m.graph.input:
+        if vi.name not in inits and vi.type.tensor_type.shape.dim:
+            d0 = vi.type.tensor_type.shape.dim[0]
+            if not d0.HasField("dim_value"):
+                d0.Clear()
+                d0.dim_value = 1
+    if not any(n.domain in QONNX_DOMAINS for n in model.graph.node):
+        return m
+    nodes = []
+    for n in m.graph.node:
+        if n.domain in QONNX_DOMAINS:
+            n = onnx.helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name)
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.opset_import[:]
+    m.opset_import.extend([o for o in model.opset_import if o.domain not in QONNX_DOMAINS])
+    return m
+
+
 def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
     """Convert a checked ONNX model to a QGraph, rejecting unsupported ops all at once."""
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -85,8 +119,13 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
     problems: list[tuple[str, str, str]] = []
     for i, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{i}"
-        if node.domain not in ("", "ai.onnx"):
-            problems.append((name, f"{node.domain}.{node.op_type}", "custom-domain ops are not supported"))
+        if node.domain in QONNX_DOMAINS:
+            if node.op_type not in QONNX_SUPPORTED:
+                problems.append((name, f"{node.domain}.{node.op_type}", "of the QONNX ops only Quant is supported; "
+                                 "re-export with Quant nodes (Brevitas export_qonnx) or as QCDQ"))
+        elif node.domain not in ("", "ai.onnx"):
+            problems.append((name, f"{node.domain}.{node.op_type}", "custom-domain ops are not supported; "
+                             "export with standard ONNX ops (QuantizeLinear/DequantizeLinear for quantizers)"))
         elif node.op_type in REJECTED:
             problems.append((name, node.op_type, REJECTED[node.op_type]))
         elif node.op_type not in SUPPORTED:
@@ -95,7 +134,7 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
         raise UnsupportedModelError(path, problems)
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(_for_shape_inference(model), strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelFileError(f"{path}: ONNX shape inference failed: {exc}") from None
     g = inferred.graph
@@ -112,7 +151,7 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
     if inputs[0].name not in shapes:
         raise ModelFileError(f"{path}: input '{inputs[0].name}' needs a static shape (batch axis may be symbolic)")
     nodes = []
-    for i, node in enumerate(g.node):
+    for i, node in enumerate(model.graph.node):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         for k, v in list(attrs.items()):
             if isinstance(v, bytes):

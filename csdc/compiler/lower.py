@@ -58,6 +58,7 @@ class Term:
     w_int: np.ndarray | None = None
     conv: dict = field(default_factory=dict)
     src2: str = ""
+    origin: str = ""  # the source node whose weights these are (for --explain)
 
 
 @dataclass
@@ -214,10 +215,12 @@ class Lowering:
                     k = max(0, math.ceil(self.frac_bits - math.log2(theta0)))
             U = ubase / float(2 ** k)
         currents = []
+        reader = self.current_node
         for t in value.terms:
             if t.kind == "fixed":
                 currents.append(t.src)
                 continue
+            self.current_node = t.origin or reader
             mult = self._channel_mult(t, t.unit / U)
             if t.kind in ("diag", "matmul"):
                 exact = mult
@@ -242,6 +245,7 @@ class Lowering:
                 currents.append(self.add(f"{base}_matmul", SpikeMatMul(int(w)), [t.src, t.src2]))
             else:
                 currents.append(self.add(f"{base}_syn", DiagonalSynapse(w), [t.src]))
+        self.current_node = reader
         node = currents[0] if len(currents) == 1 else self.add(f"{base}_sum", Add(), currents)
         return node, U
 
@@ -290,13 +294,15 @@ class Lowering:
             return
         src = self.vals.get(n.inputs[0])
         if n.outputs[0] == self.g.output and isinstance(src, Affine):
-            self.report.warnings.append(f"quantizer '{n.name}' on the network output is not applied: the readout reports "
-                                        "unquantized logits")
-            self.vals[n.outputs[0]] = src
+            self.lower_output_quant(n, src)
             return
         if a["zero_point"] != 0 or a["lo"] != 0:
-            self.fail(n, f"a quantizer feeding neurons must be unsigned with zero point 0 (got zero_point={a['zero_point']}, "
-                         f"range [{a['lo']}, {a['hi']}]); use a ReLU-style unsigned activation quantizer")
+            lo, hi = a["lo"] - a["zero_point"], a["hi"] - a["zero_point"]
+            what = (f"its levels [{lo}, {hi}] include negative levels, which a spike count (0..T spikes) cannot carry"
+                    if lo < 0 else f"its levels [{lo}, {hi}] do not start at 0")
+            self.fail(n, f"a quantizer feeding neurons must be unsigned (zero point = lower clip); {what} "
+                         f"(zero_point={a['zero_point']}, clip [{a['lo']}, {a['hi']}]). Put a ReLU right before it (its "
+                         "negative levels are then never reached and csdc drops them) or export an unsigned quantizer")
             return
         if isinstance(src, Spikes):
             if math.isclose(src.step, a["scale"], rel_tol=1e-6):
@@ -311,6 +317,26 @@ class Lowering:
             return
         self.vals[n.outputs[0]] = self.neuron(src, n)
 
+    def lower_output_quant(self, n: QNode, src: Affine) -> None:
+        """A quantizer on the logits (onnxruntime adds one). With as many levels as time steps it is
+        applied exactly: the offset ``m = zero_point - lo`` moves into the neuron's bias
+        (``clip(round(x/s) + z, lo, hi) - lo = clip(round(x/s + m), 0, hi - lo)``) and back out of the
+        readout (``y = s * count - s * m``), so a signed or zero-point range needs no negative spikes.
+        Otherwise the logits are read out unquantized and the error is reported."""
+        a = n.attrs
+        s, L, m = float(a["scale"]), int(a["hi"]) - int(a["lo"]), int(a["zero_point"]) - int(a["lo"])
+        shape = self.sample_shape(n.outputs[0])
+        if L == self.T:
+            spikes = self.neuron(Affine(list(src.terms), src.bias + m * s), n)
+            self.vals[n.outputs[0]] = Affine([Term("diag", spikes.node, np.full(shape, s))], np.full(shape, -m * s))
+            return
+        self.report.warnings.append(
+            f"quantizer '{n.name}' on the network output has {L} levels but the network runs T = {self.T} steps: it "
+            f"is not applied, logits are reported unquantized (they differ from the source's by at most {s / 2:.3g} = "
+            f"step/2 inside [{s * (a['lo'] - a['zero_point']):.3g}, {s * (a['hi'] - a['zero_point']):.3g}], more outside; "
+            "argmax can differ only where the source's quantized logits tie)")
+        self.vals[n.outputs[0]] = src
+
     def pooled_dense(self, p: Pooled, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray, n: QNode) -> Affine:
         """Dense layer applied to an average-pooled spike tensor, folded into one synapse on the spikes."""
         n_in = int(np.prod(p.shape))
@@ -324,7 +350,7 @@ class Lowering:
             self.fail(n, "average pooling with unequal window sizes before a linear layer is not supported")
         folded = w[:, p.index]  # (out, total)
         unit = p.spikes.step / float(p.divisor.flat[0]) * w_scale
-        return Affine([Term("dense", src, unit.copy(), folded.astype(np.int64))], bias.copy())
+        return Affine([Term("dense", src, unit.copy(), folded.astype(np.int64), origin=n.name)], bias.copy())
 
     def lower_linear(self, n: QNode) -> None:
         a = n.attrs
@@ -352,10 +378,10 @@ class Lowering:
         if a["kind"] == "conv":
             per = lambda v: np.broadcast_to(np.asarray(v)[:, None, None], out_shape)  # noqa: E731
             conv = {"stride": a["strides"], "padding": a["pads"], "dilation": a["dilations"], "groups": a["group"]}
-            term = Term("conv", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], conv)
+            term = Term("conv", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], conv, origin=n.name)
         else:
             per = lambda v: np.broadcast_to(np.asarray(v), out_shape)  # noqa: E731
-            term = Term("dense", node, per(in_unit * a["w_scale"]).copy(), a["w_int"])
+            term = Term("dense", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], origin=n.name)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], per(a["bias"]).copy()))
 
     def lower_add_mul(self, n: QNode) -> None:
@@ -391,7 +417,7 @@ class Lowering:
             if any(t.kind == "fixed" for t in v.terms) and not np.all(f == 1):
                 self.fail(n, "scales a shared residual stream; fold the constant into the layers that produce it")
                 return
-            out = Affine([Term(t.kind, t.src, t.unit * f, t.w_int, t.conv, t.src2) for t in v.terms], v.bias * f)
+            out = Affine([Term(t.kind, t.src, t.unit * f, t.w_int, t.conv, t.src2, t.origin) for t in v.terms], v.bias * f)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], out)
 
     def lower_matmul(self, n: QNode) -> None:
@@ -407,7 +433,7 @@ class Lowering:
                          "reshape/transpose explicitly instead of broadcasting")
             return
         out_shape = self.sample_shape(n.outputs[0])
-        term = Term("matmul", a.node, np.full(out_shape, a.step * b.step), src2=b.node)
+        term = Term("matmul", a.node, np.full(out_shape, a.step * b.step), src2=b.node, origin=n.name)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], np.zeros(out_shape)))
 
     def lower_maxpool(self, n: QNode) -> None:

@@ -14,7 +14,10 @@ from csdc.compiler.frontend import load_qgraph
 from csdc.compiler.lower import lower
 from csdc.compiler.passes import run_passes
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
+from csdc.compiler.passes.canonicalize_lsq_arithmetic import canonicalize_lsq_arithmetic
+from csdc.compiler.passes.canonicalize_qonnx_quant import canonicalize_qonnx_quant
 from csdc.compiler.passes.canonicalize_quant import canonicalize_quant
+from csdc.compiler.passes.canonicalize_zero_point import canonicalize_zero_point
 from csdc.compiler.passes.cleanup_routing import cleanup_routing
 from csdc.compiler.passes.fold_affine_constants import fold_affine_constants
 from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
@@ -70,7 +73,11 @@ class CompileReport:
 
 
 def canonical_passes(options: CompileOptions) -> list:
-    return [remove_identities, fold_constants, canonicalize_quant, move_maxpool, remove_identities,
+    """Quantizers first: every dialect (QONNX Quant, LSQ arithmetic, QDQ/QCDQ) becomes one ``Quant``
+    op (weights become integer constants) before any structural pass; then zero points are
+    normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded."""
+    return [remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
+            canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
 
 
@@ -101,10 +108,28 @@ def count_synapses(net: Network) -> int:
     return total
 
 
+def explain_sources(source: QGraph, graph: QGraph, lowered: dict[str, list[str]]) -> dict[str, list[str]]:
+    """For every source node, in source order, what it became: the IR nodes made from it, else what a
+    pass turned it into (``graph.provenance``: folded, absorbed, part of a quantizer, a constant)."""
+    out: dict[str, list[str]] = {}
+    for n in source.nodes:
+        if n.name in lowered:
+            out[n.name] = list(lowered[n.name])
+        elif n.name in graph.provenance:
+            out[n.name] = [graph.provenance[n.name]]
+        else:
+            out[n.name] = ["no IR node of its own (a constant scale/shift, pooling or routing folded into the next population's "
+                           "weights, bias or threshold)"]
+    for k, v in lowered.items():
+        out.setdefault(k, list(v))
+    return out
+
+
 def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
     """Compile an ONNX file into a verified spiking network and a report."""
     t0 = time.perf_counter()
-    graph = canonicalize(load_qgraph(path), options)
+    source = load_qgraph(path)
+    graph = canonicalize(source, options)
     net, low = lower(graph, options.frac_bits, options.delay)
     net = cleanup_routing(net)
     net.verify()
@@ -116,7 +141,7 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
         populations=len(neurons), neurons=int(sum(np.prod(net.info(n).shape) for n in neurons)),
         synapses=count_synapses(net), threshold_error=low.threshold_error, weight_error=low.weight_error,
         bias_error=low.bias_error, float_weight_error=low.float_weight_error, bits=bits.to_dict(),
-        seconds=time.perf_counter() - t0, warnings=low.warnings, explain=low.explain)
+        seconds=time.perf_counter() - t0, warnings=low.warnings, explain=explain_sources(source, graph, low.explain))
     net.metadata.update({"csdc_version": __version__, "compile": report.to_dict(),
                          "options": asdict(options)})
     return net, report

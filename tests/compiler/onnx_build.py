@@ -15,6 +15,7 @@ class Builder:
         self.opset = opset
         self.rng = np.random.default_rng(seed)
         self.n = 0
+        self.domains: dict[str, int] = {}  # custom-domain opsets used by the nodes (e.g. QONNX)
 
     def _name(self, base: str) -> str:
         self.n += 1
@@ -53,13 +54,23 @@ class Builder:
         return self.node("BatchNormalization", [x, self.const(g.astype(np.float32)), self.const(self.rng.normal(0, 0.2, c).astype(np.float32)),
                                                 self.const(self.rng.normal(0, 0.2, c).astype(np.float32)), self.const(self.rng.uniform(0.5, 2, c).astype(np.float32))])
 
+    def qonnx_quant(self, x: str, scale, zeropt, bits, signed: int = 0, narrow: int = 0, rounding_mode: str = "ROUND") -> str:
+        """A QONNX ``Quant`` node (domain qonnx.custom_op.general), as Brevitas export_qonnx writes it."""
+        self.domains["qonnx.custom_op.general"] = 1
+        out = self._name("quant")
+        ins = [x, self.const(np.float32(scale)), self.const(np.float32(zeropt)), self.const(np.float32(bits))]
+        self.nodes.append(helper.make_node("Quant", ins, [out], name=self._name("Quant"), domain="qonnx.custom_op.general",
+                                           signed=signed, narrow=narrow, rounding_mode=rounding_mode))
+        return out
+
     def gemm(self, x: str, nin: int, nout: int) -> str:
         return self.node("Gemm", [x, self.qweight((nout, nin)), self.const(self.rng.normal(0, 0.1, nout).astype(np.float32))], transB=1)
 
     def model(self, out: str, out_shape: tuple[int, ...]) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *self.input_shape[1:]])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", *out_shape[1:]])], self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)]
+                              + [helper.make_opsetid(d, v) for d, v in self.domains.items()])
         m.ir_version = 8
         onnx.checker.check_model(m)
         return m

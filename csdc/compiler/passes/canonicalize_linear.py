@@ -22,12 +22,34 @@ from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 
 
+def grid_levels(flat: np.ndarray, qmax: int, tol: float = 1e-4) -> np.ndarray:
+    """Per row, the smallest ``k <= qmax`` such that the row lies on the grid ``max|w| / k`` (0 if none).
+
+    Float weights exported after fake quantization (``round(w / s).clamp(-Q, Q) * s`` folded into a
+    constant by the exporter) are such a grid: recovering it keeps the trained integers exactly."""
+    amax = np.abs(flat).max(axis=1)
+    out = np.zeros(flat.shape[0], dtype=np.int64)
+    for r in range(flat.shape[0]):
+        if amax[r] == 0:
+            continue
+        for k in range(1, qmax + 1):
+            v = flat[r] * (k / amax[r])
+            if np.all(np.abs(v - np.rint(v)) < tol):
+                out[r] = k
+                break
+    return out
+
+
 def quantize_weight(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Symmetric per-output-channel (axis 0) quantization: (ints, scales, max relative error)."""
+    """Symmetric per-output-channel (axis 0) quantization: (ints, scales, max relative error).
+
+    A channel whose weights already lie on a grid of at most ``2^(bits-1) - 1`` positive levels
+    keeps that grid (see :func:`grid_levels`); the others get ``scale = max|w| / qmax``."""
     qmax = 2 ** (bits - 1) - 1
     flat = w.reshape(w.shape[0], -1).astype(np.float64)
     amax = np.abs(flat).max(axis=1)
-    scale = np.where(amax > 0, amax / qmax, 1.0)
+    k = grid_levels(flat, qmax)
+    scale = np.where(amax > 0, amax / np.where(k > 0, k, qmax), 1.0)
     ints = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax).astype(np.int64)
     err = np.abs(ints * scale[:, None] - flat).max(axis=1) / np.where(amax > 0, amax, 1.0)
     return ints.reshape(w.shape), scale, float(err.max()) if err.size else 0.0

@@ -18,6 +18,20 @@ from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 
 
+def int_range(dtype: np.dtype) -> tuple[int, int] | None:
+    """Range of an integer storage type, including ONNX's 4-bit int4/uint4 (ml_dtypes); None if not integer."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return int(info.min), int(info.max)
+    if dtype.name in ("int4", "uint4", "int2", "uint2"):
+        import ml_dtypes
+
+        info = ml_dtypes.iinfo(dtype)
+        return int(info.min), int(info.max)
+    return None
+
+
 def _scalar(graph: QGraph, name: str | None, default: float | int | None) -> np.ndarray | None:
     if not name:
         return None if default is None else np.asarray(default)
@@ -64,7 +78,7 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
             problems.append((q.name, "QuantizeLinear", "per-channel activation quantizers are not supported; "
                              "quantize activations per tensor"))
             continue
-        if not (np.allclose(s_q.reshape(-1), s_dq.reshape(-1), rtol=1e-6, atol=0) and int(zp_q.reshape(-1)[0]) == int(zp_dq.reshape(-1)[0])):
+        if not (np.allclose(s_q.reshape(-1), s_dq.reshape(-1), rtol=1e-6, atol=0) and int(zp_q.reshape(-1).astype(np.int64)[0]) == int(zp_dq.reshape(-1).astype(np.int64)[0])):
             problems.append((dq.name, "DequantizeLinear", f"scale/zero point ({s_dq.reshape(-1)}, {zp_dq.reshape(-1)}) differ from "
                              f"its QuantizeLinear '{q.name}' ({s_q.reshape(-1)}, {zp_q.reshape(-1)})"))
             continue
@@ -74,10 +88,12 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
             continue
         zp_arr = graph.constants.get(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] else None
         dtype = zp_arr.dtype if zp_arr is not None else np.dtype(np.uint8)
-        if dtype.kind not in "iu":
-            problems.append((q.name, "QuantizeLinear", f"unsupported storage type {dtype}"))
+        rng = int_range(dtype)
+        if rng is None:
+            problems.append((q.name, "QuantizeLinear", f"unsupported storage type {dtype}; use an integer type "
+                             "(uint8/int8/uint16/int16/uint4/int4)"))
             continue
-        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        lo, hi = rng
         if clip is not None:
             cmin = clip.inputs[1] if len(clip.inputs) > 1 else ""
             cmax = clip.inputs[2] if len(clip.inputs) > 2 else ""
@@ -85,15 +101,15 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
                 problems.append((clip.name, "Clip", "clip bounds must be constants"))
                 continue
             if cmin:
-                lo = max(lo, int(np.asarray(graph.constants[cmin]).reshape(-1)[0]))
+                lo = max(lo, int(np.asarray(graph.constants[cmin]).reshape(-1).astype(np.int64)[0]))
             elif "min" in clip.attrs:
                 lo = max(lo, int(clip.attrs["min"]))
             if cmax:
-                hi = min(hi, int(np.asarray(graph.constants[cmax]).reshape(-1)[0]))
+                hi = min(hi, int(np.asarray(graph.constants[cmax]).reshape(-1).astype(np.int64)[0]))
             elif "max" in clip.attrs:
                 hi = min(hi, int(clip.attrs["max"]))
         fused[dq.name] = QNode(q.name, "Quant", (q.inputs[0],), dq.outputs,
-                               {"scale": scale, "zero_point": int(zp_q.reshape(-1)[0]), "lo": lo, "hi": hi})
+                               {"scale": scale, "zero_point": int(zp_q.reshape(-1).astype(np.int64)[0]), "lo": lo, "hi": hi})
         dropped.update(n.name for n in chain[1:])
     for n in graph.nodes:
         if n.op_type == "QuantizeLinear" and n.name not in dropped:
@@ -109,4 +125,9 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
     new = graph.with_nodes(out)
     for qn in fused.values():
         new.provenance[qn.name] = "quantizer"
+    for dq_name, qn in fused.items():
+        new.provenance[dq_name] = f"part of quantizer {qn.name}"
+    for n in graph.nodes:
+        if n.name in dropped and n.op_type == "Clip":
+            new.provenance[n.name] = "part of a quantizer (its clip range)"
     return new

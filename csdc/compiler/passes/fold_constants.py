@@ -1,6 +1,12 @@
 """fold_constants: evaluate every node whose inputs are all constants.
 
-Invariant established: no node has only constant inputs; the outputs of such nodes are in
+``Shape`` of a tensor with an inferred shape is a constant too, with the (symbolic) batch axis as 0;
+its value only feeds Reshape targets (``x.flatten(2)`` under a dynamic batch axis exports as
+``Shape -> Slice -> Concat -> Reshape``), where 0 means "copy this axis", and the lowering takes
+every per-sample shape from shape inference, not from these values. ``Slice``, ``Concat`` and
+``Gather`` of constants are evaluated.
+
+Invariant established: no node has only constant inputs, and no Shape node remains where the shape is known; the outputs of such nodes are in
 ``graph.constants``. A constant produced by ``DequantizeLinear`` also keeps its integer view
 (``graph.qconstants[name] = (ints - zero_point, scale, axis)``) so that quantized weights stay
 integers instead of being re-quantized.
@@ -27,8 +33,10 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axi
     dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
     zpv = _bcast(zp.astype(np.int64), x, axis) if zp is not None else 0
     q = np.rint(x.astype(np.float32) / _bcast(scale.astype(np.float32), x, axis)).astype(np.int64) + zpv
-    info = np.iinfo(dtype)
-    return np.clip(q, info.min, info.max).astype(dtype)
+    from csdc.compiler.passes.canonicalize_quant import int_range
+
+    lo, hi = int_range(dtype)
+    return np.clip(q, lo, hi).astype(dtype)
 
 
 def dequantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +103,30 @@ def _evaluate(node: QNode, vals: list[np.ndarray | None], graph: QGraph) -> np.n
         return res.astype(np.result_type(x.dtype, y.dtype)) if op != "Div" or x.dtype.kind == "f" else (x // y)
     if op == "Relu":
         return np.maximum(x, 0)
+    if op == "Concat":
+        return np.concatenate([np.asarray(v) for v in vals], axis=int(a.get("axis", 0)))
+    if op == "Gather":
+        return np.take(x, np.asarray(vals[1]).astype(np.int64), axis=int(a.get("axis", 0)))
+    if op == "Slice":
+        starts, ends = np.asarray(vals[1]).astype(np.int64), np.asarray(vals[2]).astype(np.int64)
+        axes = np.asarray(vals[3]).astype(np.int64) if len(vals) > 3 and vals[3] is not None else np.arange(len(starts))
+        steps = np.asarray(vals[4]).astype(np.int64) if len(vals) > 4 and vals[4] is not None else np.ones(len(starts), np.int64)
+        sl = [slice(None)] * x.ndim
+        for st, en, ax, sp in zip(starts, ends, axes, steps):
+            big = np.iinfo(np.int64).max // 2
+            sl[int(ax)] = slice(int(np.clip(st, -big, big)), int(np.clip(en, -big, big)), int(sp))
+        return x[tuple(sl)]
     return None
+
+
+def _shape_value(node: QNode, graph: QGraph) -> np.ndarray | None:
+    """Value of a Shape node (batch axis as 0), or None when the shape is not known."""
+    shp = graph.shapes.get(node.inputs[0])
+    if shp is None:
+        return None
+    full = np.array([0, *shp[1:]], dtype=np.int64)
+    start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+    return full[start:end]
 
 
 def fold_constants(graph: QGraph) -> QGraph:
@@ -107,6 +138,12 @@ def fold_constants(graph: QGraph) -> QGraph:
             graph.constants[node.outputs[0]] = _constant_node_value(node)
             graph.provenance[node.name] = "constant"
             continue
+        if node.op_type == "Shape":
+            value = _shape_value(node, graph)
+            if value is not None:
+                graph.constants[node.outputs[0]] = value
+                graph.provenance[node.name] = "constant (shape)"
+                continue
         data_inputs = [i for i in node.inputs if i]
         if data_inputs and all(graph.is_const(i) for i in data_inputs):
             vals = [graph.constants[i] if i else None for i in node.inputs]

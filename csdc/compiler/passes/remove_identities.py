@@ -30,8 +30,10 @@ def _ends_in_unsigned_quant(graph: QGraph, tensor: str, cons: dict[str, list[QNo
     if not users or tensor == graph.output:
         return False
     for u in users:
-        if u.op_type == "Quant" and u.attrs["lo"] == u.attrs["zero_point"]:
+        if u.op_type == "Quant" and not u.domain and u.attrs["lo"] == u.attrs["zero_point"]:
             continue
+        if u.op_type == "Relu" and _ends_in_unsigned_quant(graph, u.outputs[0], cons):
+            continue  # ReLU(ReLU(x)) == ReLU(x): a quantizer's own ReLU after the model's (NReLU attention)
         scaled_by = [i for i in u.inputs if i != tensor]
         if (u.op_type == "Mul" or (u.op_type == "Div" and u.inputs[0] == tensor)) and len(scaled_by) == 1 \
                 and _positive_scalar(graph, scaled_by[0]) and _ends_in_unsigned_quant(graph, u.outputs[0], cons):

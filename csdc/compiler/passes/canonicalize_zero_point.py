@@ -1,0 +1,48 @@
+"""canonicalize_zero_point: a quantizer whose lower clip equals its zero point is an unsigned
+quantizer with zero point 0.
+
+``Quant`` computes ``s * (clip(round(x/s) + z, lo, hi) - z)``. Two exact rewrites:
+
+1. ReLU semantics: if ``x >= 0`` is guaranteed (``x`` is produced by a ``Relu``, directly or through
+   a ``MaxPool`` of a ``Relu``), then ``round(x/s) + z >= z`` and a lower clip ``lo < z`` is never
+   reached: set ``lo = z``. (onnxruntime's ``quantize_static`` with signed int8 activations and
+   symmetric ranges, or a signed Brevitas quantizer after a ReLU, give this form.)
+2. Offset removal: with ``lo == z`` (and integer ``z``) the quantizer equals
+   ``s * clip(round(x/s), 0, hi - z)``: set ``zero_point = 0, lo = 0, hi = hi - z``. This is how
+   an int8 quantizer with zero point -128 (onnxruntime, asymmetric int8 activations after a ReLU
+   it removed) becomes the 255-level unsigned quantizer that a spiking neuron computes.
+
+A quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering refuses it
+where it feeds neurons (a spike count cannot be negative) and names the node.
+
+Invariant established: every ``Quant`` with ``lo == zero_point`` has ``zero_point == lo == 0``.
+"""
+
+from __future__ import annotations
+
+from csdc.compiler.qgraph import QGraph, QNode
+
+
+def _non_negative(tensor: str, prod: dict[str, QNode]) -> bool:
+    p = prod.get(tensor)
+    if p is not None and p.op_type == "MaxPool":
+        p = prod.get(p.inputs[0])
+    return p is not None and p.op_type == "Relu"
+
+
+def canonicalize_zero_point(graph: QGraph) -> QGraph:
+    """Normalize quantizer zero points (see module docstring)."""
+    prod = graph.producers()
+    out: list[QNode] = []
+    for n in graph.nodes:
+        if n.op_type != "Quant":
+            out.append(n)
+            continue
+        a = dict(n.attrs)
+        z = int(a["zero_point"])
+        if a["lo"] < z <= a["hi"] and _non_negative(n.inputs[0], prod):
+            a["lo"] = z
+        if a["lo"] == z and z != 0:
+            a.update(zero_point=0, lo=0, hi=int(a["hi"]) - z)
+        out.append(n.with_(attrs=a) if a != n.attrs else n)
+    return graph.with_nodes(out)

@@ -1,0 +1,450 @@
+"""Models exported by real producers, for the producer tests and the README table.
+
+Every model is built and trained here in PyTorch on scikit-learn's digits (nothing downloaded):
+
+- Brevitas (QuantConv2d / QuantLinear / QuantReLU, 4-bit weights and activations), exported as
+  QCDQ through the TorchScript exporter (``dynamo=False``) and the dynamo exporter, and as QONNX
+  (``export_qonnx``);
+- a hand-written LSQ module (``round(x / s).clamp(lo, hi) * s``) exported by ``torch.onnx.export``
+  (TorchScript and dynamo): Div -> Round -> Clip -> Mul;
+- onnxruntime ``quantize_static`` (QDQ) of the shipped float digits CNN: uint8 / int8 activations,
+  per-channel / per-tensor weights, and 4-bit uint4 / int4 at opset 21.
+
+Two architectures: a CNN (conv-BN-quant-maxpool x 2, linear) and an attention block with NReLU
+attention (conv tokenizer, Q/K/V with token BatchNorm, ``q(ReLU(QK^T/sqrt(dk))/N)``, ``q(AV)``,
+Wo + BN, residual, mean over tokens, linear).
+
+``python tests/compiler/producers.py`` prints the per-route agreement table of the README.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from csdc.runtime.datasets import load_digits_split
+
+LEVELS = 15  # 4-bit activations: T = 15
+N_TOK, DIM, HEADS = 16, 32, 2
+
+
+# ---------------------------------------------------------------------------------------- models
+class TokenBN(nn.BatchNorm1d):
+    """BatchNorm over the features of (B, N, d) tokens: Transpose -> BatchNormalization -> Transpose."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _brevitas():
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+    return qnn, Int8WeightPerChannelFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+
+
+class BrevitasCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        qnn, WPC, WPT, _ = _brevitas()
+        self.inq = qnn.QuantIdentity(bit_width=8, return_quant_tensor=False)
+        self.c1 = qnn.QuantConv2d(1, 16, 3, padding=1, bias=False, weight_quant=WPC, weight_bit_width=4)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.r1 = qnn.QuantReLU(bit_width=4)
+        self.c2 = qnn.QuantConv2d(16, 32, 3, padding=1, bias=False, weight_quant=WPC, weight_bit_width=4)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.r2 = qnn.QuantReLU(bit_width=4)
+        self.fc = qnn.QuantLinear(128, 10, bias=True, weight_quant=WPT, weight_bit_width=4)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inq(x)
+        x = self.pool(self.r1(self.bn1(self.c1(x))))
+        x = self.pool(self.r2(self.bn2(self.c2(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class BrevitasAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        qnn, WPC, WPT, _ = _brevitas()
+        d = DIM
+        self.inq = qnn.QuantIdentity(bit_width=8)
+        self.conv = qnn.QuantConv2d(1, d, 3, padding=1, bias=False, weight_quant=WPC, weight_bit_width=4)
+        self.bn = nn.BatchNorm2d(d)
+        self.r0 = qnn.QuantReLU(bit_width=4)
+        self.pool = nn.MaxPool2d(2)
+        lin = lambda: qnn.QuantLinear(d, d, bias=True, weight_quant=WPC, weight_bit_width=4)  # noqa: E731
+        self.wq, self.wk, self.wv, self.wo = lin(), lin(), lin(), lin()
+        self.bq, self.bk, self.bv, self.bo = TokenBN(d), TokenBN(d), TokenBN(d), TokenBN(d)
+        self.rq, self.rk, self.rv = qnn.QuantReLU(bit_width=4), qnn.QuantReLU(bit_width=4), qnn.QuantReLU(bit_width=4)
+        self.ra = qnn.QuantReLU(bit_width=4, max_val=0.3)  # attention probabilities are ~1/N
+        self.ro, self.rh = qnn.QuantReLU(bit_width=4), qnn.QuantReLU(bit_width=4)
+        self.fc = qnn.QuantLinear(d, 10, bias=True, weight_quant=WPT, weight_bit_width=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return attention_forward(self, x)
+
+
+def attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    d, h, n = DIM, HEADS, N_TOK
+    dk = d // h
+    f = m.pool(m.r0(m.bn(m.conv(m.inq(x)))))  # (B, d, 4, 4)
+    z0 = f.flatten(2).transpose(1, 2)  # (B, N, d)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, n, h, dk).transpose(1, 2)  # (B, h, N, dk)
+
+    q = heads(m.rq(m.bq(m.wq(z0))))
+    k = heads(m.rk(m.bk(m.wk(z0))))
+    v = heads(m.rv(m.bv(m.wv(z0))))
+    s = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(dk))
+    a = m.ra(torch.relu(s) / n)  # NReLU attention, then its quantizer
+    o = m.ro(torch.matmul(a, v)).transpose(1, 2).reshape(-1, n, d)
+    z1 = z0 + m.bo(m.wo(o))
+    return m.fc(m.rh(z1).mean(1))
+
+
+# hand-written LSQ, exported as arithmetic -----------------------------------------------------
+class LSQAct(nn.Module):
+    """Unsigned LSQ: ``round(x / s).clamp(0, L) * s`` (straight-through gradient in training)."""
+
+    def __init__(self, levels: int = LEVELS, step: float = 0.1, learn: bool = True) -> None:
+        super().__init__()
+        self.levels = levels
+        self.step = nn.Parameter(torch.tensor(float(step)), requires_grad=learn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x / self.step
+        r = (torch.round(v) - v).detach() + v if self.training else torch.round(v)
+        return r.clamp(0, self.levels) * self.step
+
+
+class LSQWeight(nn.Module):
+    """Signed per-output-channel LSQ weight quantizer, narrow range ``[-Q, Q]``, Q = 7 (4 bits)."""
+
+    def __init__(self, w: torch.Tensor, q: int = 7) -> None:
+        super().__init__()
+        self.q = q
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        self.step = nn.Parameter((w.detach().abs().reshape(w.shape[0], -1).mean(1) * 2 / math.sqrt(q)).reshape(shape))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        v = w / self.step
+        r = (torch.round(v) - v).detach() + v if self.training else torch.round(v)
+        return r.clamp(-self.q, self.q) * self.step
+
+
+class LSQConv(nn.Conv2d):
+    def __init__(self, *a, **k) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.wq = LSQWeight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.wq(self.weight), self.bias)
+
+
+class LSQLinear(nn.Linear):
+    def __init__(self, *a, **k) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.wq = LSQWeight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.wq(self.weight), self.bias)
+
+
+class LSQCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inq = LSQAct(16, 1 / 16, learn=False)
+        self.c1, self.bn1, self.r1 = LSQConv(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), LSQAct()
+        self.c2, self.bn2, self.r2 = LSQConv(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), LSQAct()
+        self.fc = LSQLinear(128, 10)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inq(x)
+        x = self.pool(self.r1(self.bn1(self.c1(x))))
+        x = self.pool(self.r2(self.bn2(self.c2(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class LSQAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        d = DIM
+        self.inq = LSQAct(16, 1 / 16, learn=False)
+        self.conv, self.bn, self.r0 = LSQConv(1, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), LSQAct()
+        self.pool = nn.MaxPool2d(2)
+        self.wq, self.wk, self.wv, self.wo = (LSQLinear(d, d) for _ in range(4))
+        self.bq, self.bk, self.bv, self.bo = (TokenBN(d) for _ in range(4))
+        self.rq, self.rk, self.rv, self.ro, self.rh = (LSQAct() for _ in range(5))
+        self.ra = LSQAct(step=0.02)
+        self.fc = LSQLinear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return attention_forward(self, x)
+
+
+# ---------------------------------------------------------------------------------------- training
+_TRAINED: dict[str, nn.Module] = {}
+
+
+# kind -> (epochs, learning rate): a few seconds each on 2 cores
+RECIPES = {"brevitas_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3)}
+
+
+def trained(kind: str) -> nn.Module:
+    """A trained model of ``kind`` (brevitas_cnn, brevitas_attention, lsq_cnn, lsq_attention), cached."""
+    if kind not in _TRAINED:
+        epochs, lr = RECIPES[kind]
+        from csdc.training.loop import build_seeded, train
+
+        factory = {"brevitas_cnn": BrevitasCNN, "brevitas_attention": BrevitasAttention,
+                   "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention}[kind]
+        x, y = load_digits_split("train")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_seeded(0, factory)
+            train(model, x, y, epochs=epochs, lr=lr, seed=0, progress=False)
+        _TRAINED[kind] = model.eval()
+    return _TRAINED[kind]
+
+
+# ---------------------------------------------------------------------------------------- export
+def _quiet_export(fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    import contextlib
+    import io
+    import logging
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        fn(*args, **kwargs)
+
+
+def export(model: nn.Module, route: str, path: str) -> str:
+    """Export ``model`` through ``route``; returns ``path``."""
+    from torch.export import Dim
+
+    x = torch.from_numpy(load_digits_split("test")[0][:4])
+    dyn = {"x": {0: Dim("batch")}}
+    if route == "brevitas-qcdq-torchscript":
+        from brevitas.export import export_onnx_qcdq
+
+        _quiet_export(export_onnx_qcdq, model, x, export_path=path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, opset_version=17)
+    elif route == "brevitas-qcdq-dynamo":
+        from brevitas.export import export_onnx_qcdq
+
+        _quiet_export(export_onnx_qcdq, model, x, export_path=path, dynamo=True, dynamic_shapes=dyn)
+    elif route == "brevitas-qonnx":
+        from brevitas.export import export_qonnx
+
+        _quiet_export(export_qonnx, model, x, export_path=path, dynamic_shapes=dyn)
+    elif route == "torch-lsq-torchscript":
+        _quiet_export(torch.onnx.export, model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    elif route == "torch-lsq-dynamo":
+        _quiet_export(torch.onnx.export, model, (x,), path, dynamo=True, dynamic_shapes=dyn, input_names=["x"])
+    else:
+        raise ValueError(route)
+    return path
+
+
+ORT_ROUTES = {
+    # name: (activation type, weight type, per_channel, opset)
+    "ort-uint8-perchannel": ("QUInt8", "QInt8", True, 17),
+    "ort-uint8-pertensor": ("QUInt8", "QInt8", False, 17),
+    "ort-int8-activations": ("QInt8", "QInt8", True, 17),
+    "ort-uint4-opset21": ("QUInt4", "QInt4", True, 21),
+    "ort-int4-opset21": ("QInt4", "QInt4", True, 21),
+}
+
+
+def ort_quantize(route: str, float_path: str, path: str, calib: np.ndarray) -> str:
+    """onnxruntime quantize_static (QDQ, MinMax calibration) of a float model."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    act, wt, per_channel, opset = ORT_ROUTES[route]
+    src = onnx.load(float_path)
+    name = src.graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = os.path.join(tmp, "pre.onnx")
+        if opset != max(o.version for o in src.opset_import if o.domain in ("", "ai.onnx")):
+            src = onnx.version_converter.convert_version(src, opset)
+            onnx.save(src, os.path.join(tmp, "src.onnx"))
+            float_path = os.path.join(tmp, "src.onnx")
+        quant_pre_process(float_path, pre)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter(np.array_split(calib, max(1, len(calib) // 128)))
+
+            def get_next(self):  # type: ignore[no-untyped-def]
+                b = next(self.batches, None)
+                return None if b is None else {name: np.ascontiguousarray(b, dtype=np.float32)}
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(pre, path, Reader(), quant_format=QuantFormat.QDQ, activation_type=getattr(QuantType, act),
+                            weight_type=getattr(QuantType, wt), per_channel=per_channel)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def reference_logits(path: str, x: np.ndarray) -> np.ndarray:
+    """The source model run by its own executor: qonnx's for QONNX graphs, onnxruntime otherwise."""
+    model = onnx.load(path)
+    if any(n.domain.startswith(("qonnx", "finn")) for n in model.graph.node):
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.core.onnx_exec import execute_onnx
+
+        # qonnx's executor checks inputs against static shapes: fix the batch axis to len(x)
+        d0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+        d0.Clear()
+        d0.dim_value = len(x)
+        model.graph.output[0].type.tensor_type.ClearField("shape")
+        del model.graph.value_info[:]
+        from qonnx.transformation.infer_shapes import InferShapes
+
+        mw = ModelWrapper(model).transform(InferShapes())
+        iname, oname = model.graph.input[0].name, model.graph.output[0].name
+        return np.asarray(execute_onnx(mw, {iname: x.astype(np.float32)})[oname]).reshape(len(x), -1)
+    from csdc.runtime.evaluate import onnx_logits
+
+    return onnx_logits(path, x)
+
+
+def evaluate_route(path: str, limit: int | None = None) -> dict:
+    """Compile ``path``, run the numba backend on the digits test split, compare with the reference."""
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.runtime.evaluate import run_dataset
+
+    x, y = load_digits_split("test")
+    if limit:
+        x, y = x[:limit], y[:limit]
+    net, rep = compile_onnx(path)
+    out = run_dataset(net, NumbaBackend(), x, y, batch=150, progress=False)
+    ref = reference_logits(path, x)
+    return {"T": net.T, "snn_acc": float(np.mean(out.logits.argmax(1) == y)), "ref_acc": float(np.mean(ref.argmax(1) == y)),
+            "agreement": float(np.mean(out.logits.argmax(1) == ref.argmax(1))),
+            "max_logit_diff": float(np.max(np.abs(out.logits - ref))), "warnings": rep.warnings}
+
+
+def float_cnn_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, "..", "..", "examples", "digits_cnn", "model_float.onnx")
+
+
+TORCH_ROUTES = ["brevitas-qcdq-torchscript", "brevitas-qcdq-dynamo", "brevitas-qonnx", "torch-lsq-torchscript", "torch-lsq-dynamo"]
+
+
+def build_route(route: str, arch: str, tmp: str) -> str:
+    path = os.path.join(tmp, f"{route}-{arch}.onnx")
+    if route.startswith("ort-"):
+        assert arch == "cnn"
+        return ort_quantize(route, float_cnn_path(), path, load_digits_split("train")[0])
+    kind = ("brevitas_" if route.startswith("brevitas") else "lsq_") + arch
+    return export(trained(kind), route, path)
+
+
+def tie_census(path: str, x: np.ndarray) -> dict:
+    """Exact rounding ties at the hidden activation quantizers of ``path`` on ``x``.
+
+    Runs the model with onnxruntime, reads the input of every QuantizeLinear on an activation (the
+    model input's excluded: csdc's input encoder rounds half to even like ONNX) and counts values
+    ``v = x / scale`` (float32, as onnxruntime computes it) with fractional part exactly 0.5 inside
+    the clip range. ``differ``: ties where half-to-even (ONNX) and half-up (csdc's neurons,
+    ``v0 = floor(theta / 2)``) give different levels (floor(v) even). Also compares the compiled
+    network's logits (numba) with onnxruntime's."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.runtime.evaluate import onnx_logits, run_dataset
+
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inp = model.graph.input[0].name
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] != inp]
+    cons = {}
+    for n in model.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = []
+    for q in qs:
+        if q.input[0] not in [o.name for o in probe.graph.output]:
+            probe.graph.output.append(helper.make_tensor_value_info(q.input[0], onnx.TensorProto.FLOAT, None))
+        names.append(q.input[0])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
+    values = ties = differ = 0
+    for q, v in zip(qs, outs):
+        scale = np.float32(inits[q.input[1]].reshape(-1)[0])
+        zp = int(inits[q.input[2]].reshape(-1).astype(np.int64)[0]) if len(q.input) > 2 and q.input[2] else 0
+        lo, hi = -(2 ** 31), 2 ** 31  # the clip after the quantizer, if any, bounds the levels
+        for c in cons.get(q.output[0], []):
+            if c.op_type == "Clip":
+                lo, hi = int(inits[c.input[1]].astype(np.int64)), int(inits[c.input[2]].astype(np.int64))
+        r = np.asarray(v, dtype=np.float32) / scale
+        fl = np.floor(r)
+        tie = (r - fl == 0.5) & (fl + zp >= lo) & (fl + 1 + zp <= hi)
+        values += r.size
+        ties += int(tie.sum())
+        differ += int((tie & (fl % 2 == 0)).sum())
+    net, _ = compile_onnx(path)
+    snn = run_dataset(net, NumbaBackend(), x, None, batch=150, progress=False).logits
+    ref = onnx_logits(path, x)
+    return {"quantizer_values": values, "ties": ties, "ties_rules_differ": differ,
+            "logits_equal": int(np.sum(np.all(np.isclose(snn, ref, rtol=1e-5, atol=1e-5), axis=1))),
+            "top1_changed": int(np.sum(snn.argmax(1) != ref.argmax(1))), "images": len(x)}
+
+
+def main() -> None:  # pragma: no cover - the README table
+    if "--ties" in sys.argv:
+        x, _ = load_digits_split("test")
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
+        print("| model | quantizer evaluations | exact ties | ties where half-even != half-up | images with equal logits | top-1 changed |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for rel in ("digits_cnn/model.onnx", "digits_cnn/model_qdq_static.onnx", "digits_csdformer/model.onnx"):
+            r = tie_census(os.path.join(root, rel), x)
+            print(f"| examples/{rel} | {r['quantizer_values']} | {r['ties']} | {r['ties_rules_differ']} | "
+                  f"{r['logits_equal']} / {r['images']} | {r['top1_changed']} |")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("cnn", "attention"):
+            for route in TORCH_ROUTES + (list(ORT_ROUTES) if arch == "cnn" else []):
+                t0 = time.perf_counter()
+                try:
+                    r = evaluate_route(build_route(route, arch, tmp))
+                    rows.append(f"| {route} | {arch} | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
+                                f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(f"| {route} | {arch} | - | - | - | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | |")
+                print(rows[-1], f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

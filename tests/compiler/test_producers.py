@@ -1,0 +1,218 @@
+"""Models from real producers compile and agree with their own executors on the digits test split.
+
+Routes (see producers.py): Brevitas QCDQ (TorchScript and dynamo exporters) and QONNX, a
+hand-written LSQ exported by torch.onnx (Div -> Round -> Clip -> Mul, TorchScript and dynamo),
+onnxruntime quantize_static (uint8 / int8 activations, per-channel / per-tensor weights, uint4 / int4
+at opset 21). Each compiled network runs on the numba backend; the reference is onnxruntime, or
+qonnx's executor for QONNX graphs. Between passes a verifier checks every pass's invariant, in
+particular that no source quantizer form survives canonicalization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("brevitas")
+pytest.importorskip("qonnx")
+
+import producers as P  # noqa: E402
+from onnx_build import Builder  # noqa: E402
+
+from csdc.compiler.frontend import load_qgraph  # noqa: E402
+from csdc.compiler.pipeline import CompileOptions, canonicalize, compile_onnx  # noqa: E402
+from csdc.compiler.qgraph import QGraph  # noqa: E402
+from csdc.errors import UnsupportedModelError  # noqa: E402
+from csdc.ir import semantics  # noqa: E402
+from csdc.runtime.evaluate import onnx_logits  # noqa: E402
+
+SOURCE_FORMS = {"QuantizeLinear", "DequantizeLinear", "Round"}
+
+
+def verify_canonical(graph: QGraph, pass_name: str) -> None:
+    """Between-pass verifier for producer graphs: well-formed, and each quantizer pass's invariant."""
+    verify_canonical.seen.append(pass_name)
+    seen = verify_canonical.seen
+    produced = {graph.input} | set(graph.constants)
+    for n in graph.nodes:
+        for i in n.inputs:
+            assert not i or i in produced, f"'{n.name}' reads '{i}' before it is produced (after {pass_name})"
+        produced.update(n.outputs)
+        if "canonicalize_qonnx_quant" in seen:
+            assert not n.domain, f"QONNX node '{n.name}' survived {pass_name}"
+        if "canonicalize_lsq_arithmetic" in seen:
+            assert n.op_type != "Round", f"Round '{n.name}' survived {pass_name}"
+        if "canonicalize_quant" in seen:
+            assert n.op_type not in SOURCE_FORMS, f"{n.op_type} '{n.name}' survived {pass_name}"
+        if n.op_type == "Quant" and not n.domain:
+            assert n.attrs["lo"] <= n.attrs["hi"] and n.attrs["scale"] > 0
+            if "canonicalize_zero_point" in seen and n.attrs["lo"] == n.attrs["zero_point"]:
+                assert n.attrs["zero_point"] == 0
+        if n.op_type in ("Conv", "Gemm", "BatchNormalization") and "fold_batchnorm" in seen:
+            raise AssertionError(f"{n.op_type} '{n.name}' survived {pass_name}")
+    assert graph.output in produced
+
+
+def _canonicalize_verified(path) -> QGraph:
+    verify_canonical.seen = []
+    return canonicalize(load_qgraph(path), CompileOptions(), check=verify_canonical)
+
+
+CNN_ROUTES = P.TORCH_ROUTES + list(P.ORT_ROUTES)
+
+
+@pytest.mark.parametrize("route", CNN_ROUTES)
+def test_cnn_route_agrees(tmp_path, route):
+    path = P.build_route(route, "cnn", str(tmp_path))
+    g = _canonicalize_verified(path)
+    assert not any(n.op_type in SOURCE_FORMS or n.domain for n in g.nodes)
+    r = P.evaluate_route(path)
+    assert r["T"] == (255 if "8" in route and route.startswith("ort") else 15)
+    assert r["agreement"] >= 0.99, r
+    assert r["snn_acc"] >= 0.9, r
+
+
+@pytest.mark.parametrize("route", P.TORCH_ROUTES)
+def test_attention_route_agrees(tmp_path, route):
+    path = P.build_route(route, "attention", str(tmp_path))
+    _canonicalize_verified(path)
+    r = P.evaluate_route(path)
+    assert r["T"] == 15
+    assert r["agreement"] >= 0.99, r
+    assert r["snn_acc"] >= 0.9, r
+
+
+def test_lsq_arithmetic_keeps_trained_integer_weights(tmp_path):
+    """The folded Round(w/s) -> Clip -> Mul(s) weights stay the 4-bit integers LSQ trained."""
+    path = P.build_route("torch-lsq-torchscript", "cnn", str(tmp_path))
+    net, rep = compile_onnx(path)
+    assert rep.float_weight_error < 1e-6
+    from csdc.ir.ops import ConvSynapse
+
+    for _, op in net.nodes():
+        if isinstance(op, ConvSynapse):
+            w = op.weight.reshape(op.weight.shape[0], -1)
+            per_ch = np.array([np.gcd.reduce(np.abs(r[r != 0])) if np.any(r) else 1 for r in w])
+            assert np.all(np.abs(w // per_ch[:, None]).max(1) <= 7)  # integers of at most 4 bits, times a power of two
+
+
+# --- hand-built graphs: each canonicalization pass on its own --------------------------------------
+def _compare(tmp_path, model: onnx.ModelProto, n: int = 200):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    _canonicalize_verified(path)
+    net, rep = compile_onnx(path)
+    rng = np.random.default_rng(3)
+    x = (rng.integers(0, 17, (n, 1, 8, 8)) / 16).astype(np.float32)
+    return net, rep, onnx_logits(path, x), semantics.run_counts(net, x).logits
+
+
+def test_qonnx_quant_refusals_listed_at_once(tmp_path):
+    b = Builder((1, 1, 8, 8))
+    x = b.qonnx_quant("x", 1 / 16, 0, 8, signed=0)
+    h = b.qonnx_quant(b.conv(x, 1, 4), 0.2, 0, 3, rounding_mode="FLOOR")
+    h = b.qonnx_quant(b.conv(h, 4, 4), 0.2, 0.5, 3)
+    m = b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10))
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError) as exc:
+        compile_onnx(tmp_path / "m.onnx")
+    assert len(exc.value.problems) == 2
+    assert "rounding_mode FLOOR" in str(exc.value) and "zeropt must be integer" in str(exc.value)
+
+
+def test_int8_zero_point_minus_128_is_an_unsigned_255_level_quantizer(tmp_path):
+    """onnxruntime's asymmetric int8 activations after a removed ReLU: lo == zero_point == -128."""
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.01, 255, clip=False, zp=-128, dtype=np.int8)
+    net, rep, ref, snn = _compare(tmp_path, b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)))
+    assert net.T == 255
+    assert np.mean(ref.argmax(1) == snn.argmax(1)) >= 0.99
+
+
+def test_relu_then_signed_quantizer_uses_relu_semantics(tmp_path):
+    """Relu -> int8 quantizer with zero point 0: the negative levels are never reached."""
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.node("Relu", [b.bn(b.conv(x, 1, 4), 4)])
+    h = b.quant(h, 0.05, 7, zp=0, dtype=np.int8, clip=False)
+    m = b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10))
+    net, rep, ref, snn = _compare(tmp_path, m)
+    assert net.T == 127
+    assert np.mean(ref.argmax(1) == snn.argmax(1)) >= 0.99
+
+
+def test_signed_quantizer_feeding_neurons_is_refused_with_reason(tmp_path):
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.05, 127, zp=0, dtype=np.int8, clip=False)
+    h = b.quant(b.conv(h, 4, 4), 0.05, 127, zp=0, dtype=np.int8, clip=False)
+    onnx.save(b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError, match="negative levels") as exc:
+        compile_onnx(tmp_path / "m.onnx")
+    assert "ReLU" in str(exc.value)
+
+
+def test_logits_quantizer_applied_exactly(tmp_path):
+    """A quantizer on the output with L == T levels becomes a neuron population; the offset of its
+    signed range goes into the bias and back out at the readout: logits equal onnxruntime's."""
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.25, 15)
+    y = b.gemm(b.node("Flatten", [h], axis=1), 256, 10)
+    s, z = b.const(np.float32(0.4)), b.const(np.array(7, np.uint8))
+    q = b.node("Clip", [b.node("QuantizeLinear", [y, s, z]), b.const(np.array(0, np.uint8)), b.const(np.array(15, np.uint8))])
+    y = b.node("DequantizeLinear", [q, s, z])  # levels 0..15 around zero point 7: logits in [-2.8, 3.2]
+    net, rep, ref, snn = _compare(tmp_path, b.model(y, (1, 10)))
+    assert not rep.warnings
+    assert np.mean(np.all(np.isclose(ref, snn, atol=1e-5), axis=1)) >= 0.99
+
+
+def test_lsq_arithmetic_refusals(tmp_path):
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.conv(x, 1, 4)
+    r = b.node("Round", [h])  # no Div by a step before it
+    h2 = b.node("Mul", [b.node("Round", [b.node("Div", [b.conv(x, 1, 4), b.const(np.float32(0.2))])]),
+                        b.const(np.float32(0.2))])  # no Clip: unbounded activation quantizer
+    y = b.node("Add", [r, h2])
+    onnx.save(b.model(b.gemm(b.node("Flatten", [y], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError) as exc:
+        compile_onnx(tmp_path / "m.onnx")
+    msg = str(exc.value)
+    assert len(exc.value.problems) == 2
+    assert "Div(x, s) -> Round -> Clip(lo, hi) -> Mul(s)" in msg and "both clip bounds" in msg
+
+
+def test_torch_model_with_three_unsupported_ops_lists_all_with_fixes(tmp_path):
+    import torch
+    from torch import nn
+
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = P.LSQAct(16, 1 / 16, learn=False)
+            self.fc = nn.Linear(64, 10)
+            self.ln = nn.LayerNorm(10)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            y = self.ln(self.fc(torch.sigmoid(self.q(x).flatten(1))))
+            return torch.softmax(y, -1)
+
+    path = str(tmp_path / "bad.onnx")
+    P._quiet_export(torch.onnx.export, Bad().eval(), (torch.zeros(1, 1, 8, 8),), path, dynamo=False, opset_version=17)
+    with pytest.raises(UnsupportedModelError) as exc:
+        compile_onnx(path)
+    ops = sorted(p[1] for p in exc.value.problems)
+    assert ops == ["LayerNormalization", "Sigmoid", "Softmax"]
+    for fix in ("NReLU", "BatchNormalization", "ReLU followed by a quantizer"):
+        assert fix in str(exc.value)
+
+
+def test_explain_covers_every_source_node(tmp_path):
+    path = P.build_route("brevitas-qcdq-torchscript", "attention", str(tmp_path))
+    _, rep = compile_onnx(path)
+    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(onnx.load(path).graph.node)]
+    assert set(names) <= set(rep.explain)
+    assert all(rep.explain[n] for n in names)
