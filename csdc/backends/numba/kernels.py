@@ -52,12 +52,12 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acs:
     (stored transposed so that a spike adds one contiguous row), divided by ``scale`` (the
     largest power of two dividing every weight, so that ``w`` fits a narrower type);
     ``out`` (B, M, n_out) zeros; ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
-    The spikes of a row are gathered first and added four at a time, so the output row is
-    loaded and stored once per four spikes.
+    The spikes of a row are gathered first (branch-free) and added eight, then four at a
+    time, so the output row is loaded and stored once per eight spikes.
     """
     B, M, n_in = s.shape
     n_out = w.shape[1]
-    idx = np.empty(n_in, dtype=np.int64)
+    idx = np.empty(n_in + 1, dtype=np.int64)
     for b in range(B):
         n_ac = 0
         for m in range(M):
@@ -65,11 +65,16 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acs:
             sm = s[b, m]
             k = 0
             for i in range(n_in):
-                if sm[i]:
-                    idx[k] = i
-                    k += 1
+                idx[k] = i
+                k += sm[i] != 0
             n_ac += k * n_out
             j = 0
+            while j + 8 <= k:
+                w0, w1, w2, w3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]
+                w4, w5, w6, w7 = w[idx[j + 4]], w[idx[j + 5]], w[idx[j + 6]], w[idx[j + 7]]
+                for o in range(n_out):
+                    row[o] += ((w0[o] + w1[o]) + (w2[o] + w3[o])) + ((w4[o] + w5[o]) + (w6[o] + w7[o]))
+                j += 8
             while j + 4 <= k:
                 w0, w1, w2, w3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]
                 for o in range(n_out):
@@ -136,7 +141,7 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
     # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
     acc = np.zeros((OH, OW, O), dtype=out.dtype)
-    idx = np.empty(cg, dtype=np.int64)
+    idx = np.empty(cg + 1, dtype=np.int64)
     for b in range(B):
         n_ac = 0
         for m in range(M):
@@ -154,9 +159,8 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
                         o0 = g * og
                         k = 0
                         for c in range(g * cg, (g + 1) * cg):
-                            if sbm[c, y, x]:
-                                idx[k] = c
-                                k += 1
+                            idx[k] = c
+                            k += sbm[c, y, x] != 0
                         if k == 0:
                             continue
                         n_ac += k * reach * og
