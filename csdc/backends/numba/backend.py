@@ -302,7 +302,7 @@ class NeuronStep:
         cur = ins[0]
         b, tc = cur.shape[:2]
         n = self.threshold.size
-        out = np.zeros((b, self.T, n), dtype=np.uint8)
+        out = np.empty((b, self.T, n), dtype=np.uint8)  # the kernel writes every step
         counts = np.zeros((b, n), dtype=np.int64)
         peak = np.zeros(b, dtype=np.int64)
         K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts, peak)

@@ -373,7 +373,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
 
     ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
-    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 zeros; ``counts`` (B, N) int64 zeros receives
+    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 (every step is written); ``counts`` (B, N) int64 zeros receives
     the spike counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
     ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at output step u - delay
     and ``v -= threshold``. Steps in (T, delay] do nothing and are skipped. ``max_abs_v[b]``
