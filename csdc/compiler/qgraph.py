@@ -46,10 +46,13 @@ class QGraph:
     qconstants: dict[str, tuple[np.ndarray, np.ndarray, int | None]] = field(default_factory=dict)
     # source node name -> what it became (for --explain); filled by passes and lowering
     provenance: dict[str, str] = field(default_factory=dict)
+    # what passes report to the user (approximations they made), shown with the compile report
+    warnings: list[str] = field(default_factory=list)
 
     def with_nodes(self, nodes: Iterable[QNode]) -> "QGraph":
         return replace(self, nodes=list(nodes), constants=dict(self.constants), shapes=dict(self.shapes),
-                       qconstants=dict(self.qconstants), provenance=dict(self.provenance))
+                       qconstants=dict(self.qconstants), provenance=dict(self.provenance),
+                       warnings=list(self.warnings))
 
     def producers(self) -> dict[str, QNode]:
         return {o: n for n in self.nodes for o in n.outputs}
