@@ -395,3 +395,25 @@ print(before, misses, hits)
                          env=dict(os.environ), check=True)
     before, misses, hits = out.stdout.split()
     assert before == "True" and misses == "0" and int(hits) == len(KERNELS)
+
+
+@pytest.mark.slow
+def test_first_run_fills_the_cache_for_every_kernel(tmp_path: Path) -> None:
+    """A first run that needs only some kernels still leaves every kernel cached, so that
+    the next ``csdc run`` does not announce (or do) a compile."""
+    child = """
+import numpy as np
+from csdc.backends.numba import NumbaBackend, kernels_cached
+from csdc.ir import DenseSynapse, Encode, Network, Neuron, Readout
+net = Network(2)
+net.add("in", Encode((3,), 1.0, 0, 3))
+net.add("n", Neuron(np.full(3, 2), np.ones(3, int), np.zeros(3, int), 1), ["in"])
+net.add("d", DenseSynapse(np.ones((2, 3), int)), ["n"])
+net.add("out", Readout(np.ones(2), np.zeros(2)), ["d"])
+before = kernels_cached()
+NumbaBackend().run(net, np.ones((2, 3), np.float32))
+print(before, kernels_cached())
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600, env=env, check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -203,3 +203,14 @@ def test_iter_batches_without_labels_and_bad_args() -> None:
         next(iter_batches(x, None, 0))
     with pytest.raises(DataError):
         next(iter_batches(x, np.zeros(2), 2))
+
+
+def test_uncompressed_float32_x_is_memory_mapped(tmp_path) -> None:
+    x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    p = _save(str(tmp_path / "big.npz"), x=x, y=np.arange(20))
+    xl, yl = load_npz(p, (1, 8, 8))
+    assert isinstance(xl, np.memmap) and np.array_equal(xl, x) and list(yl) == list(range(20))
+    pc = str(tmp_path / "packed.npz")
+    np.savez_compressed(pc, x=x)
+    xc, _ = load_npz(pc)
+    assert not isinstance(xc, np.memmap) and np.array_equal(xc, x)
