@@ -67,6 +67,7 @@ from csdc.ir.ops import (
 from csdc.ir.semantics import encode, readout_logits
 
 _INT32_MAX = 2**31 - 1
+_LARGE_CHUNK = 32 * 2**20  # bytes of tensors per chunk above which chunks are split further
 # Nodes whose activity is reported: spiking populations and synapses (the others only route).
 _REPORTED = (Neuron, SpikeMaxPool, DenseSynapse, ConvSynapse, DiagonalSynapse, SpikeMatMul)
 
@@ -597,14 +598,15 @@ class NumbaBackend:
         return cached[1]
 
     def _chunk_size(self, nodes: list[PlannedNode], batch: int) -> int:
-        """Samples per chunk: about two chunks per worker thread (so that a worker slowed by
-        another process leaves work to the others), within the memory budget for all
-        workers' live tensors."""
+        """Samples per chunk: two chunks per worker thread when chunks are large (so that a
+        worker slowed by another process leaves work to the others), one per worker when
+        they are small (per-node call overhead would dominate), always within the memory
+        budget for all workers' live tensors."""
         threads = max(1, numba.get_num_threads())
         per_sample = max(1, sum(n.bytes_per_sample for n in nodes))
         by_memory = max(1, self.memory_budget // (per_sample * threads))
-        balanced = max(1, -(-batch // (2 * threads)))
-        return min(by_memory, balanced)
+        split = 2 * threads if per_sample * batch >= 2 * threads * _LARGE_CHUNK else threads
+        return min(by_memory, max(1, -(-batch // split)))
 
     @staticmethod
     def _run_chunk(nodes: list[PlannedNode], uses: dict[str, int], x: np.ndarray, keep_trains: bool,
