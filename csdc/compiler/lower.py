@@ -2,7 +2,8 @@
 
 Each ONNX tensor is tracked as one of:
 
-- :class:`Spikes`: ``real = step * count`` of a spiking IR node (a quantizer's output);
+- :class:`Spikes`: ``real = step * count + offset`` of a spiking IR node (a quantizer's output; the
+  offset ``step * (lo - zero_point)`` is non-zero for a signed quantizer, whose lowest level is count 0);
 - :class:`Encoded`: the input levels ``q`` delivered every step; ``real = unit * total`` with
   ``total = T * q`` and ``unit = scale / T``;
 - :class:`Affine`: ``real = sum_t unit_t * I_t + bias`` (per element), a sum of *terms*: pending
@@ -39,6 +40,7 @@ from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode
 class Spikes:
     node: str
     step: float
+    offset: float = 0.0  # real = step * count + offset: a quantizer whose levels start below its zero point
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Lowering:
                                         "(a float model); quantize it first (QAT with LSQ, Brevitas, or onnxruntime quantize_static)")])
         levels: dict[int, list[str]] = {}
         for n in hidden:
-            levels.setdefault(n.attrs["hi"] - n.attrs["zero_point"], []).append(n.name)
+            levels.setdefault(n.attrs["hi"] - min(n.attrs["lo"], n.attrs["zero_point"]), []).append(n.name)
         if len(levels) > 1:
             desc = "; ".join(f"{L} levels: {', '.join(ns[:3])}{'...' if len(ns) > 3 else ''}" for L, ns in sorted(levels.items()))
             raise UnsupportedModelError(self.g.path, [("<graph>", "Quant", "activation quantizers must share one number of "
@@ -270,7 +272,7 @@ class Lowering:
         if isinstance(v, Affine):
             return v
         if isinstance(v, Spikes):
-            return Affine([Term("diag", v.node, np.full(shape, v.step))], np.zeros(shape))
+            return Affine([Term("diag", v.node, np.full(shape, v.step))], np.full(shape, v.offset))
         self.fail(node, "its input is not a spike or current tensor csdc can add (quantize it first)")
         return None
 
@@ -296,16 +298,12 @@ class Lowering:
         if n.outputs[0] == self.g.output and isinstance(src, Affine):
             self.lower_output_quant(n, src)
             return
-        if a["zero_point"] != 0 or a["lo"] != 0:
-            lo, hi = a["lo"] - a["zero_point"], a["hi"] - a["zero_point"]
-            what = (f"its levels [{lo}, {hi}] include negative levels, which a spike count (0..T spikes) cannot carry"
-                    if lo < 0 else f"its levels [{lo}, {hi}] do not start at 0")
-            self.fail(n, f"a quantizer feeding neurons must be unsigned (zero point = lower clip); {what} "
-                         f"(zero_point={a['zero_point']}, clip [{a['lo']}, {a['hi']}]). Put a ReLU right before it (its "
-                         "negative levels are then never reached and csdc drops them) or export an unsigned quantizer")
-            return
+        # levels below the zero point: the neuron counts c = level - lo in 0..hi-lo; the input gets +m*step
+        # (round(x/s) + z - lo == round(x/s + m), m integer) and the value is step * c - m * step
+        m = int(a["zero_point"]) - int(a["lo"])
+        offset = -m * float(a["scale"])
         if isinstance(src, Spikes):
-            if math.isclose(src.step, a["scale"], rel_tol=1e-6):
+            if math.isclose(src.step, a["scale"], rel_tol=1e-6) and math.isclose(src.offset, offset, rel_tol=1e-9, abs_tol=1e-12):
                 self.vals[n.outputs[0]] = src  # requantizing spikes on the same grid changes nothing
                 return
             src = self.as_affine(n.inputs[0], n)  # a new grid: one-to-one synapses into a new population
@@ -315,7 +313,10 @@ class Lowering:
         if not isinstance(src, Affine):
             self.fail(n, "its input is not a current csdc can integrate")
             return
-        self.vals[n.outputs[0]] = self.neuron(src, n)
+        if m:
+            src = Affine(list(src.terms), src.bias + m * float(a["scale"]))
+        sp = self.neuron(src, n)
+        self.vals[n.outputs[0]] = Spikes(sp.node, sp.step, offset)
 
     def lower_output_quant(self, n: QNode, src: Affine) -> None:
         """A quantizer on the logits (onnxruntime adds one). With as many levels as time steps it is
@@ -350,6 +351,7 @@ class Lowering:
             self.fail(n, "average pooling with unequal window sizes before a linear layer is not supported")
         folded = w[:, p.index]  # (out, total)
         unit = p.spikes.step / float(p.divisor.flat[0]) * w_scale
+        bias = bias + p.spikes.offset * w_scale * w.sum(axis=1)  # the mean of a constant offset is the offset
         return Affine([Term("dense", src, unit.copy(), folded.astype(np.int64), origin=n.name)], bias.copy())
 
     def lower_linear(self, n: QNode) -> None:
@@ -368,8 +370,9 @@ class Lowering:
                 self.fail(n, "the pooled dense layer must produce a vector")
             self.vals[n.outputs[0]] = val
             return
+        offset = 0.0
         if isinstance(src, Spikes):
-            node, in_unit = src.node, src.step
+            node, in_unit, offset = src.node, src.step, src.offset
         elif isinstance(src, Encoded):
             node, in_unit = src.node, src.unit
         else:
@@ -379,10 +382,18 @@ class Lowering:
             per = lambda v: np.broadcast_to(np.asarray(v)[:, None, None], out_shape)  # noqa: E731
             conv = {"stride": a["strides"], "padding": a["pads"], "dilation": a["dilations"], "groups": a["group"]}
             term = Term("conv", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], conv, origin=n.name)
+            bias = per(a["bias"]).copy()
+            if offset:  # sum of the weights over each window's in-image taps (zero padding adds no offset)
+                from csdc.ir.ops import ConvSynapse as _Conv
+                from csdc.ir.semantics import conv as _conv
+                ones = np.ones((1, *self.sample_shape(n.inputs[0])), dtype=np.int64)
+                taps = _conv(_Conv(a["w_int"], **conv), ones)[0]
+                bias = bias + offset * per(a["w_scale"]) * taps
         else:
             per = lambda v: np.broadcast_to(np.asarray(v), out_shape)  # noqa: E731
             term = Term("dense", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], origin=n.name)
-        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], per(a["bias"]).copy()))
+            bias = per(a["bias"] + offset * a["w_scale"] * a["w_int"].sum(axis=1)).copy()
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], bias))
 
     def lower_add_mul(self, n: QNode) -> None:
         a, b = n.inputs
@@ -405,7 +416,7 @@ class Lowering:
         src = self.vals.get(data)
         if n.op_type != "Add" and isinstance(src, Spikes) and np.all(c == c.flat[0]) and c.flat[0] > 0:
             f = c.flat[0] if n.op_type == "Mul" else 1.0 / c.flat[0]
-            self.vals[n.outputs[0]] = Spikes(src.node, src.step * f)
+            self.vals[n.outputs[0]] = Spikes(src.node, src.step * f, src.offset * f)
             return
         v = self.as_affine(data, n)
         if v is None:
@@ -427,6 +438,11 @@ class Lowering:
             self.fail(n, "a MatMul of two activations needs an activation quantizer on both inputs "
                          "(e.g. Q and K after their quantizers); quantize the operand(s) first")
             return
+        if a.offset or b.offset:
+            self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
+                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
+                         "it unsigned")
+            return
         sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
         if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
             self.fail(n, f"operands of shapes {sa} and {sb} need equal leading axes and (M, K) x (K, N); "
@@ -447,7 +463,7 @@ class Lowering:
             return
         k = a["kernel_shape"]
         op = SpikeMaxPool(tuple(k), tuple(a.get("strides", [1, 1])), tuple(a.get("pads", [0, 0, 0, 0])))
-        self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step)
+        self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step, src.offset)
 
     def lower_avgpool(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
@@ -484,7 +500,12 @@ class Lowering:
                 cnt = sum_pool(SumPool((kh, kw), tuple(a.get("strides", [1, 1])), pads), np.ones((1, *shape), np.int64))[0]
                 div = cnt.astype(np.float64)
             conv = {"stride": tuple(a.get("strides", [1, 1])), "padding": pads, "dilation": (1, 1), "groups": C}
-            self.vals[n.outputs[0]] = Affine([Term("conv", src.node, src.step / div, ones, conv)], np.zeros(out_shape))
+            bias = np.zeros(out_shape)
+            if src.offset:
+                from csdc.ir.ops import ConvSynapse as _Conv
+                from csdc.ir.semantics import conv as _conv
+                bias = src.offset * _conv(_Conv(ones, **conv), np.ones((1, *shape), np.int64))[0] / div
+            self.vals[n.outputs[0]] = Affine([Term("conv", src.node, src.step / div, ones, conv, origin=n.name)], bias)
             return
         kept = [d for d in range(len(shape)) if d not in axes]
         coords = np.indices(shape).reshape(len(shape), -1)
@@ -510,7 +531,7 @@ class Lowering:
         else:
             op = Reshape(out_shape)
         if isinstance(src, Spikes):
-            self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step)
+            self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step, src.offset)
         elif isinstance(src, Encoded):
             self.vals[n.outputs[0]] = Encoded(self.add(n.name, op, [src.node]), src.unit)
         elif isinstance(src, Affine):
@@ -529,7 +550,7 @@ class Lowering:
         v = self.vals.get(out)
         self.current_node = "<output>"
         if isinstance(v, Spikes):
-            v = Affine([Term("diag", v.node, np.full(self.net.info(v.node).shape, v.step))], np.zeros(self.net.info(v.node).shape))
+            v = Affine([Term("diag", v.node, np.full(self.net.info(v.node).shape, v.step))], np.full(self.net.info(v.node).shape, v.offset))
         if isinstance(v, Pooled):
             m = int(np.prod(v.shape))
             v = self.pooled_dense(v, np.eye(m, dtype=np.int64), np.ones(m), np.zeros(m), QNode("<output>", "-", (), ()))

@@ -18,7 +18,6 @@ from csdc.compiler.passes.canonicalize_lsq_arithmetic import canonicalize_lsq_ar
 from csdc.compiler.passes.canonicalize_qonnx_quant import canonicalize_qonnx_quant
 from csdc.compiler.passes.canonicalize_quant import canonicalize_quant
 from csdc.compiler.passes.canonicalize_zero_point import canonicalize_zero_point
-from csdc.compiler.passes.drop_current_quantizers import drop_current_quantizers
 from csdc.compiler.passes.cleanup_routing import cleanup_routing
 from csdc.compiler.passes.fold_affine_constants import fold_affine_constants
 from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
@@ -78,7 +77,7 @@ def canonical_passes(options: CompileOptions) -> list:
     op (weights become integer constants) before any structural pass; then zero points are
     normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded."""
     return [remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
-            canonicalize_quant, canonicalize_zero_point, drop_current_quantizers, move_maxpool, remove_identities,
+            canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
 
 

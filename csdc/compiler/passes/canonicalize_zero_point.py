@@ -12,8 +12,9 @@ quantizer with zero point 0.
    an int8 quantizer with zero point -128 (onnxruntime, asymmetric int8 activations after a ReLU
    it removed) becomes the 255-level unsigned quantizer that a spiking neuron computes.
 
-A quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering refuses it
-where it feeds neurons (a spike count cannot be negative) and names the node.
+A quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering gives it the
+offset form (the neuron counts ``level - lo``, the offset moves into its bias and into the biases
+of its readers), or refuses it where that is impossible (an operand of an activation product).
 
 Invariant established: every ``Quant`` with ``lo == zero_point`` has ``zero_point == lo == 0``.
 """

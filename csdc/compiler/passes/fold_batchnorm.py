@@ -8,6 +8,10 @@ channel axis (axis 1) is the Linear's output channel axis. A BN on tokens writte
 ``Transpose(p) -> BatchNormalization -> Transpose(p^-1)`` after a dense layer whose output
 channels land on axis 1 under ``p`` folds the same way and both Transposes disappear.
 
+Any other BatchNormalization (after a quantizer: onnxruntime puts a QDQ pair between a linear layer
+and its BN) becomes ``Mul(k) -> Add(b - mean k)`` by per-channel constants on axis 1, which the
+lowering applies to spikes as one-to-one synapses (or folds into the next layer's scales).
+
 Invariant established: no BatchNormalization remains.
 """
 
@@ -46,6 +50,7 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
     """Fold every BatchNormalization into the Linear before it (see module docstring)."""
     prod, cons = graph.producers(), graph.consumers()
     replaced: dict[str, QNode] = {}
+    affine: dict[str, list[QNode]] = {}  # BN name -> Mul, Add
     removed: set[str] = set()
     problems = []
     for n in graph.nodes:
@@ -60,13 +65,24 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
             outputs = t_out.outputs
             graph.provenance[t_in.name] = graph.provenance[t_out.name] = f"folded into {lin.name} with {n.name}"
         lin = replaced.get(lin.name, lin) if lin is not None else None
-        if sandwich is None and (lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1
-                                 or linear_channel_axis(graph, lin) != 1):
-            problems.append((n.name, "BatchNormalization", "must directly follow a Conv/Gemm/MatMul whose output it alone "
-                             "consumes, normalizing its output channels (axis 1); place BN right after the linear layer"))
-            continue
         gamma, beta, mean, var = (np.asarray(graph.constants[i], dtype=np.float64).reshape(-1) for i in n.inputs[1:5])
         k = gamma / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5)))
+        if sandwich is None and (lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1
+                                 or linear_channel_axis(graph, lin) != 1):
+            rank = len(graph.shapes.get(n.inputs[0], ()))
+            if rank < 2:
+                problems.append((n.name, "BatchNormalization", "needs a channel axis (rank >= 2); place BN right after "
+                                 "the linear layer"))
+                continue
+            shape = (-1,) + (1,) * (rank - 2)
+            kc, bc, mid = f"{n.name}__scale", f"{n.name}__shift", f"{n.outputs[0]}__scaled"
+            graph.constants[kc] = k.reshape(shape).astype(np.float32)
+            graph.constants[bc] = (beta - mean * k).reshape(shape).astype(np.float32)
+            graph.shapes[mid] = graph.shapes[n.inputs[0]]
+            affine[n.name] = [QNode(f"{n.name}__mul", "Mul", (n.inputs[0], kc), (mid,)),
+                              QNode(f"{n.name}__add", "Add", (mid, bc), n.outputs)]
+            graph.provenance[n.name] = "per-channel scale and shift (not after a linear layer)"
+            continue
         a = dict(lin.attrs)
         a["w_scale"] = a["w_scale"] * k
         a["bias"] = (a["bias"] - mean) * k + beta
@@ -75,4 +91,10 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
         graph.provenance[n.name] = f"folded into {lin.name}"
     if problems:
         raise UnsupportedModelError(graph.path, problems)
-    return graph.with_nodes(replaced.get(n.name, n) for n in graph.nodes if n.name not in removed)
+    out: list[QNode] = []
+    for n in graph.nodes:
+        if n.name in affine:
+            out.extend(affine[n.name])
+        elif n.name not in removed:
+            out.append(replaced.get(n.name, n))
+    return graph.with_nodes(out)
