@@ -286,7 +286,8 @@ def _add(op: Add, ctx: NodeContext) -> Step:
 
 @dataclass(frozen=True, slots=True)
 class NeuronStep:
-    """DIF neurons; ``threshold``, ``v0``, ``bias`` flattened to (N,) int64."""
+    """DIF neurons; ``threshold``, ``v0``, ``bias`` flattened to (N,), int32 when the membrane
+    potential provably stays below 2^31 in magnitude, else int64."""
 
     threshold: np.ndarray
     v0: np.ndarray
@@ -313,7 +314,13 @@ class NeuronStep:
 
 @_builds(Neuron)
 def _neuron(op: Neuron, ctx: NodeContext) -> Step:
-    return NeuronStep(op.threshold.ravel(), op.v0.ravel(), op.bias.ravel(), op.delay, ctx.T)
+    # |v| <= |v0| + T (|I| + |bias|) before a reset (which moves v towards 0); the
+    # comparison with and subtraction of the threshold stay within |v| + |threshold|.
+    peak = lambda a: int(np.abs(a.astype(np.float64)).max(initial=0))  # noqa: E731
+    v_bound = peak(op.v0) + ctx.T * (ctx.in_bounds[0] + peak(op.bias)) + peak(op.threshold)
+    dt = _current_dtype(v_bound)
+    return NeuronStep(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)),
+                      op.delay, ctx.T)
 
 
 @dataclass(frozen=True, slots=True)

@@ -373,7 +373,8 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
 
     ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
-    ``bias`` (N,) int64; ``out`` (B, T, N) uint8 (every step is written); ``counts`` (B, N) int64 zeros receives
+    ``bias`` (N,) int32 or int64, the type of the membrane potential (int32 when the caller
+    has bounded |v| below 2^31: twice the lanes per vector instruction); ``out`` (B, T, N) uint8 (every step is written); ``counts`` (B, N) int64 zeros receives
     the spike counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
     ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at output step u - delay
     and ``v -= threshold``. Steps in (T, delay] do nothing and are skipped. ``max_abs_v[b]``
@@ -382,11 +383,12 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     """
     B, Tc, N = cur.shape
     T = out.shape[1]
-    v = np.empty(N, dtype=np.int64)
+    vt = threshold.dtype.type
+    v = np.empty(N, dtype=threshold.dtype)
     for b in range(B):
         v[:] = v0
         cnt = counts[b]
-        peak = 0
+        peak = vt(0)
         for n in range(N):
             peak = max(peak, abs(v[n]))
         for u in range(1, T + 1):
@@ -395,7 +397,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
                 # Branch-free update (vectorizes): fire where v >= threshold, reset by subtraction.
                 row = out[b, u - delay - 1]
                 for n in range(N):
-                    vn = v[n] + x[n] + bias[n]
+                    vn = vt(v[n] + x[n] + bias[n])
                     peak = max(peak, abs(vn))
                     f = vn >= threshold[n]
                     row[n] = f
@@ -403,7 +405,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
                     v[n] = vn - f * threshold[n]
             else:
                 for n in range(N):
-                    vn = v[n] + x[n] + bias[n]
+                    vn = vt(v[n] + x[n] + bias[n])
                     peak = max(peak, abs(vn))
                     v[n] = vn
         # Input exhausted: the remaining output steps only fire and reset.
