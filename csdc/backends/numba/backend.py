@@ -299,13 +299,15 @@ class NeuronStep:
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         return self.fire(ins, stats)[0]
 
-    def fire(self, ins: list[np.ndarray], stats: NodeStats) -> tuple[np.ndarray, np.ndarray]:
-        """The spike trains (batch, T, *shape) and their counts (batch, *shape) int64."""
+    def fire(self, ins: list[np.ndarray], stats: NodeStats,
+             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The spike trains (batch, T, *shape) and their counts (batch, *shape) int64, written
+        into ``counts`` (C-contiguous zeros) if given."""
         cur = ins[0]
         b, tc = cur.shape[:2]
         n = self.threshold.size
         out = np.empty((b, self.T, n), dtype=np.uint8)  # the kernel writes every step
-        counts = np.zeros((b, n), dtype=np.int64)
+        counts = np.zeros((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
         peak = np.zeros(b, dtype=np.int64)
         K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts, peak)
         stats.max_abs_v = max(stats.max_abs_v, int(peak.max(initial=0)))
@@ -505,10 +507,10 @@ def _fill_kernel_cache() -> None:
 # -- backend ----------------------------------------------------------------------------
 @dataclass
 class _Collected:
-    """Per-chunk outputs of a run, concatenated at the end."""
+    """Per-chunk outputs of a run, concatenated at the end (spike counts are written
+    straight into the run's result arrays instead)."""
 
     readout: list[np.ndarray] = field(default_factory=list)
-    counts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     trains: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
@@ -551,12 +553,15 @@ class NumbaBackend:
         chunk = self._chunk_size(nodes, n)
         starts = list(range(0, max(n, 1), chunk))
         profile = self.node_seconds is not None
+        counts = {p.name: np.zeros((n, *net.info(p.name).shape), dtype=np.int64)
+                  for p in nodes if isinstance(p.op, (Neuron, SpikeMaxPool))}
 
         def run_chunk(start: int) -> tuple[dict[str, NodeStats], _Collected, dict[str, float] | None]:
             st = {p.name: NodeStats() for p in nodes}
             col = _Collected()
             secs: dict[str, float] | None = {} if profile else None
-            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, st, col, secs)
+            part = {k: v[start:start + chunk] for k, v in counts.items()}
+            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, st, col, secs, part)
             return st, col, secs
 
         workers = min(numba.get_num_threads(), len(starts))
@@ -573,8 +578,6 @@ class NumbaBackend:
             for name, v in st.items():
                 stats[name].merge(v)
             collected.readout.extend(col.readout)
-            for k, v in col.counts.items():
-                collected.counts.setdefault(k, []).extend(v)
             for k, v in col.trains.items():
                 collected.trains.setdefault(k, []).extend(v)
             if secs is not None:
@@ -584,7 +587,6 @@ class NumbaBackend:
             if isinstance(p.op, (Neuron, SpikeMaxPool)):
                 stats[p.name].neurons = int(np.prod(net.info(p.name).shape))
         readout = np.concatenate(collected.readout)
-        counts = {k: np.concatenate(v) for k, v in collected.counts.items()}
         trains = {k: np.concatenate(v) for k, v in collected.trains.items()}
         if fill_cache:
             _fill_kernel_cache()
@@ -617,12 +619,16 @@ class NumbaBackend:
 
     @staticmethod
     def _run_chunk(nodes: list[PlannedNode], uses: dict[str, int], x: np.ndarray, keep_trains: bool,
-                   stats: dict[str, NodeStats], collected: _Collected, seconds: dict[str, float] | None) -> None:
+                   stats: dict[str, NodeStats], collected: _Collected, seconds: dict[str, float] | None,
+                   counts: dict[str, np.ndarray]) -> None:
         values: dict[str, np.ndarray] = {}
         left = dict(uses)
         for node in nodes:
             ins = [x] if isinstance(node.op, Encode) else [values[s] for s in node.inputs]
-            call = node.step.fire if isinstance(node.op, Neuron) else node.step
+            if isinstance(node.op, Neuron):
+                call = lambda i, st, c=counts[node.name]: node.step.fire(i, st, c)  # noqa: E731
+            else:
+                call = node.step
             if seconds is None:
                 out = call(ins, stats[node.name])
             else:
@@ -637,12 +643,11 @@ class NumbaBackend:
                 collected.readout.append(out)
                 continue
             if isinstance(node.op, Neuron):
-                out, counts = out
+                out, cnt = out
             elif isinstance(node.op, SpikeMaxPool):
-                counts = out.sum(axis=1, dtype=np.int64)
+                cnt = np.sum(out, axis=1, dtype=np.int64, out=counts[node.name])
             values[node.name] = out
             if isinstance(node.op, (Neuron, SpikeMaxPool)):
-                stats[node.name].spikes += int(counts.sum())
-                collected.counts.setdefault(node.name, []).append(counts)
+                stats[node.name].spikes += int(cnt.sum())
                 if keep_trains:
                     collected.trains.setdefault(node.name, []).append(out)
