@@ -73,6 +73,15 @@ class BrevitasCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class BrevitasSignedCNN(BrevitasCNN):
+    """The Brevitas CNN with a signed 4-bit QuantIdentity ([-8, 7], no ReLU) in the second stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        qnn = _brevitas()[0]
+        self.r2 = qnn.QuantIdentity(bit_width=4)
+
+
 class BrevitasAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -218,7 +227,7 @@ _TRAINED: dict[str, nn.Module] = {}
 
 
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
-RECIPES = {"brevitas_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
+RECIPES = {"brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
            "float_attention": (4, 5e-3)}
 
 
@@ -228,7 +237,7 @@ def trained(kind: str) -> nn.Module:
         epochs, lr = RECIPES[kind]
         from csdc.training.loop import build_seeded, train
 
-        factory = {"brevitas_cnn": BrevitasCNN, "brevitas_attention": BrevitasAttention,
+        factory = {"brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
                    "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
         x, y = load_digits_split("train")
         with warnings.catch_warnings():
@@ -385,6 +394,11 @@ def build_route(route: str, arch: str, tmp: str) -> str:
     return export(trained(kind), route, path)
 
 
+def build_signed_route(route: str, tmp: str) -> str:
+    """The signed-activation Brevitas CNN exported through ``route`` (a Brevitas route)."""
+    return export(trained("brevitas_signed_cnn"), route, os.path.join(tmp, f"{route}-signed-cnn.onnx"))
+
+
 def tie_census(path: str, x: np.ndarray) -> dict:
     """Exact rounding ties at the hidden activation quantizers of ``path`` on ``x``.
 
@@ -466,6 +480,10 @@ def main() -> None:  # pragma: no cover - the README table
                 except Exception as exc:  # noqa: BLE001
                     rows.append(f"| {route} | {arch} | - | - | - | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | |")
                 print(rows[-1], f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        for route in ("brevitas-qcdq-torchscript", "brevitas-qonnx"):
+            r = evaluate_route(build_signed_route(route, tmp))
+            rows.append(f"| {route} | cnn, signed 2nd stage | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
+                        f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
     print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -95,6 +95,16 @@ def test_onnxruntime_attention_applies_signed_current_quantizers(tmp_path, route
     assert r["agreement"] >= 0.99, r
 
 
+@pytest.mark.parametrize("route", ["brevitas-qcdq-torchscript", "brevitas-qonnx"])
+def test_brevitas_signed_activations_offset_form(tmp_path, route):
+    """A signed 4-bit Brevitas QuantIdentity ([-8, 7], no ReLU) before a max-pool and the classifier."""
+    path = P.build_signed_route(route, str(tmp_path))
+    g = _canonicalize_verified(path)
+    assert any(n.op_type == "Quant" and n.attrs["lo"] < n.attrs["zero_point"] for n in g.nodes)
+    r = P.evaluate_route(path)
+    assert r["T"] == 15 and r["agreement"] >= 0.99, r
+
+
 def test_lsq_arithmetic_keeps_trained_integer_weights(tmp_path):
     """The folded Round(w/s) -> Clip -> Mul(s) weights stay the 4-bit integers LSQ trained."""
     path = P.build_route("torch-lsq-torchscript", "cnn", str(tmp_path))
