@@ -312,7 +312,8 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
     leading axes); ``out`` (B, T, L, M, N) zeros. Event-driven: a spike ``B(t)[k, n]`` adds
     the previous counts ``C_A(t-1)[:, k]`` to column ``n`` (M targets), a spike ``A(t)[m, k]``
     adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); ``acs[b]`` counts the targets.
-    Counts are int32 (at most T); the column sums go to a transposed buffer (contiguous
+    Counts are int32 (at most T); the spikes of a row (column) are gathered and their count
+    vectors added four at a time; the column sums go to a transposed buffer (contiguous
     adds) that is added to ``out`` once per step, and ``weight`` multiplies each output once.
     """
     B, T, L, M, K = a.shape
@@ -320,6 +321,7 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
     count_a = np.zeros((K, M), dtype=np.int32)  # C_A, transposed: column k of C_A is contiguous
     count_b = np.zeros((K, N), dtype=np.int32)  # C_B
     col = np.zeros((N, M), dtype=out.dtype)  # C_A(t-1) B(t), transposed
+    idx = np.empty(K + 1, dtype=np.int64)
     for b in range(B):
         n_ac = 0
         for l in range(L):
@@ -329,30 +331,57 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                 o = out[b, t, l]
                 bt = bm[b, t, l]
                 at = a[b, t, l]
-                # B(t) spikes: first use C_A(t-1) (count_a not yet updated), then C_B(t) includes t.
-                col[:] = 0
+                # B(t) spikes of column n add the counts C_A(t-1)[:, k] (count_a not yet
+                # updated), gathered and added four at a time; then C_B includes step t.
                 nb = 0
-                for k in range(K):
-                    ca = count_a[k]
-                    cbk = count_b[k]
+                for n in range(N):
+                    cn = col[n]
+                    cn[:] = 0
+                    k = 0
+                    for kk in range(K):
+                        idx[k] = kk
+                        k += bt[kk, n] != 0
+                    nb += k
+                    j = 0
+                    while j + 4 <= k:
+                        c0, c1, c2, c3 = count_a[idx[j]], count_a[idx[j + 1]], count_a[idx[j + 2]], count_a[idx[j + 3]]
+                        for m in range(M):
+                            cn[m] += (c0[m] + c1[m]) + (c2[m] + c3[m])
+                        j += 4
+                    while j < k:
+                        c0 = count_a[idx[j]]
+                        for m in range(M):
+                            cn[m] += c0[m]
+                        j += 1
+                for kk in range(K):
+                    cbk = count_b[kk]
+                    btk = bt[kk]
                     for n in range(N):
-                        if bt[k, n]:
-                            cbk[n] += 1
-                            cn = col[n]
-                            for m in range(M):
-                                cn[m] += ca[m]
-                            nb += 1
+                        cbk[n] += btk[n]
                 n_ac += nb * M
+                # A(t) spikes of row m add the counts C_B(t)[k, :].
                 na = 0
                 for m in range(M):
                     row = o[m]
-                    for k in range(K):
-                        if at[m, k]:
-                            cb = count_b[k]
-                            for n in range(N):
-                                row[n] += cb[n]
-                            count_a[k, m] += 1
-                            na += 1
+                    am = at[m]
+                    k = 0
+                    for kk in range(K):
+                        idx[k] = kk
+                        k += am[kk] != 0
+                    na += k
+                    j = 0
+                    while j + 4 <= k:
+                        c0, c1, c2, c3 = count_b[idx[j]], count_b[idx[j + 1]], count_b[idx[j + 2]], count_b[idx[j + 3]]
+                        for n in range(N):
+                            row[n] += (c0[n] + c1[n]) + (c2[n] + c3[n])
+                        j += 4
+                    while j < k:
+                        c0 = count_b[idx[j]]
+                        for n in range(N):
+                            row[n] += c0[n]
+                        j += 1
+                    for j in range(k):
+                        count_a[idx[j], m] += 1
                 n_ac += na * N
                 if nb:
                     for m in range(M):
