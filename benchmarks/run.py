@@ -412,6 +412,44 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def targets(rows: list[Row]) -> list[str]:
+    """The issue's speed targets, checked on this run."""
+    out = []
+    for r in rows:
+        checks = []
+        for kind, goal in (("DenseSynapse", 12e9), ("ConvSynapse", 6e9)):
+            if kind in r.ops_per_s_by_kind:
+                v = r.ops_per_s_by_kind[kind]
+                checks.append(f"{kind} {_g(v)}/s {'>=' if v >= goal else '<'} {_g(goal)}/s")
+        if r.sj_s:
+            v = r.sj_s / r.numba_s
+            checks.append(f"SpikingJelly/numba {v:.1f}x {'>=' if v >= 3 else '<'} 3x")
+        if r.lava_s_per_image:
+            v = r.lava_s_per_image / (r.numba_s / r.batch)
+            checks.append(f"Lava/numba {v:.0f}x {'>=' if v >= 300 else '<'} 300x")
+        if "CIFAR" in r.model and r.ort_s:
+            v = r.numba_s / r.ort_s
+            checks.append(f"SNN/onnxruntime {v:.2f}x {'<=' if v <= 3 else '>'} 3x")
+        out.append(f"{r.model}: " + "; ".join(checks))
+    return out
+
+
+BEGIN, END = "<!-- benchmarks/run.py: begin -->", "<!-- benchmarks/run.py: end -->"
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write ``text`` between the BEGIN/END markers of ``path`` (hand-written parts of the
+    file outside the markers are kept), or as the whole file."""
+    block = f"{BEGIN}\n{text}\n{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        path.write_text(head + block + tail)
+    else:
+        path.write_text(block)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--compile-child":
         _compile_child(sys.argv[2], sys.argv[3])
@@ -440,13 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     info["load average (1/5/15 min, at end)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     text = table(rows)
     notes = [n for r in rows for n in (f"{r.model}: {m}" for m in r.notes)]
+    goals = targets(rows)
     print(text)
     for n in notes:
         print("note:", n)
+    for g in goals:
+        print("target:", g)
     if args.output:
         lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
-        Path(args.output).write_text("\n".join(["## Machine", "", *lines, "", "## Results", "", text, "",
-                                                *(f"- {n}" for n in notes)]) + "\n")
+        cmd = " ".join(["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+        write_markdown(Path(args.output), "\n".join([
+            f"Made by `python {cmd}` (medians of {args.repeats} timed runs after a warm-up).", "",
+            "### Machine", "", *lines, "", "### Results", "", text, "", "### Targets (issue 5)", "",
+            *(f"- {g}" for g in goals), *(f"- note: {n}" for n in notes)]))
     return 0
 
 
