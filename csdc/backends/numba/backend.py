@@ -106,6 +106,13 @@ def _narrow_scaled(w: np.ndarray) -> tuple[np.ndarray, int]:
     return plain, 1
 
 
+def _acc_dtype(bound: int, scale: int) -> type[np.signedinteger]:
+    """Accumulator of a spike-driven synapse whose outputs are bounded by ``bound`` and whose
+    weights are stored divided by ``scale``: int16 when the scaled sums fit, else the
+    current's own type."""
+    return np.int16 if bound // scale <= np.iinfo(np.int16).max else _current_dtype(bound)
+
+
 def _max_abs_row_sum(w: np.ndarray) -> int:
     """max over rows (axis 0) of sum |w| over the other axes. Summed in float64, which is
     exact below 2^53; larger sums select int64 whatever their exact value."""
@@ -176,6 +183,7 @@ class DenseStep:
     w_t: np.ndarray
     scale: int
     from_spikes: bool
+    acc_dtype: type  # accumulator of a spike-driven row (int16 when its sums fit)
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
@@ -186,7 +194,7 @@ class DenseStep:
         out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=_current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
-            K.dense_spikes(flat, self.w_t, self.scale, out, work)
+            K.dense_spikes(flat, self.w_t, self.scale, out, np.empty(n_out, dtype=self.acc_dtype), work)
             stats.acs += int(work.sum())
         else:
             K.dense_currents(flat, self.w_t, self.scale, out, work)
@@ -197,7 +205,8 @@ class DenseStep:
 @_builds(DenseSynapse)
 def _dense(op: DenseSynapse, ctx: NodeContext) -> Step:
     w_t, scale = _narrow_scaled(op.weight.T)
-    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, ctx.in_bounds[0] * _max_abs_row_sum(op.weight))
+    bound = ctx.in_bounds[0] * _max_abs_row_sum(op.weight)
+    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, _acc_dtype(bound, scale), bound)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +216,7 @@ class ConvStep:
 
     w_r: np.ndarray
     scale: int
+    acc_dtype: type  # channels-last accumulator of a spike-driven step (int16 when its sums fit)
     stride: np.ndarray
     pad: np.ndarray  # (top, left); bottom/right padding only shapes the output size
     dilation: np.ndarray
@@ -219,7 +229,8 @@ class ConvStep:
         out = _batch_zeros(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
         work = np.zeros(x.shape[0], dtype=np.int64)
         if self.from_spikes:
-            K.conv_spikes(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, work)
+            acc = np.empty((*self.out_shape[1:], self.out_shape[0]), dtype=self.acc_dtype)
+            K.conv_spikes(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, acc, work)
             stats.acs += int(work.sum())
         else:
             K.conv_currents(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, work)
@@ -236,15 +247,17 @@ def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
     # w_r[c, ky, kx, j] = w[(c // cg) * og + j, c % cg, ky, kx]
     w_r = w.reshape(g, og, cg, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cg, kh, kw, og)
     w_r, scale = _narrow_scaled(w_r)
+    bound = ctx.in_bounds[0] * _max_abs_row_sum(w)
     return ConvStep(
         w_r=w_r,
         scale=scale,
+        acc_dtype=_acc_dtype(bound, scale),
         stride=np.array(op.stride, dtype=np.int64),
         pad=np.array(op.padding[:2], dtype=np.int64),
         dilation=np.array(op.dilation, dtype=np.int64),
         out_shape=ctx.out_shape,
         from_spikes=ctx.in_kinds[0] == SPIKES,
-        bound=ctx.in_bounds[0] * _max_abs_row_sum(w),
+        bound=bound,
     )
 
 

@@ -45,15 +45,18 @@ def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dilation: int) -
 
 
 @njit(nogil=True, cache=True)
-def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acs: np.ndarray) -> None:
+def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acc: np.ndarray, acs: np.ndarray) -> None:
     """Dense synapses driven by spikes: ``out[b, m, :] = scale * sum_{i: s[b, m, i] = 1} w[i, :]``.
 
     ``s`` (B, M, n_in) uint8; ``w`` (n_in, n_out), row ``i`` = the fan-out of input ``i``
     (stored transposed so that a spike adds one contiguous row), divided by ``scale`` (the
     largest power of two dividing every weight, so that ``w`` fits a narrower type);
-    ``out`` (B, M, n_out) zeros; ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
+    ``out`` (B, M, n_out); ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
     The spikes of a row are gathered first (branch-free) and added eight, then four at a
-    time, so the output row is loaded and stored once per eight spikes.
+    time into ``acc`` (n_out,), so the accumulator is loaded and stored once per eight
+    spikes; ``acc`` is int16 when the caller bounded every row's sum of |w| below 2^15
+    (twice the lanes of int32; integer adds wrap, so only the final sum needs to fit), and
+    is written to ``out`` times ``scale`` once per row.
     """
     B, M, n_in = s.shape
     n_out = w.shape[1]
@@ -68,26 +71,26 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acs:
                 idx[k] = i
                 k += sm[i] != 0
             n_ac += k * n_out
+            acc[:] = 0
             j = 0
             while j + 8 <= k:
                 w0, w1, w2, w3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]
                 w4, w5, w6, w7 = w[idx[j + 4]], w[idx[j + 5]], w[idx[j + 6]], w[idx[j + 7]]
                 for o in range(n_out):
-                    row[o] += ((w0[o] + w1[o]) + (w2[o] + w3[o])) + ((w4[o] + w5[o]) + (w6[o] + w7[o]))
+                    acc[o] += ((w0[o] + w1[o]) + (w2[o] + w3[o])) + ((w4[o] + w5[o]) + (w6[o] + w7[o]))
                 j += 8
             while j + 4 <= k:
                 w0, w1, w2, w3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]
                 for o in range(n_out):
-                    row[o] += (w0[o] + w1[o]) + (w2[o] + w3[o])
+                    acc[o] += (w0[o] + w1[o]) + (w2[o] + w3[o])
                 j += 4
             while j < k:
                 wi = w[idx[j]]
                 for o in range(n_out):
-                    row[o] += wi[o]
+                    acc[o] += wi[o]
                 j += 1
-            if scale != 1 and k:
-                for o in range(n_out):
-                    row[o] *= scale
+            for o in range(n_out):
+                row[o] = acc[o] * scale
         acs[b] = n_ac
 
 
@@ -119,7 +122,7 @@ def dense_currents(x: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, ma
 
 @njit(nogil=True, cache=True)
 def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
-                out: np.ndarray, acs: np.ndarray) -> None:
+                out: np.ndarray, acc: np.ndarray, acs: np.ndarray) -> None:
     """Grouped 2-D cross-correlation driven by spikes, by scattering each spike's kernel.
 
     ``s`` (B, M, C, H, W) uint8; ``w`` (C, kh, kw, og) with ``w[c, ky, kx, j]`` the weight
@@ -130,7 +133,9 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
     ``oy * sh - top + ky * dh == y`` with ``0 <= oy < OH`` (likewise for columns), so
     ``acs[b]`` counts only the targets a spike actually reaches (border-aware).
     The spiking channels of one pixel and group are gathered first and their kernels added
-    four at a time to each reached output pixel (one load / store of the target per four).
+    four at a time to each reached output pixel (one load / store of the target per four),
+    accumulated channels-last in ``acc`` (OH, OW, O) (int16 when the caller bounded the sums,
+    see :func:`dense_spikes`) and written to ``out`` times ``scale`` once per step.
     """
     B, M, C, H, W = s.shape
     _, kh, kw, og = w.shape
@@ -140,7 +145,6 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
     rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
     # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
-    acc = np.zeros((OH, OW, O), dtype=out.dtype)
     idx = np.empty(cg + 1, dtype=np.int64)
     for b in range(B):
         n_ac = 0
