@@ -22,13 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import compile_model  # noqa: E402
+from run import compile_model
 
 
 def export(depth: int, dim: int, path: Path) -> int:
     import torch
 
-    from csdc.training.transformer import build_csdformer, calibrate, export_csdformer_onnx
+    from csdc.training.transformer import (
+        build_csdformer,
+        calibrate,
+        export_csdformer_onnx,
+    )
 
     stages = ((dim // 8, True), (dim // 4, True), (dim // 2, True), (dim, True), (dim, False))  # 224 -> 14x14
     model = build_csdformer(0, img_size=224, in_chans=3, num_classes=1000, dim=dim, depth=depth, heads=dim // 64,

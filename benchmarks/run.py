@@ -76,8 +76,9 @@ def machine() -> dict[str, str]:
         "load average (1/5/15 min, at start)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     try:
-        import spikingjelly  # noqa: F401
         from importlib.metadata import version
+
+        import spikingjelly  # noqa: F401
 
         info["spikingjelly"] = version("spikingjelly")
     except Exception:  # noqa: BLE001

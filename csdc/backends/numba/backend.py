@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numba
@@ -331,7 +332,7 @@ class NeuronStep:
 def _neuron(op: Neuron, ctx: NodeContext) -> Step:
     # |v| <= |v0| + T (|I| + |bias|) before a reset (which moves v towards 0); the
     # comparison with and subtraction of the threshold stay within |v| + |threshold|.
-    peak = lambda a: int(np.abs(a.astype(np.float64)).max(initial=0))  # noqa: E731
+    peak = lambda a: int(np.abs(a.astype(np.float64)).max(initial=0))
     v_bound = peak(op.v0) + ctx.T * (ctx.in_bounds[0] + peak(op.bias)) + peak(op.threshold)
     dt = _current_dtype(v_bound)
     return NeuronStep(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)),
@@ -533,7 +534,7 @@ def _fill_kernel_cache() -> None:
     from csdc.ir.graph import Network
 
     net = Network(2)
-    one = lambda shape: np.ones(shape, dtype=np.int64)  # noqa: E731
+    one = lambda shape: np.ones(shape, dtype=np.int64)
     net.add("in", Encode((1, 3, 3), 1.0, 0, 1))
     net.add("c0", ConvSynapse(one((1, 1, 2, 2)), padding=(1, 1, 0, 0)), ["in"])
     net.add("d0", DenseSynapse(one((3, 3))), ["in"])
@@ -673,10 +674,7 @@ class NumbaBackend:
         left = dict(uses)
         for node in nodes:
             ins = [x] if isinstance(node.op, Encode) else [values[s] for s in node.inputs]
-            if isinstance(node.op, Neuron):
-                call = lambda i, st, c=counts[node.name]: node.step.fire(i, st, c)  # noqa: E731
-            else:
-                call = node.step
+            call = partial(node.step.fire, counts=counts[node.name]) if isinstance(node.op, Neuron) else node.step
             if seconds is None:
                 out = call(ins, stats[node.name])
             else:
