@@ -44,6 +44,34 @@ def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dilation: int) -
     return tab
 
 
+@njit(inline="always")
+def _gather_spikes(mask: np.ndarray, idx: np.ndarray) -> int:
+    """Write the positions of the nonzero entries of ``mask`` to ``idx[:k]`` and return ``k``
+    (branch-free: every position is written, the count advances only on a spike)."""
+    k = 0
+    for i in range(mask.shape[0]):
+        idx[k] = i
+        k += mask[i] != 0
+    return k
+
+
+@njit(inline="always")
+def _add_rows(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray, k: int) -> None:
+    """``dst += sum_{j < k} rows[idx[j]]``, four rows per pass (independent adds vectorize)."""
+    n = dst.shape[0]
+    j = 0
+    while j + 4 <= k:
+        c0, c1, c2, c3 = rows[idx[j]], rows[idx[j + 1]], rows[idx[j + 2]], rows[idx[j + 3]]
+        for i in range(n):
+            dst[i] += (c0[i] + c1[i]) + (c2[i] + c3[i])
+        j += 4
+    while j < k:
+        c0 = rows[idx[j]]
+        for i in range(n):
+            dst[i] += c0[i]
+        j += 1
+
+
 @njit(nogil=True, cache=True)
 def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acc: np.ndarray, acs: np.ndarray) -> None:
     """Dense synapses driven by spikes: ``out[b, m, :] = scale * sum_{i: s[b, m, i] = 1} w[i, :]``.
@@ -65,11 +93,7 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acc:
         n_ac = 0
         for m in range(M):
             row = out[b, m]
-            sm = s[b, m]
-            k = 0
-            for i in range(n_in):
-                idx[k] = i
-                k += sm[i] != 0
+            k = _gather_spikes(s[b, m], idx)
             n_ac += k * n_out
             acc[:] = 0
             j = 0
@@ -341,22 +365,9 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                 for n in range(N):
                     cn = col[n]
                     cn[:] = 0
-                    k = 0
-                    for kk in range(K):
-                        idx[k] = kk
-                        k += bt[kk, n] != 0
+                    k = _gather_spikes(bt[:, n], idx)
                     nb += k
-                    j = 0
-                    while j + 4 <= k:
-                        c0, c1, c2, c3 = count_a[idx[j]], count_a[idx[j + 1]], count_a[idx[j + 2]], count_a[idx[j + 3]]
-                        for m in range(M):
-                            cn[m] += (c0[m] + c1[m]) + (c2[m] + c3[m])
-                        j += 4
-                    while j < k:
-                        c0 = count_a[idx[j]]
-                        for m in range(M):
-                            cn[m] += c0[m]
-                        j += 1
+                    _add_rows(cn, count_a, idx, k)
                 for kk in range(K):
                     cbk = count_b[kk]
                     btk = bt[kk]
@@ -366,24 +377,9 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                 # A(t) spikes of row m add the counts C_B(t)[k, :].
                 na = 0
                 for m in range(M):
-                    row = o[m]
-                    am = at[m]
-                    k = 0
-                    for kk in range(K):
-                        idx[k] = kk
-                        k += am[kk] != 0
+                    k = _gather_spikes(at[m], idx)
                     na += k
-                    j = 0
-                    while j + 4 <= k:
-                        c0, c1, c2, c3 = count_b[idx[j]], count_b[idx[j + 1]], count_b[idx[j + 2]], count_b[idx[j + 3]]
-                        for n in range(N):
-                            row[n] += (c0[n] + c1[n]) + (c2[n] + c3[n])
-                        j += 4
-                    while j < k:
-                        c0 = count_b[idx[j]]
-                        for n in range(N):
-                            row[n] += c0[n]
-                        j += 1
+                    _add_rows(o[m], count_b, idx, k)
                     for j in range(k):
                         count_a[idx[j], m] += 1
                 n_ac += na * N
