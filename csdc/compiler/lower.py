@@ -33,7 +33,8 @@ from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, Reshape,
-                         SpikeMatMul, SpikeMaxPool, Transpose)
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
+from csdc.ir.semantics import sum_pool
 
 
 @dataclass
@@ -473,7 +474,6 @@ class Lowering:
         shape = self.net.info(src.node).shape
         if n.op_type == "GlobalAveragePool":
             axes = tuple(range(1, len(shape)))
-            keep = True
         elif n.op_type == "ReduceMean":
             ax = n.attrs.get("axes")
             if ax is None and len(n.inputs) > 1 and n.inputs[1]:
@@ -482,7 +482,6 @@ class Lowering:
                 self.fail(n, "ReduceMean must reduce over non-batch axes given as constants")
                 return
             axes = tuple(sorted(int(x) % (len(shape) + 1) - 1 for x in ax))
-            keep = bool(n.attrs.get("keepdims", 1))
         else:  # AveragePool: a depthwise convolution with unit weights
             a = n.attrs
             if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -495,8 +494,6 @@ class Lowering:
             out_shape = self.sample_shape(n.outputs[0])
             div = np.full(out_shape, float(kh * kw))
             if any(pads) and not a.get("count_include_pad", 0):
-                from csdc.ir.semantics import sum_pool
-                from csdc.ir.ops import SumPool
                 cnt = sum_pool(SumPool((kh, kw), tuple(a.get("strides", [1, 1])), pads), np.ones((1, *shape), np.int64))[0]
                 div = cnt.astype(np.float64)
             conv = {"stride": tuple(a.get("strides", [1, 1])), "padding": pads, "dilation": (1, 1), "groups": C}
@@ -514,7 +511,6 @@ class Lowering:
         div = np.full(int(np.prod(kept_shape)) if kept else 1, float(np.prod([shape[d] for d in axes])))
         out_shape = self.sample_shape(n.outputs[0])
         self.vals[n.outputs[0]] = Pooled(src, index, div, out_shape)
-        _ = keep
 
     def lower_route(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
