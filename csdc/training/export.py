@@ -12,6 +12,7 @@ exporter named ``onnx::...`` (or after a Constant node) get a name from their co
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -167,3 +168,18 @@ def export_module(
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """All initializers of ``model`` as numpy arrays, by name."""
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file (the example READMEs record it to show byte reproducibility)."""
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def describe_io(model: onnx.ModelProto, quote: str = "`") -> str:
+    """'input <name> (dims) float32, output <name> (dims) float32' of a one-input, one-output model."""
+    def shape(v: onnx.ValueInfoProto) -> str:
+        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+        return f"{quote}{v.name}{quote} ({', '.join(dims)}) float32"
+
+    return f"input {shape(model.graph.input[0])}, output {shape(model.graph.output[0])}"

@@ -19,7 +19,6 @@ ships with scikit-learn).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
@@ -39,6 +38,7 @@ from csdc.training.cnn import (
     quantize_static_model,
     train,
 )
+from csdc.training.export import describe_io, sha256_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,18 +59,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
-def _io(model: onnx.ModelProto) -> str:
-    def shape(v: onnx.ValueInfoProto) -> str:
-        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
-        return f"'{v.name}' ({', '.join(dims)}) float32"
-
-    return f"input {shape(model.graph.input[0])}, output {shape(model.graph.output[0])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         command += " " + " ".join(shlex.quote(a) for a in extra)
     readme = _readme(args, command, acc_torch, acc_qcdq, agree, acc_float_torch, acc_float,
                      acc_static, qcdq, float_model, static,
-                     {p: _sha256(os.path.join(args.out_dir, p))
+                     {p: sha256_file(os.path.join(args.out_dir, p))
                       for p in ("model.onnx", "model_float.onnx", "model_qdq_static.onnx")})
     with open(os.path.join(args.out_dir, "README.md.tmp"), "w", encoding="utf-8") as fh:
         fh.write(readme)
@@ -165,7 +153,7 @@ Adam lr {args.lr}, batch 32, cosine schedule, one torch thread; needs `pip insta
 | `model_float.onnx` | float CNN, same layers (trained separately, same seed) | PyTorch eval {pct(acc_float_torch)}, onnxruntime {pct(acc_float)} |
 | `model_qdq_static.onnx` | `model_float.onnx` after onnxruntime `quant_pre_process` + `quantize_static` (QDQ, uint8 activations, int8 per-channel weights, MinMax calibration on the 1347 training images) | onnxruntime {pct(acc_static)} |
 
-All three: {_io(qcdq)} (N dynamic), opset 17.
+All three: {describe_io(qcdq, quote="'")} (N dynamic), opset 17.
 
 ## Node patterns (op types in graph order)
 

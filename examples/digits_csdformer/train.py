@@ -16,7 +16,6 @@ nothing is downloaded (the digits set ships with scikit-learn).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
@@ -25,6 +24,7 @@ import time
 import onnx
 from onnx import numpy_helper
 
+from csdc.training.export import describe_io, sha256_file
 from csdc.training.recipe import TrainConfig, TrainResult, train_and_export
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,18 +45,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
-def _io(model: onnx.ModelProto) -> str:
-    def shape(v: onnx.ValueInfoProto) -> str:
-        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
-        return f"`{v.name}` ({', '.join(dims)}) float32"
-
-    return f"input {shape(model.graph.input[0])}, output {shape(model.graph.output[0])}"
 
 
 def _const(inits: dict[str, onnx.TensorProto], name: str) -> str:
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = _without(sys.argv[1:] if argv is None else argv, ("--no-progress",), ("--out-dir",))
     if extra:
         command += " " + " ".join(shlex.quote(a) for a in extra)
-    readme = _readme(args, command, r, os.path.getsize(path), _sha256(path))
+    readme = _readme(args, command, r, os.path.getsize(path), sha256_file(path))
     tmp = os.path.join(args.out_dir, "README.md.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(readme)
@@ -199,7 +187,7 @@ activation MatMuls ({args.depth} x (Q K^T, A V)); no Softmax, LayerNormalization
 | ONNX (onnxruntime) | {pct(r.acc_onnx)} |
 | top-1 agreement PyTorch / onnxruntime | {pct(r.agreement)} (max logit difference {r.max_logit_diff:.2g}) |
 
-`model.onnx`: {size} bytes, opset 17, {_io(model)} (N dynamic), {len(model.graph.node)} nodes.
+`model.onnx`: {size} bytes, opset 17, {describe_io(model)} (N dynamic), {len(model.graph.node)} nodes.
 
 ## One block (`blocks.0`), nodes in graph order
 
