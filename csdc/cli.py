@@ -93,6 +93,7 @@ def _save_results(path: str, out) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from csdc.backends.base import get_backend
     from csdc.ir import serialize
+    from csdc.ir.semantics import require_exact
     from csdc.runtime.evaluate import PJ_PER_AC, PJ_PER_MAC, compare, run_dataset
 
     net = serialize.load(args.sir)
@@ -109,8 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if not kernels_cached():
             print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
-    if args.backend == "reference" and any(net.op(n).delay < net.T for n in net.neurons()):
-        raise CsdcError(f"the reference backend is exact only for D >= T (T={net.T}); use --backend numba for smaller delays")
+    if args.backend == "reference":
+        require_exact(net)  # fail before any work, naming the neuron
     out = run_dataset(net, backend, x, y, batch=args.batch, progress=not args.no_progress and not args.json)
     s = out.summary
     if args.compare:
@@ -155,13 +156,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from csdc.backends.base import get_backend
     from csdc.ir import serialize
+    from csdc.ir.semantics import require_exact
     from csdc.runtime.sweep import markdown_table, parse_delays, plot, rows_to_dicts, sweep_delays
 
     net = serialize.load(args.sir)
     delays = parse_delays(args.delays, net.T)
     x, y = _load_data(args.data, net.input_shape, args.limit)
-    if args.backend == "reference" and min(delays) < net.T:
-        raise CsdcError(f"the reference backend is exact only for D >= T (T={net.T}); sweep with --backend numba")
+    if args.backend == "reference":
+        require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
                         progress=not args.no_progress and not args.json)
     if args.plot:

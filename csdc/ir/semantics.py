@@ -156,15 +156,20 @@ class Result:
     trains: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def require_exact(net: Network) -> None:
+    """Raise IRError naming the first neuron whose delay is below T (outside the count-domain regime)."""
+    for name in net.neurons():
+        if net.op(name).delay < net.T:
+            raise IRError(
+                f"the count-domain reference is exact only for delay >= T; neuron '{name}' has delay "
+                f"{net.op(name).delay} < T={net.T}. Use the numba backend (or run_steps) for D < T."
+            )
+
+
 def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
     """Count-domain reference. Requires every neuron's delay >= T (the exact regime)."""
     T = net.T
-    for name in net.neurons():
-        if net.op(name).delay < T:
-            raise IRError(
-                f"the count-domain reference is exact only for delay >= T; neuron '{name}' has delay "
-                f"{net.op(name).delay} < T={T}. Use the numba backend (or run_steps) for D < T."
-            )
+    require_exact(net)
     values: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     readout = None
