@@ -20,6 +20,7 @@ from strategies import inputs_for, networks
 
 from csdc.backends.base import get_backend
 from csdc.backends.numba import NumbaBackend, kernels_cached
+from csdc.backends.numba.backend import plan
 from csdc.backends.numba.kernels import KERNELS
 from csdc.errors import DataError
 from csdc.ir import (
@@ -244,10 +245,14 @@ def test_dense_acs_and_macs() -> None:
     assert set(res.stats) == {"fc1", "n1", "fc2", "n2", "fc_out"}  # populations and synapses only
 
 
-def test_spike_max_pool_with_padding_is_max_of_counts() -> None:
+@pytest.mark.parametrize("op", [
+    SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1)),  # general windows
+    SpikeMaxPool((2, 2), (2, 2), (0, 0, 1, 1)),  # the unrolled 2 x 2 path
+    SpikeMaxPool((2, 2), (1, 2), (1, 1, 0, 0)),  # 2 x 2, overlapping rows, padding on top and left
+], ids=["3x2", "2x2", "2x2_overlap_pad"])
+def test_spike_max_pool_with_padding_is_max_of_counts(op: SpikeMaxPool) -> None:
     T = 6
     net, s = spiking_input((2, 5, 5), T)
-    op = SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1))
     net.add("mp", op, [s])
     readout_net(net, "mp")
     x = random_x((2, 5, 5), 3, seed=7)
@@ -306,6 +311,45 @@ def test_spike_matmul_attention_shapes_and_acs(weight: int) -> None:
     assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
 
 
+def test_conv_kernel_choice() -> None:
+    """One group with column stride and dilation 1 scatters whole kernel rows
+    (``conv_spikes_rows``, reversed taps); the other cases use ``conv_spikes``. Both are
+    checked against the references by test_conv_on_spikes_and_acs."""
+    for case, rows in [("plain", True), ("asym_pad", True), ("dilation", True), ("stride2", False),
+                       ("groups", False), ("depthwise", False)]:
+        c = CONV_CASES[case]
+        net, s = spiking_input((c["cin"], 7, 6), 4)
+        net.add("conv", conv_op(c), [s])
+        net.add("n", neuron(net.info("conv").shape, 3, 2, v0=1), ["conv"])
+        readout_net(net, "n")
+        step = {p.name: p.step for p in plan(net)}["conv"]
+        assert step.rows is rows, case
+        if rows:  # w_r[c, ky, (kw - 1 - kx) * O + o] = weight[o, c, ky, kx]
+            w = net.op("conv").weight
+            o, _, _, kw = w.shape
+            expect = w.transpose(1, 2, 3, 0)[:, :, ::-1, :].reshape(w.shape[1], w.shape[2], kw * o)
+            assert np.array_equal(step.w_r * step.scale, expect)
+
+
+def test_spike_matmul_int32_partial_products() -> None:
+    """K x T >= 2^15: counts and partial products in int32 (int16 would wrap: every spike
+    fires, so the last step's product is 7 K = 70000 per output)."""
+    T, K = 4, 10_000
+    net = Network(T)
+    net.add("in", Encode((1, K), 1.0, 0, 3))
+    net.add("s", neuron((1, K), 2, 0, v0=1), ["in"])  # input 3 per step: a spike every step
+    net.add("st", Transpose((1, 0)), ["s"])
+    net.add("qk", SpikeMatMul(1), ["s", "st"])  # (1, 1)
+    net.add("n", neuron((1, 1), 1000, 0), ["qk"])
+    readout_net(net, "n", classes=1)
+    assert {p.name: p.step for p in plan(net)}["qk"].proto.dtype == np.int32
+    x = np.full((2, 1, K), 3.0, dtype=np.float32)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert res.trains["s"].all()
+    assert_same_as_steps(net, x)
+    assert res.counts["n"][0, 0, 0] == min(T, sum(K * (2 * t - 1) for t in range(1, T + 1)) // 1000)
+
+
 def test_large_weights_use_int64_currents() -> None:
     T = 3
     net, s = spiking_input((4,), T)
@@ -360,7 +404,7 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("mm", SpikeMatMul(1), ["mp", "n0"])  # (2, 5, 5) x (2, 5, 5)
     net.add("n3", neuron((2, 5, 5), 4, 0), ["mm"])
     net.add("c2", ConvSynapse(np.ones((2, 2, 4, 4), int)), ["n3"])
-    net.add("c3", ConvSynapse(np.ones((2, 2, 2, 2), int)), ["n1"])
+    net.add("c3", ConvSynapse(np.ones((2, 1, 2, 2), int), groups=2), ["n1"])  # grouped: conv_spikes
     net.add("sum", Add(), ["c2", "c3"])
     net.add("f", Reshape((8,)), ["sum"])
     net.add("n2", neuron((8,), 2, 0), ["f"])
@@ -404,6 +448,7 @@ def test_first_run_fills_the_cache_for_every_kernel(tmp_path: Path) -> None:
     child = """
 import numpy as np
 from csdc.backends.numba import NumbaBackend, kernels_cached
+from csdc.backends.numba.backend import plan
 from csdc.ir import DenseSynapse, Encode, Network, Neuron, Readout
 net = Network(2)
 net.add("in", Encode((3,), 1.0, 0, 3))

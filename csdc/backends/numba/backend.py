@@ -37,8 +37,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from typing import Protocol
 
 import numba
@@ -155,6 +154,24 @@ def _builds(op_type: type[Op]) -> Callable[[StepBuilder], StepBuilder]:
     return register
 
 
+def _aligned_empty(shape: int | Shape, dtype: type, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
+    (whole-vector loads and stores of its rows do not straddle cache lines)."""
+    n = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+    buf = np.empty(n * itemsize + align, dtype=np.uint8)
+    off = -buf.ctypes.data % align
+    return buf[off:off + n * itemsize].view(dtype).reshape(shape)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A 64-byte aligned C-contiguous copy of ``a`` (read-only)."""
+    out = _aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    out.flags.writeable = False
+    return out
+
+
 def _batch_zeros(x: np.ndarray, m: int, shape: Shape, dtype: type) -> np.ndarray:
     return np.zeros((x.shape[0], m, *shape), dtype=dtype)
 
@@ -184,7 +201,7 @@ class DenseStep:
     w_t: np.ndarray
     scale: int
     from_spikes: bool
-    acc_dtype: type  # accumulator of a spike-driven row (int16 when its sums fit)
+    acc: np.ndarray  # empty array of a spike-driven row's accumulator type (int16 when its sums fit)
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
@@ -192,50 +209,53 @@ class DenseStep:
         n_in, n_out = self.w_t.shape
         lead = x.shape[1:-1]  # (Tc, *leading axes)
         flat = x.reshape(x.shape[0], int(np.prod(lead)), n_in)
-        out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=_current_dtype(self.bound))
-        work = np.zeros(x.shape[0], dtype=np.int64)
+        dt = _current_dtype(self.bound)
         if self.from_spikes:
-            K.dense_spikes(flat, self.w_t, self.scale, out, np.empty(n_out, dtype=self.acc_dtype), work)
-            stats.acs += int(work.sum())
+            out = np.empty((x.shape[0], flat.shape[1], n_out), dtype=dt)  # every row is written
+            stats.acs += K.dense_spikes(flat, self.w_t, self.scale, out, self.acc)
         else:
-            K.dense_currents(flat, self.w_t, self.scale, out, work)
-            stats.macs += int(work.sum())
+            out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=dt)
+            stats.macs += K.dense_currents(flat, self.w_t, self.scale, out)
         return out.reshape(x.shape[0], *lead, n_out)
 
 
 @_builds(DenseSynapse)
 def _dense(op: DenseSynapse, ctx: NodeContext) -> Step:
     w_t, scale = _narrow_scaled(op.weight.T)
+    w_t = _aligned(w_t)
     bound = ctx.in_bounds[0] * _max_abs_row_sum(op.weight)
-    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, _acc_dtype(bound, scale), bound)
+    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, np.empty(0, dtype=_acc_dtype(bound, scale)), bound)
 
 
 @dataclass(frozen=True, slots=True)
 class ConvStep:
-    """Convolution synapses; ``w_r`` is (C, kh, kw, O/groups) so a tap adds contiguous weights
-    (divided by ``scale``, a power of two, see :func:`_narrow_scaled`)."""
+    """Convolution synapses; ``w_r`` is (C, kh, kw, O/groups) so a tap adds contiguous weights,
+    or (C, kh, kw x O) with each kernel row's taps reversed when ``rows`` (one group, column
+    stride and dilation 1: :func:`kernels.conv_spikes_rows`); divided by ``scale``, a power
+    of two, see :func:`_narrow_scaled`."""
 
     w_r: np.ndarray
     scale: int
-    acc_dtype: type  # channels-last accumulator of a spike-driven step (int16 when its sums fit)
+    acc: np.ndarray  # empty array of the channels-last accumulator's type (int16 when the sums fit)
+    rows: bool
     stride: np.ndarray
     pad: np.ndarray  # (top, left); bottom/right padding only shapes the output size
     dilation: np.ndarray
+    kw: int
     out_shape: Shape
     from_spikes: bool
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         x = ins[0]
-        out = _batch_zeros(x, x.shape[1], self.out_shape, _current_dtype(self.bound))
-        work = np.zeros(x.shape[0], dtype=np.int64)
-        if self.from_spikes:
-            acc = np.empty((*self.out_shape[1:], self.out_shape[0]), dtype=self.acc_dtype)
-            K.conv_spikes(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, acc, work)
-            stats.acs += int(work.sum())
+        out = np.empty((x.shape[0], x.shape[1], *self.out_shape), dtype=_current_dtype(self.bound))  # all written
+        if self.rows:
+            stats.acs += K.conv_spikes_rows(x, self.w_r, self.scale, self.stride, self.pad, self.dilation,
+                                            self.kw, out, self.acc)
+        elif self.from_spikes:
+            stats.acs += K.conv_spikes(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, self.acc)
         else:
-            K.conv_currents(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out, work)
-            stats.macs += int(work.sum())
+            stats.macs += K.conv_currents(x, self.w_r, self.scale, self.stride, self.pad, self.dilation, out)
         return out
 
 
@@ -248,16 +268,22 @@ def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
     # w_r[c, ky, kx, j] = w[(c // cg) * og + j, c % cg, ky, kx]
     w_r = w.reshape(g, og, cg, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cg, kh, kw, og)
     w_r, scale = _narrow_scaled(w_r)
+    from_spikes = ctx.in_kinds[0] == SPIKES
+    rows = from_spikes and g == 1 and op.stride[1] == 1 and op.dilation[1] == 1
+    if rows:
+        w_r = w_r[:, :, ::-1, :].reshape(cg, kh, kw * og)
     bound = ctx.in_bounds[0] * _max_abs_row_sum(w)
     return ConvStep(
-        w_r=w_r,
+        w_r=_aligned(w_r),
         scale=scale,
-        acc_dtype=_acc_dtype(bound, scale),
+        acc=np.empty(0, dtype=_acc_dtype(bound, scale)),
+        rows=rows,
         stride=np.array(op.stride, dtype=np.int64),
         pad=np.array(op.padding[:2], dtype=np.int64),
         dilation=np.array(op.dilation, dtype=np.int64),
+        kw=kw,
         out_shape=ctx.out_shape,
-        from_spikes=ctx.in_kinds[0] == SPIKES,
+        from_spikes=from_spikes,
         bound=bound,
     )
 
@@ -287,9 +313,12 @@ class AddStep:
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
-        out = np.zeros(np.broadcast_shapes(*(a.shape for a in ins)), dtype=_current_dtype(self.bound))
-        for a in ins:
-            out += a  # same-kind cast: the bound says the sum fits
+        if len(ins) == 1:
+            return ins[0]
+        out = np.empty(np.broadcast_shapes(*(a.shape for a in ins)), dtype=_current_dtype(self.bound))
+        np.add(ins[0], ins[1], out=out)  # same-kind casts: the bound says the sum fits
+        for a in ins[2:]:
+            np.add(out, a, out=out)
         return out
 
 
@@ -316,15 +345,16 @@ class NeuronStep:
     def fire(self, ins: list[np.ndarray], stats: NodeStats,
              counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The spike trains (batch, T, *shape) and their counts (batch, *shape) int64, written
-        into ``counts`` (C-contiguous zeros) if given."""
+        into ``counts`` (C-contiguous) if given; adds the spikes and the peak |v| to ``stats``."""
         cur = ins[0]
         b, tc = cur.shape[:2]
         n = self.threshold.size
-        out = np.empty((b, self.T, n), dtype=np.uint8)  # the kernel writes every step
-        counts = np.zeros((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
-        peak = np.zeros(b, dtype=np.int64)
-        K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts, peak)
-        stats.max_abs_v = max(stats.max_abs_v, int(peak.max(initial=0)))
+        out = np.empty((b, self.T, n), dtype=np.uint8)  # the kernel writes every step and count
+        counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
+        spikes, peak = K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts)
+        stats.spikes += spikes
+        if peak > stats.max_abs_v:
+            stats.max_abs_v = peak
         return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
 
 
@@ -351,14 +381,22 @@ class WindowStep:
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
-        s = ins[0]
         if self.is_max:
-            out = _batch_zeros(s, s.shape[1], self.out_shape, np.uint8)
-            K.spike_max_pool(s, self.kernel, self.stride, self.pad, out)
-        else:
-            out = _batch_zeros(s, s.shape[1], self.out_shape, _current_dtype(self.bound))
-            K.sum_pool(s, self.kernel, self.stride, self.pad, out)
+            return self.fire(ins, stats)[0]
+        s = ins[0]
+        out = _batch_zeros(s, s.shape[1], self.out_shape, _current_dtype(self.bound))
+        K.sum_pool(s, self.kernel, self.stride, self.pad, out)
         return out
+
+    def fire(self, ins: list[np.ndarray], stats: NodeStats,
+             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SpikeMaxPool: the spike trains and their counts (written into ``counts`` if given),
+        as :meth:`NeuronStep.fire`."""
+        s = ins[0]
+        out = np.empty((s.shape[0], s.shape[1], *self.out_shape), dtype=np.uint8)  # all written
+        counts = np.empty((s.shape[0], *self.out_shape), dtype=np.int64) if counts is None else counts
+        stats.spikes += K.spike_max_pool(s, self.kernel, self.stride, self.pad, out, counts)
+        return out, counts
 
 
 @_builds(SumPool)
@@ -381,6 +419,7 @@ class SpikeMatMulStep:
 
     weight: int
     out_shape: Shape
+    proto: np.ndarray  # empty array of the counts' and partial products' type
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
@@ -389,18 +428,20 @@ class SpikeMatMulStep:
         m, k = a.shape[-2:]
         n = b.shape[-1]
         lead = int(np.prod(a.shape[2:-2]))
-        out = np.zeros((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))
-        work = np.zeros(bsz, dtype=np.int64)
-        K.spike_matmul(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out, work)
-        stats.acs += int(work.sum())
+        out = np.empty((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))  # all written
+        stats.acs += K.spike_matmul(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out,
+                                    self.proto)
         return out.reshape(bsz, T, *self.out_shape)
 
 
 @_builds(SpikeMatMul)
 def _spike_matmul(op: SpikeMatMul, ctx: NodeContext) -> Step:
     # Per step: A(t) C_B(t) <= K * T and C_A(t-1) B(t) <= K * (T - 1).
+    # The partial products are bounded by K * T before ``weight`` multiplies their sum.
     k = ctx.in_shapes[0][-1]
-    return SpikeMatMulStep(op.weight, ctx.out_shape, abs(op.weight) * k * (2 * ctx.T - 1))
+    partial_bound = k * ctx.T
+    proto_dt = np.int16 if partial_bound <= np.iinfo(np.int16).max else _current_dtype(partial_bound)
+    return SpikeMatMulStep(op.weight, ctx.out_shape, np.empty(0, dtype=proto_dt), abs(op.weight) * k * (2 * ctx.T - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,18 +589,69 @@ def _fill_kernel_cache() -> None:
     net.add("n2", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["sum"])
     net.add("f", Reshape((9,)), ["n2"])
     net.add("d1", DenseSynapse(one((2, 9))), ["f"])
-    net.add("out", Readout(np.ones(2), np.zeros(2)), ["d1"])
+    net.add("c2", ConvSynapse(one((1, 1, 1, 1)), stride=(1, 2)), ["n1"])  # column stride 2: conv_spikes
+    net.add("n3", Neuron(one((1, 3, 2)), one((1, 3, 2)), one((1, 3, 2)) * 0, 0), ["c2"])
+    net.add("f3", Reshape((6,)), ["n3"])
+    net.add("d3", DenseSynapse(one((2, 6))), ["f3"])
+    net.add("sum2", Add(), ["d1", "d3"])
+    net.add("out", Readout(np.ones(2), np.zeros(2)), ["sum2"])
     NumbaBackend().run(net, np.ones((1, 1, 3, 3), dtype=np.float32))
 
 
 # -- backend ----------------------------------------------------------------------------
-@dataclass
-class _Collected:
-    """Per-chunk outputs of a run, concatenated at the end (spike counts are written
-    straight into the run's result arrays instead)."""
+_PLAIN, _ENCODE, _FIRES, _READOUT = range(4)  # roles of a node in the chunk loop
 
-    readout: list[np.ndarray] = field(default_factory=list)
-    trains: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+@dataclass(frozen=True, slots=True)
+class _Program:
+    """A verified network's plan laid out for the chunk loop: values are held in a list
+    indexed like ``nodes``; node ``i`` reads ``inputs[i]`` and, once it ran, drops the values
+    ``frees[i]`` (whose last consumer it is). ``role[i]``: _FIRES for Neuron and SpikeMaxPool
+    (spike trains and counts), _ENCODE, _READOUT or _PLAIN."""
+
+    nodes: list[PlannedNode]
+    inputs: list[tuple[int, ...]]
+    frees: list[tuple[int, ...]]
+    role: list[int]
+    shapes: list[Shape]
+    input_shape: Shape
+    readout: Readout
+
+
+def _program(net: Network) -> _Program:
+    nodes = plan(net)
+    index = {p.name: i for i, p in enumerate(nodes)}
+    inputs = [tuple(index[s] for s in p.inputs) for p in nodes]
+    last = {}
+    for i, ins in enumerate(inputs):
+        for j in ins:
+            last[j] = i
+    role = [_ENCODE if isinstance(p.op, Encode) else _FIRES if isinstance(p.op, (Neuron, SpikeMaxPool))
+            else _READOUT if isinstance(p.op, Readout) else _PLAIN for p in nodes]
+    return _Program(nodes, inputs, [tuple(j for j in ins if last[j] == i) for i, ins in enumerate(inputs)], role,
+                    [net.info(p.name).shape for p in nodes], net.input_shape, net.op(net.output_name))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads (kept between runs: no thread start-up per
+    batch), replaced when the number of numba threads changes."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers != workers:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="csdc-numba")
+    return _POOL
+
+
+@dataclass
+class _ChunkResult:
+    stats: list[NodeStats]
+    readout: np.ndarray
+    trains: dict[int, np.ndarray]
+    seconds: list[float] | None
 
 
 class NumbaBackend:
@@ -576,9 +668,10 @@ class NumbaBackend:
     def __init__(self, memory_budget: int = 512 * 2**20, profile: bool = False):
         self.memory_budget = int(memory_budget)
         self.node_seconds: dict[str, float] | None = {} if profile else None
-        # Plans per network, reused while the network's ops are the same objects (ops are
-        # frozen, so a changed node means a new op): repeated batches skip weight preparation.
-        self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, list[PlannedNode]]] = weakref.WeakKeyDictionary()
+        # Programs per network, reused (without verifying again) while the network has the
+        # same T, nodes, ops (frozen: a changed node means a new op object), tensor infos and
+        # edges: repeated batches skip verification and weight preparation.
+        self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, _Program]] = weakref.WeakKeyDictionary()
 
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         """Run the batch ``x`` (batch, *input_shape); see :class:`csdc.backends.base.Backend`.
@@ -586,72 +679,63 @@ class NumbaBackend:
         Spike trains (``keep_trains``) are returned as ``uint8`` 0/1 arrays (batch, T, *shape);
         counts and readout as ``int64``.
         """
-        net.verify()
+        prog = self._program(net)
         x = np.asarray(x)
-        if x.ndim < 1 or tuple(x.shape[1:]) != net.input_shape:
-            raise DataError(f"input batch has shape {x.shape}, the network expects (batch, {', '.join(map(str, net.input_shape))})")
+        if x.ndim < 1 or tuple(x.shape[1:]) != prog.input_shape:
+            raise DataError(f"input batch has shape {x.shape}, the network expects (batch, {', '.join(map(str, prog.input_shape))})")
         global _kernel_cache_checked
         _tune_malloc()
         fill_cache = False
         if not _kernel_cache_checked:
             _kernel_cache_checked = True
             fill_cache = not K.kernels_cached()
-        nodes = self._plan(net)
-        uses = {n.name: len(net.consumers(n.name)) for n in nodes}
+        nodes = prog.nodes
         n = x.shape[0]
         chunk = self._chunk_size(nodes, n)
         starts = list(range(0, max(n, 1), chunk))
         profile = self.node_seconds is not None
-        counts = {p.name: np.zeros((n, *net.info(p.name).shape), dtype=np.int64)
-                  for p in nodes if isinstance(p.op, (Neuron, SpikeMaxPool))}
+        fires = [i for i, r in enumerate(prog.role) if r == _FIRES]
+        counts = {i: np.empty((n, *prog.shapes[i]), dtype=np.int64) for i in fires}  # every count is written
 
-        def run_chunk(start: int) -> tuple[dict[str, NodeStats], _Collected, dict[str, float] | None]:
-            st = {p.name: NodeStats() for p in nodes}
-            col = _Collected()
-            secs: dict[str, float] | None = {} if profile else None
-            part = {k: v[start:start + chunk] for k, v in counts.items()}
-            self._run_chunk(nodes, uses, x[start:start + chunk], keep_trains, st, col, secs, part)
-            return st, col, secs
+        def run_chunk(start: int) -> _ChunkResult:
+            return self._run_chunk(prog, x[start:start + chunk], keep_trains, profile,
+                                   {i: c[start:start + chunk] for i, c in counts.items()})
 
         workers = min(numba.get_num_threads(), len(starts))
         if workers > 1:
             # Coarse-grained parallelism: whole chunks run through the network in threads
             # (the kernels release the GIL); a worker that finishes early takes the next chunk.
-            with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(run_chunk, starts))
+            parts = list(_pool(workers).map(run_chunk, starts))
         else:
             parts = [run_chunk(s) for s in starts]
-        stats = {p.name: NodeStats() for p in nodes}
-        collected = _Collected()
-        for st, col, secs in parts:  # in batch order
-            for name, v in st.items():
-                stats[name].merge(v)
-            collected.readout.extend(col.readout)
-            for k, v in col.trains.items():
-                collected.trains.setdefault(k, []).extend(v)
-            if secs is not None:
-                for k, v in secs.items():
-                    self.node_seconds[k] = self.node_seconds.get(k, 0.0) + v
-        for p in nodes:
-            if isinstance(p.op, (Neuron, SpikeMaxPool)):
-                stats[p.name].neurons = int(np.prod(net.info(p.name).shape))
-        readout = np.concatenate(collected.readout)
-        trains = {k: np.concatenate(v) for k, v in collected.trains.items()}
+        stats = [NodeStats() for _ in nodes]
+        for part in parts:  # in batch order
+            for total, st in zip(stats, part.stats):
+                total.merge(st)
+            if part.seconds is not None:
+                for p, sec in zip(nodes, part.seconds):
+                    self.node_seconds[p.name] = self.node_seconds.get(p.name, 0.0) + sec
+        for i in fires:
+            stats[i].neurons = int(np.prod(prog.shapes[i]))
+        readout = parts[0].readout if len(parts) == 1 else np.concatenate([p.readout for p in parts])
+        trains = {nodes[i].name: np.concatenate([p.trains[i] for p in parts]) for i in parts[0].trains}
         if fill_cache:
             _fill_kernel_cache()
         return RunResult(
             readout=readout,
-            logits=readout_logits(net.op(net.output_name), readout),
-            counts=counts,
+            logits=readout_logits(prog.readout, readout),
+            counts={nodes[i].name: c for i, c in counts.items()},
             trains=trains,
-            stats={k: v for k, v in stats.items() if isinstance(net.op(k), _REPORTED)},
+            stats={p.name: st for p, st in zip(nodes, stats) if isinstance(p.op, _REPORTED)},
         )
 
-    def _plan(self, net: Network) -> list[PlannedNode]:
-        key = (net.T, tuple(net.nodes()))  # ops compare by identity
+    def _program(self, net: Network) -> _Program:
+        key = (net.T, tuple((name, op, net.info(name)) for name, op in net.nodes()),  # ops compare by identity
+               tuple(net.graph.edges(data="port")))
         cached = self._plans.get(net)
         if cached is None or cached[0] != key:
-            cached = (key, plan(net))
+            net.verify()
+            cached = (key, _program(net))
             self._plans[net] = cached
         return cached[1]
 
@@ -667,33 +751,31 @@ class NumbaBackend:
         return min(by_memory, max(1, -(-batch // split)))
 
     @staticmethod
-    def _run_chunk(nodes: list[PlannedNode], uses: dict[str, int], x: np.ndarray, keep_trains: bool,
-                   stats: dict[str, NodeStats], collected: _Collected, seconds: dict[str, float] | None,
-                   counts: dict[str, np.ndarray]) -> None:
-        values: dict[str, np.ndarray] = {}
-        left = dict(uses)
-        for node in nodes:
-            ins = [x] if isinstance(node.op, Encode) else [values[s] for s in node.inputs]
-            call = partial(node.step.fire, counts=counts[node.name]) if isinstance(node.op, Neuron) else node.step
-            if seconds is None:
-                out = call(ins, stats[node.name])
-            else:
-                t0 = time.perf_counter()
-                out = call(ins, stats[node.name])
-                seconds[node.name] = seconds.get(node.name, 0.0) + time.perf_counter() - t0
-            for s in node.inputs:
-                left[s] -= 1
-                if left[s] == 0:
-                    del values[s]  # free tensors as soon as their last consumer ran
-            if isinstance(node.op, Readout):
-                collected.readout.append(out)
-                continue
-            if isinstance(node.op, Neuron):
-                out, cnt = out
-            elif isinstance(node.op, SpikeMaxPool):
-                cnt = np.sum(out, axis=1, dtype=np.int64, out=counts[node.name])
-            values[node.name] = out
-            if isinstance(node.op, (Neuron, SpikeMaxPool)):
-                stats[node.name].spikes += int(cnt.sum())
+    def _run_chunk(prog: _Program, x: np.ndarray, keep_trains: bool, profile: bool,
+                   counts: dict[int, np.ndarray]) -> _ChunkResult:
+        """Run one chunk of samples through every node; spike counts go straight into
+        ``counts`` (node index -> this chunk's rows of the run's result array)."""
+        values: list[np.ndarray | None] = [None] * len(prog.nodes)
+        stats = [NodeStats() for _ in prog.nodes]
+        seconds = [0.0] * len(prog.nodes) if profile else None
+        trains: dict[int, np.ndarray] = {}
+        readout = None
+        clock = time.perf_counter
+        for i, (node, ins_i, frees, role) in enumerate(zip(prog.nodes, prog.inputs, prog.frees, prog.role)):
+            ins = [x] if role == _ENCODE else [values[j] for j in ins_i]
+            t0 = clock() if profile else 0.0
+            if role == _FIRES:
+                out, _ = node.step.fire(ins, stats[i], counts[i])
                 if keep_trains:
-                    collected.trains.setdefault(node.name, []).append(out)
+                    trains[i] = out
+            else:
+                out = node.step(ins, stats[i])
+            if profile:
+                seconds[i] = clock() - t0
+            for j in frees:
+                values[j] = None  # free tensors as soon as their last consumer ran
+            if role == _READOUT:
+                readout = out
+            else:
+                values[i] = out
+        return _ChunkResult(stats, readout, trains, seconds)

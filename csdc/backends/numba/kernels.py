@@ -73,24 +73,25 @@ def _add_rows(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray, k: int) -> Non
 
 
 @njit(nogil=True, cache=True)
-def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acc: np.ndarray, acs: np.ndarray) -> None:
+def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, proto: np.ndarray) -> int:
     """Dense synapses driven by spikes: ``out[b, m, :] = scale * sum_{i: s[b, m, i] = 1} w[i, :]``.
 
     ``s`` (B, M, n_in) uint8; ``w`` (n_in, n_out), row ``i`` = the fan-out of input ``i``
     (stored transposed so that a spike adds one contiguous row), divided by ``scale`` (the
     largest power of two dividing every weight, so that ``w`` fits a narrower type);
-    ``out`` (B, M, n_out); ``acs[b]`` = spikes of sample ``b`` times ``n_out``.
+    ``out`` (B, M, n_out), every element written. Returns the ACs: spikes times ``n_out``.
     The spikes of a row are gathered first (branch-free) and added eight, then four at a
-    time into ``acc`` (n_out,), so the accumulator is loaded and stored once per eight
-    spikes; ``acc`` is int16 when the caller bounded every row's sum of |w| below 2^15
-    (twice the lanes of int32; integer adds wrap, so only the final sum needs to fit), and
-    is written to ``out`` times ``scale`` once per row.
+    time into an accumulator row, so the accumulator is loaded and stored once per eight
+    spikes; its type is ``proto``'s, int16 when the caller bounded every row's sum of |w|
+    below 2^15 (twice the lanes of int32; integer adds wrap, so only the final sum needs to
+    fit), and it is written to ``out`` times ``scale`` once per row.
     """
     B, M, n_in = s.shape
     n_out = w.shape[1]
+    acc = np.empty(n_out, dtype=proto.dtype)
     idx = np.empty(n_in + 1, dtype=np.int64)
+    n_ac = 0
     for b in range(B):
-        n_ac = 0
         for m in range(M):
             row = out[b, m]
             k = _gather_spikes(s[b, m], idx)
@@ -115,20 +116,20 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, acc:
                 j += 1
             for o in range(n_out):
                 row[o] = acc[o] * scale
-        acs[b] = n_ac
+    return n_ac
 
 
 @njit(nogil=True, cache=True)
-def dense_currents(x: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, macs: np.ndarray) -> None:
+def dense_currents(x: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray) -> int:
     """Dense synapses driven by integer currents: ``out[b, m, :] = scale * sum_i x[b, m, i] * w[i, :]``.
 
-    Same layout as :func:`dense_spikes`; zero inputs are skipped, so
-    ``macs[b]`` = nonzero inputs of sample ``b`` times ``n_out``.
+    Same layout as :func:`dense_spikes`; ``out`` zeros. Zero inputs are skipped; returns
+    the MACs: nonzero inputs times ``n_out``.
     """
     B, M, n_in = x.shape
     n_out = w.shape[1]
+    n_mac = 0
     for b in range(B):
-        n_mac = 0
         for m in range(M):
             row = out[b, m]
             for i in range(n_in):
@@ -141,25 +142,41 @@ def dense_currents(x: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, ma
             if scale != 1:
                 for o in range(n_out):
                     row[o] *= scale
-        macs[b] = n_mac
+    return n_mac
+
+
+@njit(inline="always")
+def _conv_reach(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``reach[y, x]``: the kernel taps through which input pixel (y, x) reaches an output."""
+    H, kh = rows.shape
+    W, kw = cols.shape
+    reach = np.zeros((H, W), dtype=np.int64)
+    for y in range(H):
+        for ky in range(kh):
+            if rows[y, ky] >= 0:
+                for x in range(W):
+                    for kx in range(kw):
+                        reach[y, x] += cols[x, kx] >= 0
+    return reach
 
 
 @njit(nogil=True, cache=True)
 def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
-                out: np.ndarray, acc: np.ndarray, acs: np.ndarray) -> None:
+                out: np.ndarray, proto: np.ndarray) -> int:
     """Grouped 2-D cross-correlation driven by spikes, by scattering each spike's kernel.
 
     ``s`` (B, M, C, H, W) uint8; ``w`` (C, kh, kw, og) with ``w[c, ky, kx, j]`` the weight
     from input channel ``c`` to output channel ``(c // cg) * og + j`` (``cg`` = C / groups),
     divided by ``scale`` (a power of two dividing every weight);
-    ``stride`` (sh, sw), ``pad`` (top, left), ``dilation`` (dh, dw); ``out`` (B, M, O, OH, OW)
-    zeros. Input row ``y`` reaches output row ``oy`` through kernel row ``ky`` when
-    ``oy * sh - top + ky * dh == y`` with ``0 <= oy < OH`` (likewise for columns), so
-    ``acs[b]`` counts only the targets a spike actually reaches (border-aware).
+    ``stride`` (sh, sw), ``pad`` (top, left), ``dilation`` (dh, dw); ``out`` (B, M, O, OH, OW),
+    every element written. Input row ``y`` reaches output row ``oy`` through kernel row ``ky``
+    when ``oy * sh - top + ky * dh == y`` with ``0 <= oy < OH`` (likewise for columns); the
+    returned ACs count only the targets a spike actually reaches (border-aware).
     The spiking channels of one pixel and group are gathered first and their kernels added
     four at a time to each reached output pixel (one load / store of the target per four),
-    accumulated channels-last in ``acc`` (OH, OW, O) (int16 when the caller bounded the sums,
-    see :func:`dense_spikes`) and written to ``out`` times ``scale`` once per step.
+    accumulated channels-last in (OH, OW, O) of ``proto``'s type (int16 when the caller
+    bounded the sums, see :func:`dense_spikes`) and written to ``out`` times ``scale`` once
+    per step.
     """
     B, M, C, H, W = s.shape
     _, kh, kw, og = w.shape
@@ -168,21 +185,17 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
     cg = C // G
     rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
+    reach = _conv_reach(rows, cols)
     # Accumulate channels-last so that one (ky, kx) tap adds og contiguous weights.
+    acc = np.empty((OH, OW, O), dtype=proto.dtype)
     idx = np.empty(cg + 1, dtype=np.int64)
+    n_ac = 0
     for b in range(B):
-        n_ac = 0
         for m in range(M):
             acc[:] = 0
             sbm = s[b, m]
             for y in range(H):
                 for x in range(W):
-                    reach = 0
-                    for ky in range(kh):
-                        if rows[y, ky] >= 0:
-                            for kx in range(kw):
-                                if cols[x, kx] >= 0:
-                                    reach += 1
                     for g in range(G):
                         o0 = g * og
                         k = 0
@@ -191,7 +204,7 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
                             k += sbm[c, y, x] != 0
                         if k == 0:
                             continue
-                        n_ac += k * reach * og
+                        n_ac += k * reach[y, x] * og
                         for ky in range(kh):
                             oy = rows[y, ky]
                             if oy < 0:
@@ -217,15 +230,91 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
                 for oy in range(OH):
                     for ox in range(OW):
                         out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
-        acs[b] = n_ac
+    return n_ac
+
+
+@njit(nogil=True, cache=True)
+def conv_spikes_rows(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray,
+                     dilation: np.ndarray, kw: int, out: np.ndarray, proto: np.ndarray) -> int:
+    """:func:`conv_spikes` for one group (``groups == 1``) with column stride and dilation 1,
+    adding a whole kernel row per spike: the outputs that input column ``x`` reaches are the
+    contiguous columns ``x + left - kx`` (``kx = kw-1 .. 0``), so with channels-last
+    accumulators (OH, OW x O) and ``w`` (C, kh, kw x O) holding each kernel row with its taps
+    reversed (``w[c, ky, (kw-1-kx) * O + o]`` = the weight of tap (ky, kx) to output ``o``),
+    one spike adds up to ``kw x O`` contiguous weights per kernel row (clipped at the
+    borders) instead of ``kw`` separate runs of ``O``. ``proto``: an empty array of the
+    accumulator type; same arguments, results and ACs as :func:`conv_spikes` otherwise.
+    """
+    B, M, C, H, W = s.shape
+    O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
+    kh = w.shape[1]
+    rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
+    cols = _taps(W, OW, kw, 1, pad[1], 1)
+    reach = _conv_reach(rows, cols)
+    left = pad[1]
+    lo_x = np.empty(W, dtype=np.int64)  # first reached accumulator element of input column x
+    len_x = np.empty(W, dtype=np.int64)  # reached elements (O per reached column)
+    off_x = np.empty(W, dtype=np.int64)  # offset of the first reached tap in a kernel row
+    for x in range(W):
+        first = x + left - (kw - 1)  # output column of the last tap
+        lo = max(first, 0)
+        hi = min(x + left + 1, OW)
+        lo_x[x] = lo * O
+        len_x[x] = max(hi - lo, 0) * O
+        off_x[x] = (lo - first) * O
+    acc = np.empty((OH, OW * O), dtype=proto.dtype)
+    idx = np.empty(C + 1, dtype=np.int64)
+    n_ac = 0
+    for b in range(B):
+        for m in range(M):
+            acc[:] = 0
+            sbm = s[b, m]
+            for y in range(H):
+                for x in range(W):
+                    L = len_x[x]
+                    if L == 0:
+                        continue
+                    k = 0
+                    for c in range(C):
+                        idx[k] = c
+                        k += sbm[c, y, x] != 0
+                    if k == 0:
+                        continue
+                    n_ac += k * reach[y, x] * O
+                    t0 = lo_x[x]
+                    w_0 = off_x[x]
+                    for ky in range(kh):
+                        oy = rows[y, ky]
+                        if oy < 0:
+                            continue
+                        tgt = acc[oy, t0:t0 + L]  # a view: plain jj indexing vectorizes
+                        j = 0
+                        while j + 4 <= k:
+                            w0 = w[idx[j], ky, w_0:w_0 + L]
+                            w1 = w[idx[j + 1], ky, w_0:w_0 + L]
+                            w2 = w[idx[j + 2], ky, w_0:w_0 + L]
+                            w3 = w[idx[j + 3], ky, w_0:w_0 + L]
+                            for jj in range(L):
+                                tgt[jj] += (w0[jj] + w1[jj]) + (w2[jj] + w3[jj])
+                            j += 4
+                        while j < k:
+                            wk = w[idx[j], ky, w_0:w_0 + L]
+                            for jj in range(L):
+                                tgt[jj] += wk[jj]
+                            j += 1
+            for o in range(O):
+                for oy in range(OH):
+                    for ox in range(OW):
+                        out[b, m, o, oy, ox] = acc[oy, ox * O + o] * scale
+    return n_ac
 
 
 @njit(nogil=True, cache=True)
 def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray,
-                  dilation: np.ndarray, out: np.ndarray, macs: np.ndarray) -> None:
+                  dilation: np.ndarray, out: np.ndarray) -> int:
     """Grouped 2-D cross-correlation driven by integer currents (see :func:`conv_spikes`):
-    each nonzero input ``q`` scatters ``q`` times its kernel; ``macs[b]`` counts the
-    (input, reached target) pairs of nonzero inputs."""
+    each nonzero input ``q`` scatters ``q`` times its kernel; ``out`` every element written.
+    Returns the MACs: the (input, reached target) pairs of nonzero inputs."""
     B, M, C, H, W = x.shape
     _, kh, kw, og = w.shape
     O, OH, OW = out.shape[2], out.shape[3], out.shape[4]
@@ -233,8 +322,8 @@ def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, 
     rows = _taps(H, OH, kh, stride[0], pad[0], dilation[0])
     cols = _taps(W, OW, kw, stride[1], pad[1], dilation[1])
     acc = np.zeros((OH, OW, O), dtype=out.dtype)
+    n_mac = 0
     for b in range(B):
-        n_mac = 0
         for m in range(M):
             acc[:] = 0
             for c in range(C):
@@ -261,7 +350,7 @@ def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, 
                 for oy in range(OH):
                     for ox in range(OW):
                         out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
-        macs[b] = n_mac
+    return n_mac
 
 
 @njit(nogil=True, cache=True)
@@ -294,64 +383,102 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
 
 
 @njit(nogil=True, cache=True)
-def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
+def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray,
+                   counts: np.ndarray) -> int:
     """Max pooling by temporal decomposition: ``y(t) = max_win C(t) - max_win C(t-1)``.
 
-    ``s`` (B, T, C, H, W) uint8 spikes with running counts ``C``; ``out`` (B, T, C, OH, OW)
-    zeros; windows are placed as in :func:`sum_pool`.
-    Event-driven: a running count grows by at most 1 per step, so ``max_win C(t)`` exceeds
-    the window's previous maximum only when a spiking input's new count does; the first
-    such input in a step raises the maximum and emits the (single) output spike. Padding
-    has count 0 and never exceeds a maximum that starts at 0.
+    ``s`` (B, T, C, H, W) uint8 spikes with running counts ``C``; ``out`` (B, T, C, OH, OW),
+    every element written; ``counts`` (B, C, OH, OW) receives the output spike counts
+    (``max_win C(T)``); returns their sum. Window ``(oy, ox)`` covers input rows
+    ``oy * sh - top .. + kh - 1`` and columns ``ox * sw - left .. + kw - 1``; padding has
+    count 0 and never exceeds a maximum, which starts at 0.
+    Per step the running counts are updated (kept in a zero-bordered array, so that every
+    window reads ``kh x kw`` entries without bound checks) and every window's maximum is
+    compared with the previous step's: a running count grows by at most 1 per step, so the
+    difference is the (single) output spike. Branch-free; 2 x 2 windows are unrolled.
     """
     B, T, C, H, W = s.shape
     OH, OW = out.shape[3], out.shape[4]
     kh, kw = kernel[0], kernel[1]
-    rows = _taps(H, OH, kh, stride[0], pad[0], 1)
-    cols = _taps(W, OW, kw, stride[1], pad[1], 1)
+    sh, sw = stride[0], stride[1]
+    top, left = pad[0], pad[1]
+    Hp = max(H + top, (OH - 1) * sh + kh)
+    Wp = max(W + left, (OW - 1) * sw + kw)
+    running = np.zeros((C, Hp, Wp), dtype=np.int32)  # input (y, x) at (y + top, x + left)
+    prev = np.zeros((C, OH, OW), dtype=np.int32)
+    total = 0
     for b in range(B):
-        running = np.zeros((C, H, W), dtype=np.int64)
-        win_max = np.zeros((C, OH, OW), dtype=np.int64)
+        running[:] = 0
+        prev[:] = 0
         for t in range(T):
+            st = s[b, t]
+            ot = out[b, t]
             for c in range(C):
+                rc = running[c]
+                sc = st[c]
                 for y in range(H):
+                    dst = rc[y + top, left:left + W]
+                    src = sc[y]
                     for x in range(W):
-                        if not s[b, t, c, y, x]:
-                            continue
-                        running[c, y, x] += 1
-                        r = running[c, y, x]
-                        for ky in range(kh):
-                            oy = rows[y, ky]
-                            if oy < 0:
-                                continue
-                            for kx in range(kw):
-                                ox = cols[x, kx]
-                                if ox >= 0 and r > win_max[c, oy, ox]:
-                                    win_max[c, oy, ox] = r
-                                    out[b, t, c, oy, ox] = 1
+                        dst[x] += src[x]
+                pc = prev[c]
+                oc = ot[c]
+                if kh == 2 and kw == 2:
+                    for oy in range(OH):
+                        r0 = rc[oy * sh]
+                        r1 = rc[oy * sh + 1]
+                        po = pc[oy]
+                        oo = oc[oy]
+                        for ox in range(OW):
+                            x0 = ox * sw
+                            mx = max(max(r0[x0], r0[x0 + 1]), max(r1[x0], r1[x0 + 1]))
+                            oo[ox] = mx > po[ox]
+                            po[ox] = mx
+                else:
+                    for oy in range(OH):
+                        po = pc[oy]
+                        oo = oc[oy]
+                        for ox in range(OW):
+                            mx = np.int32(0)
+                            for ky in range(kh):
+                                r = rc[oy * sh + ky]
+                                for kx in range(kw):
+                                    mx = max(mx, r[ox * sw + kx])
+                            oo[ox] = mx > po[ox]
+                            po[ox] = mx
+        cb = counts[b]
+        for c in range(C):
+            for oy in range(OH):
+                for ox in range(OW):
+                    cb[c, oy, ox] = prev[c, oy, ox]
+                    total += prev[c, oy, ox]
+    return total
 
 
 @njit(nogil=True, cache=True)
-def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, acs: np.ndarray) -> None:
+def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, proto: np.ndarray) -> int:
     """Product of two spike tensors by temporal decomposition (SPEC 2.4):
     ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running counts ``C``.
 
     ``a`` (B, T, L, M, K) and ``bm`` (B, T, L, K, N) uint8 spikes (L = product of the
-    leading axes); ``out`` (B, T, L, M, N) zeros. Event-driven: a spike ``B(t)[k, n]`` adds
-    the previous counts ``C_A(t-1)[:, k]`` to column ``n`` (M targets), a spike ``A(t)[m, k]``
-    adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); ``acs[b]`` counts the targets.
-    Counts are int32 (at most T); the spikes of a row (column) are gathered and their count
-    vectors added four at a time; the column sums go to a transposed buffer (contiguous
-    adds) that is added to ``out`` once per step, and ``weight`` multiplies each output once.
+    leading axes); ``out`` (B, T, L, M, N), every element written. Event-driven: a spike
+    ``B(t)[k, n]`` adds the previous counts ``C_A(t-1)[:, k]`` to column ``n`` (M targets), a
+    spike ``A(t)[m, k]`` adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); returns the
+    ACs (the targets). Counts and the two partial products are kept in ``proto.dtype``
+    (int16 when the caller checked ``K * T < 2^15``: then every partial sum fits, and twice
+    the lanes of int32); the spikes of a row (column) are gathered and their count vectors
+    added four at a time; the column sums go to a transposed buffer (contiguous adds), and
+    ``weight`` multiplies each output once.
     """
     B, T, L, M, K = a.shape
     N = bm.shape[4]
-    count_a = np.zeros((K, M), dtype=np.int32)  # C_A, transposed: column k of C_A is contiguous
-    count_b = np.zeros((K, N), dtype=np.int32)  # C_B
-    col = np.zeros((N, M), dtype=out.dtype)  # C_A(t-1) B(t), transposed
+    count_a = np.zeros((K, M), dtype=proto.dtype)  # C_A, transposed: column k of C_A is contiguous
+    count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
+    col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
+    rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
     idx = np.empty(K + 1, dtype=np.int64)
+    n_ac = 0
     for b in range(B):
-        n_ac = 0
         for l in range(L):
             count_a[:] = 0
             count_b[:] = 0
@@ -360,7 +487,7 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                 bt = bm[b, t, l]
                 at = a[b, t, l]
                 # B(t) spikes of column n add the counts C_A(t-1)[:, k] (count_a not yet
-                # updated), gathered and added four at a time; then C_B includes step t.
+                # updated); then C_B includes step t.
                 nb = 0
                 for n in range(N):
                     cn = col[n]
@@ -373,51 +500,48 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, ac
                     btk = bt[kk]
                     for n in range(N):
                         cbk[n] += btk[n]
-                n_ac += nb * M
                 # A(t) spikes of row m add the counts C_B(t)[k, :].
                 na = 0
                 for m in range(M):
+                    rm = rowp[m]
+                    rm[:] = 0
                     k = _gather_spikes(at[m], idx)
                     na += k
-                    _add_rows(o[m], count_b, idx, k)
+                    _add_rows(rm, count_b, idx, k)
                     for j in range(k):
                         count_a[idx[j], m] += 1
-                n_ac += na * N
-                if nb:
-                    for m in range(M):
-                        row = o[m]
-                        for n in range(N):
-                            row[n] += col[n, m]
-                if weight != 1:
-                    for m in range(M):
-                        row = o[m]
-                        for n in range(N):
-                            row[n] *= weight
-        acs[b] = n_ac
+                n_ac += nb * M + na * N
+                for m in range(M):
+                    om = o[m]
+                    rm = rowp[m]
+                    for n in range(N):
+                        om[n] = weight * (np.int64(rm[n]) + np.int64(col[n, m]))
+    return n_ac
 
 
 @njit(nogil=True, cache=True)
 def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
-                out: np.ndarray, counts: np.ndarray, max_abs_v: np.ndarray) -> None:
+                out: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
 
     ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
     ``bias`` (N,) int32 or int64, the type of the membrane potential (int32 when the caller
-    has bounded |v| below 2^31: twice the lanes per vector instruction); ``out`` (B, T, N) uint8 (every step is written); ``counts`` (B, N) int64 zeros receives
-    the spike counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
-    ``v += I(u) + bias``; if u > delay and ``v >= threshold``, spike at output step u - delay
-    and ``v -= threshold``. Steps in (T, delay] do nothing and are skipped. ``max_abs_v[b]``
-    receives the largest |v| that sample ``b`` reached (over v0 and every integrated value; a
-    reset only moves v towards 0, so it cannot set a new maximum).
+    has bounded |v| below 2^31: twice the lanes per vector instruction); ``out`` (B, T, N)
+    uint8 and ``counts`` (B, N) int64, every element written. Per neuron: ``v = v0``; for u
+    in 1..T+delay: if u <= T, ``v += I(u) + bias``; if u > delay and ``v >= threshold``,
+    spike at output step u - delay and ``v -= threshold``. Steps in (T, delay] do nothing
+    and are skipped. Returns (spikes, the largest |v| reached over v0 and every integrated
+    value; a reset only moves v towards 0, so it cannot set a new maximum). The counts are
+    summed from the trains afterwards, so the update loop writes only ``v`` and ``out``.
     """
     B, Tc, N = cur.shape
     T = out.shape[1]
     vt = threshold.dtype.type
     v = np.empty(N, dtype=threshold.dtype)
+    peak = vt(0)
+    total = 0
     for b in range(B):
         v[:] = v0
-        cnt = counts[b]
-        peak = vt(0)
         for n in range(N):
             peak = max(peak, abs(v[n]))
         for u in range(1, T + 1):
@@ -430,7 +554,6 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
                     peak = max(peak, abs(vn))
                     f = vn >= threshold[n]
                     row[n] = f
-                    cnt[n] += f
                     v[n] = vn - f * threshold[n]
             else:
                 for n in range(N):
@@ -443,13 +566,20 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
             for n in range(N):
                 f = v[n] >= threshold[n]
                 row[n] = f
-                cnt[n] += f
                 v[n] -= f * threshold[n]
-        max_abs_v[b] = peak
+        cnt = counts[b]
+        cnt[:] = 0
+        for t in range(T):
+            row = out[b, t]
+            for n in range(N):
+                cnt[n] += row[n]
+        for n in range(N):
+            total += cnt[n]
+    return total, np.int64(peak)
 
 
 KERNELS: tuple[Dispatcher, ...] = (
-    dense_spikes, dense_currents, conv_spikes, conv_currents, sum_pool, spike_max_pool, spike_matmul, dif_neurons,
+    dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool, spike_matmul, dif_neurons,
 )
 
 
