@@ -10,7 +10,10 @@ on ``sys.path``, see ``tests/backends/test_numba.py``):
   one of them possibly the constant encoded input), ``SpikeMaxPool``, ``SumPool`` (whose
   current may feed a synapse or be reshaped), attention-like ``SpikeMatMul`` products
   (``S S^T``, then ``A S``), ``Reshape`` / ``Transpose`` routing ->
-  ``DenseSynapse`` (optionally plus a skip from an earlier layer) -> ``Readout``.
+  ``DenseSynapse`` (optionally plus a skip from an earlier layer), or a dense synapse per
+  position summed by ``ReduceSum`` -> ``Readout``. Synapse weights are int8 mantissas with
+  exponents 0..2; neuron parameters and diagonal weights are sometimes per channel, given as
+  broadcast views.
   Neurons get thresholds >= 1, random ``v0`` and biases (negative too) and delays in
   ``0..T+2`` (``exact=True``: ``T..T+2``, where the count-domain reference is exact).
   ``T`` is in ``1..max_T``; tensors have at most a few hundred elements.
@@ -32,6 +35,7 @@ from csdc.ir import (
     Network,
     Neuron,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -59,15 +63,27 @@ class _Builder:
         return self.net.info(name).shape
 
     def weights(self, shape: tuple[int, ...]) -> np.ndarray:
-        return self.rng.integers(-2, 4, size=shape)
+        return self.rng.integers(-2, 4, size=shape).astype(np.int8)
+
+    def exponent(self) -> int:
+        return self.draw(st.sampled_from([0, 0, 1, 2]))
+
+    def per_channel(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of per-channel values (channels of an image, features of tokens), or ``shape``."""
+        if len(shape) < 2 or not self.draw(st.booleans()):
+            return shape
+        return (shape[0], 1, 1) if len(shape) == 3 else (1,) * (len(shape) - 1) + (shape[-1],)
 
     def neuron(self, cur: str, scale: int = 1) -> str:
-        """Neurons on ``cur``; ``scale`` raises thresholds for inputs with a large fan-in."""
+        """Neurons on ``cur``; ``scale`` raises thresholds for inputs with a large fan-in. Per-channel
+        parameters are broadcast views, as the compiler makes them."""
         shape = self.shape(cur)
-        threshold = self.rng.integers(1, 7, size=shape) * scale
+        small = self.per_channel(shape)
+        threshold = self.rng.integers(1, 7, size=small) * scale
         v0 = self.rng.integers(-2, threshold + 1)
-        bias = self.rng.integers(-2, 3, size=shape)
-        return self.add(Neuron(threshold, v0, bias, self.draw(self.delays)), [cur])
+        bias = self.rng.integers(-2, 3, size=small)
+        full = [np.broadcast_to(a, shape) for a in (threshold, v0, bias)]
+        return self.add(Neuron(*full, self.draw(self.delays)), [cur])
 
     def conv(self, x: str, same: bool = False) -> str:
         """A ConvSynapse; ``same``: output shape equal to the input's (for residual adds)."""
@@ -76,7 +92,7 @@ class _Builder:
             k = self.draw(st.sampled_from([(1, (0, 0, 0, 0)), (2, (0, 0, 1, 1)), (2, (1, 1, 0, 0)), (3, (1, 1, 1, 1))]))
             groups = self.draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
             weight = self.weights((c, c // groups, k[0], k[0]))
-            return self.add(ConvSynapse(weight, 1, k[1], 1, groups), [x])
+            return self.add(ConvSynapse(weight, 1, k[1], 1, groups, self.exponent()), [x])
         pad = tuple(self.draw(st.integers(0, 2)) for _ in range(4))
         dil = (self.draw(st.integers(1, 2)), self.draw(st.integers(1, 2)))
         kmax = ((h + pad[0] + pad[2] - 1) // dil[0] + 1, (w + pad[1] + pad[3] - 1) // dil[1] + 1)
@@ -85,14 +101,15 @@ class _Builder:
         groups = self.draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
         per_group = self.draw(st.integers(1, 3))
         weight = self.weights((groups * per_group, c // groups, *kernel))
-        return self.add(ConvSynapse(weight, stride, pad, dil, groups), [x])
+        return self.add(ConvSynapse(weight, stride, pad, dil, groups, self.exponent()), [x])
 
     def dense(self, x: str, n_out: int | None = None) -> str:
         n_out = self.draw(st.integers(1, 6)) if n_out is None else n_out
-        return self.add(DenseSynapse(self.weights((n_out, self.shape(x)[-1]))), [x])
+        return self.add(DenseSynapse(self.weights((n_out, self.shape(x)[-1])), self.exponent()), [x])
 
     def diagonal(self, x: str) -> str:
-        return self.add(DiagonalSynapse(self.weights(self.shape(x))), [x])
+        shape = self.shape(x)
+        return self.add(DiagonalSynapse(np.broadcast_to(self.weights(self.per_channel(shape)), shape), self.exponent()), [x])
 
     def window(self, x: str, op_type: type) -> str:
         _, h, w = self.shape(x)
@@ -191,9 +208,12 @@ def networks(draw: st.DrawFn, exact: bool = False, max_T: int = 6) -> Network:
             s = b.routing(s)
 
     classes = draw(st.integers(1, 4))
-    if len(b.shape(s)) > 1:
-        s = b.add(Reshape((int(np.prod(b.shape(s))),)), [s])
-    out = b.dense(s, classes)
+    if len(b.shape(s)) > 1 and draw(st.booleans()):  # one dense synapse per position, summed over positions
+        out = b.add(ReduceSum(tuple(range(len(b.shape(s)) - 1))), [b.dense(s, classes)])
+    else:
+        if len(b.shape(s)) > 1:
+            s = b.add(Reshape((int(np.prod(b.shape(s))),)), [s])
+        out = b.dense(s, classes)
     if first_spikes != s and draw(st.booleans()):  # skip connection from the first layer
         skip = first_spikes
         if len(b.shape(skip)) > 1:

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from csdc.compiler import broadcast
 from csdc.errors import BudgetError
-from csdc.ir import semantics
 from csdc.ir.graph import Network
-from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
+from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact)
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,15 @@ def signed_bits(lo: int, hi: int) -> int:
     return max(hi.bit_length(), (-lo - 1).bit_length() if lo < 0 else 0) + 1
 
 
-def weight_mantissa_exponent(w: np.ndarray) -> tuple[int, int]:
-    """(signed mantissa bits, shared exponent) of an integer weight array."""
-    nz = np.abs(w[w != 0]).astype(np.int64)
-    if nz.size == 0:
+def weight_mantissa_exponent(op: DenseSynapse | ConvSynapse | DiagonalSynapse) -> tuple[int, int]:
+    """(signed mantissa bits, shared exponent) of a synapse's weights ``mantissa * 2**exponent``, with
+    any power of two common to the mantissas moved into the exponent."""
+    m = compact(op.mantissa)
+    bits = int(np.bitwise_or.reduce(m, axis=None)) if m.size else 0
+    if bits == 0:
         return 1, 0
-    e = 0
-    while np.all(nz % (2 ** (e + 1)) == 0):
-        e += 1
-    m = w // (2 ** e)
-    return signed_bits(int(m.min()), int(m.max())), e
+    e = (bits & -bits).bit_length() - 1  # two's complement keeps the trailing zeros of negatives
+    return signed_bits(int(m.min()) >> e, int(m.max()) >> e), op.exponent + e
 
 
 @dataclass
@@ -75,38 +74,84 @@ class BitReport:
         return asdict(self)
 
 
-def _pos_neg(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.maximum(w, 0), np.minimum(w, 0)
+def _exact_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` of integer arrays, through float64 BLAS when every partial sum stays exact (< 2^53)."""
+    reach = float(np.abs(x).max(initial=0)) * float(np.abs(w).max(initial=0)) * max(x.shape[-1], 1)
+    if reach < 2.0 ** 52:
+        return np.rint(x.astype(np.float64) @ w.astype(np.float64)).astype(np.int64)
+    return x.astype(np.int64) @ w.astype(np.int64)
+
+
+def _synapse_bounds(op, lo: np.ndarray, hi: np.ndarray, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step output bounds of a synapse from its input bounds (broadcast arrays), in O(parameters)
+    time and with temporaries no larger than the (narrow) weights."""
+    m = compact(op.mantissa)
+    wp, wn = np.maximum(m, 0), np.minimum(m, 0)  # same dtype as the mantissa: no overflow, no widening
+    if isinstance(op, DiagonalSynapse):
+        wp, wn = wp.astype(np.int64), wn.astype(np.int64)
+        out = (wp * lo + wn * hi, wp * hi + wn * lo)
+    elif isinstance(op, DenseSynapse):
+        if lo.shape[-1] == 1 and hi.shape[-1] == 1:  # the same bounds for every input feature (spikes, pixels)
+            sp, sn = wp.sum(axis=1, dtype=np.int64), wn.sum(axis=1, dtype=np.int64)
+            out = (lo * sp + hi * sn, hi * sp + lo * sn)
+        else:
+            k = in_shape[-1]
+            lo_b = np.broadcast_to(lo, lo.shape[:-1] + (k,))
+            hi_b = np.broadcast_to(hi, hi.shape[:-1] + (k,))
+            out = (_exact_product(lo_b, wp.T) + _exact_product(hi_b, wn.T),
+                   _exact_product(hi_b, wp.T) + _exact_product(lo_b, wn.T))
+    else:
+        # one bound per input channel (the extremes over positions); zero padding reads 0
+        lo_c = np.broadcast_to(lo.min(axis=(1, 2)), (in_shape[0],)).astype(np.int64)
+        hi_c = np.broadcast_to(hi.max(axis=(1, 2)), (in_shape[0],)).astype(np.int64)
+        if any(op.padding):
+            lo_c, hi_c = np.minimum(lo_c, 0), np.maximum(hi_c, 0)
+        o, cg = m.shape[:2]
+        og = o // op.groups
+        # (groups, og, cg): every tap of a channel at that channel's extreme
+        sp = wp.sum(axis=(2, 3), dtype=np.int64).reshape(op.groups, og, cg)
+        sn = wn.sum(axis=(2, 3), dtype=np.int64).reshape(op.groups, og, cg)
+        group_lo, group_hi = lo_c.reshape(op.groups, 1, cg), hi_c.reshape(op.groups, 1, cg)
+        out = ((sp * group_lo + sn * group_hi).sum(axis=-1).reshape(o, 1, 1),
+               (sp * group_hi + sn * group_lo).sum(axis=-1).reshape(o, 1, 1))
+    return out[0] << op.exponent, out[1] << op.exponent
 
 
 def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-step (lo, hi) bounds of every node's output, elementwise."""
+    """Per-step (lo, hi) bounds of every node's output: broadcast arrays (per element in meaning)."""
     b: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, op in net.nodes():
         ins = [b[s] for s in net.inputs(name)]
         shape = net.info(name).shape
+        one = (1,) * len(shape)
         if isinstance(op, Encode):
-            b[name] = (np.full(shape, op.lo, np.int64), np.full(shape, op.hi, np.int64))
+            b[name] = (np.full(one, op.lo, np.int64), np.full(one, op.hi, np.int64))
         elif isinstance(op, (Neuron, SpikeMaxPool)):
-            b[name] = (np.zeros(shape, np.int64), np.ones(shape, np.int64))
+            b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
-            lo, hi = ins[0]
-            wp, wn = _pos_neg(op.weight)
-            cls = type(op)
-            kw = {} if isinstance(op, (DenseSynapse, DiagonalSynapse)) else dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
-            P, N = cls(wp, **kw), cls(wn, **kw)
-            f = lambda o, v: semantics._linear(o, v[None])[0]  # noqa: E731
-            b[name] = (f(P, lo) + f(N, hi), f(P, hi) + f(N, lo))
+            b[name] = _synapse_bounds(op, *ins[0], net.info(net.inputs(name)[0]).shape)
         elif isinstance(op, SpikeMatMul):
             # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
             k = net.info(net.inputs(name)[0]).shape[-1]
-            reach = np.full(shape, 2 * k * net.T * abs(op.weight), np.int64)
-            b[name] = (-reach, reach) if op.weight < 0 else (np.zeros(shape, np.int64), reach)
+            reach = np.full(one, 2 * k * net.T * abs(op.weight), np.int64)
+            b[name] = (-reach, reach) if op.weight < 0 else (np.zeros(one, np.int64), reach)
         elif isinstance(op, Add):
-            b[name] = (np.sum([i[0] for i in ins], axis=0), np.sum([i[1] for i in ins], axis=0))
-        elif isinstance(op, (SumPool, Reshape, Transpose)):
-            f = lambda v: semantics._linear(op, v[None])[0]  # noqa: E731
-            b[name] = (f(ins[0][0]), f(ins[0][1]))
+            b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
+        elif isinstance(op, SumPool):
+            area = op.kernel[0] * op.kernel[1]
+            lo, hi = (np.broadcast_to(v.min(axis=(1, 2)) if i == 0 else v.max(axis=(1, 2)), (shape[0],)).reshape(-1, 1, 1)
+                      for i, v in enumerate(ins[0]))
+            if any(op.padding):
+                lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+            b[name] = (area * lo, area * hi)
+        elif isinstance(op, ReduceSum):
+            in_shape = net.info(net.inputs(name)[0]).shape
+            b[name] = tuple(broadcast.reduce_sum(v, in_shape, op.axes) for v in ins[0])  # type: ignore[assignment]
+        elif isinstance(op, Reshape):
+            in_shape = net.info(net.inputs(name)[0]).shape
+            b[name] = tuple(broadcast.reshape(v, in_shape, shape) for v in ins[0])  # type: ignore[assignment]
+        elif isinstance(op, Transpose):
+            b[name] = tuple(np.transpose(v, op.perm) for v in ins[0])  # type: ignore[assignment]
         elif isinstance(op, Readout):
             b[name] = ins[0]
         else:
@@ -122,8 +167,8 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
     T = net.T
     for name, op in net.nodes():
         entry: dict[str, int] = {}
-        if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and op.weight.size:
-            entry["weight_bits"], entry["weight_exponent"] = weight_mantissa_exponent(op.weight)
+        if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and op.mantissa.size:
+            entry["weight_bits"], entry["weight_exponent"] = weight_mantissa_exponent(op)
             rep.weight_bits = max(rep.weight_bits, entry["weight_bits"])
             rep.weight_exponent = max(rep.weight_exponent, entry["weight_exponent"])
             if entry["weight_bits"] > prof.weight_bits:
@@ -131,9 +176,10 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
                                   f"'{prof.name}' allows {prof.weight_bits}; compile with a smaller --frac-bits or another --profile")
         if isinstance(op, Neuron):
             lo, hi = bounds[net.inputs(name)[0]]
-            vmax = op.v0 + T * np.maximum(hi + op.bias, 0)
-            vmin = np.minimum(op.v0, 0) + T * np.minimum(lo + op.bias, 0)
-            entry["threshold_bits"] = int(op.threshold.max()).bit_length()
+            v0, bias = compact(op.v0), compact(op.bias)
+            vmax = v0 + T * np.maximum(hi + bias, 0)
+            vmin = np.minimum(v0, 0) + T * np.minimum(lo + bias, 0)
+            entry["threshold_bits"] = int(compact(op.threshold).max()).bit_length()
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
             rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])

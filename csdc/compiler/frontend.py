@@ -8,8 +8,11 @@ collected, and all of them are reported at once with the rewrite that would fix 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -65,10 +68,18 @@ def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check an ONNX file; errors name the file and the problem."""
+    """Read and check an ONNX file; errors name the file and the problem.
+
+    The checker reads the file itself before the model is loaded here, so a large model is never
+    held twice (checking a loaded model serializes it again)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"{path}: no such file")
+    try:
+        onnx.checker.check_model(path)
+        checked = None
+    except Exception as exc:  # a file that does not parse, or a model the checker rejects
+        checked = exc
     try:
         model = onnx.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for garbage
@@ -76,20 +87,41 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                              "re-export it with torch.onnx.export or check the download") from None
     if not model.graph.node:
         raise ModelFileError(f"{path}: not a readable ONNX model (the graph has no nodes)")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if checked is not None:
+        first = str(checked).strip().splitlines()[0] if str(checked).strip() else type(checked).__name__
         raise ModelFileError(f"{path}: the ONNX checker rejects the model: {first}") from None
     return model
+
+
+SHAPE_DATA_LIMIT = 4096  # initializers up to this many elements keep their values for shape inference
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are declared (type and shape) but hold no data:
+    shape inference only needs the values of small shape tensors, and copying a large model's
+    weights would double the memory it takes."""
+    g = model.graph
+    graph = onnx.GraphProto(name=g.name)
+    graph.node.extend(g.node)
+    graph.input.extend(g.input)
+    graph.output.extend(g.output)
+    graph.value_info.extend(g.value_info)
+    declared = {vi.name for vi in g.input}
+    for init in g.initializer:
+        if int(np.prod(init.dims)) <= SHAPE_DATA_LIMIT:
+            graph.initializer.append(init)
+        elif init.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    m = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    m.functions.extend(model.functions)
+    return m
 
 
 def _for_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference: QONNX Quant nodes (shape-preserving, unknown to ONNX) become
     Identity nodes, and a symbolic batch axis of the input becomes 1, so that shape arithmetic of
     dynamic-batch exports (``Shape -> Slice -> Concat -> Reshape``) propagates to concrete shapes."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _skeleton(model)
     inits = {i.name for i in m.graph.initializer}
     for vi in m.graph.input:
         if vi.name not in inits and vi.type.tensor_type.shape.dim:
@@ -138,7 +170,11 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
     except Exception as exc:
         raise ModelFileError(f"{path}: ONNX shape inference failed: {exc}") from None
     g = inferred.graph
-    constants = {init.name: numpy_helper.to_array(init) for init in g.initializer}
+    constants = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        arr.flags.writeable = False  # shared, never copied, by the passes and the IR ops
+        constants[init.name] = arr
     inputs = [vi for vi in g.input if vi.name not in constants]
     if len(inputs) != 1 or len(g.output) != 1:
         raise ModelFileError(f"{path}: csdc needs exactly one data input and one output, found "
@@ -167,9 +203,22 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
                   output=g.output[0].name, path=path, opset=opset)
 
 
+def release_freed_memory() -> None:
+    """Give memory that was freed but is still held by the C allocator back to the system (glibc's
+    ``malloc_trim``; nothing elsewhere). A parsed ONNX model lives in many mid-sized blocks that the
+    allocator keeps after the model is dropped; without this a large model costs its size twice."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_qgraph(path: str | os.PathLike) -> QGraph:
-    """Load, check and convert an ONNX file."""
-    return to_qgraph(load_model(path), os.fspath(path))
+    """Load, check and convert an ONNX file (the parsed ONNX model is released before returning)."""
+    graph = to_qgraph(load_model(path), os.fspath(path))
+    release_freed_memory()
+    return graph
 
 
 __all__ = ["load_model", "to_qgraph", "load_qgraph", "SUPPORTED", "REJECTED"]

@@ -8,14 +8,20 @@ Each ONNX tensor is tracked as one of:
   ``total = T * q`` and ``unit = scale / T``;
 - :class:`Affine`: ``real = sum_t unit_t * I_t + bias`` (per element), a sum of *terms*: pending
   synapses (integer weights still free to be rescaled) or *fixed* IR currents;
-- :class:`Pooled`: an average over some axes of a spike tensor, folded into the next layer.
+- :class:`Pooled`: a global average over some axes of a spike tensor, applied by the next layer
+  (one synapse per pooled position with shared weights, then a :class:`ReduceSum`).
+
+Units, biases and thresholds are *broadcast arrays* (:mod:`csdc.compiler.broadcast`): per
+element in meaning, stored at the size of what varies (per channel), so lowering costs time and
+memory in proportion to the parameters, not to the activation sizes.
 
 Materializing an :class:`Affine` into integer currents picks one unit ``U`` per element
-(SPEC 2.3): with a single group ``U = |unit| / 2^k`` and weights ``w_int * sign * 2^k`` (exact);
-with several groups (residual sums) the unit is set by the resolution that matters, the step
-``s`` of the quantizer that reads the sum: ``U = s / 2^frac_bits`` (so that threshold is an
-exact power of two) and weights ``round(w_int * unit_g / U)``, each rounding worth at most
-``2^-(frac_bits + 1)`` of a quantization level (reported). A quantizer consuming it becomes a
+(SPEC 2.3) from the *anchor* group, the one with the most weights: ``U = |unit| / 2^k``, so its
+weights are ``w_int * sign`` with exponent ``k`` (exact, and as narrow as the source's). Every
+other group (a residual branch of a sum) gets weights ``round(w_int * unit_g / U)``. ``k`` is
+chosen so that the reader's threshold ``step / U`` has at least ``frac_bits`` significant bits,
+so each rounding is worth at most ``2^-(frac_bits + 1)`` of a quantization level (reported).
+A quantizer consuming it becomes a
 :class:`Neuron` with ``threshold = round(step / U)`` (``k`` chosen so that every threshold has at
 least ``frac_bits`` significant bits), bias total ``B = round(bias / U)`` delivered as
 ``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``. Ties round
@@ -29,11 +35,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from csdc.compiler import broadcast
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
-from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
+from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, narrowest)
+from csdc.ir.semantics import conv as conv_counts
 from csdc.ir.semantics import sum_pool
 
 
@@ -57,25 +65,28 @@ class Term:
 
     kind: str
     src: str
-    unit: np.ndarray  # real value of one integer unit, per output element (signed)
+    unit: np.ndarray  # real value of one integer unit, per output element (signed; a broadcast array)
     w_int: np.ndarray | None = None
     conv: dict = field(default_factory=dict)
     src2: str = ""
     origin: str = ""  # the source node whose weights these are (for --explain)
+    reduce: tuple[int, ...] = ()  # axes of the synapse's output summed by a ReduceSum (global pooling)
+
+    def weight_count(self) -> int:
+        return int(self.w_int.size) if self.w_int is not None else 0
 
 
 @dataclass
 class Affine:
     terms: list[Term]
-    bias: np.ndarray  # per element
+    bias: np.ndarray  # per element (a broadcast array)
 
 
 @dataclass
 class Pooled:
     spikes: Spikes
-    index: np.ndarray  # for every element of the spike tensor (C order), its flat pooled position
-    divisor: np.ndarray  # elements averaged into each pooled position
-    shape: tuple[int, ...]
+    axes: tuple[int, ...]  # axes of the spike tensor that are averaged
+    shape: tuple[int, ...]  # the pooled tensor's shape as the source model sees it
 
 
 @dataclass
@@ -144,7 +155,8 @@ class Lowering:
         return self.g.sample_shape(tensor)
 
     def const_per_element(self, const: np.ndarray, tensor: str) -> np.ndarray | None:
-        """A constant broadcast to the per-sample shape of ``tensor`` (None if it varies over the batch axis)."""
+        """A constant as a broadcast array over the per-sample shape of ``tensor`` (None if it varies
+        over the batch axis or does not broadcast)."""
         full = self.g.shapes[tensor]
         c = np.asarray(const, dtype=np.float64)
         if c.ndim > len(full):
@@ -153,28 +165,61 @@ class Lowering:
         if c.shape[0] != 1:
             return None
         try:
-            return np.broadcast_to(c[0], full[1:]).copy()
+            if np.broadcast_shapes(c.shape[1:], tuple(full[1:])) != tuple(full[1:]):
+                return None
         except ValueError:
             return None
+        return c[0]
 
     # -- materialization ------------------------------------------------------------------
     def _channel_mult(self, term: Term, mult: np.ndarray) -> np.ndarray:
-        """Per-output-channel multiplier of a synapse term; it must not vary within a channel."""
+        """Multiplier of a synapse term's weights: per output channel for dense/conv (1-D), one
+        number for an activation product; it must not vary within a channel."""
+        m = broadcast.squeeze_constant(mult, rtol=1e-9)
         if term.kind == "diag":
-            return mult
+            return m
         if term.kind == "matmul":
-            if not np.allclose(mult, mult.flat[0], rtol=1e-9, atol=0):
+            if m.size != 1:
                 raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "a per-element scale after an "
                                             "activation product cannot be absorbed; scale by a scalar only")])
-            return np.asarray(mult.flat[0])
-        per = mult.reshape(mult.shape[0], -1) if term.kind == "conv" else mult.reshape(-1, mult.shape[-1]).T
-        ref = per[:, :1]
-        if not np.allclose(per, ref, rtol=1e-9, atol=0):
+            return m.reshape(())
+        spread = m.shape[1:] if term.kind == "conv" else m.shape[:-1]
+        if any(d != 1 for d in spread):
             raise UnsupportedModelError(self.g.path, [(self.current_node, "-", "a per-position scale cannot be "
                                         "absorbed into shared synaptic weights; quantize before this layer")])
-        return ref[:, 0]
+        return m.reshape(-1)
 
-    SUM_GUARD_BITS = 0  # extra bits of a residual sum's unit below its reader's step (frac_bits already suffices)
+    def _rounded(self, exact: np.ndarray) -> np.ndarray:
+        """Integers nearest ``exact`` (int64); the worst relative rounding goes into the report."""
+        w = np.rint(exact)
+        nz = exact != 0
+        if np.any(nz):
+            err = float(np.max(np.abs(w[nz] - exact[nz]) / np.abs(exact[nz])))
+            self.report.weight_error = max(self.report.weight_error, err)
+        return w.astype(np.int64)
+
+    ROUNDING_CHUNK = 1 << 16  # weights rounded at a time: float temporaries stay small for any layer size
+
+    def scaled_weights(self, w_int: np.ndarray, mult: np.ndarray) -> tuple[np.ndarray, int]:
+        """(mantissa, exponent) of ``w_int`` times a per-output-channel multiplier ``mult``.
+
+        The anchor group's multiplier is ``+-2^k`` on every channel: its mantissa is ``w_int`` itself
+        (times the channel signs), with no copy when all signs are positive. Other groups are rounded,
+        a block of output channels at a time."""
+        shape = (-1,) + (1,) * (w_int.ndim - 1)
+        a = np.abs(mult)
+        k = math.log2(a.flat[0]) if a.size and a.flat[0] > 0 else -1.0
+        if a.size and np.all(a == a.flat[0]) and k >= 0 and k == int(k):
+            if np.all(mult > 0):
+                return w_int, int(k)
+            signed = w_int.astype(np.int64) * np.sign(mult).astype(np.int64).reshape(shape)
+            return narrowest(signed), int(k)
+        mult = np.broadcast_to(mult, (w_int.shape[0],)).reshape(shape)
+        rows = max(1, self.ROUNDING_CHUNK // max(1, int(np.prod(w_int.shape[1:]))))
+        w = np.empty(w_int.shape, dtype=np.int64)
+        for r in range(0, w_int.shape[0], rows):
+            w[r:r + rows] = self._rounded(w_int[r:r + rows] * mult[r:r + rows])
+        return split_power_of_two(w)
 
     def downstream_step(self, tensor: str) -> float | None:
         """Smallest step of the quantizers that read ``tensor`` through residual Adds and routing."""
@@ -194,20 +239,19 @@ class Lowering:
     def materialize(self, value: Affine, base: str, k: int | None, step: float | None) -> tuple[str, np.ndarray]:
         """Create the IR currents of ``value``; returns (node, U) with ``real = U * I + bias``.
 
-        ``step``: the quantization step of the reader (sets the unit of multi-group sums)."""
+        ``step``: the quantization step of the reader (sets ``k``)."""
         fixed = [t for t in value.terms if t.kind == "fixed"]
         free = [t for t in value.terms if t.kind != "fixed"]
-        absu = [np.abs(t.unit) for t in value.terms]
         if fixed:
-            U = np.abs(fixed[0].unit).copy()
+            U = np.abs(fixed[0].unit)
             for t in fixed[1:]:
                 if not np.allclose(np.abs(t.unit), U, rtol=1e-12, atol=0):
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "Add", "adds two residual streams with "
                                                 "different units; csdc supports one stream plus branches")])
-        elif len(free) > 1 and step is not None:
-            U = np.full(absu[0].shape, step / float(2 ** (self.frac_bits + self.SUM_GUARD_BITS)))
         else:
-            ubase = np.min(np.stack(absu), axis=0)
+            # the anchor keeps exact weights: the group with the most weights, else the finest unit
+            anchor = max(free, key=lambda t: (t.weight_count(), -float(np.min(np.abs(t.unit)))))
+            ubase = np.abs(anchor.unit)
             positive = ubase[ubase > 0]
             ubase = np.where(ubase > 0, ubase, positive.min() if positive.size else 1.0)
             if k is None:
@@ -225,29 +269,26 @@ class Lowering:
                 continue
             self.current_node = t.origin or reader
             mult = self._channel_mult(t, t.unit / U)
-            if t.kind in ("diag", "matmul"):
-                exact = mult
-                w = np.rint(exact).astype(np.int64)
-            else:
-                shape = (-1,) + (1,) * (t.w_int.ndim - 1)
-                exact = t.w_int * mult.reshape(shape)
-                w = np.rint(exact).astype(np.int64)
-            nz = exact != 0
-            if np.any(nz):
-                err = float(np.max(np.abs(w[nz] - exact[nz]) / np.abs(exact[nz])))
-                self.report.weight_error = max(self.report.weight_error, err)
-            if t.kind == "dense":
-                src = t.src
-                currents.append(self.add(f"{base}_syn", DenseSynapse(w), [src]))
-            elif t.kind == "conv":
-                currents.append(self.add(f"{base}_syn", ConvSynapse(w, **t.conv), [t.src]))
-            elif t.kind == "matmul":
-                if int(w) == 0:
+            if t.kind == "matmul":
+                w = int(self._rounded(mult))
+                if w == 0:
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "an activation product "
                                                 "vanishes at this precision; raise --frac-bits")])
-                currents.append(self.add(f"{base}_matmul", SpikeMatMul(int(w)), [t.src, t.src2]))
+                node = self.add(f"{base}_matmul", SpikeMatMul(w), [t.src, t.src2])
+            elif t.kind == "diag":
+                in_shape = self.net.info(t.src).shape
+                w = self._rounded(mult)
+                if t.reduce:  # the multiplier is per element of the summed output: repeat it over the summed axes
+                    w = np.expand_dims(w, t.reduce)
+                mant, e = split_power_of_two(w)
+                node = self.add(f"{base}_syn", DiagonalSynapse(np.broadcast_to(mant, in_shape), exponent=e), [t.src])
             else:
-                currents.append(self.add(f"{base}_syn", DiagonalSynapse(w), [t.src]))
+                mant, e = self.scaled_weights(t.w_int, mult)
+                op = ConvSynapse(mant, exponent=e, **t.conv) if t.kind == "conv" else DenseSynapse(mant, exponent=e)
+                node = self.add(f"{base}_syn", op, [t.src])
+            if t.reduce:
+                node = self.add(f"{base}_sum_over", ReduceSum(t.reduce), [node])
+            currents.append(node)
         self.current_node = reader
         node = currents[0] if len(currents) == 1 else self.add(f"{base}_sum", Add(), currents)
         return node, U
@@ -264,7 +305,9 @@ class Lowering:
         T = self.T
         b = np.floor_divide(B, T)
         v0 = theta // 2 + (B - T * b)
-        nm = self.add(q.name, Neuron(theta, v0, b, self.delay), [node])
+        shape = self.net.info(node).shape
+        full = [np.broadcast_to(broadcast.squeeze_constant(a), shape) for a in (theta, v0, b)]
+        nm = self.add(q.name, Neuron(*full, self.delay), [node])
         return Spikes(nm, step)
 
     def as_affine(self, tensor: str, node: QNode) -> Affine | None:
@@ -273,7 +316,7 @@ class Lowering:
         if isinstance(v, Affine):
             return v
         if isinstance(v, Spikes):
-            return Affine([Term("diag", v.node, np.full(shape, v.step))], np.full(shape, v.offset))
+            return Affine([Term("diag", v.node, np.full((1,) * len(shape), v.step))], np.full((1,) * len(shape), v.offset))
         self.fail(node, "its input is not a spike or current tensor csdc can add (quantize it first)")
         return None
 
@@ -309,8 +352,9 @@ class Lowering:
                 return
             src = self.as_affine(n.inputs[0], n)  # a new grid: one-to-one synapses into a new population
         if isinstance(src, Pooled):
-            src = self.pooled_dense(src, np.eye(int(np.prod(src.shape))), np.ones(int(np.prod(src.shape))),
-                                    np.zeros(int(np.prod(src.shape))), n)
+            src = self.pooled_dense(src, None, None, None, n)
+            if src is None:
+                return
         if not isinstance(src, Affine):
             self.fail(n, "its input is not a current csdc can integrate")
             return
@@ -330,7 +374,8 @@ class Lowering:
         shape = self.sample_shape(n.outputs[0])
         if L == self.T:
             spikes = self.neuron(Affine(list(src.terms), src.bias + m * s), n)
-            self.vals[n.outputs[0]] = Affine([Term("diag", spikes.node, np.full(shape, s))], np.full(shape, -m * s))
+            one = (1,) * len(shape)
+            self.vals[n.outputs[0]] = Affine([Term("diag", spikes.node, np.full(one, s))], np.full(one, -m * s))
             return
         self.report.warnings.append(
             f"quantizer '{n.name}' on the network output has {L} levels but the network runs T = {self.T} steps: it "
@@ -339,21 +384,34 @@ class Lowering:
             "argmax can differ only where the source's quantized logits tie)")
         self.vals[n.outputs[0]] = src
 
-    def pooled_dense(self, p: Pooled, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray, n: QNode) -> Affine:
-        """Dense layer applied to an average-pooled spike tensor, folded into one synapse on the spikes."""
-        n_in = int(np.prod(p.shape))
-        if w.shape[1] != n_in:
-            self.fail(n, f"pooled input has {n_in} features but the weights expect {w.shape[1]}")
+    def pooled_dense(self, p: Pooled, w: np.ndarray | None, w_scale: np.ndarray | None, bias: np.ndarray | None,
+                     n: QNode) -> Affine | None:
+        """A dense layer (``w``: (out, features); None: the identity) on a global average of spikes.
+
+        The averaged axes move first and the kept ones are flattened last, so the spikes are
+        (positions, features); a synapse with the layer's weights, shared by every position, feeds
+        a ReduceSum over the positions, and ``1/positions`` goes into the unit. Same events and
+        currents as one synapse with the weights repeated per position, at the weights' size."""
         src = p.spikes.node
-        total = int(np.prod(self.net.info(src).shape))
-        if len(self.net.info(src).shape) != 1:
-            src = self.add(f"{n.name}_flatten", Reshape((total,)), [src])
-        if not np.allclose(p.divisor, p.divisor.flat[0]):
-            self.fail(n, "average pooling with unequal window sizes before a linear layer is not supported")
-        folded = w[:, p.index]  # (out, total)
-        unit = p.spikes.step / float(p.divisor.flat[0]) * w_scale
-        bias = bias + p.spikes.offset * w_scale * w.sum(axis=1)  # the mean of a constant offset is the offset
-        return Affine([Term("dense", src, unit.copy(), folded.astype(np.int64), origin=n.name)], bias.copy())
+        shape = self.net.info(src).shape
+        kept = tuple(d for d in range(len(shape)) if d not in p.axes)
+        positions = int(np.prod([shape[d] for d in p.axes]))
+        features = int(np.prod([shape[d] for d in kept]))
+        if w is not None and w.shape[1] != features:
+            self.fail(n, f"pooled input has {features} features but the weights expect {w.shape[1]}")
+            return None
+        perm = tuple(p.axes) + kept
+        if perm != tuple(range(len(shape))):
+            src = self.add(f"{n.name}_positions_first", Transpose(perm), [src])
+        if self.net.info(src).shape != (positions, features):
+            src = self.add(f"{n.name}_positions", Reshape((positions, features)), [src])
+        step, offset = p.spikes.step / positions, p.spikes.offset
+        if w is None:
+            return Affine([Term("diag", src, np.full(1, step), origin=n.name, reduce=(0,))], np.full(1, offset))
+        w_scale = np.asarray(w_scale, dtype=np.float64).reshape(-1)
+        term = Term("dense", src, broadcast.per_axis(step * w_scale, 1, 0), w, origin=n.name, reduce=(0,))
+        # the mean of a constant offset is the offset
+        return Affine([term], broadcast.per_axis(bias + offset * w_scale * w.sum(axis=1), 1, 0))
 
     def lower_linear(self, n: QNode) -> None:
         a = n.attrs
@@ -361,15 +419,12 @@ class Lowering:
         out_shape = self.sample_shape(n.outputs[0])
         self.report.float_weight_error = max(self.report.float_weight_error, float(a.get("weight_error", 0.0)))
         if isinstance(src, Pooled):
-            if a["kind"] != "dense" or any(d != 1 for d in out_shape[:-1]):
-                self.fail(n, "only a dense layer may follow a global average pool")
+            if a["kind"] != "dense" or len(out_shape) != 1:
+                self.fail(n, "only a dense layer producing a vector may follow a global average pool")
                 return
             val = self.pooled_dense(src, a["w_int"], a["w_scale"], a["bias"], n)
-            val.terms[0].unit = np.broadcast_to(val.terms[0].unit, out_shape).copy()
-            val.bias = np.broadcast_to(val.bias, out_shape).copy()
-            if len(out_shape) != 1:
-                self.fail(n, "the pooled dense layer must produce a vector")
-            self.vals[n.outputs[0]] = val
+            if val is not None:
+                self.vals[n.outputs[0]] = val
             return
         offset = 0.0
         if isinstance(src, Spikes):
@@ -379,21 +434,20 @@ class Lowering:
         else:
             self.fail(n, "consumes a tensor that is not quantized; put an activation quantizer before every linear layer")
             return
+        w_scale = np.asarray(a["w_scale"], dtype=np.float64).reshape(-1)
         if a["kind"] == "conv":
-            per = lambda v: np.broadcast_to(np.asarray(v)[:, None, None], out_shape)  # noqa: E731
+            per = lambda v: broadcast.per_axis(v, 3, 0)  # noqa: E731
             conv = {"stride": a["strides"], "padding": a["pads"], "dilation": a["dilations"], "groups": a["group"]}
-            term = Term("conv", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], conv, origin=n.name)
-            bias = per(a["bias"]).copy()
+            term = Term("conv", node, per(in_unit * w_scale), a["w_int"], conv, origin=n.name)
+            bias = per(a["bias"])
             if offset:  # sum of the weights over each window's in-image taps (zero padding adds no offset)
-                from csdc.ir.ops import ConvSynapse as _Conv
-                from csdc.ir.semantics import conv as _conv
                 ones = np.ones((1, *self.sample_shape(n.inputs[0])), dtype=np.int64)
-                taps = _conv(_Conv(a["w_int"], **conv), ones)[0]
-                bias = bias + offset * per(a["w_scale"]) * taps
+                taps = conv_counts(ConvSynapse(a["w_int"], **conv), ones)[0]
+                bias = broadcast.squeeze_constant(bias + offset * per(w_scale) * taps)
         else:
-            per = lambda v: np.broadcast_to(np.asarray(v), out_shape)  # noqa: E731
-            term = Term("dense", node, per(in_unit * a["w_scale"]).copy(), a["w_int"], origin=n.name)
-            bias = per(a["bias"] + offset * a["w_scale"] * a["w_int"].sum(axis=1)).copy()
+            per = lambda v: broadcast.per_axis(v, len(out_shape), len(out_shape) - 1)  # noqa: E731
+            term = Term("dense", node, per(in_unit * w_scale), a["w_int"], origin=n.name)
+            bias = per(a["bias"] + offset * w_scale * a["w_int"].sum(axis=1))
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], bias))
 
     def lower_add_mul(self, n: QNode) -> None:
@@ -450,8 +504,9 @@ class Lowering:
                          "reshape/transpose explicitly instead of broadcasting")
             return
         out_shape = self.sample_shape(n.outputs[0])
-        term = Term("matmul", a.node, np.full(out_shape, a.step * b.step), src2=b.node, origin=n.name)
-        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], np.zeros(out_shape)))
+        one = (1,) * len(out_shape)
+        term = Term("matmul", a.node, np.full(one, a.step * b.step), src2=b.node, origin=n.name)
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], np.zeros(one)))
 
     def lower_maxpool(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
@@ -490,33 +545,28 @@ class Lowering:
             kh, kw = a["kernel_shape"]
             pads = tuple(a.get("pads", [0, 0, 0, 0]))
             C = shape[0]
-            ones = np.ones((C, 1, kh, kw), dtype=np.int64)
-            out_shape = self.sample_shape(n.outputs[0])
-            div = np.full(out_shape, float(kh * kw))
+            ones = np.ones((C, 1, kh, kw), dtype=np.int8)
+            div = np.full((1, 1, 1), float(kh * kw))
             if any(pads) and not a.get("count_include_pad", 0):
                 cnt = sum_pool(SumPool((kh, kw), tuple(a.get("strides", [1, 1])), pads), np.ones((1, *shape), np.int64))[0]
-                div = cnt.astype(np.float64)
+                div = broadcast.squeeze_constant(cnt.astype(np.float64))
             conv = {"stride": tuple(a.get("strides", [1, 1])), "padding": pads, "dilation": (1, 1), "groups": C}
-            bias = np.zeros(out_shape)
+            bias = np.zeros((1, 1, 1))
             if src.offset:
-                from csdc.ir.ops import ConvSynapse as _Conv
-                from csdc.ir.semantics import conv as _conv
-                bias = src.offset * _conv(_Conv(ones, **conv), np.ones((1, *shape), np.int64))[0] / div
+                taps = conv_counts(ConvSynapse(ones, **conv), np.ones((1, *shape), np.int64))[0]
+                bias = broadcast.squeeze_constant(src.offset * taps / div)
             self.vals[n.outputs[0]] = Affine([Term("conv", src.node, src.step / div, ones, conv, origin=n.name)], bias)
             return
-        kept = [d for d in range(len(shape)) if d not in axes]
-        coords = np.indices(shape).reshape(len(shape), -1)
-        kept_shape = tuple(shape[d] for d in kept)
-        index = np.ravel_multi_index(tuple(coords[d] for d in kept), kept_shape) if kept else np.zeros(coords.shape[1], np.int64)
-        div = np.full(int(np.prod(kept_shape)) if kept else 1, float(np.prod([shape[d] for d in axes])))
-        out_shape = self.sample_shape(n.outputs[0])
-        self.vals[n.outputs[0]] = Pooled(src, index, div, out_shape)
+        if len(axes) == len(shape):
+            self.fail(n, "averages every axis of a sample into one number; keep the channel or feature axis")
+            return
+        self.vals[n.outputs[0]] = Pooled(src, axes, self.sample_shape(n.outputs[0]))
 
     def lower_route(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
         out_shape = self.sample_shape(n.outputs[0])
         if isinstance(src, Pooled):
-            self.vals[n.outputs[0]] = Pooled(src.spikes, src.index, src.divisor, out_shape)
+            self.vals[n.outputs[0]] = Pooled(src.spikes, src.axes, out_shape)
             return
         if n.op_type == "Transpose":
             perm = list(n.attrs.get("perm", range(len(self.g.shapes[n.inputs[0]]))[::-1]))
@@ -536,7 +586,8 @@ class Lowering:
             if isinstance(op, Transpose):
                 U, bias = np.transpose(U, op.perm), np.transpose(src.bias, op.perm)
             else:
-                U, bias = U.reshape(out_shape), src.bias.reshape(out_shape)
+                in_shape = self.sample_shape(n.inputs[0])
+                U, bias = broadcast.reshape(U, in_shape, out_shape), broadcast.reshape(src.bias, in_shape, out_shape)
             self.vals[n.outputs[0]] = Affine([Term("fixed", routed, U)], bias)
         else:
             self.fail(n, "routes a tensor csdc cannot represent")
@@ -546,10 +597,10 @@ class Lowering:
         v = self.vals.get(out)
         self.current_node = "<output>"
         if isinstance(v, Spikes):
-            v = Affine([Term("diag", v.node, np.full(self.net.info(v.node).shape, v.step))], np.full(self.net.info(v.node).shape, v.offset))
+            one = (1,) * len(self.net.info(v.node).shape)
+            v = Affine([Term("diag", v.node, np.full(one, v.step))], np.full(one, v.offset))
         if isinstance(v, Pooled):
-            m = int(np.prod(v.shape))
-            v = self.pooled_dense(v, np.eye(m, dtype=np.int64), np.ones(m), np.zeros(m), QNode("<output>", "-", (), ()))
+            v = self.pooled_dense(v, None, None, None, QNode("<output>", "-", (), ()))
         if not isinstance(v, Affine):
             raise UnsupportedModelError(self.g.path, [(out, "-", "the network output could not be lowered")])
         if len(self.sample_shape(out)) != 1:
@@ -557,7 +608,8 @@ class Lowering:
         # a single synapse group is exact with k = 0; sums of groups get frac_bits of headroom
         k = 0 if len(v.terms) == 1 and v.terms[0].kind != "fixed" else None
         node, U = self.materialize(v, "logits", k, None)
-        self.add("readout", Readout(U, v.bias), [node])
+        shape = self.net.info(node).shape
+        self.add("readout", Readout(np.broadcast_to(U, shape), np.broadcast_to(v.bias, shape)), [node])
 
     def run(self) -> tuple[Network, LoweringReport]:
         handlers = {"Quant": self.lower_quant, "Linear": self.lower_linear, "MatMul": self.lower_matmul, "Add": self.lower_add_mul, "Mul": self.lower_add_mul,
@@ -584,6 +636,16 @@ class Lowering:
         self.lower_output()
         self.report.T = self.T
         return self.net, self.report
+
+
+def split_power_of_two(w: np.ndarray) -> tuple[np.ndarray, int]:
+    """(mantissa in the narrowest integer dtype, exponent) with ``w == mantissa * 2**exponent`` and the
+    exponent as large as possible (the weights' common power of two)."""
+    if not w.size:
+        return narrowest(w), 0
+    bits = int(np.bitwise_or.reduce(w.reshape(-1) if w.dtype == np.int64 else w.astype(np.int64).reshape(-1)))
+    e = (bits & -bits).bit_length() - 1 if bits else 0  # two's complement keeps trailing zeros of negatives
+    return narrowest(w >> e if e else w), e
 
 
 def lower(graph: QGraph, frac_bits: int = 8, delay: int | None = None) -> tuple[Network, LoweringReport]:

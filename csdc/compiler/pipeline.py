@@ -99,12 +99,12 @@ def count_synapses(net: Network) -> int:
     total = 0
     for name, op in net.nodes():
         if isinstance(op, DenseSynapse):
-            total += int(np.count_nonzero(op.weight)) * int(np.prod(net.info(name).shape[:-1]))
+            total += int(np.count_nonzero(op.mantissa)) * int(np.prod(net.info(name).shape[:-1]))
         elif isinstance(op, ConvSynapse):
             oh, ow = net.info(name).shape[1:]
-            total += int(np.count_nonzero(op.weight)) * oh * ow
+            total += int(np.count_nonzero(op.mantissa)) * oh * ow
         elif isinstance(op, DiagonalSynapse):
-            total += int(np.count_nonzero(op.weight))
+            total += int(np.count_nonzero(op.mantissa))
     return total
 
 

@@ -17,6 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
+from csdc.ir.ops import narrowest
+
 
 @dataclass(frozen=True)
 class QNode:
@@ -31,12 +33,33 @@ class QNode:
         return replace(self, **changes)
 
 
+class Dequantized:
+    """A constant that dequantizes integer weights, ``ints * scale`` (float32 in ONNX), held as its
+    integers: the float values are computed only when a pass asks for them (``np.asarray``), so the
+    weights of a large quantized model are never held as floats. ``scale`` broadcasts against ``ints``."""
+
+    __slots__ = ("ints", "scale")
+
+    def __init__(self, ints: np.ndarray, scale: np.ndarray) -> None:
+        self.ints, self.scale = ints, np.asarray(scale, dtype=np.float64)
+
+    shape = property(lambda self: self.ints.shape)
+    ndim = property(lambda self: self.ints.ndim)
+    size = property(lambda self: self.ints.size)
+    dtype = np.dtype(np.float32)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        # float64 products of small integers and float32 scales are exact: the cast rounds once, as float32 ONNX does
+        out = np.asarray(self.ints * self.scale).astype(np.float32)  # a 0-d product is a scalar: make it an array
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class QGraph:
     """Nodes in topological order, constant tensors, per-tensor shapes (with the batch axis)."""
 
     nodes: list[QNode]
-    constants: dict[str, np.ndarray]
+    constants: dict[str, np.ndarray | Dequantized]  # read with np.asarray
     shapes: dict[str, tuple[int, ...]]
     input: str
     output: str
@@ -53,6 +76,19 @@ class QGraph:
         return replace(self, nodes=list(nodes), constants=dict(self.constants), shapes=dict(self.shapes),
                        qconstants=dict(self.qconstants), provenance=dict(self.provenance),
                        warnings=list(self.warnings))
+
+    def add_dequantized(self, name: str, ints: np.ndarray, scale: np.ndarray, axis: int | None) -> None:
+        """Record the constant ``name = ints * scale`` (per tensor, or per index of ``axis``) with its integer view."""
+        ints = narrowest(ints)
+        scale = np.asarray(scale, dtype=np.float64)
+        if scale.size == 1:
+            axis, shaped = None, scale.reshape(())
+        elif scale.ndim == 1 and isinstance(axis, int):
+            shaped = scale.reshape([scale.size if d == axis else 1 for d in range(ints.ndim)])
+        else:  # already broadcastable against the integers
+            shaped = scale
+        self.constants[name] = Dequantized(ints, shaped)
+        self.qconstants[name] = (ints, scale.reshape(-1), axis)
 
     def producers(self) -> dict[str, QNode]:
         return {o: n for n in self.nodes for o in n.outputs}

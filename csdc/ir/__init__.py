@@ -13,6 +13,7 @@ from csdc.ir.ops import (
     Neuron,
     Op,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -22,6 +23,6 @@ from csdc.ir.ops import (
 
 __all__ = [
     "CURRENT", "OP_REGISTRY", "SPIKES", "Add", "ConvSynapse", "DenseSynapse", "DiagonalSynapse",
-    "Encode", "Network", "Neuron", "Op", "Readout", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
+    "Encode", "Network", "Neuron", "Op", "Readout", "ReduceSum", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
     "TensorInfo", "Transpose",
 ]

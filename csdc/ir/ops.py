@@ -41,18 +41,68 @@ def register_op(cls: type["Op"]) -> type["Op"]:
     return cls
 
 
-def _int_array(value: object, name: str) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
-    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise IRError(f"parameter '{name}' exceeds the int64 range")
-    arr = np.array(arr, dtype=np.int64, order="C", copy=True)  # own copy: never alias or freeze the caller's array
-    arr.flags.writeable = False
+def compact(arr: np.ndarray) -> np.ndarray:
+    """The smallest array that ``np.broadcast_to(compact(arr), arr.shape)`` equals: axes of stride 0
+    (a broadcast view) are cut to length 1. Same ndim; a view, no copy."""
+    if not any(st == 0 and n > 1 for st, n in zip(arr.strides, arr.shape)):
+        return arr
+    return arr[tuple(slice(0, 1) if st == 0 else slice(None) for st in arr.strides)]
+
+
+def narrowest(arr: np.ndarray) -> np.ndarray:
+    """An integer array in the narrowest signed dtype that holds its values (itself if already so)."""
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return arr
+    lo, hi = int(arr.min()), int(arr.max())
+    for dt in (np.int8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return arr if arr.dtype == dt else arr.astype(dt)
     return arr
+
+
+def _signed_dtype(arr: np.ndarray, name: str) -> np.dtype:
+    """The signed integer dtype a parameter is kept in: its own if signed, else the narrowest that holds it."""
+    if arr.dtype.kind == "i":
+        return arr.dtype
+    if arr.dtype.kind == "u":
+        hi = int(arr.max()) if arr.size else 0
+        for dt in (np.int8, np.int16, np.int32, np.int64):
+            if hi <= np.iinfo(dt).max:
+                return np.dtype(dt)
+        raise IRError(f"parameter '{name}' exceeds the int64 range")
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        return np.dtype(np.int64)
+    raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
+
+
+def _immutable(arr: np.ndarray) -> bool:
+    """True if neither ``arr`` nor any array it views can be written (safe to share)."""
+    base: object = arr
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return base is None or isinstance(base, bytes)
+
+
+def _int_array(value: object, name: str, dtype: type | None = None) -> np.ndarray:
+    """A read-only integer parameter. Signed integer arrays keep their dtype unless ``dtype`` is given
+    (weights stay as narrow as the source model stored them). A broadcast view (stride 0, e.g.
+    per-channel values of a whole population) stays a view of its compact array, so it costs the
+    compact array's memory. An array of the right dtype that nothing can write (read-only, and so is
+    every array it views; e.g. a transposed view of a model's weights) is shared, not copied;
+    anything else is copied (C order), never aliasing or freezing the caller's array."""
+    arr = np.asarray(value)
+    small = compact(arr)
+    dt = np.dtype(dtype) if dtype is not None else _signed_dtype(small, name)
+    if dtype is not None:
+        _signed_dtype(small, name)  # validates integer values
+    if not (small.dtype == dt and _immutable(small)):
+        small = np.array(small, dtype=dt, order="C", copy=True)
+        small.flags.writeable = False
+    out = small if small.shape == arr.shape else np.broadcast_to(small, arr.shape)
+    return out
 
 
 def _float_array(value: object, name: str) -> np.ndarray:
@@ -96,6 +146,27 @@ class Op:
             if not isinstance(v, np.ndarray):
                 out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
+
+
+class _Weighted(Op):
+    """Synapses with integer weights ``mantissa * 2**exponent``: a mantissa array of the narrowest
+    dtype the compiler found and one power of two shared by the node (Loihi's weight exponent).
+    The scale absorption multiplies integer weights by powers of two; keeping that factor apart keeps
+    a compiled model's weights as small in memory and on disk as the source model's."""
+
+    __slots__ = ()
+
+    def _init_weight(self) -> None:
+        object.__setattr__(self, "mantissa", _int_array(self.mantissa, "weight"))  # type: ignore[attr-defined]
+        object.__setattr__(self, "exponent", int(self.exponent))  # type: ignore[attr-defined]
+        if not 0 <= self.exponent <= 62:  # type: ignore[attr-defined]
+            raise IRError(f"{type(self).__name__} weight exponent must be in 0..62, got {self.exponent}")  # type: ignore[attr-defined]
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The integer weights ``mantissa * 2**exponent`` as a new int64 array."""
+        w = self.mantissa.astype(np.int64)  # type: ignore[attr-defined]
+        return w << self.exponent if self.exponent else w  # type: ignore[attr-defined]
 
 
 def _pair(v: object, name: str) -> tuple[int, int]:
@@ -152,76 +223,82 @@ class Encode(Op):
 
 @register_op
 @dataclass(frozen=True, slots=True, eq=False)
-class DenseSynapse(Op):
-    """Fully connected synapses over the last axis: ``out[..., o] = sum_i weight[o, i] * in[..., i]``.
+class DenseSynapse(_Weighted):
+    """Fully connected synapses over the last axis: ``out[..., o] = sum_i weight[o, i] * in[..., i]``
+    with ``weight = mantissa * 2**exponent``.
 
     A spike input adds column ``weight[:, i]`` (an accumulate, AC); a current input
-    (only the encoded input) multiplies (MAC)."""
+    multiplies (MAC)."""
 
-    weight: np.ndarray  # (out, in)
+    mantissa: np.ndarray  # (out, in)
+    exponent: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
-        if self.weight.ndim != 2:
-            raise IRError(f"DenseSynapse weight must be 2-D (out, in), got shape {self.weight.shape}")
+        self._init_weight()
+        if self.mantissa.ndim != 2:
+            raise IRError(f"DenseSynapse weight must be 2-D (out, in), got shape {self.mantissa.shape}")
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
         shp = in_shapes[0]
-        if len(shp) < 1 or shp[-1] != self.weight.shape[1]:
-            raise IRError(f"DenseSynapse expects input (..., {self.weight.shape[1]}), got {shp}")
-        return (*shp[:-1], self.weight.shape[0])
+        if len(shp) < 1 or shp[-1] != self.mantissa.shape[1]:
+            raise IRError(f"DenseSynapse expects input (..., {self.mantissa.shape[1]}), got {shp}")
+        return (*shp[:-1], self.mantissa.shape[0])
 
 
 @register_op
 @dataclass(frozen=True, slots=True, eq=False)
-class ConvSynapse(Op):
-    """2-D convolution synapses (cross-correlation, as ONNX Conv) on a (C, H, W) tensor."""
+class ConvSynapse(_Weighted):
+    """2-D convolution synapses (cross-correlation, as ONNX Conv) on a (C, H, W) tensor, with
+    ``weight = mantissa * 2**exponent``."""
 
-    weight: np.ndarray  # (O, C // groups, kh, kw)
+    mantissa: np.ndarray  # (O, C // groups, kh, kw)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    exponent: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
+        self._init_weight()
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         object.__setattr__(self, "padding", _quad(self.padding, "padding"))
         object.__setattr__(self, "dilation", _pair(self.dilation, "dilation"))
         object.__setattr__(self, "groups", int(self.groups))
-        if self.weight.ndim != 4:
-            raise IRError(f"ConvSynapse weight must be 4-D (O, C/groups, kh, kw), got {self.weight.shape}")
-        if self.groups < 1 or self.weight.shape[0] % self.groups:
-            raise IRError(f"ConvSynapse groups={self.groups} does not divide {self.weight.shape[0]} output channels")
+        if self.mantissa.ndim != 4:
+            raise IRError(f"ConvSynapse weight must be 4-D (O, C/groups, kh, kw), got {self.mantissa.shape}")
+        if self.groups < 1 or self.mantissa.shape[0] % self.groups:
+            raise IRError(f"ConvSynapse groups={self.groups} does not divide {self.mantissa.shape[0]} output channels")
         if min(self.stride) < 1 or min(self.dilation) < 1:
             raise IRError("ConvSynapse stride and dilation must be >= 1")
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
         shp = in_shapes[0]
-        if len(shp) != 3 or shp[0] != self.weight.shape[1] * self.groups:
-            raise IRError(f"ConvSynapse expects input ({self.weight.shape[1] * self.groups}, H, W), got {shp}")
-        oh, ow = pool_output_hw(shp[1], shp[2], self.weight.shape[2:], self.stride, self.padding, self.dilation)
-        return (self.weight.shape[0], oh, ow)
+        if len(shp) != 3 or shp[0] != self.mantissa.shape[1] * self.groups:
+            raise IRError(f"ConvSynapse expects input ({self.mantissa.shape[1] * self.groups}, H, W), got {shp}")
+        oh, ow = pool_output_hw(shp[1], shp[2], self.mantissa.shape[2:], self.stride, self.padding, self.dilation)
+        return (self.mantissa.shape[0], oh, ow)
 
 
 @register_op
 @dataclass(frozen=True, slots=True, eq=False)
-class DiagonalSynapse(Op):
-    """One-to-one synapses: ``out = weight * in`` elementwise (weight has the input's shape).
+class DiagonalSynapse(_Weighted):
+    """One-to-one synapses: ``out = weight * in`` elementwise (weight has the input's shape;
+    per-channel weights are a broadcast view), ``weight = mantissa * 2**exponent``.
 
     Turns a spike tensor into a current in a chosen integer unit, e.g. a residual branch."""
 
-    weight: np.ndarray
+    mantissa: np.ndarray
+    exponent: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _int_array(self.weight, "weight"))
+        self._init_weight()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES,),))
-        if tuple(self.weight.shape) != tuple(in_shapes[0]):
-            raise IRError(f"DiagonalSynapse weight shape {self.weight.shape} != input shape {in_shapes[0]}")
+        if tuple(self.mantissa.shape) != tuple(in_shapes[0]):
+            raise IRError(f"DiagonalSynapse weight shape {self.mantissa.shape} != input shape {in_shapes[0]}")
         return tuple(in_shapes[0])
 
 
@@ -250,7 +327,8 @@ class Neuron(Op):
     ``v >= threshold``: emit a spike at output step u - D and ``v -= threshold``.
     For ``delay >= T`` the spike count is ``clip(floor((V + T*bias + v0) / threshold), 0, T)``,
     which is the quantizer the population replaces. ``delay = 0`` is the plain IF neuron.
-    Arrays ``threshold``, ``v0`` and ``bias`` have the population's shape.
+    Arrays ``threshold``, ``v0`` and ``bias`` have the population's shape (int64; values shared by a
+    channel are a broadcast view of the per-channel array).
     """
 
     threshold: np.ndarray
@@ -262,10 +340,10 @@ class Neuron(Op):
 
     def __post_init__(self) -> None:
         for name in ("threshold", "v0", "bias"):
-            object.__setattr__(self, name, _int_array(getattr(self, name), name))
+            object.__setattr__(self, name, _int_array(getattr(self, name), name, np.int64))
         object.__setattr__(self, "delay", int(self.delay))
-        if self.threshold.size and int(self.threshold.min()) < 1:
-            raise IRError(f"Neuron thresholds must be >= 1, got minimum {int(self.threshold.min())}")
+        if self.threshold.size and int(compact(self.threshold).min()) < 1:
+            raise IRError(f"Neuron thresholds must be >= 1, got minimum {int(compact(self.threshold).min())}")
         if self.delay < 0:
             raise IRError(f"Neuron delay must be >= 0, got {self.delay}")
         if not (self.threshold.shape == self.v0.shape == self.bias.shape):
@@ -338,6 +416,28 @@ class SumPool(_Window):
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         return self._infer_window(in_shapes, in_kinds)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class ReduceSum(Op):
+    """Sum of a current over the given axes (removed from the shape): the currents of many
+    sources meeting on one dendrite. Adds only; e.g. a classifier on the token average of a
+    transformer is one shared dense synapse per token followed by a sum over tokens."""
+
+    axes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes", tuple(sorted(int(a) for a in self.axes)))
+        if not self.axes or len(set(self.axes)) != len(self.axes) or min(self.axes) < 0:
+            raise IRError(f"ReduceSum axes must be distinct non-negative axes, got {self.axes}")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((CURRENT,),))
+        shp = tuple(in_shapes[0])
+        if max(self.axes) >= len(shp) or len(self.axes) == len(shp):
+            raise IRError(f"ReduceSum axes {self.axes} do not fit input {shp} (at least one axis must remain)")
+        return tuple(n for i, n in enumerate(shp) if i not in self.axes)
 
 
 @register_op

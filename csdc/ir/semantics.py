@@ -23,6 +23,7 @@ import numpy as np
 from csdc.errors import IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
+    CURRENT,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -31,6 +32,7 @@ from csdc.ir.ops import (
     Neuron,
     Op,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -133,6 +135,8 @@ def _linear(op: Op, x: np.ndarray) -> np.ndarray:
         return x.astype(np.int64) * op.weight
     if isinstance(op, SumPool):
         return sum_pool(op, x)
+    if isinstance(op, ReduceSum):
+        return x.astype(np.int64).sum(axis=tuple(a + 1 for a in op.axes))
     if isinstance(op, Reshape):
         return x.reshape(x.shape[0], *op.shape)
     if isinstance(op, Transpose):
@@ -147,13 +151,15 @@ class Result:
 
     ``readout``: integer accumulated readout currents (batch, classes); ``logits``: float32;
     ``counts``: spike counts (batch, *shape) per neuron/max-pool node (when requested);
-    ``trains``: spike trains (batch, T, *shape) per spiking node (time-domain runs, when requested).
+    ``trains``: spike trains (batch, T, *shape) per spiking node (time-domain runs, when requested);
+    ``currents``: per-step values (batch, T, *shape) of every current node (``run_steps(currents=True)``).
     """
 
     readout: np.ndarray
     logits: np.ndarray
     counts: dict[str, np.ndarray] = field(default_factory=dict)
     trains: dict[str, np.ndarray] = field(default_factory=dict)
+    currents: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def require_exact(net: Network) -> None:
@@ -196,10 +202,12 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
     return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts)
 
 
-def run_steps(net: Network, x: np.ndarray, keep: bool = True) -> Result:
-    """Layer-synchronous time-stepped reference for any delay (spike trains over T steps)."""
+def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = False) -> Result:
+    """Layer-synchronous time-stepped reference for any delay (spike trains over T steps; with
+    ``currents``, also every current node's per-step values)."""
     T = net.T
     trains: dict[str, np.ndarray] = {}
+    kept_currents: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}
     readout = None
     for name, op in net.nodes():
@@ -227,6 +235,9 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True) -> Result:
         values[name] = out
         if keep and isinstance(op, (Neuron, SpikeMaxPool)):
             trains[name] = out
+        if currents and net.info(name).kind == CURRENT:
+            kept_currents[name] = out
     assert readout is not None
     counts = {k: v.sum(axis=1) for k, v in trains.items()}
-    return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts, trains=trains)
+    return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts, trains=trains,
+                  currents=kept_currents)

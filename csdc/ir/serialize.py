@@ -5,7 +5,9 @@ A ``.sir`` file is a ZIP archive with
 - ``header.json``: format name and ``format_version``, T, metadata, and the nodes in
   topological order (name, op type, inputs, JSON attributes, and for each array its
   entry name, dtype, shape and SHA-256);
-- ``arrays/<n>.npy``: the arrays in numpy's ``.npy`` format, read with ``allow_pickle=False``;
+- ``arrays/<n>.npy``: the arrays in numpy's ``.npy`` format, read with ``allow_pickle=False``; an
+  array that is a broadcast view in memory (per-channel values of a population) is stored in its
+  compact form and its header entry names the full shape (``broadcast_to``);
 - ``header.sha256``: the SHA-256 of ``header.json``.
 
 Loading checks the archive, both digests, the version (older versions are upgraded by the
@@ -29,63 +31,74 @@ import numpy as np
 
 from csdc.errors import CsdcError, IRError, SirFormatError
 from csdc.ir.graph import Network
-from csdc.ir.ops import op_from_dict
+from csdc.ir.ops import compact, narrowest, op_from_dict
 
 FORMAT_NAME = "csdc-sir"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def _upgrade_1(header: dict) -> dict:
+    """Version 1 stored synapse weights as one ``weight`` array; version 2 as mantissa and exponent."""
+    for node in header["nodes"]:
+        if node["op"] in ("DenseSynapse", "ConvSynapse", "DiagonalSynapse") and "weight" in node["arrays"]:
+            node["arrays"]["mantissa"] = node["arrays"].pop("weight")
+            node["attributes"]["exponent"] = 0
+    return {**header, "format_version": 2}
+
+
 # version -> function turning a header of that version into one of the next version
-UPGRADES: dict[int, Callable[[dict], dict]] = {}
+UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_1}
 # what zipfile raises on a damaged archive: bad CRC or structure, a broken deflate stream, a
 # stream that ends early, a forged compression method / version / encryption flag
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError)
 
 
-def _narrow(arr: np.ndarray) -> np.ndarray:
-    """Store integers in the narrowest signed dtype that holds them."""
-    if arr.dtype.kind not in "iu" or arr.size == 0:
-        return arr
-    lo, hi = int(arr.min()), int(arr.max())
-    for dt in (np.int8, np.int16, np.int32, np.int64):
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return arr.astype(dt)
-    return arr
+class _HashingWriter:
+    """A file-like sink that forwards writes and hashes them (an array is streamed, never held twice)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
+def write_archive(net: Network, fh) -> None:
+    """Write ``net`` as a .sir archive to the binary file object ``fh`` (arrays streamed one by one)."""
+    nodes = []
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, op in net.nodes():
+            arrays = {}
+            for field, arr in op.arrays().items():
+                stored = compact(arr)
+                key = f"arrays/{len(nodes)}_{field}.npy"
+                with zf.open(key, "w", force_zip64=True) as entry:
+                    sink = _HashingWriter(entry)
+                    np.lib.format.write_array(sink, np.ascontiguousarray(narrowest(stored)), allow_pickle=False)
+                desc = {"entry": key, "dtype": str(arr.dtype), "shape": list(stored.shape), "sha256": sink.sha.hexdigest()}
+                if stored.shape != arr.shape:
+                    desc["broadcast_to"] = list(arr.shape)
+                arrays[field] = desc
+            nodes.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name),
+                          "attributes": op.attributes(), "arrays": arrays})
+        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "T": net.T,
+                  "metadata": net.metadata, "nodes": nodes}
+        header_bytes = json.dumps(header, indent=1, sort_keys=True).encode()
+        zf.writestr("header.json", header_bytes)
+        zf.writestr("header.sha256", hashlib.sha256(header_bytes).hexdigest())
 
 
 def to_bytes(net: Network) -> bytes:
     """Serialize a network to the bytes of a .sir file."""
-    nodes = []
-    blobs: dict[str, bytes] = {}
-    for name, op in net.nodes():
-        arrays = {}
-        for field, arr in op.arrays().items():
-            data = _npy_bytes(_narrow(arr))
-            key = f"arrays/{len(blobs)}.npy"
-            blobs[key] = data
-            arrays[field] = {"entry": key, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                             "sha256": hashlib.sha256(data).hexdigest()}
-        nodes.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name),
-                      "attributes": op.attributes(), "arrays": arrays})
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "T": net.T,
-              "metadata": net.metadata, "nodes": nodes}
-    header_bytes = json.dumps(header, indent=1, sort_keys=True).encode()
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("header.json", header_bytes)
-        for key, data in blobs.items():
-            zf.writestr(key, data)
-        zf.writestr("header.sha256", hashlib.sha256(header_bytes).hexdigest())
+    write_archive(net, buf)
     return buf.getvalue()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+def write_atomic(path: str | os.PathLike, data: bytes | Callable) -> None:
+    """Write ``data`` (bytes, or a function writing to a binary file object) to ``path`` through a
+    temporary file renamed into place."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -93,7 +106,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -106,7 +122,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 def save(net: Network, path: str | os.PathLike) -> None:
     """Verify ``net`` and write it atomically as a .sir file."""
     net.verify()
-    write_atomic(path, to_bytes(net))
+    write_atomic(path, lambda fh: write_archive(net, fh))
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Network:
@@ -159,7 +175,11 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Network:
                     arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
                     if list(arr.shape) != list(desc["shape"]):
                         raise fail(f"node '{node['name']}': array '{field}' has shape {arr.shape}, header says {desc['shape']}; recompile it")
-                    arrays[field] = arr.astype(desc["dtype"])
+                    arr = arr.astype(desc["dtype"])
+                    arr.flags.writeable = False  # our own array: the op may keep it without a copy
+                    if "broadcast_to" in desc:
+                        arr = np.broadcast_to(arr, tuple(desc["broadcast_to"]))
+                    arrays[field] = arr
                 op = op_from_dict(node["op"], node["attributes"], arrays)
                 net.add(node["name"], op, node["inputs"])
             net.verify()

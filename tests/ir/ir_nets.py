@@ -20,6 +20,7 @@ from csdc.ir import (
     Network,
     Neuron,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -47,10 +48,11 @@ def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
     w = lambda *shape: rng.integers(-3, 4, size=shape)
     net.add("input", Encode((2, 5, 5), 0.25, -2, 6))
     net.add("conv1", ConvSynapse(w(4, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2), ["input"])
-    net.add("act1", _neuron(rng, (4, 5, 5), D), ["conv1"])
+    per_channel = lambda lo, hi: np.broadcast_to(rng.integers(lo, hi, size=(4, 1, 1)), (4, 5, 5))  # noqa: E731
+    net.add("act1", Neuron(per_channel(4, 12), per_channel(-3, 9), per_channel(-2, 3), D), ["conv1"])
     net.add("pool1", SpikeMaxPool((2, 2), (2, 2), (0, 0, 1, 1)), ["act1"])  # -> (4, 3, 3)
     net.add("conv2", ConvSynapse(w(4, 4, 2, 2), (1, 1), (1, 1, 0, 0), (1, 1), 1), ["pool1"])  # -> (4, 3, 3)
-    net.add("skip2", DiagonalSynapse(w(4, 3, 3)), ["pool1"])
+    net.add("skip2", DiagonalSynapse(np.broadcast_to(w(4, 1, 1), (4, 3, 3)), exponent=1), ["pool1"])
     net.add("sum2", Add(), ["conv2", "skip2"])
     net.add("act2", _neuron(rng, (4, 3, 3), D + 1), ["sum2"])
     # branch A: sum pool -> current reshape -> dense on a current -> neuron
@@ -62,7 +64,7 @@ def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
     # branch B: tokens (transpose + reshape of spikes) -> dense per token -> neuron
     net.add("tokens_t", Transpose((1, 2, 0)), ["act2"])  # -> (3, 3, 4)
     net.add("tokens", Reshape((9, 4)), ["tokens_t"])
-    net.add("mix", DenseSynapse(w(5, 4)), ["tokens"])  # -> (9, 5)
+    net.add("mix", DenseSynapse(w(5, 4).astype(np.int8), exponent=2), ["tokens"])  # -> (9, 5)
     net.add("act_b", _neuron(rng, (9, 5), D + 2), ["mix"])  # "values"
     net.add("keys", Transpose((1, 0)), ["tokens"])  # -> (4, 9)
     net.add("scores", SpikeMatMul(2), ["tokens", "keys"])  # -> (9, 9) current, Q K^T
@@ -73,7 +75,9 @@ def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
     net.add("act_b_t", Transpose((1, 0)), ["act_av"])  # -> (5, 9)
     net.add("flat_b", Reshape((45,)), ["act_b_t"])
     net.add("head_b", DenseSynapse(w(3, 45)), ["flat_b"])
-    net.add("logits", Add(), ["head_a", "head_b"])
+    net.add("head_tok", DenseSynapse(w(3, 5)), ["act_b"])  # -> (9, 3): one head per token
+    net.add("head_c", ReduceSum((0,)), ["head_tok"])  # -> (3,): summed over tokens
+    net.add("logits", Add(), ["head_a", "head_b", "head_c"])
     net.add("out", Readout([0.5, -0.125, 3.0e-3], [0.25, -1.5, 0.0]), ["logits"])
     net.verify()
     return net

@@ -24,6 +24,7 @@ from csdc.ir import (
     Network,
     Neuron,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -79,6 +80,9 @@ INFER_CASES = [
     ("matmul rank 1", SpikeMatMul(), [(3,), (3,)], [SPIKES, SPIKES], r"SpikeMatMul needs"),
     ("matmul one input", SpikeMatMul(), [(2, 3)], [SPIKES], r"SpikeMatMul takes 2 input\(s\), got 1"),
     ("encode with an input", Encode((3,), 1.0, 0, 1), [(3,)], [CURRENT], r"Encode takes 0 input\(s\), got 1"),
+    ("reduce of spikes", ReduceSum((0,)), [(3, 2)], [SPIKES], r"ReduceSum input 0 must carry current, got spikes"),
+    ("reduce axis out of range", ReduceSum((2,)), [(3, 2)], [CURRENT], r"ReduceSum axes \(2,\) do not fit input \(3, 2\)"),
+    ("reduce every axis", ReduceSum((0, 1)), [(3, 2)], [CURRENT], r"at least one axis must remain"),
 ]
 
 
@@ -102,6 +106,7 @@ def test_infer_accepts_good_inputs() -> None:
     assert SpikeMatMul(3).infer([(2, 5, 3), (2, 3, 4)], [SPIKES, SPIKES]) == (2, 5, 4)
     assert SpikeMatMul(3).output_kind([SPIKES, SPIKES]) == CURRENT
     assert _neuron((2, 3)).output_kind([CURRENT]) == SPIKES
+    assert ReduceSum((2, 0)).infer([(4, 3, 2)], [CURRENT]) == (3,) and ReduceSum((2, 0)).axes == (0, 2)
 
 
 # ------------------------------------------------------------------- construction parameters
@@ -132,6 +137,9 @@ CONSTRUCT_CASES = [
     ("readout nan scale", lambda: Readout([np.nan], [0.0]), r"parameter 'scale' has non-finite values"),
     ("readout inf offset", lambda: Readout([1.0], [np.inf]), r"parameter 'offset' has non-finite values"),
     ("matmul weight 0", lambda: SpikeMatMul(0), r"SpikeMatMul weight must be non-zero"),
+    ("dense negative exponent", lambda: DenseSynapse(z(2, 2), exponent=-1), r"DenseSynapse weight exponent must be in 0..62, got -1"),
+    ("reduce no axes", lambda: ReduceSum(()), r"ReduceSum axes must be distinct non-negative axes"),
+    ("reduce repeated axis", lambda: ReduceSum((1, 1)), r"ReduceSum axes must be distinct"),
     ("network T 0", lambda: Network(0), r"time window T must be >= 1, got 0"),
 ]
 
@@ -298,3 +306,21 @@ def test_ops_do_not_alias_or_freeze_the_callers_arrays() -> None:
     r = Readout(scale, np.zeros(2))
     scale[0] = np.nan
     assert r.scale.tolist() == [1.0, 1.0]
+    per_channel = np.full((3, 1), 2, dtype=np.int64)
+    n = Neuron(np.broadcast_to(per_channel, (3, 4)), np.zeros((3, 4)), np.zeros((3, 4)), 1)
+    per_channel[:] = 0  # a broadcast view of a writable array is copied (its compact form only)
+    assert n.threshold.min() == 2 and n.threshold.shape == (3, 4) and 0 in n.threshold.strides
+
+
+def test_weights_keep_their_dtype_and_read_only_arrays_are_shared() -> None:
+    w = np.arange(-3, 3, dtype=np.int8).reshape(2, 3).copy()
+    w.flags.writeable = False  # nobody can change it: shared, not copied
+    view_of_writable = np.arange(-3, 3, dtype=np.int8).reshape(2, 3)
+    view_of_writable.flags.writeable = False  # its base still is writable: copied
+    assert not np.shares_memory(DenseSynapse(view_of_writable).mantissa, view_of_writable)
+    op = DenseSynapse(w.T, exponent=3)  # a transposed view of it too
+    assert op.mantissa.dtype == np.int8 and np.shares_memory(op.mantissa, w)
+    assert op.weight.dtype == np.int64 and np.array_equal(op.weight, w.T.astype(np.int64) * 8)
+    assert DenseSynapse(np.array([[200]], dtype=np.uint8)).mantissa.dtype == np.int16  # unsigned: widened, signed
+    writable = np.ones((2, 2), dtype=np.int16)
+    assert not np.shares_memory(DenseSynapse(writable).mantissa, writable)

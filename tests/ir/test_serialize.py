@@ -221,9 +221,9 @@ def test_json_header_cannot_smuggle_objects(sir_bytes: bytes, tmp_path: Path) ->
         load_bytes(tmp_path, with_header(sir_bytes, mutate))
 
     def bad_entry(h: dict) -> None:
-        node_desc(h, "fc_a")["arrays"]["weight"]["entry"] = "../../etc/passwd"
+        node_desc(h, "fc_a")["arrays"]["mantissa"]["entry"] = "../../etc/passwd"
 
-    with pytest.raises(SirFormatError, match=r"node 'fc_a': array 'weight'"):
+    with pytest.raises(SirFormatError, match=r"node 'fc_a': array 'mantissa'"):
         load_bytes(tmp_path, with_header(sir_bytes, bad_entry))
 
 
@@ -277,13 +277,13 @@ def test_corrupted_array_bytes_checksum_mismatch(sir_bytes: bytes, tmp_path: Pat
     """An array entry whose bytes changed but whose zip CRC is valid: the SHA-256 catches it."""
     files = entries(sir_bytes)
     header = json.loads(files["header.json"])
-    entry = node_desc(header, "conv1")["arrays"]["weight"]["entry"]
+    entry = node_desc(header, "conv1")["arrays"]["mantissa"]["entry"]
     blob = bytearray(files[entry])
     blob[-1] ^= 0x01  # last weight changes by one
     files[entry] = bytes(blob)
     path = tmp_path / "corrupt.sir"
     path.write_bytes(rezip(files))
-    with pytest.raises(SirFormatError, match=r"node 'conv1': array 'weight' checksum mismatch") as info:
+    with pytest.raises(SirFormatError, match=r"node 'conv1': array 'mantissa' checksum mismatch") as info:
         serialize.load(path)
     assert_clear_error(info.value, str(path))
 
@@ -300,7 +300,7 @@ def test_tampered_header_digest_mismatch(sir_bytes: bytes, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("version,pattern", [
-    (2, r"format version 2 is newer than this csdc supports \(1\); upgrade csdc"),
+    (3, r"format version 3 is newer than this csdc supports \(2\); upgrade csdc"),
     (999, r"format version 999 is newer"),
     (0, r"format version 0 is no longer supported; recompile"),
     (-1, r"format version -1 is no longer supported"),
@@ -337,6 +337,35 @@ def test_older_versions_go_through_upgrades(sir_bytes: bytes, net: Network, tmp_
     loaded, _ = load_bytes(tmp_path, with_header(sir_bytes, lambda h: h.update(format_version=0)))
     assert loaded.metadata["upgraded"] is True
     assert loaded.order() == net.order()
+
+
+def test_version_1_files_load_with_weights_as_mantissas(sir_bytes: bytes, net: Network, tmp_path: Path) -> None:
+    """Version 1 stored one ``weight`` array per synapse (no exponent); it loads as mantissa * 2**0."""
+    def to_v1(h: dict) -> None:
+        h["format_version"] = 1
+        for node in h["nodes"]:
+            if "mantissa" in node["arrays"]:
+                node["arrays"]["weight"] = node["arrays"].pop("mantissa")
+                node["attributes"].pop("exponent")
+
+    loaded, _ = load_bytes(tmp_path, with_header(sir_bytes, to_v1))
+    for name, op in net.nodes():
+        if hasattr(op, "mantissa"):
+            assert loaded.op(name).exponent == 0
+            assert np.array_equal(loaded.op(name).mantissa, op.mantissa), name
+
+
+def test_broadcast_parameters_are_stored_compactly(net: Network, tmp_path: Path) -> None:
+    """Per-channel values given as a broadcast view are written once per channel and load as a view."""
+    header = json.loads(entries(serialize.to_bytes(net))["header.json"])
+    desc = node_desc(header, "act1")["arrays"]["threshold"]
+    assert desc["shape"] == [4, 1, 1] and desc["broadcast_to"] == [4, 5, 5]
+    assert "broadcast_to" not in node_desc(header, "conv1")["arrays"]["mantissa"]
+    path = tmp_path / "b.sir"
+    serialize.save(net, path)
+    thr = serialize.load(path).op("act1").threshold
+    assert thr.shape == (4, 5, 5) and 0 in thr.strides and not thr.flags.writeable
+    assert np.array_equal(thr, net.op("act1").threshold)
 
 
 def test_invalid_network_in_a_consistent_file(sir_bytes: bytes, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from csdc.ir.ops import (
     Encode,
     Neuron,
     Op,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -122,7 +123,7 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
             m, n = net.info(ins[0]).shape[-2], net.info(ins[1]).shape[-1]
             ca, cb = _spike_counts_of(net, ins[0], counts), _spike_counts_of(net, ins[1], counts)
             stats[name] = NodeStats(acs=int(n * ca.sum() + m * cb.sum()))
-        elif isinstance(op, (Add, Reshape, Transpose)) and ins and all(s in const for s in ins):
+        elif isinstance(op, (Add, ReduceSum, Reshape, Transpose)) and ins and all(s in const for s in ins):
             const[name] = np.sum([const[s] for s in ins], axis=0) if isinstance(op, Add) else _linear(op, const[ins[0]])
     return stats
 

@@ -4,7 +4,8 @@ schedule (offsets and delay balancing). Pure numpy / scipy: no lava import.
 Process mapping (see docs/lava.md):
 
 - ``DenseSynapse`` on a 1-D input -> Lava ``Dense``; ``DenseSynapse`` on an N-D input,
-  ``DiagonalSynapse``, ``SumPool`` -> Lava ``Sparse`` (the op as a sparse integer matrix);
+  ``DiagonalSynapse``, ``SumPool``, ``ReduceSum`` -> Lava ``Sparse`` (the op as a sparse integer
+  matrix; a ReduceSum is a matrix of ones fed by a current);
   ``ConvSynapse`` -> Lava ``Sparse`` (default) or Lava ``Conv`` (``conv="lava.Conv"``). Each
   only where its fixed-point model is exact: Dense and Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
   and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
@@ -46,6 +47,7 @@ from csdc.ir.ops import (
     Neuron,
     Op,
     Readout,
+    ReduceSum,
     Reshape,
     SpikeMatMul,
     SpikeMaxPool,
@@ -106,6 +108,11 @@ def linear_matrix(op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...])
         return sp.kron(sp.identity(lead, dtype=np.int64, format="csr"), sp.csr_matrix(op.weight), format="csr").astype(np.int64)
     if isinstance(op, DiagonalSynapse):
         return sp.diags(op.weight.ravel().astype(np.int64), format="csr", dtype=np.int64)
+    if isinstance(op, ReduceSum):
+        kept = [d for d in range(len(in_shape)) if d not in op.axes]
+        coords = np.indices(in_shape).reshape(len(in_shape), -1)
+        rows = np.ravel_multi_index(tuple(coords[d] for d in kept), out_shape)
+        return sp.csr_matrix((np.ones(n_in, np.int64), (rows, np.arange(n_in))), shape=(n_out, n_in))
     if isinstance(op, (ConvSynapse, SumPool)):
         if isinstance(op, ConvSynapse):
             kh, kw = op.weight.shape[2:]
@@ -153,7 +160,7 @@ def abs_bounds(net: Network) -> dict[str, int]:
             b[name] = max(abs(op.lo), abs(op.hi))
         elif isinstance(op, (Neuron, SpikeMaxPool)):
             b[name] = 1
-        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool)):
+        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse, SumPool, ReduceSum)):
             m = linear_matrix(op, net.info(net.inputs(name)[0]).shape, net.info(name).shape)
             row = np.asarray(abs(m).sum(axis=1)).ravel()
             b[name] = int(row.max(initial=0)) * ins[0]
@@ -458,6 +465,7 @@ LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ..
     ConvSynapse: _Planner._linear_op,
     DiagonalSynapse: _Planner._linear_op,
     SumPool: _Planner._linear_op,
+    ReduceSum: _Planner._linear_op,
     Neuron: _Planner._neuron,
     SpikeMaxPool: _Planner._maxpool,
     SpikeMatMul: _Planner._matmul,

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from csdc.compiler.qgraph import QGraph, QNode
+from csdc.ir.ops import narrowest
 from csdc.errors import UnsupportedModelError
 
 
@@ -57,15 +58,15 @@ def quantize_weight(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, f
 
 def _weight(graph: QGraph, name: str, out_axis: int, bits: int) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """Integer weights with the output axis first, their per-output scale, error, and whether quantized here."""
-    w = graph.constants[name]
+    w = graph.constants[name]  # np.asarray only when it has to be quantized here
     if name in graph.qconstants:
         ints, scale, axis = graph.qconstants[name]
         if axis is None or axis == out_axis:
             ints = np.moveaxis(ints, out_axis, 0)
             sc = np.broadcast_to(scale.reshape(-1), (ints.shape[0],)).astype(np.float64) if scale.size > 1 else np.full(ints.shape[0], float(scale.reshape(-1)[0]))
-            return ints.astype(np.int64), sc, 0.0, False
+            return ints, sc, 0.0, False  # as narrow as the model stored them
     ints, sc, err = quantize_weight(np.moveaxis(np.asarray(w, dtype=np.float64), out_axis, 0), bits)
-    return ints, sc, err, True
+    return narrowest(ints), sc, err, True
 
 
 def _bias(graph: QGraph, name: str | None, n_out: int) -> np.ndarray:

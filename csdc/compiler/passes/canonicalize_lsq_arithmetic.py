@@ -137,8 +137,7 @@ def canonicalize_lsq_arithmetic(graph: QGraph) -> QGraph:
                     problems.append((mul.name, "Mul", "weight steps must vary along at most one axis"))
                     continue
                 out_name = mul.outputs[0]
-                graph.constants[out_name] = (ints * np.broadcast_to(s_out.reshape((1,) * (ints.ndim - s_out.ndim) + s_out.shape) if s_out.ndim else s_out, ints.shape)).astype(np.float32)
-                graph.qconstants[out_name] = (ints, s_out.reshape(-1).copy(), axis)
+                graph.add_dequantized(out_name, ints, s_out, axis)
                 for n in chain:
                     drop.add(n.name)
                     graph.provenance[n.name] = f"integer weights {out_name}"

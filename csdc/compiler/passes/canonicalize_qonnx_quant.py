@@ -101,9 +101,7 @@ def canonicalize_qonnx_quant(graph: QGraph) -> QGraph:
             x = np.asarray(graph.constants[n.inputs[0]], dtype=np.float64)
             levels = np.clip(np.rint(x / scale + zp), lo, hi)  # np.rint: half to even, as QONNX ROUND
             ints = (levels - zp).astype(np.int64)
-            graph.constants[n.outputs[0]] = (ints * scale).astype(np.float32)
-            axis = channel_axis(scale, x.ndim)
-            graph.qconstants[n.outputs[0]] = (ints, scale.reshape(-1), axis)
+            graph.add_dequantized(n.outputs[0], ints, scale, channel_axis(scale, x.ndim))
             graph.provenance[n.name] = f"integer weights {n.outputs[0]} ({bits}-bit)"
             continue
         z = int(zp.reshape(-1)[0])

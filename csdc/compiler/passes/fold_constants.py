@@ -9,14 +9,15 @@ every per-sample shape from shape inference, not from these values. ``Slice``, `
 Invariant established: no node has only constant inputs, and no Shape node remains where the shape is known; the outputs of such nodes are in
 ``graph.constants``. A constant produced by ``DequantizeLinear`` also keeps its integer view
 (``graph.qconstants[name] = (ints - zero_point, scale, axis)``) so that quantized weights stay
-integers instead of being re-quantized.
+integers instead of being re-quantized; its float value is not computed unless a pass reads it
+(:class:`csdc.compiler.qgraph.Dequantized`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from csdc.compiler.qgraph import QGraph, QNode
+from csdc.compiler.qgraph import Dequantized, QGraph, QNode
 from csdc.errors import UnsupportedModelError
 
 
@@ -39,10 +40,11 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axi
     return np.clip(q, lo, hi).astype(dtype)
 
 
-def dequantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """ONNX DequantizeLinear; returns (float values, integer values minus zero point)."""
-    ints = x.astype(np.int64) - (_bcast(zp.astype(np.int64), x, axis) if zp is not None else 0)
-    return (ints * _bcast(scale.astype(np.float32), x, axis)).astype(np.float32), ints
+def dequantize_ints(x: np.ndarray, zp: np.ndarray | None, axis: int = 1) -> np.ndarray:
+    """The integers of ONNX DequantizeLinear, ``x - zero_point`` (``x`` itself when there is no offset)."""
+    if x.dtype.kind == "i" and (zp is None or not np.any(zp)):
+        return x
+    return x.astype(np.int64) - (_bcast(zp.astype(np.int64), x, axis) if zp is not None else 0)
 
 
 def _constant_node_value(node: QNode) -> np.ndarray:
@@ -67,10 +69,9 @@ def _evaluate(node: QNode, vals: list[np.ndarray | None], graph: QGraph) -> np.n
         return quantize_linear(x, vals[1], vals[2] if len(vals) > 2 else None, a.get("axis", 1))
     if op == "DequantizeLinear":
         axis = a.get("axis", 1)
-        out, ints = dequantize_linear(x, vals[1], vals[2] if len(vals) > 2 else None, axis)
-        scale = vals[1].astype(np.float64).reshape(-1)
-        graph.qconstants[node.outputs[0]] = (ints, scale, (axis % x.ndim) if scale.size > 1 else None)
-        return out
+        ints = dequantize_ints(x, vals[2] if len(vals) > 2 else None, axis)
+        graph.add_dequantized(node.outputs[0], ints, vals[1], (axis % x.ndim) if x.ndim else None)
+        return graph.constants[node.outputs[0]]
     if op == "Clip":
         lo = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("min")
         hi = vals[2] if len(vals) > 2 and vals[2] is not None else a.get("max")
@@ -146,10 +147,10 @@ def fold_constants(graph: QGraph) -> QGraph:
                 continue
         data_inputs = [i for i in node.inputs if i]
         if data_inputs and all(graph.is_const(i) for i in data_inputs):
-            vals = [graph.constants[i] if i else None for i in node.inputs]
+            vals = [np.asarray(graph.constants[i]) if i else None for i in node.inputs]
             value = _evaluate(node, vals, graph)
             if value is not None:
-                graph.constants[node.outputs[0]] = np.asarray(value)
+                graph.constants[node.outputs[0]] = value if isinstance(value, Dequantized) else np.asarray(value)
                 graph.provenance[node.name] = "constant"
                 continue
         kept.append(node)
