@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/compile_scaling.py [--sizes 8-384,8-576,8-768] [--output FILE]
 
 Each model is built with random weights, calibrated on two random images, exported as
-QCDQ ONNX into a temporary directory and compiled in a child process (see
-``benchmarks/run.py``: wall time, and the compile's own peak RSS above the RSS after
+QCDQ ONNX into a temporary directory and compiled and written as a .sir in a child process
+(see ``benchmarks/run.py``: wall time, and the compile's own peak RSS above the RSS after
 imports). Prints one markdown table; the targets are < 60 s and peak < 3x the ONNX size
 for CSDformer-8-768, and time linear in the parameter count.
 """
@@ -46,11 +46,11 @@ def export(depth: int, dim: int, path: Path) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="8-384,8-576,8-768", help="comma-separated depth-dim list")
+    p.add_argument("--sizes", default="4-192,8-384,8-576,8-768", help="comma-separated depth-dim list")
     p.add_argument("--output", help="append the table to this markdown file")
     args = p.parse_args()
-    head = ("| model | parameters | ONNX | export | compile | compile peak memory (above RSS after imports) "
-            "| peak / ONNX | s per M parameters |\n|---|---|---|---|---|---|---|---|")
+    head = ("| model | parameters | ONNX | export | compile (incl. writing the .sir) | .sir | compile peak memory "
+            "(above RSS after imports) | peak / ONNX | s per M parameters |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
@@ -59,11 +59,12 @@ def main() -> int:
             t0 = time.perf_counter()
             params = export(depth, dim, path)
             t_export = time.perf_counter() - t0
-            c = compile_model(path, Path(tmp) / "net.sir")
+            sir = Path(tmp) / "net.sir"
+            c = compile_model(path, sir)
             extra = c["peak_rss_mib"] - c["base_rss_mib"]
             line = (f"| CSDformer-{depth}-{dim} (224x224, 196 tokens) | {params / 1e6:.1f} M | {c['onnx_mib']:.0f} MiB "
-                    f"| {t_export:.0f} s | {c['seconds']:.1f} s | {extra:.0f} MiB | {extra / c['onnx_mib']:.1f}x "
-                    f"| {c['seconds'] / (params / 1e6):.2f} |")
+                    f"| {t_export:.0f} s | {c['seconds']:.1f} s | {sir.stat().st_size / 2**20:.0f} MiB | {extra:.0f} MiB "
+                    f"| {extra / c['onnx_mib']:.1f}x | {c['seconds'] / (params / 1e6):.2f} |")
             print(line, flush=True)
             lines.append(line)
             path.unlink()

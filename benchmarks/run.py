@@ -101,12 +101,13 @@ def _rss_mib(field_name: str) -> float:
 
 
 def _compile_child(model: str, out: str) -> None:
-    """Child-process entry: compile ``model`` to ``out`` and print a JSON line with the wall
-    time and the peak RSS of the compile alone (the high-water mark is reset after imports
-    through /proc/self/clear_refs, so the imports' peak does not hide it)."""
+    """Child-process entry: compile ``model`` and write it to ``out`` (what ``csdc compile`` does),
+    and print a JSON line with the wall time and the peak RSS of that alone (the high-water mark is
+    reset after imports through /proc/self/clear_refs, so the imports' peak does not hide it)."""
     import onnx  # noqa: F401  (import cost outside the measured region)
 
     from csdc.compiler.pipeline import compile_onnx
+    from csdc.ir.ops import compact
     from csdc.ir.serialize import save
 
     base = _rss_mib("VmRSS")
@@ -116,10 +117,10 @@ def _compile_child(model: str, out: str) -> None:
         pass
     t0 = time.perf_counter()
     net, rep = compile_onnx(model)
+    save(net, out)
     seconds = time.perf_counter() - t0
     peak = _rss_mib("VmHWM")
-    save(net, out)
-    params = sum(int(arr.size) for _, op in net.nodes() for arr in op.arrays().values())
+    params = sum(int(compact(arr).size) for _, op in net.nodes() for arr in op.arrays().values())
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "base_rss_mib": base,
                       "synapses": int(rep.synapses), "neurons": int(rep.neurons), "ir_values": params}))
 
