@@ -7,9 +7,12 @@ Every op consumes tensors of a declared *kind* and produces one tensor:
 
 Shapes never include the batch or time axes. ``Op.infer(in_shapes, in_kinds)`` checks the
 inputs and returns the output shape; it raises :class:`csdc.errors.IRError` naming the
-problem. Array parameters are integer numpy arrays, frozen (read-only) on construction.
-The only floats are the input quantizer step of :class:`Encode` and the dequantization
-of :class:`Readout`.
+problem. Array parameters are integer numpy arrays, frozen (read-only) on construction;
+synapse weights are ``mantissa * 2**exponent`` with the mantissa in the narrowest dtype the
+compiler found (a model's own int8 weights stay int8), and values shared by a channel may be
+a broadcast view of the per-channel array (memory and ``.sir`` size of the parameters, not of
+the activations). The only floats are the input quantizer step of :class:`Encode` and the
+dequantization of :class:`Readout`.
 
 Timing (layer-synchronous semantics, SPEC section 3): every tensor is a sequence over
 local steps 1..T. Synapses, pools, adds and routing ops act step by step (latency 0);
