@@ -350,6 +350,22 @@ def test_spike_matmul_int32_partial_products() -> None:
     assert res.counts["n"][0, 0, 0] == min(T, sum(K * (2 * t - 1) for t in range(1, T + 1)) // 1000)
 
 
+@pytest.mark.parametrize("perm", [(1, 0), (0, 2, 1), (1, 0, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0), (3, 1, 0, 2)])
+def test_transpose_of_spikes(perm: tuple[int, ...]) -> None:
+    """Transposes up to three element axes are copied by kernels.permute, more by numpy."""
+    shape = (2, 3, 4, 5)[:len(perm)]
+    net, s = spiking_input(shape, 3)
+    net.add("tr", Transpose(perm), [s])
+    shape_t = tuple(shape[p] for p in perm)
+    net.add("d", DiagonalSynapse(np.ones(shape_t, dtype=np.int64)), ["tr"])
+    net.add("n", neuron(shape_t, 1, 0), ["d"])  # fires exactly when its input does
+    readout_net(net, "n")
+    x = random_x(shape, 3, seed=23)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    assert np.array_equal(res.trains["n"], res.trains[s].transpose(0, 1, *(p + 2 for p in perm)))
+
+
 def test_large_weights_use_int64_currents() -> None:
     T = 3
     net, s = spiking_input((4,), T)
@@ -406,9 +422,11 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("c2", ConvSynapse(np.ones((2, 2, 4, 4), int)), ["n3"])
     net.add("c3", ConvSynapse(np.ones((2, 1, 2, 2), int), groups=2), ["n1"])  # grouped: conv_spikes
     net.add("sum", Add(), ["c2", "c3"])
-    net.add("f", Reshape((8,)), ["sum"])
-    net.add("n2", neuron((8,), 2, 0), ["f"])
-    net.add("d", DenseSynapse(np.ones((3, 8), int)), ["n2"])
+    net.add("f", Reshape((2, 4)), ["sum"])
+    net.add("n2", neuron((2, 4), 2, 0), ["f"])
+    net.add("tr", Transpose((1, 0)), ["n2"])
+    net.add("f2", Reshape((8,)), ["tr"])
+    net.add("d", DenseSynapse(np.ones((3, 8), int)), ["f2"])
     net.add("d1", DenseSynapse(np.ones((3, 3), int)), ["d"])
     net.add("out", Readout(np.ones(3), np.zeros(3)), ["d1"])
     return net, random_x((2, 5, 5), 2)

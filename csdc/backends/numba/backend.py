@@ -57,7 +57,6 @@ from csdc.ir.ops import (
     Neuron,
     Op,
     Readout,
-    ReduceSum,
     Reshape,
     Shape,
     SpikeMatMul,
@@ -329,22 +328,6 @@ def _add(op: Add, ctx: NodeContext) -> Step:
 
 
 @dataclass(frozen=True, slots=True)
-class ReduceSumStep:
-    """Sum of a current over element axes (adds only; no synaptic events)."""
-
-    axes: tuple[int, ...]  # element axes (batch and time axes excluded)
-    bound: int
-
-    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
-        return ins[0].sum(axis=tuple(a + 2 for a in self.axes), dtype=_current_dtype(self.bound))
-
-
-@_builds(ReduceSum)
-def _reduce_sum(op: ReduceSum, ctx: NodeContext) -> Step:
-    return ReduceSumStep(op.axes, ctx.in_bounds[0] * int(np.prod([ctx.in_shapes[0][a] for a in op.axes])))
-
-
-@dataclass(frozen=True, slots=True)
 class NeuronStep:
     """DIF neurons; ``threshold``, ``v0``, ``bias`` flattened to (N,), int32 when the membrane
     potential provably stays below 2^31 in magnitude, else int64."""
@@ -480,13 +463,25 @@ def _reshape(op: Reshape, ctx: NodeContext) -> Step:
 
 @dataclass(frozen=True, slots=True)
 class TransposeStep:
-    """Routing: permute the element axes (copied so kernels see contiguous arrays)."""
+    """Routing: permute the element axes (copied so kernels see contiguous arrays; by
+    :func:`kernels.permute` for up to three element axes, else by numpy)."""
 
     perm: tuple[int, ...]
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
-        return np.ascontiguousarray(ins[0].transpose(0, 1, *(p + 2 for p in self.perm)))
+        x = ins[0]
+        view = x.transpose(0, 1, *(p + 2 for p in self.perm))
+        if view.flags.c_contiguous:
+            return view
+        if len(self.perm) > 3 or view.flags.f_contiguous:
+            return np.ascontiguousarray(view)
+        # batch and time merged, unit axes after them up to 4-D: a strided ('A' layout) view
+        src = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).transpose(0, *(p + 1 for p in self.perm))
+        src = src.reshape(src.shape[0], *(1,) * (3 - len(self.perm)), *src.shape[1:]) if len(self.perm) < 3 else src
+        out = np.empty(src.shape, dtype=x.dtype)
+        K.permute(src, out)
+        return out.reshape(view.shape)
 
 
 @_builds(Transpose)
@@ -604,7 +599,8 @@ def _fill_kernel_cache() -> None:
     net.add("mm", SpikeMatMul(1), ["mp", "n1"])
     net.add("sum", Add(), ["sp", "c1", "mm"])
     net.add("n2", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["sum"])
-    net.add("f", Reshape((9,)), ["n2"])
+    net.add("tr", Transpose((0, 2, 1)), ["n2"])
+    net.add("f", Reshape((9,)), ["tr"])
     net.add("d1", DenseSynapse(one((2, 9))), ["f"])
     net.add("c2", ConvSynapse(one((1, 1, 1, 1)), stride=(1, 2)), ["n1"])  # column stride 2: conv_spikes
     net.add("n3", Neuron(one((1, 3, 2)), one((1, 3, 2)), one((1, 3, 2)) * 0, 0), ["c2"])

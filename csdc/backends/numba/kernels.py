@@ -466,9 +466,10 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, pr
     spike ``A(t)[m, k]`` adds the counts ``C_B(t)[k, :]`` to row ``m`` (N targets); returns the
     ACs (the targets). Counts and the two partial products are kept in ``proto.dtype``
     (int16 when the caller checked ``K * T < 2^15``: then every partial sum fits, and twice
-    the lanes of int32); the spikes of a row (column) are gathered and their count vectors
-    added four at a time; the column sums go to a transposed buffer (contiguous adds), and
-    ``weight`` multiplies each output once.
+    the lanes of int32); the spikes of a row of A(t) are gathered and their count vectors
+    added four at a time; those of a row k of B(t) add column k of C_A(t-1) to a transposed
+    buffer (contiguous adds, added to the output once per step), and ``weight`` multiplies
+    each output once.
     """
     B, T, L, M, K = a.shape
     N = bm.shape[4]
@@ -476,7 +477,7 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, pr
     count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
     col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
     rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
-    idx = np.empty(K + 1, dtype=np.int64)
+    idx = np.empty(max(K, N) + 1, dtype=np.int64)
     n_ac = 0
     for b in range(B):
         for l in range(L):
@@ -486,15 +487,18 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, pr
                 o = out[b, t, l]
                 bt = bm[b, t, l]
                 at = a[b, t, l]
-                # B(t) spikes of column n add the counts C_A(t-1)[:, k] (count_a not yet
-                # updated); then C_B includes step t.
+                # A spike B(t)[k, n] adds the counts C_A(t-1)[:, k] (count_a not yet updated) to
+                # column n; B(t) is read by rows (contiguous); then C_B includes step t.
                 nb = 0
-                for n in range(N):
-                    cn = col[n]
-                    cn[:] = 0
-                    k = _gather_spikes(bt[:, n], idx)
+                col[:] = 0
+                for kk in range(K):
+                    k = _gather_spikes(bt[kk], idx)
                     nb += k
-                    _add_rows(cn, count_a, idx, k)
+                    cak = count_a[kk]
+                    for j in range(k):
+                        cn = col[idx[j]]
+                        for i in range(M):
+                            cn[i] += cak[i]
                 for kk in range(K):
                     cbk = count_b[kk]
                     btk = bt[kk]
@@ -578,8 +582,24 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     return total, np.int64(peak)
 
 
+@njit(nogil=True, cache=True)
+def permute(src: np.ndarray, out: np.ndarray) -> None:
+    """The copy of a Transpose: ``out[...] = src[...]`` for a strided 4-D view ``src`` (batch
+    and time axes merged, padded with unit axes; never contiguous) and a C-contiguous ``out``
+    of the same shape, in ``out``'s order (numpy's generic copy is slow on short rows)."""
+    A, B, C, D = out.shape
+    for i in range(A):
+        for j in range(B):
+            for k in range(C):
+                s = src[i, j, k]
+                o = out[i, j, k]
+                for m in range(D):
+                    o[m] = s[m]
+
+
 KERNELS: tuple[Dispatcher, ...] = (
-    dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool, spike_matmul, dif_neurons,
+    dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool,
+    spike_matmul, dif_neurons, permute,
 )
 
 
