@@ -33,6 +33,7 @@ samples, never inside a kernel.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -157,7 +158,7 @@ def _builds(op_type: type[Op]) -> Callable[[StepBuilder], StepBuilder]:
 def _aligned_empty(shape: int | Shape, dtype: type, align: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
     (whole-vector loads and stores of its rows do not straddle cache lines)."""
-    n = int(np.prod(shape))
+    n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     itemsize = np.dtype(dtype).itemsize
     buf = np.empty(n * itemsize + align, dtype=np.uint8)
     off = -buf.ctypes.data % align
@@ -208,7 +209,7 @@ class DenseStep:
         x = ins[0]
         n_in, n_out = self.w_t.shape
         lead = x.shape[1:-1]  # (Tc, *leading axes)
-        flat = x.reshape(x.shape[0], int(np.prod(lead)), n_in)
+        flat = x.reshape(x.shape[0], math.prod(lead), n_in)
         dt = _current_dtype(self.bound)
         if self.from_spikes:
             out = np.empty((x.shape[0], flat.shape[1], n_out), dtype=dt)  # every row is written
@@ -292,18 +293,26 @@ def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
 class DiagonalStep:
     """One-to-one synapses: each spike adds its own weight (1 AC)."""
 
-    weight: np.ndarray
+    weight: np.ndarray  # flattened, narrowest type
+    from_spikes: bool
     bound: int
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         s = ins[0]
-        stats.acs += int(np.count_nonzero(s))
-        return np.multiply(s, self.weight, dtype=_current_dtype(self.bound))
+        if not self.from_spikes:  # a current (from the encoded input): numpy, one AC per nonzero value
+            stats.acs += int(np.count_nonzero(s))
+            return np.multiply(s, self.weight.reshape(s.shape[2:]), dtype=_current_dtype(self.bound))
+        b, t = s.shape[:2]
+        out = np.empty(s.shape, dtype=_current_dtype(self.bound))
+        n = self.weight.size
+        stats.acs += K.diagonal_spikes(s.reshape(b, t, n), self.weight, out.reshape(b, t, n))
+        return out
 
 
 @_builds(DiagonalSynapse)
 def _diagonal(op: DiagonalSynapse, ctx: NodeContext) -> Step:
-    return DiagonalStep(op.weight, int(np.abs(op.weight.astype(np.float64)).max(initial=0)))
+    return DiagonalStep(_aligned(_narrow(op.weight.ravel())), ctx.in_kinds[0] == SPIKES,
+                        int(np.abs(op.weight.astype(np.float64)).max(initial=0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,10 +324,17 @@ class AddStep:
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         if len(ins) == 1:
             return ins[0]
-        out = np.empty(np.broadcast_shapes(*(a.shape for a in ins)), dtype=_current_dtype(self.bound))
-        np.add(ins[0], ins[1], out=out)  # same-kind casts: the bound says the sum fits
+        b = ins[0].shape[0]
+        t = max(a.shape[1] for a in ins)
+        shape = ins[0].shape[2:]
+        n = math.prod(shape)
+        out = np.empty((b, t, *shape), dtype=_current_dtype(self.bound))
+        flat = out.reshape(b, t, n)
+        # int32 + int32 sums fit int32 when the output is int32 (the bound says so); wider
+        # inputs only occur with an int64 output
+        K.add_currents(ins[0].reshape(b, ins[0].shape[1], n), ins[1].reshape(b, ins[1].shape[1], n), flat)
         for a in ins[2:]:
-            np.add(out, a, out=out)
+            K.add_currents(flat, a.reshape(b, a.shape[1], n), flat)
         return out
 
 
@@ -427,7 +443,7 @@ class SpikeMatMulStep:
         bsz, T = a.shape[:2]
         m, k = a.shape[-2:]
         n = b.shape[-1]
-        lead = int(np.prod(a.shape[2:-2]))
+        lead = math.prod(a.shape[2:-2])
         out = np.empty((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))  # all written
         stats.acs += K.spike_matmul(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out,
                                     self.proto)
@@ -599,7 +615,9 @@ def _fill_kernel_cache() -> None:
     net.add("mm", SpikeMatMul(1), ["mp", "n1"])
     net.add("sum", Add(), ["sp", "c1", "mm"])
     net.add("n2", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["sum"])
-    net.add("tr", Transpose((0, 2, 1)), ["n2"])
+    net.add("dg", DiagonalSynapse(one((1, 3, 3))), ["n2"])
+    net.add("n4", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["dg"])
+    net.add("tr", Transpose((0, 2, 1)), ["n4"])
     net.add("f", Reshape((9,)), ["tr"])
     net.add("d1", DenseSynapse(one((2, 9))), ["f"])
     net.add("c2", ConvSynapse(one((1, 1, 1, 1)), stride=(1, 2)), ["n1"])  # column stride 2: conv_spikes

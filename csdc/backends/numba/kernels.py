@@ -160,6 +160,17 @@ def _conv_reach(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return reach
 
 
+@njit(inline="always")
+def _write_channels_first(acc: np.ndarray, scale: int, out: np.ndarray) -> None:
+    """``out[o, p] = acc[p, o] * scale``: a step's channels-last accumulators (positions x
+    channels) to the channels-first output (contiguous reads, one strided write each)."""
+    P, O = acc.shape
+    for p in range(P):
+        ap = acc[p]
+        for o in range(O):
+            out[o, p] = ap[o] * scale
+
+
 @njit(nogil=True, cache=True)
 def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pad: np.ndarray, dilation: np.ndarray,
                 out: np.ndarray, proto: np.ndarray) -> int:
@@ -226,10 +237,7 @@ def conv_spikes(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, pa
                                     for jj in range(og):
                                         tgt[jj] += wk[jj]
                                     j += 1
-            for o in range(O):
-                for oy in range(OH):
-                    for ox in range(OW):
-                        out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
+            _write_channels_first(acc.reshape(OH * OW, O), scale, out[b, m].reshape(O, OH * OW))
     return n_ac
 
 
@@ -302,10 +310,7 @@ def conv_spikes_rows(s: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarra
                             for jj in range(L):
                                 tgt[jj] += wk[jj]
                             j += 1
-            for o in range(O):
-                for oy in range(OH):
-                    for ox in range(OW):
-                        out[b, m, o, oy, ox] = acc[oy, ox * O + o] * scale
+            _write_channels_first(acc.reshape(OH * OW, O), scale, out[b, m].reshape(O, OH * OW))
     return n_ac
 
 
@@ -346,10 +351,7 @@ def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, 
                                 for j in range(og):
                                     tgt[j] += q * wk[j]
                                 n_mac += og
-            for o in range(O):
-                for oy in range(OH):
-                    for ox in range(OW):
-                        out[b, m, o, oy, ox] = acc[oy, ox, o] * scale
+            _write_channels_first(acc.reshape(OH * OW, O), scale, out[b, m].reshape(O, OH * OW))
     return n_mac
 
 
@@ -583,6 +585,38 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
 
 
 @njit(nogil=True, cache=True)
+def diagonal_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray) -> int:
+    """One-to-one synapses: ``out[b, t, n] = s[b, t, n] * w[n]`` for ``s`` (B, T, N) uint8
+    spikes; returns the ACs (one per spike)."""
+    B, T, N = s.shape
+    n_ac = 0
+    for b in range(B):
+        for t in range(T):
+            st = s[b, t]
+            ot = out[b, t]
+            k = 0
+            for n in range(N):
+                ot[n] = st[n] * w[n]
+                k += st[n]
+            n_ac += k
+    return n_ac
+
+
+@njit(nogil=True, cache=True)
+def add_currents(a: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+    """``out = a + c`` for currents (B, Ta, N) and (B, Tc, N) with a time axis of length T or
+    1 (a constant current, broadcast over time); ``out`` (B, T, N) may be ``a``."""
+    B, T, N = out.shape
+    for b in range(B):
+        for t in range(T):
+            at = a[b, t if a.shape[1] > 1 else 0]
+            ct = c[b, t if c.shape[1] > 1 else 0]
+            ot = out[b, t]
+            for n in range(N):
+                ot[n] = at[n] + ct[n]
+
+
+@njit(nogil=True, cache=True)
 def permute(src: np.ndarray, out: np.ndarray) -> None:
     """The copy of a Transpose: ``out[...] = src[...]`` for a strided 4-D view ``src`` (batch
     and time axes merged, padded with unit axes; never contiguous) and a C-contiguous ``out``
@@ -599,7 +633,7 @@ def permute(src: np.ndarray, out: np.ndarray) -> None:
 
 KERNELS: tuple[Dispatcher, ...] = (
     dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool,
-    spike_matmul, dif_neurons, permute,
+    spike_matmul, dif_neurons, diagonal_spikes, add_currents, permute,
 )
 
 
