@@ -34,6 +34,7 @@ samples, never inside a kernel.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -645,6 +646,7 @@ class _Program:
     frees: list[tuple[int, ...]]
     role: list[int]
     shapes: list[Shape]
+    reported: list[int]  # nodes whose activity is reported (populations and synapses)
     input_shape: Shape
     readout: Readout
 
@@ -660,15 +662,16 @@ def _program(net: Network) -> _Program:
     role = [_ENCODE if isinstance(p.op, Encode) else _FIRES if isinstance(p.op, (Neuron, SpikeMaxPool))
             else _READOUT if isinstance(p.op, Readout) else _PLAIN for p in nodes]
     return _Program(nodes, inputs, [tuple(j for j in ins if last[j] == i) for i, ins in enumerate(inputs)], role,
-                    [net.info(p.name).shape for p in nodes], net.input_shape, net.op(net.output_name))
+                    [net.info(p.name).shape for p in nodes], [i for i, p in enumerate(nodes) if isinstance(p.op, _REPORTED)],
+                    net.input_shape, net.op(net.output_name))
 
 
 _POOL: ThreadPoolExecutor | None = None
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads (kept between runs: no thread start-up per
-    batch), replaced when the number of numba threads changes."""
+    """A process-wide pool of ``workers`` helper threads (kept between runs: no thread start-up
+    per batch), replaced when the number of numba threads changes."""
     global _POOL
     if _POOL is None or _POOL._max_workers != workers:
         if _POOL is not None:
@@ -735,19 +738,36 @@ class NumbaBackend:
         workers = min(numba.get_num_threads(), len(starts))
         if workers > 1:
             # Coarse-grained parallelism: whole chunks run through the network in threads
-            # (the kernels release the GIL); a worker that finishes early takes the next chunk.
-            parts = list(_pool(workers).map(run_chunk, starts))
+            # (the kernels release the GIL); this thread is one of the workers, and a worker
+            # that finishes early takes the next chunk.
+            parts: list[_ChunkResult | None] = [None] * len(starts)
+            todo = iter(range(len(starts)))
+            lock = threading.Lock()
+
+            def work() -> None:
+                while True:
+                    with lock:
+                        k = next(todo, None)
+                    if k is None:
+                        return
+                    parts[k] = run_chunk(starts[k])
+
+            helpers = [_pool(workers - 1).submit(work) for _ in range(workers - 1)]
+            work()
+            for h in helpers:
+                h.result()
         else:
             parts = [run_chunk(s) for s in starts]
-        stats = [NodeStats() for _ in nodes]
-        for part in parts:  # in batch order
-            for total, st in zip(stats, part.stats):
-                total.merge(st)
-            if part.seconds is not None:
+        stats = parts[0].stats
+        for part in parts[1:]:  # in batch order
+            for i in prog.reported:
+                stats[i].merge(part.stats[i])
+        if profile:
+            for part in parts:
                 for p, sec in zip(nodes, part.seconds):
                     self.node_seconds[p.name] = self.node_seconds.get(p.name, 0.0) + sec
         for i in fires:
-            stats[i].neurons = int(np.prod(prog.shapes[i]))
+            stats[i].neurons = math.prod(prog.shapes[i])
         readout = parts[0].readout if len(parts) == 1 else np.concatenate([p.readout for p in parts])
         trains = {nodes[i].name: np.concatenate([p.trains[i] for p in parts]) for i in parts[0].trains}
         if fill_cache:
@@ -757,11 +777,12 @@ class NumbaBackend:
             logits=readout_logits(prog.readout, readout),
             counts={nodes[i].name: c for i, c in counts.items()},
             trains=trains,
-            stats={p.name: st for p, st in zip(nodes, stats) if isinstance(p.op, _REPORTED)},
+            stats={nodes[i].name: stats[i] for i in prog.reported},
         )
 
     def _program(self, net: Network) -> _Program:
-        key = (net.T, tuple((name, op, net.info(name)) for name, op in net.nodes()),  # ops compare by identity
+        key = (net.T, tuple(net.order()),  # ops compare by identity
+               tuple((name, d["op"], d["info"]) for name, d in net.graph.nodes(data=True)),
                tuple(net.graph.edges(data="port")))
         cached = self._plans.get(net)
         if cached is None or cached[0] != key:
