@@ -18,7 +18,10 @@ CSDformer-4-384 exported into a temporary directory, optionally the digits CNN) 
 
 A synaptic op is one presynaptic event times one target of its fan-out (the ACs and
 MACs the simulator reports: only real events are counted). ``ops/s`` of an op kind is its
-ops divided by the time spent in nodes of that kind. Ratios: ``SNN/ORT`` = SNN wall time
+ops divided by its share of the batch's median wall time, the share being the kind's
+summed node time (wall clock around each node, so Python overhead and waits for the GIL
+count too) over all nodes' time, from separate profiled runs (worker threads overlap, so
+node times add up to more than the wall time). Ratios: ``SNN/ORT`` = SNN wall time
 per batch over onnxruntime's (lower is better); ``SJ/numba`` and ``Lava/numba`` = the other
 simulator's time per image over numba's (higher is better).
 
@@ -232,6 +235,8 @@ def build_spikingjelly(net):
                     ca = torch.cumsum(A, 0)
                     cb = torch.cumsum(B, 0)
                     y = float(op.weight) * (torch.matmul(A, cb) + torch.matmul(ca - A, B))
+                elif type(op).__name__ == "ReduceSum":  # (T, B, *shape): element axes from 2
+                    y = a[0].sum(dim=tuple(ax + 2 for ax in op.axes))
                 elif isinstance(op, ops.Reshape):
                     s = a[0]
                     y = s.reshape(*s.shape[:2], *op.shape)
@@ -419,7 +424,10 @@ def targets(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
         checks = []
-        for kind, goal in (("DenseSynapse", 12e9), ("ConvSynapse", 6e9)):
+        # Issue 5 sets the dense and conv rates for the two CSDformers; for the digits CNN the
+        # conv rate only (its one dense layer is the 10-class readout, ~2 % of its synaptic ops).
+        goals = (("ConvSynapse", 6e9),) if "CNN" in r.model else (("DenseSynapse", 12e9), ("ConvSynapse", 6e9))
+        for kind, goal in goals:
             if kind in r.ops_per_s_by_kind:
                 v = r.ops_per_s_by_kind[kind]
                 checks.append(f"{kind} {_g(v)}/s {'>=' if v >= goal else '<'} {_g(goal)}/s")
