@@ -249,7 +249,9 @@ def test_dense_acs_and_macs() -> None:
     SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1)),  # general windows
     SpikeMaxPool((2, 2), (2, 2), (0, 0, 1, 1)),  # the unrolled 2 x 2 path
     SpikeMaxPool((2, 2), (1, 2), (1, 1, 0, 0)),  # 2 x 2, overlapping rows, padding on top and left
-], ids=["3x2", "2x2", "2x2_overlap_pad"])
+    SpikeMaxPool((2, 2), (2, 2)),  # 2 x 2 without padding: running counts updated in one flat loop
+    SpikeMaxPool((3, 3), (1, 1)),  # general windows without padding
+], ids=["3x2", "2x2", "2x2_overlap_pad", "2x2_unpadded", "3x3_unpadded"])
 def test_spike_max_pool_with_padding_is_max_of_counts(op: SpikeMaxPool) -> None:
     T = 6
     net, s = spiking_input((2, 5, 5), T)

@@ -394,10 +394,12 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
     (``max_win C(T)``); returns their sum. Window ``(oy, ox)`` covers input rows
     ``oy * sh - top .. + kh - 1`` and columns ``ox * sw - left .. + kw - 1``; padding has
     count 0 and never exceeds a maximum, which starts at 0.
-    Per step the running counts are updated (kept in a zero-bordered array, so that every
-    window reads ``kh x kw`` entries without bound checks) and every window's maximum is
-    compared with the previous step's: a running count grows by at most 1 per step, so the
-    difference is the (single) output spike. Branch-free; 2 x 2 windows are unrolled.
+    Per step the running counts are updated (kept flat in a zero-bordered array, so that
+    every window reads ``kh x kw`` entries at fixed offsets from its first one, without
+    bound checks) and every window's maximum is compared with the previous step's: a
+    running count grows by at most 1 per step, so the difference is the (single) output
+    spike. Branch-free, one flat loop over all windows of all channels (2 x 2 windows
+    unrolled); without padding the running counts are updated in one flat loop too.
     """
     B, T, C, H, W = s.shape
     OH, OW = out.shape[3], out.shape[4]
@@ -406,54 +408,55 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
     top, left = pad[0], pad[1]
     Hp = max(H + top, (OH - 1) * sh + kh)
     Wp = max(W + left, (OW - 1) * sw + kw)
-    running = np.zeros((C, Hp, Wp), dtype=np.int32)  # input (y, x) at (y + top, x + left)
-    prev = np.zeros((C, OH, OW), dtype=np.int32)
+    n_in = C * H * W
+    n_out = C * OH * OW
+    running = np.zeros(C * Hp * Wp, dtype=np.int32)  # input (c, y, x) at (c, y + top, x + left)
+    prev = np.empty(n_out, dtype=np.int32)
+    first = np.empty(n_out, dtype=np.int64)  # each window's first tap in ``running``
+    for c in range(C):
+        for oy in range(OH):
+            for ox in range(OW):
+                first[(c * OH + oy) * OW + ox] = (c * Hp + oy * sh) * Wp + ox * sw
+    taps = np.empty(kh * kw, dtype=np.int64)  # offsets of the taps from the first
+    for ky in range(kh):
+        for kx in range(kw):
+            taps[ky * kw + kx] = ky * Wp + kx
+    unpadded = Hp == H and Wp == W
     total = 0
     for b in range(B):
         running[:] = 0
         prev[:] = 0
         for t in range(T):
-            st = s[b, t]
-            ot = out[b, t]
-            for c in range(C):
-                rc = running[c]
-                sc = st[c]
-                for y in range(H):
-                    dst = rc[y + top, left:left + W]
-                    src = sc[y]
-                    for x in range(W):
-                        dst[x] += src[x]
-                pc = prev[c]
-                oc = ot[c]
-                if kh == 2 and kw == 2:
-                    for oy in range(OH):
-                        r0 = rc[oy * sh]
-                        r1 = rc[oy * sh + 1]
-                        po = pc[oy]
-                        oo = oc[oy]
-                        for ox in range(OW):
-                            x0 = ox * sw
-                            mx = max(max(r0[x0], r0[x0 + 1]), max(r1[x0], r1[x0 + 1]))
-                            oo[ox] = mx > po[ox]
-                            po[ox] = mx
-                else:
-                    for oy in range(OH):
-                        po = pc[oy]
-                        oo = oc[oy]
-                        for ox in range(OW):
-                            mx = np.int32(0)
-                            for ky in range(kh):
-                                r = rc[oy * sh + ky]
-                                for kx in range(kw):
-                                    mx = max(mx, r[ox * sw + kx])
-                            oo[ox] = mx > po[ox]
-                            po[ox] = mx
-        cb = counts[b]
-        for c in range(C):
-            for oy in range(OH):
-                for ox in range(OW):
-                    cb[c, oy, ox] = prev[c, oy, ox]
-                    total += prev[c, oy, ox]
+            st = s[b, t].reshape(n_in)
+            if unpadded:
+                for i in range(n_in):
+                    running[i] += st[i]
+            else:
+                for c in range(C):
+                    for y in range(H):
+                        r0 = (c * Hp + y + top) * Wp + left
+                        s0 = (c * H + y) * W
+                        for x in range(W):
+                            running[r0 + x] += st[s0 + x]
+            ot = out[b, t].reshape(n_out)
+            if kh == 2 and kw == 2:
+                for o in range(n_out):
+                    f = first[o]
+                    mx = max(max(running[f], running[f + 1]), max(running[f + Wp], running[f + Wp + 1]))
+                    ot[o] = mx > prev[o]
+                    prev[o] = mx
+            else:
+                for o in range(n_out):
+                    f = first[o]
+                    mx = np.int32(0)
+                    for j in range(kh * kw):
+                        mx = max(mx, running[f + taps[j]])
+                    ot[o] = mx > prev[o]
+                    prev[o] = mx
+        cb = counts[b].reshape(n_out)
+        for o in range(n_out):
+            cb[o] = prev[o]
+            total += prev[o]
     return total
 
 
