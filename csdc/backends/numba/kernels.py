@@ -540,17 +540,19 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     in 1..T+delay: if u <= T, ``v += I(u) + bias``; if u > delay and ``v >= threshold``,
     spike at output step u - delay and ``v -= threshold``. Steps in (T, delay] do nothing
     and are skipped. Returns (spikes, the largest |v| reached over v0 and every integrated
-    value; a reset only moves v towards 0, so it cannot set a new maximum). The counts are
-    summed from the trains afterwards, so the update loop writes only ``v`` and ``out``.
+    value; a reset only moves v towards 0, so it cannot set a new maximum). Counts are
+    kept in int32 while firing (the int64 results are written once per sample).
     """
     B, Tc, N = cur.shape
     T = out.shape[1]
     vt = threshold.dtype.type
     v = np.empty(N, dtype=threshold.dtype)
+    cnt = np.empty(N, dtype=np.int32)  # counts <= T < 2^31, in the lanes of v when v is int32
     peak = vt(0)
     total = 0
     for b in range(B):
         v[:] = v0
+        cnt[:] = 0
         for n in range(N):
             peak = max(peak, abs(v[n]))
         for u in range(1, T + 1):
@@ -563,6 +565,7 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
                     peak = max(peak, abs(vn))
                     f = vn >= threshold[n]
                     row[n] = f
+                    cnt[n] += f
                     v[n] = vn - f * threshold[n]
             else:
                 for n in range(N):
@@ -575,15 +578,14 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
             for n in range(N):
                 f = v[n] >= threshold[n]
                 row[n] = f
+                cnt[n] += f
                 v[n] -= f * threshold[n]
-        cnt = counts[b]
-        cnt[:] = 0
-        for t in range(T):
-            row = out[b, t]
-            for n in range(N):
-                cnt[n] += row[n]
+        cb = counts[b]
+        k = 0
         for n in range(N):
-            total += cnt[n]
+            cb[n] = cnt[n]
+            k += cnt[n]
+        total += k
     return total, np.int64(peak)
 
 
