@@ -256,9 +256,19 @@ def build_spikingjelly(net):
 
 
 # -- measurements ----------------------------------------------------------------------------
+MIN_TIMED_SECONDS = 0.5  # short runs are repeated until they add up to this (at most 100 runs)
+
+
+def timed_repeats(seconds: float, repeats: int) -> int:
+    """``repeats``, or more for runs shorter than MIN_TIMED_SECONDS / repeats (a median of 5
+    runs of a few milliseconds moves with every hiccup of a shared machine)."""
+    return max(repeats, min(100, int(MIN_TIMED_SECONDS / max(seconds, 1e-6))))
+
+
 def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs (more for short runs, see timed_repeats)."""
     times = []
-    for _ in range(repeats):
+    while len(times) < (repeats if not times else timed_repeats(times[0], repeats)):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -297,7 +307,7 @@ def bench_numba(net, x: np.ndarray, repeats: int) -> tuple[float, dict[str, floa
     prof.run(net, x)
     prof.node_seconds.clear()
     runs = []
-    for _ in range(repeats):
+    for _ in range(timed_repeats(wall, repeats)):
         prof.node_seconds.clear()
         res = prof.run(net, x)
         runs.append(dict(prof.node_seconds))
@@ -498,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
         cmd = " ".join(["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
         write_markdown(Path(args.output), "\n".join([
-            f"Made by `python {cmd}` (medians of {args.repeats} timed runs after a warm-up).", "",
+            f"Made by `python {cmd}` (medians of at least {args.repeats} timed runs after a warm-up; runs "
+            f"shorter than {MIN_TIMED_SECONDS / args.repeats * 1e3:.0f} ms are repeated until they add up to {MIN_TIMED_SECONDS} s).", "",
             "### Machine", "", *lines, "", "### Results", "", text, "", "### Targets (issue 5)", "",
             *(f"- {g}" for g in goals), *(f"- note: {n}" for n in notes)]))
     return 0
