@@ -508,8 +508,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
         cmd = " ".join(["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
         write_markdown(Path(args.output), "\n".join([
-            f"Made by `python {cmd}` (medians of at least {args.repeats} timed runs after a warm-up; runs "
-            f"shorter than {MIN_TIMED_SECONDS / args.repeats * 1e3:.0f} ms are repeated until they add up to {MIN_TIMED_SECONDS} s).", "",
+            (f"Made by `python {cmd}` (medians of at least {args.repeats} timed runs after a warm-up; runs "
+             f"shorter than {MIN_TIMED_SECONDS / args.repeats * 1e3:.0f} ms are repeated until they add up to "
+             f"{MIN_TIMED_SECONDS} s)."), "",
             "### Machine", "", *lines, "", "### Results", "", text, "", "### Targets (issue 5)", "",
             *(f"- {g}" for g in goals), *(f"- note: {n}" for n in notes)]))
     return 0

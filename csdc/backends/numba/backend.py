@@ -25,10 +25,13 @@ Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
   |membrane potential| reached, for bit-width checks.
 - ``stats`` has an entry for each Neuron, SpikeMaxPool and synapse node (incl. SpikeMatMul).
 
-The batch is cut into chunks (about two per worker thread, and small enough that the
-live tensors of all workers stay within a memory budget); worker threads take whole
-chunks through the network (the kernels release the GIL), so parallelism is per chunk of
-samples, never inside a kernel.
+The batch is cut into chunks (one per worker thread for small models, two for large ones,
+and small enough that the live tensors of all workers stay within a memory budget);
+worker threads (the calling thread and a persistent pool) take whole chunks through the
+network (the kernels release the GIL), so parallelism is per chunk of samples, never
+inside a kernel. The plan is laid out once per network as a :class:`_Program` (input and
+free lists by node index, verified once) so that the per-node Python work, which holds
+the GIL, stays small: on the small models a node's kernel runs for tens of microseconds.
 """
 
 from __future__ import annotations
@@ -370,8 +373,7 @@ class NeuronStep:
         counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
         spikes, peak = K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts)
         stats.spikes += spikes
-        if peak > stats.max_abs_v:
-            stats.max_abs_v = peak
+        stats.max_abs_v = max(stats.max_abs_v, peak)
         return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
 
 

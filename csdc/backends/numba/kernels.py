@@ -3,14 +3,17 @@
 Every kernel works on a chunk of the batch, one sample after the other, and releases the
 GIL (``nogil``): the backend runs whole chunks through the network in parallel threads
 (coarse-grained, so a core taken by another process slows one chunk instead of stalling
-every kernel at a barrier). Outputs are preallocated, zero-filled arrays owned by the
-caller; each kernel also writes per-sample statistics.
+every kernel at a barrier). Outputs are preallocated arrays owned by the caller (most
+kernels write every element, so the caller need not zero them); synapse kernels return
+their ACs / MACs, the spiking ones their spike totals, instead of per-sample arrays.
+Scratch buffers (accumulators, running counts) are allocated inside the kernels, once per
+call; their integer type comes from an empty ``proto`` array chosen by the caller.
 
 Layouts (``B`` = batch, ``M`` = time steps times leading rows, ``T`` = time window):
 
 - spike tensors are ``uint8`` arrays of 0/1;
 - currents are ``int32`` or ``int64`` (chosen by the caller from a bound on ``|I|``);
-- membrane potentials are always ``int64``;
+- membrane potentials are ``int32`` or ``int64`` (likewise from a bound on ``|v|``);
 - a current that is constant over time (the encoded input and what is derived from it
   without spikes) has a time axis of length 1 instead of ``T``.
 
