@@ -5,6 +5,7 @@ on-disk JIT cache."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -311,6 +312,40 @@ def test_spike_matmul_attention_shapes_and_acs(weight: int) -> None:
     assert res.stats["av"].acs == int(res.trains["a"].sum()) * 4 + spikes * 3
     exact = net.with_delay(T)
     assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
+
+
+def test_dense_synapses_on_the_same_spikes_run_as_one_group() -> None:
+    """Q, K and V-like projections of the same spikes share one gather and one pass of adds
+    (DenseGroupStep); a different width or weight type stays on its own. Outputs, spikes and
+    per-node ACs as for separate nodes."""
+    T = 4
+    net, s = spiking_input((3, 6), T)  # tokens x width
+    rng = np.random.default_rng(29)
+    ws = {"q": rng.integers(-3, 4, (5, 6)), "k": rng.integers(-3, 4, (5, 6)), "v": rng.integers(-3, 4, (5, 6)),
+          "wide": rng.integers(-3, 4, (4, 6)), "big": rng.integers(-3, 4, (5, 6)) * 1000 + 1}
+    for name, w in ws.items():
+        net.add(name, DenseSynapse(w), [s])
+        net.add(f"n_{name}", neuron(net.info(name).shape, 3, 2), [name])
+    net.add("kt", Transpose((1, 0)), ["n_k"])
+    net.add("qk", SpikeMatMul(1), ["n_q", "kt"])  # (3, 3)
+    net.add("a", neuron((3, 3), 2, 1), ["qk"])
+    net.add("av", SpikeMatMul(1), ["a", "n_v"])  # (3, 5)
+    net.add("o", neuron((3, 5), 2, 1), ["av"])
+    tails = []
+    for src in ("o", "n_wide", "n_big"):
+        net.add(f"f_{src}", Reshape((math.prod(net.info(src).shape),)), [src])
+        tails.append(net.add(f"d_{src}", DenseSynapse(np.ones((2, math.prod(net.info(src).shape)), dtype=np.int64)),
+                             [f"f_{src}"]))
+    net.add("sum", Add(), tails)
+    net.add("out", Readout(np.ones(2), np.zeros(2)), ["sum"])
+    prog = NumbaBackend()._program(net)
+    names = [p.name for p in prog.nodes]
+    assert [[names[i] for i in g] for g in prog.group.values()] == [["q", "k", "v"]]
+    x = random_x((3, 6), 3, seed=31)
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    for name, w in ws.items():
+        assert res.stats[name].acs == int(res.trains[s].sum()) * w.shape[0] > 0
 
 
 def test_conv_kernel_choice() -> None:

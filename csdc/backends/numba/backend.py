@@ -217,11 +217,54 @@ class DenseStep:
         dt = _current_dtype(self.bound)
         if self.from_spikes:
             out = np.empty((x.shape[0], flat.shape[1], n_out), dtype=dt)  # every row is written
-            stats.acs += K.dense_spikes(flat, self.w_t, self.scale, out, self.acc)
+            stats.acs += K.dense_spikes(flat, self.w_t, self.scale, out.reshape(1, *out.shape), self.acc)
         else:
             out = np.zeros((x.shape[0], flat.shape[1], n_out), dtype=dt)
             stats.macs += K.dense_currents(flat, self.w_t, self.scale, out)
         return out.reshape(x.shape[0], *lead, n_out)
+
+
+@dataclass(frozen=True, slots=True)
+class DenseGroupStep:
+    """G spike-driven DenseSynapse nodes fed by the same spikes with weights of one type,
+    scale and accumulator, each with ``n`` outputs, run as one: ``w_t`` is their weights side
+    by side (in, G x n), so the spikes are gathered once and each spike adds one row of
+    G x n weights (a presynaptic event reaching the targets of all G nodes). Run at the
+    first member's place in the plan; :meth:`run` returns the G outputs."""
+
+    w_t: np.ndarray
+    scale: int
+    acc: np.ndarray
+    n: int
+    dtype: type  # of the outputs
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        raise IRError("a grouped dense synapse runs through DenseGroupStep.run")
+
+    def run(self, ins: list[np.ndarray], stats: list[NodeStats]) -> list[np.ndarray]:
+        x = ins[0]
+        n_in, n_total = self.w_t.shape
+        g = n_total // self.n
+        lead = x.shape[1:-1]
+        flat = x.reshape(x.shape[0], math.prod(lead), n_in)
+        out = np.empty((g, x.shape[0], flat.shape[1], self.n), dtype=self.dtype)  # every row is written
+        acs = K.dense_spikes(flat, self.w_t, self.scale, out, self.acc) // g  # the same spikes reach each node's n
+        for st in stats:
+            st.acs += acs
+        return [o.reshape(x.shape[0], *lead, self.n) for o in out]
+
+
+def _dense_groups(nodes: list[PlannedNode], inputs: list[tuple[int, ...]]) -> list[list[int]]:
+    """Spike-driven dense nodes that can run as one :class:`DenseGroupStep` (same input, same
+    weight type, scale, accumulator, output type and width), two or more per group."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, p in enumerate(nodes):
+        st = p.step
+        if isinstance(st, DenseStep) and st.from_spikes:
+            key = (inputs[i], st.w_t.shape, st.w_t.dtype, st.scale, st.acc.dtype, _current_dtype(st.bound))
+            by_key.setdefault(key, []).append(i)
+    return [g for g in by_key.values() if len(g) > 1]
 
 
 @_builds(DenseSynapse)
@@ -633,7 +676,7 @@ def _fill_kernel_cache() -> None:
 
 
 # -- backend ----------------------------------------------------------------------------
-_PLAIN, _ENCODE, _FIRES, _READOUT = range(4)  # roles of a node in the chunk loop
+_PLAIN, _ENCODE, _FIRES, _READOUT, _GROUP, _GROUPED = range(6)  # roles of a node in the chunk loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,7 +684,9 @@ class _Program:
     """A verified network's plan laid out for the chunk loop: values are held in a list
     indexed like ``nodes``; node ``i`` reads ``inputs[i]`` and, once it ran, drops the values
     ``frees[i]`` (whose last consumer it is). ``role[i]``: _FIRES for Neuron and SpikeMaxPool
-    (spike trains and counts), _ENCODE, _READOUT or _PLAIN."""
+    (spike trains and counts), _ENCODE, _READOUT, _PLAIN, or _GROUP for the first node of a
+    dense group (``group[i]``: the members, whose outputs it computes) and _GROUPED for the
+    other members (nothing left to do at their place)."""
 
     nodes: list[PlannedNode]
     inputs: list[tuple[int, ...]]
@@ -651,6 +696,8 @@ class _Program:
     reported: list[int]  # nodes whose activity is reported (populations and synapses)
     input_shape: Shape
     readout: Readout
+    group: dict[int, tuple[int, ...]]
+    group_step: dict[int, DenseGroupStep]
 
 
 def _program(net: Network) -> _Program:
@@ -663,9 +710,21 @@ def _program(net: Network) -> _Program:
             last[j] = i
     role = [_ENCODE if isinstance(p.op, Encode) else _FIRES if isinstance(p.op, (Neuron, SpikeMaxPool))
             else _READOUT if isinstance(p.op, Readout) else _PLAIN for p in nodes]
+    group: dict[int, tuple[int, ...]] = {}
+    group_step: dict[int, DenseGroupStep] = {}
+    for members in _dense_groups(nodes, inputs):
+        steps = [nodes[i].step for i in members]
+        first = steps[0]
+        group[members[0]] = tuple(members)
+        group_step[members[0]] = DenseGroupStep(
+            _aligned(np.concatenate([st.w_t for st in steps], axis=1)), first.scale, first.acc, first.w_t.shape[1],
+            _current_dtype(first.bound), max(st.bound for st in steps))
+        role[members[0]] = _GROUP
+        for i in members[1:]:
+            role[i] = _GROUPED
     return _Program(nodes, inputs, [tuple(j for j in ins if last[j] == i) for i, ins in enumerate(inputs)], role,
                     [net.info(p.name).shape for p in nodes], [i for i, p in enumerate(nodes) if isinstance(p.op, _REPORTED)],
-                    net.input_shape, net.op(net.output_name))
+                    net.input_shape, net.op(net.output_name), group, group_step)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -822,6 +881,13 @@ class NumbaBackend:
                 out, _ = node.step.fire(ins, stats[i], counts[i])
                 if keep_trains:
                     trains[i] = out
+            elif role == _GROUP:
+                members = prog.group[i]
+                for j, o in zip(members, prog.group_step[i].run(ins, [stats[j] for j in members])):
+                    values[j] = o
+                out = values[i]
+            elif role == _GROUPED:
+                out = values[i]  # computed with its group
             else:
                 out = node.step(ins, stats[i])
             if profile:

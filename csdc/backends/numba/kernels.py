@@ -82,7 +82,10 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, prot
     ``s`` (B, M, n_in) uint8; ``w`` (n_in, n_out), row ``i`` = the fan-out of input ``i``
     (stored transposed so that a spike adds one contiguous row), divided by ``scale`` (the
     largest power of two dividing every weight, so that ``w`` fits a narrower type);
-    ``out`` (B, M, n_out), every element written. Returns the ACs: spikes times ``n_out``.
+    ``out`` (G, B, M, n_out / G), every element written: G > 1 when the columns of ``w`` are
+    the weights of G synapse nodes fed by the same spikes (e.g. the Q, K and V projections),
+    which then share the gathering of the spikes and one pass of adds; ``out[g]`` holds
+    columns ``g * n .. (g + 1) * n - 1``. Returns the ACs: spikes times ``n_out``.
     The spikes of a row are gathered first (branch-free) and added eight, then four at a
     time into an accumulator row, so the accumulator is loaded and stored once per eight
     spikes; its type is ``proto``'s, int16 when the caller bounded every row's sum of |w|
@@ -91,12 +94,12 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, prot
     """
     B, M, n_in = s.shape
     n_out = w.shape[1]
+    G, n = out.shape[0], out.shape[3]
     acc = np.empty(n_out, dtype=proto.dtype)
     idx = np.empty(n_in + 1, dtype=np.int64)
     n_ac = 0
     for b in range(B):
         for m in range(M):
-            row = out[b, m]
             k = _gather_spikes(s[b, m], idx)
             n_ac += k * n_out
             acc[:] = 0
@@ -117,8 +120,11 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, prot
                 for o in range(n_out):
                     acc[o] += wi[o]
                 j += 1
-            for o in range(n_out):
-                row[o] = acc[o] * scale
+            for g in range(G):
+                row = out[g, b, m]
+                a0 = g * n
+                for o in range(n):
+                    row[o] = acc[a0 + o] * scale
     return n_ac
 
 
