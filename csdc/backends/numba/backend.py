@@ -62,6 +62,7 @@ from csdc.ir.ops import (
     Neuron,
     Op,
     Readout,
+    ReduceSum,
     Reshape,
     Shape,
     SpikeMatMul,
@@ -388,6 +389,22 @@ class AddStep:
 @_builds(Add)
 def _add(op: Add, ctx: NodeContext) -> Step:
     return AddStep(sum(ctx.in_bounds))
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceSumStep:
+    """Sum of a current over element axes (adds only; no synaptic events)."""
+
+    axes: tuple[int, ...]  # element axes (batch and time axes excluded)
+    bound: int
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        return ins[0].sum(axis=tuple(a + 2 for a in self.axes), dtype=_current_dtype(self.bound))
+
+
+@_builds(ReduceSum)
+def _reduce_sum(op: ReduceSum, ctx: NodeContext) -> Step:
+    return ReduceSumStep(op.axes, ctx.in_bounds[0] * int(np.prod([ctx.in_shapes[0][a] for a in op.axes])))
 
 
 @dataclass(frozen=True, slots=True)
