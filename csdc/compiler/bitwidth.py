@@ -22,7 +22,8 @@ from csdc.compiler import broadcast
 from csdc.errors import BudgetError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact)
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
+                         power_of_two_exponent)
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,9 @@ def weight_mantissa_exponent(op: DenseSynapse | ConvSynapse | DiagonalSynapse) -
     """(signed mantissa bits, shared exponent) of a synapse's weights ``mantissa * 2**exponent``, with
     any power of two common to the mantissas moved into the exponent."""
     m = compact(op.mantissa)
-    bits = int(np.bitwise_or.reduce(m, axis=None)) if m.size else 0
-    if bits == 0:
+    if not np.any(m):
         return 1, 0
-    e = (bits & -bits).bit_length() - 1  # two's complement keeps the trailing zeros of negatives
+    e = power_of_two_exponent(m)
     return signed_bits(int(m.min()) >> e, int(m.max()) >> e), op.exponent + e
 
 
@@ -82,6 +82,16 @@ def _exact_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x.astype(np.int64) @ w.astype(np.int64)
 
 
+def _channel_extremes(lo: np.ndarray, hi: np.ndarray, channels: int, padded: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One (lo, hi) per channel of a (C, H, W) tensor's bounds: the extremes over positions, widened
+    to include 0 when a window reads zero padding (1-D int64)."""
+    lo_c = np.broadcast_to(lo.min(axis=(1, 2)), (channels,)).astype(np.int64)
+    hi_c = np.broadcast_to(hi.max(axis=(1, 2)), (channels,)).astype(np.int64)
+    if padded:
+        lo_c, hi_c = np.minimum(lo_c, 0), np.maximum(hi_c, 0)
+    return lo_c, hi_c
+
+
 def _synapse_bounds(op, lo: np.ndarray, hi: np.ndarray, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per-step output bounds of a synapse from its input bounds (broadcast arrays), in O(parameters)
     time and with temporaries no larger than the (narrow) weights."""
@@ -101,11 +111,7 @@ def _synapse_bounds(op, lo: np.ndarray, hi: np.ndarray, in_shape: tuple[int, ...
             out = (_exact_product(lo_b, wp.T) + _exact_product(hi_b, wn.T),
                    _exact_product(hi_b, wp.T) + _exact_product(lo_b, wn.T))
     else:
-        # one bound per input channel (the extremes over positions); zero padding reads 0
-        lo_c = np.broadcast_to(lo.min(axis=(1, 2)), (in_shape[0],)).astype(np.int64)
-        hi_c = np.broadcast_to(hi.max(axis=(1, 2)), (in_shape[0],)).astype(np.int64)
-        if any(op.padding):
-            lo_c, hi_c = np.minimum(lo_c, 0), np.maximum(hi_c, 0)
+        lo_c, hi_c = _channel_extremes(lo, hi, in_shape[0], any(op.padding))
         o, cg = m.shape[:2]
         og = o // op.groups
         # (groups, og, cg): every tap of a channel at that channel's extreme
@@ -139,11 +145,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
         elif isinstance(op, SumPool):
             area = op.kernel[0] * op.kernel[1]
-            lo, hi = (np.broadcast_to(v.min(axis=(1, 2)) if i == 0 else v.max(axis=(1, 2)), (shape[0],)).reshape(-1, 1, 1)
-                      for i, v in enumerate(ins[0]))
-            if any(op.padding):
-                lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-            b[name] = (area * lo, area * hi)
+            lo, hi = _channel_extremes(*ins[0], shape[0], any(op.padding))
+            b[name] = (area * lo.reshape(-1, 1, 1), area * hi.reshape(-1, 1, 1))
         elif isinstance(op, ReduceSum):
             in_shape = net.info(net.inputs(name)[0]).shape
             b[name] = tuple(broadcast.reduce_sum(v, in_shape, op.axes) for v in ins[0])  # type: ignore[assignment]

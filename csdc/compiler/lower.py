@@ -40,7 +40,8 @@ from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, narrowest)
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, narrowest,
+                         power_of_two_exponent)
 from csdc.ir.semantics import conv as conv_counts
 from csdc.ir.semantics import sum_pool
 
@@ -641,10 +642,7 @@ class Lowering:
 def split_power_of_two(w: np.ndarray) -> tuple[np.ndarray, int]:
     """(mantissa in the narrowest integer dtype, exponent) with ``w == mantissa * 2**exponent`` and the
     exponent as large as possible (the weights' common power of two)."""
-    if not w.size:
-        return narrowest(w), 0
-    bits = int(np.bitwise_or.reduce(w.reshape(-1) if w.dtype == np.int64 else w.astype(np.int64).reshape(-1)))
-    e = (bits & -bits).bit_length() - 1 if bits else 0  # two's complement keeps trailing zeros of negatives
+    e = power_of_two_exponent(w)
     return narrowest(w >> e if e else w), e
 
 

@@ -54,14 +54,21 @@ def compact(arr: np.ndarray) -> np.ndarray:
 
 def narrowest(arr: np.ndarray) -> np.ndarray:
     """An integer array in the narrowest signed dtype that holds its values (itself if already so)."""
-    if arr.dtype.kind not in "iu" or arr.size == 0:
+    if arr.dtype.kind not in "iu":
         return arr
-    lo, hi = int(arr.min()), int(arr.max())
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
     for dt in (np.int8, np.int16, np.int32, np.int64):
         info = np.iinfo(dt)
         if info.min <= lo and hi <= info.max:
             return arr if arr.dtype == dt else arr.astype(dt)
     return arr
+
+
+def power_of_two_exponent(arr: np.ndarray) -> int:
+    """Exponent of the largest power of two dividing every entry of an integer array (0 if all are
+    zero): the trailing zeros of their bitwise OR (two's complement keeps those of negatives)."""
+    bits = int(np.bitwise_or.reduce(arr, axis=None)) if arr.size else 0
+    return (bits & -bits).bit_length() - 1 if bits else 0
 
 
 def _signed_dtype(arr: np.ndarray, name: str) -> np.dtype:

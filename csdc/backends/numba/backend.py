@@ -69,6 +69,8 @@ from csdc.ir.ops import (
     SpikeMaxPool,
     SumPool,
     Transpose,
+    narrowest,
+    power_of_two_exponent,
 )
 from csdc.ir.semantics import encode, readout_logits
 
@@ -85,13 +87,8 @@ def _current_dtype(bound: int) -> type[np.signedinteger]:
 
 
 def _narrow(w: np.ndarray) -> np.ndarray:
-    """``w`` in the narrowest signed integer type holding it (less memory traffic per AC)."""
-    lo, hi = (int(w.min()), int(w.max())) if w.size else (0, 0)
-    for dt in (np.int8, np.int16, np.int32):
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return np.ascontiguousarray(w, dtype=dt)
-    return np.ascontiguousarray(w, dtype=np.int64)
+    """``w`` C-contiguous in the narrowest signed integer type holding it (less memory traffic per AC)."""
+    return np.ascontiguousarray(narrowest(w))
 
 
 def _narrow_scaled(w: np.ndarray) -> tuple[np.ndarray, int]:
@@ -100,10 +97,7 @@ def _narrow_scaled(w: np.ndarray) -> tuple[np.ndarray, int]:
     residual sum's unit); else ``(w, 1)``. Kernels accumulate ``w / scale`` and multiply the
     sum by ``scale``: the same integers, with less memory traffic per AC."""
     plain = _narrow(w)
-    nz = w[w != 0].astype(np.int64)
-    if nz.size == 0:
-        return plain, 1
-    scale = int(np.bitwise_and(nz, -nz).min())
+    scale = 1 << power_of_two_exponent(w)
     if scale == 1:
         return plain, 1
     scaled = _narrow(w // scale)
