@@ -62,15 +62,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 # -- run -------------------------------------------------------------------------------------
-def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    from csdc.runtime.datasets import load_digits_split, load_npz
+def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None,
+               data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    from csdc.runtime.datasets import BUILTIN_SETS, load_builtin, load_npz
 
-    if spec == "digits":
-        x, y = load_digits_split("test")
+    if spec in BUILTIN_SETS:
+        x, y = load_builtin(spec, "test", data_dir)
         if tuple(x.shape[1:]) != tuple(input_shape):
-            raise DataError(f"the digits set has samples of shape {tuple(x.shape[1:])} but the network expects "
+            raise DataError(f"the {spec} set has samples of shape {tuple(x.shape[1:])} but the network expects "
                             f"{tuple(input_shape)}; pass your own data with --data file.npz")
     else:
+        if data_dir is not None:
+            raise DataError("--data-dir applies to a built-in set (--data fashion-mnist), not to a .npz file")
         x, y = load_npz(spec, tuple(input_shape))
     if limit is not None:
         if limit < 1:
@@ -103,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         net = net.with_delay(args.delay)
     if args.batch < 1:
         raise CsdcError(f"--batch must be >= 1, got {args.batch}")
-    x, y = _load_data(args.data, net.input_shape, args.limit)
+    x, y = _load_data(args.data, net.input_shape, args.limit, args.data_dir)
     backend = get_backend(args.backend)
     if args.backend == "numba":
         from csdc.backends.numba import kernels_cached
@@ -161,7 +164,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     net = serialize.load(args.sir)
     delays = parse_delays(args.delays, net.T)
-    x, y = _load_data(args.data, net.input_shape, args.limit)
+    x, y = _load_data(args.data, net.input_shape, args.limit, args.data_dir)
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
@@ -246,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in _CSDFORMER_ONLY if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data if args.data is not None else args.dataset,
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, seed=args.seed, **overrides)
+                         batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, **overrides)
     c = config.resolved()
     arch = (f"CSDformer-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if c.model == "csdformer"
             else "digits CNN")
@@ -271,7 +274,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
                         "lava: Lava processes (needs lava-nc)")
     p.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn's digits test split) or a .npz with x (N,C,H,W float32) and optional y")
+                   help="'digits' (scikit-learn's digits test split), 'fashion-mnist' (its 10,000 test images, from "
+                        "Debian's dataset-fashion-mnist package) or a .npz with x (N,C,H,W float32) and optional y")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder of the fashion-mnist idx files (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
@@ -346,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn"),
                    help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--dataset", default="digits", choices=("digits",),
+    src.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"),
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
-                          "split")
+                          "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package")
+    t.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder of the fashion-mnist idx files (default /usr/share/datasets/fashion-mnist)")
     src.add_argument("--data", metavar="FILE.npz", default=None,
                      help="your own data instead: x (N,C,H,W float32 in [0, 1], square images) and y (N int labels); "
                           "a fixed 20%% (seed 0) is held out for testing")

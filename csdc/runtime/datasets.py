@@ -7,6 +7,9 @@
   model's input) and optional integer labels ``y``; every problem raises
   :class:`csdc.errors.DataError` naming the file, the problem and the fix.
 - ``iter_batches``: stream a dataset in slices (views, no copy of the whole set).
+- ``load_builtin``: a built-in set by name (:data:`BUILTIN_SETS`): ``digits`` or
+  ``fashion-mnist`` (the idx files of Debian's ``dataset-fashion-mnist`` package,
+  :mod:`csdc.runtime.fashion_mnist`).
 
 A float32 ``x`` stored uncompressed (``numpy.savez``, the usual case) is memory-mapped
 instead of read: a 10 000-image file costs no memory up front, and batches are paged in
@@ -210,3 +213,24 @@ def iter_batches(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         yield x[start:stop], (None if y is None else y[start:stop])
+
+
+#: Names of the built-in data sets (``--data NAME`` / ``--dataset NAME``).
+BUILTIN_SETS = ("digits", "fashion-mnist")
+
+
+def load_builtin(name: str, split: str = "test", data_dir: str | os.PathLike[str] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of built-in set ``name`` (one of :data:`BUILTIN_SETS`) and ``split``.
+
+    ``data_dir`` points at the files of a set that lives on disk (fashion-mnist); it is an
+    error for digits, which scikit-learn ships."""
+    if name == "digits":
+        if data_dir is not None:
+            raise DataError("--data-dir applies to fashion-mnist only; digits ships with scikit-learn")
+        return load_digits_split(split)
+    if name == "fashion-mnist":
+        from csdc.runtime.fashion_mnist import load_fashion_mnist
+
+        return load_fashion_mnist(split, data_dir)
+    raise DataError(f"unknown data set {name!r}: the built-in sets are {', '.join(BUILTIN_SETS)}")

@@ -65,6 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     input_levels: int | None = None
+    data_dir: str | None = None  # folder of a built-in set that lives on disk (fashion-mnist)
 
     def resolved(self) -> TrainConfig:
         """A copy with the model defaults filled in; raises :class:`CsdcError` on bad values."""
@@ -128,21 +129,27 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def load_training_data(
-    data: str,
+    data: str, data_dir: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """``(x_train, y_train, x_test, y_test, description)`` for ``"digits"`` or a .npz path.
+    """``(x_train, y_train, x_test, y_test, description)`` for ``"digits"``, ``"fashion-mnist"``
+    (its official 60,000 / 10,000 split; ``data_dir`` points at the idx files) or a .npz path.
 
     Raises :class:`DataError` naming the file for a missing, malformed or unlabelled
     .npz, a layout other than (N, C, H, W), values outside [0, 1], or fewer than 5
     samples or 2 classes.
     """
-    from csdc.runtime.datasets import load_digits_split, load_npz
+    from csdc.runtime.datasets import load_builtin, load_npz
 
     if data == "digits":
-        x_tr, y_tr = load_digits_split("train")
-        x_te, y_te = load_digits_split("test")
+        x_tr, y_tr = load_builtin("digits", "train")
+        x_te, y_te = load_builtin("digits", "test")
         return x_tr, y_tr, x_te, y_te, (
             f"digits (scikit-learn, 8x8): {len(x_tr)} train / {len(x_te)} test images")
+    if data == "fashion-mnist":
+        x_tr, y_tr = load_builtin("fashion-mnist", "train", data_dir)
+        x_te, y_te = load_builtin("fashion-mnist", "test", data_dir)
+        return x_tr, y_tr, x_te, y_te, (
+            f"Fashion-MNIST (28x28): {len(x_tr)} train / {len(x_te)} test images")
     x, y = load_npz(data)
     if y is None:
         raise DataError(f"{data}: no labels 'y' in the file; training needs them: "
@@ -212,7 +219,7 @@ def train_and_export(
     written. Deterministic: the same config gives a byte-identical file.
     """
     c = config.resolved()
-    x_tr, y_tr, x_te, y_te, description = load_training_data(c.data)
+    x_tr, y_tr, x_te, y_te, description = load_training_data(c.data, c.data_dir)
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     model = _build(c, tuple(int(s) for s in x_tr.shape[1:]), num_classes, c.data)
     epochs, lr = int(c.epochs or 0), float(c.lr or 0.0)  # filled in by resolved()
