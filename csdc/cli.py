@@ -216,6 +216,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
     net = serialize.load(args.sir)
+    if args.to == "nir":
+        try:
+            from csdc.backends.nir import export_nir
+        except ImportError as exc:
+            raise CsdcError(f"the NIR exporter is not available: {exc}") from None
+        graph = export_nir(net, args.output)
+        print(f"wrote NIR graph of {args.sir} to {args.output} ({len(graph.nodes)} NIR nodes, {net.T} time steps; "
+              "see docs/nir.md)")
+        return 0
     try:
         from csdc.backends.lava.export import export_bundle
     except ImportError as exc:
@@ -329,10 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("export", help="export a .sir network for deployment",
-                       description="Write a self-contained deployment bundle (Lava processes for Loihi-style hardware).")
+                       description="Write a self-contained deployment bundle (Lava processes for Loihi-style hardware) or a NIR "
+                                   "graph (Neuromorphic Intermediate Representation).")
     e.add_argument("sir", help="the compiled network (.sir)")
-    e.add_argument("--to", default="lava", choices=("lava",), help="deployment target (default lava)")
-    e.add_argument("-o", "--output", required=True, help="folder to write the bundle into")
+    e.add_argument("--to", default="lava", choices=("lava", "nir"),
+                   help="deployment target (default lava); nir: a NIR file (needs csdc[nir]; networks with D = 0, no "
+                        "attention; see docs/nir.md)")
+    e.add_argument("-o", "--output", required=True, help="folder to write the bundle into (lava) or the .nir file (nir)")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser(
