@@ -42,7 +42,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
     print(f"  latency               {rep.latency} steps (T + depth x D)")
-    print(f"  populations           {rep.populations} ({rep.neurons} neurons)")
+    pools = _spiking_nodes(net)[1]
+    print(f"  populations           {rep.populations} ({rep.neurons} neurons)"
+          + (f" + {pools} spiking max-pool{'s' if pools != 1 else ''}: {rep.populations + pools} spiking nodes" if pools else ""))
     print(f"  synapses              {rep.synapses}")
     print(f"  threshold rounding    {rep.threshold_error:.2e} worst relative error (--frac-bits {opts.frac_bits})")
     print(f"  weight rescaling      {rep.weight_error:.2e} worst relative error")
@@ -62,6 +64,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 # -- run -------------------------------------------------------------------------------------
+def _progress(args: argparse.Namespace) -> bool | None:
+    """--progress / --no-progress, else automatic (a bar on a terminal only); --json alone hides it."""
+    return False if args.json and args.progress is None else args.progress
+
+
+def _spiking_nodes(net) -> tuple[int, int]:
+    """(neuron populations, spiking max-pools): the rows of the run table, counted alike by compile and run."""
+    from csdc.ir.ops import SpikeMaxPool
+
+    return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
+
+
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     from csdc.runtime.datasets import load_digits_split, load_npz
 
@@ -112,10 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
     if args.backend == "reference":
         require_exact(net)  # fail before any work, naming the neuron
-    out = run_dataset(net, backend, x, y, batch=args.batch, progress=not args.no_progress and not args.json)
+    out = run_dataset(net, backend, x, y, batch=args.batch, progress=_progress(args))
     s = out.summary
     if args.compare:
-        s.comparison = compare(args.compare, out, x)
+        s.comparison = compare(args.compare, out, x, net)
+        if s.comparison.warning and args.json:
+            print(f"csdc: warning: {s.comparison.warning}", file=sys.stderr)
     if args.output:
         _save_results(args.output, out)
     if args.json:
@@ -131,24 +147,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         if c.onnx_accuracy is not None:
             print(f"  ONNX accuracy         {100 * c.onnx_accuracy:.2f} %  (onnxruntime on {c.model})")
         print(f"  top-1 agreement       {100 * c.agreement:.2f} %  (max |logit difference| {c.max_abs_logit_diff:.3g})")
+        if c.warning:
+            print(f"  warning: {c.warning}")
     print(f"  spikes                {_fmt_count(s.spikes / n)} per image, {s.spike_rate:.4f} per neuron per step")
-    print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
-    print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
-    print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s)")
+    unmeasured = f"not measured (the {s.backend} backend counts spikes only)"
+    if s.acs is None:
+        print(f"  synaptic operations   {unmeasured}")
+        print(f"  energy estimate       {unmeasured}")
+    else:
+        print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
+        print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
+    if s.kernels_compiled:
+        print(f"  kernel compile        {s.warmup_seconds:.1f} s (first run; cached in {s.kernel_cache})")
+    print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s"
+          f"{', after a warm-up' if s.warmup_seconds is not None else ''})")
     if args.output:
         print(f"  results               {args.output}")
     by_op: dict[str, int] = {}
     for p in s.per_population.values():
-        if p["acs"] or p["macs"]:
+        if p["acs"] is not None and (p["acs"] or p["macs"]):
             by_op[p["op"]] = by_op.get(p["op"], 0) + p["acs"] + p["macs"]
     if by_op:
         print("  synaptic ops by op    " + ", ".join(f"{op} {_fmt_count(v / n)}" for op, v in sorted(by_op.items())))
     pops = {k: p for k, p in s.per_population.items() if p["neurons"]}
     if pops:
-        width = max(max(len(k) for k in pops), len("spiking population")) + 2
-        print(f"\n  {'spiking population':<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>10}")
+        npop, pools = _spiking_nodes(net)
+        print(f"\n  {len(pops)} spiking nodes" + (f" ({npop} populations + {pools} max-pool{'s' if pools != 1 else ''})" if pools else ""))
+        head = "spiking node"
+        width = max(max(len(k) for k in pops), len(head)) + 2
+        print(f"  {head:<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>14}")
         for name, p in pops.items():
-            print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {p['max_abs_v']:>10}")
+            v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
+            print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
     return 0
 
 
@@ -165,7 +195,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
-                        progress=not args.no_progress and not args.json)
+                        progress=_progress(args))
     if args.plot:
         plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", args.plot)
     if args.json:
@@ -204,9 +234,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
-    print(f"\n{'node':<30} {'op':<15} {'kind':<8} {'shape':<16} inputs / parameters")
-    for r in rows:
-        print(f"{r['name']:<30} {r['op']:<15} {r['kind']:<8} {str(tuple(r['shape'])):<16} "
+    # columns as wide as their longest entry (long node names do not push the others out of line)
+    shapes = [str(tuple(r["shape"])) for r in rows]
+    wn, wo, ws = (max(len(h), *(len(v) for v in col)) for h, col in
+                  (("node", [r["name"] for r in rows]), ("op", [r["op"] for r in rows]), ("shape", shapes)))
+    print(f"\n{'node':<{wn}}  {'op':<{wo}}  {'kind':<7}  {'shape':<{ws}}  inputs / parameters")
+    for r, shape in zip(rows, shapes):
+        print(f"{r['name']:<{wn}}  {r['op']:<{wo}}  {r['kind']:<7}  {shape:<{ws}}  "
               f"{', '.join(r['inputs']) or '-'}  {r['params']}")
     return 0
 
@@ -284,7 +318,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only when stderr is a terminal; otherwise one summary line)")
 
 
 def build_parser() -> argparse.ArgumentParser:

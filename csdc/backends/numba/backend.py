@@ -779,6 +779,19 @@ class NumbaBackend:
         # edges: repeated batches skip verification and weight preparation.
         self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, _Program]] = weakref.WeakKeyDictionary()
 
+    def warm_up(self, net: Network, x: np.ndarray) -> bool:
+        """Run ``x`` (one sample) so that numba compiles, or loads from its on-disk cache, every
+        kernel ``net`` needs before a timed run; True if kernels had to be compiled (first run
+        after install or after a numba upgrade), as opposed to loaded."""
+        compiled = not K.kernels_cached()
+        self.run(net, x)
+        return compiled
+
+    @property
+    def kernel_cache(self) -> str:
+        """The folder of numba's on-disk cache of the kernels (NUMBA_CACHE_DIR or __pycache__)."""
+        return K.KERNELS[0]._cache._cache_path  # numba internals, as kernels_cached()
+
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         """Run the batch ``x`` (batch, *input_shape); see :class:`csdc.backends.base.Backend`.
 
