@@ -53,6 +53,9 @@ def test_progress_flags(cnn):
     assert forced.returncode == 0 and b"\r" in forced.stderr  # the bar, asked for
     quiet = _csdc("sweep", cnn, "--delays", "0,1", "--limit", "120", "--batch", "50", "--no-progress")
     assert quiet.returncode == 0 and b"\r" not in quiet.stderr and b"images in" not in quiet.stderr
+    logged = _csdc("sweep", cnn, "--delays", "0,1", "--limit", "120", "--batch", "50")
+    assert logged.returncode == 0 and b"\r" not in logged.stderr and b"\r" not in logged.stdout
+    assert b"numba D=0: 120 images in " in logged.stderr and b"numba D=1: 120 images in " in logged.stderr
     as_json = _csdc("run", cnn, "--batch", "50", "--json")
     assert json.loads(as_json.stdout)["samples"] == 450 and b"\r" not in as_json.stderr
 

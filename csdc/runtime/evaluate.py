@@ -84,12 +84,12 @@ ALL_MEASURES = ("spikes", "synaptic_ops", "max_abs_v")
 
 
 def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | None, batch: int = 64,
-                progress: bool | None = None) -> RunOutput:
+                progress: bool | None = None, label: str | None = None) -> RunOutput:
     """Run ``net`` on every sample of ``x`` (streamed in batches) and aggregate statistics.
 
     ``progress``: True/False shows/hides the progress bar; None (default) shows it only when
     stderr is a terminal and otherwise writes one summary line to stderr at the end (no
-    carriage-return debris in logs). A backend with ``warm_up(net, x)`` runs one sample first
+    carriage-return debris in logs); ``label`` names the run there (default: the backend). A backend with ``warm_up(net, x)`` runs one sample first
     (JIT compilation), outside the timed run. A backend's ``measures`` names what it measures
     (default ``ALL_MEASURES``); what it does not is None in the summary, not 0."""
     if tuple(x.shape[1:]) != tuple(net.input_shape):
@@ -108,7 +108,7 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
     if progress is not False and len(x) > batch:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(x), unit="img", desc=f"{backend.name}", leave=False, disable=None if progress is None else False)
+        bar = tqdm(total=len(x), unit="img", desc=label or backend.name, leave=False, disable=None if progress is None else False)
     for xb, _ in iter_batches(x, None, batch):
         res = backend.run(net, np.ascontiguousarray(xb, dtype=np.float32))
         logits.append(res.logits)
@@ -120,7 +120,7 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
     seconds = time.perf_counter() - t0
     if bar is not None:
         if bar.disable:  # auto mode, not a terminal: one line for the log instead of the bar
-            print(f"{backend.name}: {len(x)} images in {seconds:.2f} s", file=sys.stderr, flush=True)
+            print(f"{label or backend.name}: {len(x)} images in {seconds:.2f} s", file=sys.stderr, flush=True)
         bar.close()
     lg = np.concatenate(logits)
     ro = np.concatenate(readout)

@@ -50,12 +50,12 @@ def parse_delays(spec: str, T: int) -> list[int]:
 
 
 def sweep_delays(net: Network, backend: Backend, delays: list[int], x: np.ndarray, y: np.ndarray | None,
-                 compare: str | os.PathLike | None = None, batch: int = 64, progress: bool = True) -> list[SweepRow]:
+                 compare: str | os.PathLike | None = None, batch: int = 64, progress: bool | None = None) -> list[SweepRow]:
     """Run ``net`` with every delay in ``delays`` on ``x``; one row per delay."""
     ref = onnx_logits(compare, x).argmax(1) if compare is not None else None
     rows = []
     for D in delays:
-        out = run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress)
+        out = run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress, label=f"{backend.name} D={D}")
         s = out.summary
         rows.append(SweepRow(D, s.latency_steps, s.accuracy,
                              float(np.mean(out.logits.argmax(1) == ref)) if ref is not None else None,
