@@ -157,8 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
         print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
-    if s.kernels_compiled:
-        print(f"  kernel compile        {s.warmup_seconds:.1f} s (first run; cached in {s.kernel_cache})")
+    if s.compile_seconds:
+        print(f"  kernel compile        {s.compile_seconds:.1f} s (first run; cached in {s.kernel_cache})")
     print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s"
           f"{', after a warm-up' if s.warmup_seconds is not None else ''})")
     if args.output:

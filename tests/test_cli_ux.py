@@ -78,7 +78,7 @@ def test_images_per_second_exclude_the_warm_up():
     after = time.perf_counter()
     s = out.summary
     assert s.warmup_seconds is not None and s.seconds <= after - backend.warm_end
-    assert s.kernel_cache and isinstance(s.kernels_compiled, bool)
+    assert s.kernel_cache and s.compile_seconds is not None and 0 <= s.compile_seconds <= s.warmup_seconds
 
 
 def test_cached_kernels_report_no_compile(cnn, capsys):

@@ -57,7 +57,7 @@ class RunSummary:
     comparison: Comparison | None = None
     clock_latency_steps: int | None = None  # on the backend's global clock (Lava: +1 step per synapse layer)
     warmup_seconds: float | None = None  # one-sample warm-up before the timed run (JIT compile or cache load)
-    kernels_compiled: bool = False  # the warm-up compiled kernels (first run after install)
+    compile_seconds: float | None = None  # kernel compilation within the warm-up (0: all from the cache)
     kernel_cache: str | None = None  # where the compiled kernels are cached
 
     def to_dict(self) -> dict:
@@ -90,7 +90,7 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
     ``progress``: True/False shows/hides the progress bar; None (default) shows it only when
     stderr is a terminal and otherwise writes one summary line to stderr at the end (no
     carriage-return debris in logs); ``label`` names the run there (default: the backend). A backend with ``warm_up(net, x)`` runs one sample first
-    (JIT compilation), outside the timed run. A backend's ``measures`` names what it measures
+    (JIT compilation; it returns the seconds spent compiling), outside the timed run. A backend's ``measures`` names what it measures
     (default ``ALL_MEASURES``); what it does not is None in the summary, not 0."""
     if tuple(x.shape[1:]) != tuple(net.input_shape):
         raise DataError(f"data samples have shape {tuple(x.shape[1:])} but the network expects {tuple(net.input_shape)}")
@@ -100,7 +100,7 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
     if hasattr(backend, "warm_up"):
         tw = time.perf_counter()
         compiled = backend.warm_up(net, np.ascontiguousarray(x[:1], dtype=np.float32))
-        warm = (time.perf_counter() - tw, bool(compiled))
+        warm = (time.perf_counter() - tw, float(compiled))
     logits, readout = [], []
     stats: dict[str, NodeStats] = {}
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         acs=int(acs) if ops else None, macs=int(macs) if ops else None,
         energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6 if ops else None, seconds=seconds,
         per_population=per_pop, clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None,
-        warmup_seconds=warm[0] if warm else None, kernels_compiled=warm[1] if warm else False,
+        warmup_seconds=warm[0] if warm else None, compile_seconds=warm[1] if warm else None,
         kernel_cache=getattr(backend, "kernel_cache", None))
     return RunOutput(summary, lg, ro, y)
 

@@ -779,13 +779,17 @@ class NumbaBackend:
         # edges: repeated batches skip verification and weight preparation.
         self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, _Program]] = weakref.WeakKeyDictionary()
 
-    def warm_up(self, net: Network, x: np.ndarray) -> bool:
+    def warm_up(self, net: Network, x: np.ndarray) -> float:
         """Run ``x`` (one sample) so that numba compiles, or loads from its on-disk cache, every
-        kernel ``net`` needs before a timed run; True if kernels had to be compiled (first run
-        after install or after a numba upgrade), as opposed to loaded."""
-        compiled = not K.kernels_cached()
-        self.run(net, x)
-        return compiled
+        kernel ``net`` needs before a timed run. Returns the seconds numba spent compiling (its
+        "numba:compile" events: cache misses only, e.g. the first run after install), 0.0 when
+        everything came from the cache."""
+        from numba.core import event
+
+        spent: list[float] = []
+        with event.install_timer("numba:compile", spent.append):
+            self.run(net, x)
+        return spent[0] if spent else 0.0
 
     @property
     def kernel_cache(self) -> str:
