@@ -159,3 +159,16 @@ def test_sweep_plot_has_whole_step_delay_ticks():
     fig.canvas.draw()
     ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+@pytest.mark.slow
+def test_first_run_reports_compile_time_apart(cnn, tmp_path):
+    """With an empty kernel cache the first run reports numba's compile time apart from its timed
+    run; the second run (kernels cached) reports none."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    argv = [sys.executable, "-m", "csdc.cli", "run", cnn, "--limit", "50", "--json"]
+    first = json.loads(subprocess.run(argv, capture_output=True, timeout=900, env=env, check=True).stdout)
+    assert first["compile_seconds"] > 0 and first["compile_seconds"] <= first["warmup_seconds"]
+    assert first["kernel_cache"].startswith(str(tmp_path))
+    text = subprocess.run(argv[:-1], capture_output=True, timeout=900, env=env, check=True, text=True).stdout
+    assert "kernel compile" not in text and "after a warm-up" in text
