@@ -254,3 +254,51 @@ def test_sum_pool_and_bias(tmp_path):
 def test_asymmetric_padding_refused():
     with pytest.raises(CsdcError, match=r"node 'p' \(SumPool\).*asymmetric"):
         to_nir(_small_net(padding=(0, 0, 1, 1)))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,seed", [((2, 2), (2, 2), 0, 0), ((3, 3), (1, 1), 1, 1),
+                                                        ((2, 2), (1, 2), 1, 2)])
+def test_max_pool_subgraph_and_random_populations(kernel, stride, padding, seed):
+    """Overlapping, padded and rectangular max-pool windows, random thresholds, v0 and biases
+    (per channel, as a conv's bias): the consumer reproduces every count and the readout."""
+    from csdc.ir.ops import SpikeMaxPool, pool_output_hw
+
+    rng = np.random.default_rng(seed)
+    T, c, hw = 6, 3, 6
+    net = Network(T)
+    net.add("in", Encode((2, hw, hw), 1.0, 0, 7))
+    net.add("c1", ConvSynapse(rng.integers(-3, 4, size=(c, 2, 3, 3)), padding=(1, 1, 1, 1)), ["in"])
+    theta = np.broadcast_to(rng.integers(2, 9, size=(c, 1, 1)), (c, hw, hw))
+    net.add("n1", Neuron(theta, rng.integers(0, 3, size=(c, 1, 1)) * np.ones((c, hw, hw), dtype=np.int64),
+                         np.broadcast_to(rng.integers(-2, 3, size=(c, 1, 1)), (c, hw, hw)), 0), ["c1"])
+    pad = (padding,) * 4
+    net.add("mp", SpikeMaxPool(kernel, stride, pad), ["n1"])
+    oh, ow = pool_output_hw(hw, hw, kernel, stride, pad)
+    net.add("f", Reshape((c * oh * ow,)), ["mp"])
+    net.add("d", DenseSynapse(rng.integers(-4, 5, size=(5, c * oh * ow))), ["f"])
+    net.add("n2", Neuron(np.full(5, 4), np.full(5, 2), rng.integers(-1, 2, size=5), 0), ["d"])
+    net.add("d2", DenseSynapse(rng.integers(-4, 5, size=(3, 5))), ["n2"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["d2"])
+    x = rng.integers(0, 8, size=(16, 2, hw, hw)).astype(np.float32)
+    readout, counts = run_consumer(to_nir(net), net, x)
+    ref = NumbaBackend().run(net, x)
+    for name in ("n1", "mp", "n2"):
+        assert np.array_equal(counts[name], ref.counts[name]), name
+    assert ref.counts["mp"].sum() > 0 and ref.counts["n2"].sum() > 0
+    assert np.array_equal(readout, ref.readout.astype(np.float64))
+
+
+def test_rectangular_kernel_refused():
+    from csdc.ir.ops import SpikeMaxPool
+
+    net = Network(2)
+    one = lambda shape: np.ones(shape, dtype=np.int64)
+    net.add("in", Encode((1, 4, 4), 1.0, 0, 3))
+    net.add("c", ConvSynapse(one((2, 1, 1, 1))), ["in"])
+    net.add("n", Neuron(one((2, 4, 4)), one((2, 4, 4)), one((2, 4, 4)) * 0, 0), ["c"])
+    net.add("p", SpikeMaxPool((2, 1), (2, 1)), ["n"])
+    net.add("f", Reshape((16,)), ["p"])
+    net.add("d", DenseSynapse(one((3, 16))), ["f"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["d"])
+    with pytest.raises(CsdcError, match=r"node 'p' \(SpikeMaxPool\).*kernel \(2, 1\) is not square"):
+        to_nir(net)

@@ -141,6 +141,12 @@ def _ungrouped(weight: np.ndarray, groups: int) -> np.ndarray:
     return dense
 
 
+def _square(name: str, op: Op, kernel: tuple[int, int]) -> None:
+    if kernel[0] != kernel[1]:
+        raise _refuse(name, op, f"its kernel {tuple(kernel)} is not square; nir 1.0.8 infers a Conv2d's output size from "
+                                "the kernel height alone, so readers reject the file")
+
+
 def _symmetric(name: str, op: Op, padding: tuple[int, int, int, int]) -> tuple[int, int]:
     top, left, bottom, right = padding
     if (top, left) != (bottom, right):
@@ -168,6 +174,7 @@ def _dense(name: str, op: DenseSynapse, ctx: _Context) -> list[str]:
 @_converts(ConvSynapse)
 def _conv(name: str, op: ConvSynapse, ctx: _Context) -> list[str]:
     hw = ctx.net.info(ctx.net.inputs(name)[0]).shape[1:]
+    _square(name, op, op.mantissa.shape[2:])
     node = ctx.add(ctx.name(name), nir.Conv2d(
         input_shape=tuple(hw), weight=_real(_ungrouped(op.weight, op.groups)), stride=op.stride,
         padding=_symmetric(name, op, op.padding), dilation=op.dilation, groups=1, bias=np.zeros(op.mantissa.shape[0], dtype=np.float32)), name)
@@ -260,6 +267,7 @@ def _spike_max_pool(name: str, op: SpikeMaxPool, ctx: _Context) -> list[str]:
     c, h, w = ctx.net.info(src).shape
     oh, ow = ctx.net.info(name).shape[1:]
     kh, kw = op.kernel
+    _square(name, op, op.kernel)
     k = kh * kw
     # channel c*k + j picks window element j of channel c (depthwise convolutions written as dense
     # ones: nir 1.0.8's Conv2d type inference ignores groups)
