@@ -138,15 +138,17 @@ def test_roundtrip_through_nir_read(cnn0, tmp_path):
 def test_consumer_reproduces_spike_counts_and_readout(cnn0, tmp_path):
     """nirtorch executes the file (recurrent edges read the previous step, as NIR's discrete-time
     consumers do) and gives csdc's spike counts of every IF population and max-pool, and its readout."""
-    x, _ = load_digits_split("test")
-    x = x[:64]
+    x, y = load_digits_split("test")
     export_nir(cnn0, tmp_path / "cnn.nir")
-    readout, counts = run_consumer(nir.read(tmp_path / "cnn.nir"), cnn0, x)
+    graph = nir.read(tmp_path / "cnn.nir")
+    readout, counts = run_consumer(graph, cnn0, x)
     ref = NumbaBackend().run(cnn0, x)
     assert set(counts) == set(ref.counts) == {"q1", "MaxPool", "q2", "MaxPool_1"}
     for name in ref.counts:
         assert np.array_equal(counts[name], ref.counts[name]), name
     assert np.array_equal(readout, ref.readout.astype(np.float64))
+    logits = readout * graph.metadata["readout_scale"] + graph.metadata["readout_offset"]  # the documented contract
+    assert np.array_equal(logits.argmax(1), ref.logits.argmax(1)) and np.mean(logits.argmax(1) == y) > 0.98
     assert sum(int(c.sum()) for c in counts.values()) > 1000  # the network is active
 
 
