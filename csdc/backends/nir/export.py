@@ -335,6 +335,8 @@ def export_nir(net: Network, path: str | os.PathLike) -> "nir.NIRGraph":
     """Write ``net`` as a NIR (HDF5) file, atomically; returns the graph written."""
     from csdc.ir.serialize import write_atomic
 
+    if os.path.isdir(path):
+        raise CsdcError(f"-o {os.fspath(path)} is a folder; give the .nir file to write")
     graph = to_nir(net)
     buf = io.BytesIO()
     nir.write(buf, graph)
