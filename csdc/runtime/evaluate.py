@@ -89,9 +89,10 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
 
     ``progress``: True/False shows/hides the progress bar; None (default) shows it only when
     stderr is a terminal and otherwise writes one summary line to stderr at the end (no
-    carriage-return debris in logs); ``label`` names the run there (default: the backend). A backend with ``warm_up(net, x)`` runs one sample first
-    (JIT compilation; it returns the seconds spent compiling), outside the timed run. A backend's ``measures`` names what it measures
-    (default ``ALL_MEASURES``); what it does not is None in the summary, not 0."""
+    carriage-return debris in logs); ``label`` names the run there (default: the backend).
+    A backend with ``warm_up(net, x)`` runs one sample first (JIT compilation; it returns the
+    seconds spent compiling), outside the timed run. A backend's ``measures`` names what it
+    measures (default ``ALL_MEASURES``); what it does not is None in the summary, not 0."""
     if tuple(x.shape[1:]) != tuple(net.input_shape):
         raise DataError(f"data samples have shape {tuple(x.shape[1:])} but the network expects {tuple(net.input_shape)}")
     if len(x) == 0:
