@@ -42,7 +42,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
     print(f"  latency               {rep.latency} steps (T + depth x D)")
-    print(f"  populations           {rep.populations} ({rep.neurons} neurons)")
+    pools = _spiking_nodes(net)[1]
+    print(f"  populations           {rep.populations} ({rep.neurons} neurons)"
+          + (f" + {pools} spiking max-pool{'s' if pools != 1 else ''}: {rep.populations + pools} spiking nodes" if pools else ""))
     print(f"  synapses              {rep.synapses}")
     print(f"  threshold rounding    {rep.threshold_error:.2e} worst relative error (--frac-bits {opts.frac_bits})")
     print(f"  weight rescaling      {rep.weight_error:.2e} worst relative error")
@@ -62,6 +64,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 # -- run -------------------------------------------------------------------------------------
+def _progress(args: argparse.Namespace) -> bool | None:
+    """--progress / --no-progress, else automatic (a bar on a terminal only); --json alone hides it."""
+    return False if args.json and args.progress is None else args.progress
+
+
+def _spiking_nodes(net) -> tuple[int, int]:
+    """(neuron populations, spiking max-pools): the rows of the run table, counted alike by compile and run."""
+    from csdc.ir.ops import SpikeMaxPool
+
+    return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
+
+
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None,
                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     from csdc.runtime.datasets import BUILTIN_SETS, load_builtin, load_npz
@@ -115,10 +129,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
     if args.backend == "reference":
         require_exact(net)  # fail before any work, naming the neuron
-    out = run_dataset(net, backend, x, y, batch=args.batch, progress=not args.no_progress and not args.json)
+    out = run_dataset(net, backend, x, y, batch=args.batch, progress=_progress(args))
     s = out.summary
     if args.compare:
-        s.comparison = compare(args.compare, out, x)
+        s.comparison = compare(args.compare, out, x, net)
+        if s.comparison.warning and args.json:
+            print(f"csdc: warning: {s.comparison.warning}", file=sys.stderr)
     if args.output:
         _save_results(args.output, out)
     if args.json:
@@ -134,24 +150,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         if c.onnx_accuracy is not None:
             print(f"  ONNX accuracy         {100 * c.onnx_accuracy:.2f} %  (onnxruntime on {c.model})")
         print(f"  top-1 agreement       {100 * c.agreement:.2f} %  (max |logit difference| {c.max_abs_logit_diff:.3g})")
+        if c.warning:
+            print(f"  warning: {c.warning}")
     print(f"  spikes                {_fmt_count(s.spikes / n)} per image, {s.spike_rate:.4f} per neuron per step")
-    print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
-    print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
-    print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s)")
+    unmeasured = f"not measured (the {s.backend} backend counts spikes only)"
+    if s.acs is None:
+        print(f"  synaptic operations   {unmeasured}")
+        print(f"  energy estimate       {unmeasured}")
+    else:
+        print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
+        print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
+    if s.compile_seconds:
+        print(f"  kernel compile        {s.compile_seconds:.1f} s (first run; cached in {s.kernel_cache})")
+    print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s"
+          f"{', after a warm-up' if s.warmup_seconds is not None else ''})")
     if args.output:
         print(f"  results               {args.output}")
     by_op: dict[str, int] = {}
     for p in s.per_population.values():
-        if p["acs"] or p["macs"]:
+        if p["acs"] is not None and (p["acs"] or p["macs"]):
             by_op[p["op"]] = by_op.get(p["op"], 0) + p["acs"] + p["macs"]
     if by_op:
         print("  synaptic ops by op    " + ", ".join(f"{op} {_fmt_count(v / n)}" for op, v in sorted(by_op.items())))
     pops = {k: p for k, p in s.per_population.items() if p["neurons"]}
     if pops:
-        width = max(max(len(k) for k in pops), len("spiking population")) + 2
-        print(f"\n  {'spiking population':<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>10}")
+        npop, pools = _spiking_nodes(net)
+        print(f"\n  {len(pops)} spiking nodes" + (f" ({npop} populations + {pools} max-pool{'s' if pools != 1 else ''})" if pools else ""))
+        head = "spiking node"
+        width = max(max(len(k) for k in pops), len(head)) + 2
+        print(f"  {head:<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>14}")
         for name, p in pops.items():
-            print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {p['max_abs_v']:>10}")
+            v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
+            print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
     return 0
 
 
@@ -168,7 +198,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
-                        progress=not args.no_progress and not args.json)
+                        progress=_progress(args))
     if args.plot:
         plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", args.plot)
     if args.json:
@@ -207,9 +237,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
-    print(f"\n{'node':<30} {'op':<15} {'kind':<8} {'shape':<16} inputs / parameters")
-    for r in rows:
-        print(f"{r['name']:<30} {r['op']:<15} {r['kind']:<8} {str(tuple(r['shape'])):<16} "
+    # columns as wide as their longest entry (long node names do not push the others out of line)
+    shapes = [str(tuple(r["shape"])) for r in rows]
+    wn, wo, ws = (max(len(h), *(len(v) for v in col)) for h, col in
+                  (("node", [r["name"] for r in rows]), ("op", [r["op"] for r in rows]), ("shape", shapes)))
+    print(f"\n{'node':<{wn}}  {'op':<{wo}}  {'kind':<7}  {'shape':<{ws}}  inputs / parameters")
+    for r, shape in zip(rows, shapes):
+        print(f"{r['name']:<{wn}}  {r['op']:<{wo}}  {r['kind']:<7}  {shape:<{ws}}  "
               f"{', '.join(r['inputs']) or '-'}  {r['params']}")
     return 0
 
@@ -219,6 +253,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
     net = serialize.load(args.sir)
+    if args.to == "nir":
+        try:
+            from csdc.backends.nir import export_nir
+        except ImportError as exc:
+            raise CsdcError(f"the NIR exporter is not available: {exc}") from None
+        graph = export_nir(net, args.output)
+        print(f"wrote NIR graph of {args.sir} to {args.output} ({len(graph.nodes)} NIR nodes, {net.T} time steps; "
+              "see docs/nir.md)")
+        return 0
     try:
         from csdc.backends.lava.export import export_bundle
     except ImportError as exc:
@@ -281,7 +324,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only when stderr is a terminal; otherwise one summary line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,10 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("export", help="export a .sir network for deployment",
-                       description="Write a self-contained deployment bundle (Lava processes for Loihi-style hardware).")
+                       description="Write a self-contained deployment bundle (Lava processes for Loihi-style hardware) or a NIR "
+                                   "graph (Neuromorphic Intermediate Representation).")
     e.add_argument("sir", help="the compiled network (.sir)")
-    e.add_argument("--to", default="lava", choices=("lava",), help="deployment target (default lava)")
-    e.add_argument("-o", "--output", required=True, help="folder to write the bundle into")
+    e.add_argument("--to", default="lava", choices=("lava", "nir"),
+                   help="deployment target (default lava); nir: a NIR file (needs csdc[nir]; networks with D = 0, no "
+                        "attention; see docs/nir.md)")
+    e.add_argument("-o", "--output", required=True, help="folder to write the bundle into (lava) or the .nir file (nir)")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser(

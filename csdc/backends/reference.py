@@ -13,6 +13,7 @@ class ReferenceBackend:
     """Count-domain interpreter; with ``keep_trains`` it runs the time-stepped semantics instead."""
 
     name = "reference"
+    measures = ("spikes",)  # no synaptic events or membrane potentials: the run report says "not measured"
 
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         res = run_steps(net, x) if keep_trains else run_counts(net, x)

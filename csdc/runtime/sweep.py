@@ -34,23 +34,28 @@ def parse_delays(spec: str, T: int) -> list[int]:
     try:
         if ".." in text:
             lo, hi = (int(v) for v in text.split(".."))
+            if lo > hi:
+                raise CsdcError(f"--delays '{spec}' is an empty range: it starts at {lo}, after its end {hi}; "
+                                f"write the smaller delay first ({hi}..{lo})")
             values = list(range(lo, hi + 1))
         else:
             values = [int(v) for v in text.split(",") if v]
     except ValueError:
         raise CsdcError(f"--delays '{spec}' is not a range like 0..T or a list like 0,2,4") from None
-    if not values or min(values) < 0:
-        raise CsdcError(f"--delays '{spec}' must name delays >= 0")
+    if not values:
+        raise CsdcError(f"--delays '{spec}' names no delay; give a range like 0..T or a list like 0,2,4")
+    if min(values) < 0:
+        raise CsdcError(f"--delays '{spec}' names the negative delay {min(values)}; delays are >= 0 time steps")
     return sorted(set(values))
 
 
 def sweep_delays(net: Network, backend: Backend, delays: list[int], x: np.ndarray, y: np.ndarray | None,
-                 compare: str | os.PathLike | None = None, batch: int = 64, progress: bool = True) -> list[SweepRow]:
+                 compare: str | os.PathLike | None = None, batch: int = 64, progress: bool | None = None) -> list[SweepRow]:
     """Run ``net`` with every delay in ``delays`` on ``x``; one row per delay."""
     ref = onnx_logits(compare, x).argmax(1) if compare is not None else None
     rows = []
     for D in delays:
-        out = run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress)
+        out = run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress, label=f"{backend.name} D={D}")
         s = out.summary
         rows.append(SweepRow(D, s.latency_steps, s.accuracy,
                              float(np.mean(out.logits.argmax(1) == ref)) if ref is not None else None,
@@ -74,6 +79,15 @@ def markdown_table(rows: list[SweepRow], T: int) -> str:
 
 def plot(rows: list[SweepRow], T: int, title: str, path: str | os.PathLike) -> None:
     """Accuracy / agreement against D (bottom axis) and latency (top axis), written as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, T, title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figure(rows: list[SweepRow], T: int, title: str):
+    """The sweep plot as a matplotlib figure (whole-step ticks on the delay axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,6 +100,9 @@ def plot(rows: list[SweepRow], T: int, title: str, path: str | os.PathLike) -> N
     if rows[0].agreement is not None:
         ax.plot(d, [100 * r.agreement for r in rows], "s--", label="top-1 agreement with onnxruntime")
     ax.axvline(T, color="gray", lw=0.8, ls=":")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # delays are whole time steps
     ax.set_xlabel(f"delay D (time steps; D >= T = {T} is exact)")
     ax.set_ylabel("%")
     ax.set_title(title)
@@ -96,5 +113,4 @@ def plot(rows: list[SweepRow], T: int, title: str, path: str | os.PathLike) -> N
     top.set_xticklabels([str(r.latency_steps) for r in rows])
     top.set_xlabel("latency (steps)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

@@ -779,6 +779,23 @@ class NumbaBackend:
         # edges: repeated batches skip verification and weight preparation.
         self._plans: weakref.WeakKeyDictionary[Network, tuple[tuple, _Program]] = weakref.WeakKeyDictionary()
 
+    def warm_up(self, net: Network, x: np.ndarray) -> float:
+        """Run ``x`` (one sample) so that numba compiles, or loads from its on-disk cache, every
+        kernel ``net`` needs before a timed run. Returns the seconds numba spent compiling (its
+        "numba:compile" events: cache misses only, e.g. the first run after install), 0.0 when
+        everything came from the cache."""
+        from numba.core import event
+
+        spent: list[float] = []
+        with event.install_timer("numba:compile", spent.append):
+            self.run(net, x)
+        return spent[0] if spent else 0.0
+
+    @property
+    def kernel_cache(self) -> str:
+        """The folder of numba's on-disk cache of the kernels (NUMBA_CACHE_DIR or __pycache__)."""
+        return K.KERNELS[0]._cache._cache_path  # numba internals, as kernels_cached()
+
     def run(self, net: Network, x: np.ndarray, *, keep_trains: bool = False) -> RunResult:
         """Run the batch ``x`` (batch, *input_shape); see :class:`csdc.backends.base.Backend`.
 
