@@ -4,7 +4,7 @@
 
 For every number of levels L (T = L) it takes ``examples/fashion_csdformer/model_L{L}.onnx``
 (``--train`` trains the missing ones with the shipped recipe: ``csdc train --dataset
-fashion-mnist --levels L --epochs 10 --batch-size 64``, about an hour each on 2 cores),
+fashion-mnist --levels L --epochs 3 --batch-size 64``, 15-20 minutes each on 2 idle cores),
 compiles it at default options and runs the SNN on the test set (numba backend) with
 onnxruntime on the same ONNX beside it. Then, for the L = 4 reference model:
 
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL_DIR = os.path.join(ROOT, "examples", "fashion_csdformer")
 DOCS = os.path.join(ROOT, "docs")
-EPOCHS, BATCH = 10, 64
+EPOCHS, BATCH = 3, 64
 
 
 def model_path(levels: int) -> str:
