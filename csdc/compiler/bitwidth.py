@@ -9,7 +9,9 @@ Bounds are worst cases over all inputs: a spike is 0 or 1 per step, the encoded 
 in its declared range, so each synapse's per-step current lies in
 ``[W+ lo + W- hi, W+ hi + W- lo]``. A neuron integrates T steps before firing (D >= T) and
 reset by subtraction never takes ``v`` below 0, so
-``min(0, v0) + T min(lo + bias, 0) <= v <= v0 + T max(hi + bias, 0)``.
+``min(0, v0) + T min(lo + bias, 0) <= v <= v0 + T max(hi + bias, 0)``. A ternary neuron's spike is
+-1, 0 or +1 (a signed graded spike), and its reset by addition never takes ``v`` above
+``threshold - 1``, so its upper bound starts from ``max(v0, threshold - 1)``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from csdc.compiler import broadcast
 from csdc.errors import BudgetError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
+                         SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose, compact,
                          power_of_two_exponent)
 
 
@@ -132,6 +134,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         one = (1,) * len(shape)
         if isinstance(op, Encode):
             b[name] = (np.full(one, op.lo, np.int64), np.full(one, op.hi, np.int64))
+        elif isinstance(op, TernaryNeuron):
+            b[name] = (-np.ones(one, np.int64), np.ones(one, np.int64))
         elif isinstance(op, (Neuron, SpikeMaxPool)):
             b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
@@ -180,7 +184,8 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
         if isinstance(op, Neuron):
             lo, hi = bounds[net.inputs(name)[0]]
             v0, bias = compact(op.v0), compact(op.bias)
-            vmax = v0 + T * np.maximum(hi + bias, 0)
+            top = np.maximum(v0, compact(op.threshold) - 1) if isinstance(op, TernaryNeuron) else v0
+            vmax = top + T * np.maximum(hi + bias, 0)
             vmin = np.minimum(v0, 0) + T * np.minimum(lo + bias, 0)
             entry["threshold_bits"] = int(compact(op.threshold).max()).bit_length()
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))

@@ -37,6 +37,7 @@ from csdc.ir import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps
@@ -467,7 +468,13 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("f2", Reshape((8,)), ["tr"])
     net.add("d", DenseSynapse(np.ones((3, 8), int)), ["f2"])
     net.add("d1", DenseSynapse(np.ones((3, 3), int)), ["d"])
-    net.add("out", Readout(np.ones(3), np.zeros(3)), ["d1"])
+    net.add("t", TernaryNeuron(*(np.full((2, 4), v) for v in (2, 1, -1)), 0), ["f"])  # signed spikes
+    net.add("mt", SpikeMatMul(1), ["t", "tr"])  # (2, 4) x (4, 2): spike_matmul_signed
+    net.add("ft", Reshape((4,)), ["mt"])
+    net.add("n5", neuron((4,), 2, 0), ["ft"])
+    net.add("d2", DenseSynapse(np.ones((3, 4), int)), ["n5"])
+    net.add("sum2", Add(), ["d1", "d2"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["sum2"])
     return net, random_x((2, 5, 5), 2)
 
 
