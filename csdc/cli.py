@@ -132,6 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  ONNX accuracy         {100 * c.onnx_accuracy:.2f} %  (onnxruntime on {c.model})")
         print(f"  top-1 agreement       {100 * c.agreement:.2f} %  (max |logit difference| {c.max_abs_logit_diff:.3g})")
     print(f"  spikes                {_fmt_count(s.spikes / n)} per image, {s.spike_rate:.4f} per neuron per step")
+    ternary = [k for k, p in s.per_population.items() if p["op"] == "TernaryNeuron"]
+    if ternary:
+        print(f"  signed spikes         {_fmt_count(s.negative_spikes / n)} of them -1 per image ({len(ternary)} ternary "
+              f"population{'s' if len(ternary) > 1 else ''}; a -1 spike costs the ACs of a +1)")
     print(f"  synaptic operations   {_fmt_count(s.acs / n)} ACs, {_fmt_count(s.macs / n)} MACs per image")
     print(f"  energy estimate       {s.energy_uj_per_sample:.3f} uJ per image (45 nm: {PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)")
     print(f"  wall time             {s.seconds:.2f} s ({n / s.seconds:.0f} images/s)")
@@ -181,7 +185,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
-    from csdc.ir.ops import Neuron
+    from csdc.ir.ops import TERNARY, Neuron
 
     net = serialize.load(args.sir)
     rows = []
@@ -200,7 +204,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"T": net.T, "metadata": net.metadata, "nodes": rows}, indent=1, default=str))
         return 0
     comp = net.metadata.get("compile", {})
-    print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations, {len(rows)} nodes"
+    ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
+    print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
+          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")

@@ -24,8 +24,9 @@ from csdc.compiler import broadcast
 from csdc.errors import BudgetError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose, compact,
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
                          power_of_two_exponent)
+from csdc.ir.ops import TERNARY, TernaryNeuron
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
             k = net.info(net.inputs(name)[0]).shape[-1]
             reach = np.full(one, 2 * k * net.T * abs(op.weight), np.int64)
-            b[name] = (-reach, reach) if op.weight < 0 else (np.zeros(one, np.int64), reach)
+            signed = op.weight < 0 or any(net.info(s).kind == TERNARY for s in net.inputs(name))
+            b[name] = (-reach, reach) if signed else (np.zeros(one, np.int64), reach)
         elif isinstance(op, Add):
             b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
         elif isinstance(op, SumPool):

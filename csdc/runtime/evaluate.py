@@ -49,6 +49,7 @@ class RunSummary:
     per_population: dict[str, dict] = field(default_factory=dict)
     comparison: Comparison | None = None
     clock_latency_steps: int | None = None  # on the backend's global clock (Lava: +1 step per synapse layer)
+    negative_spikes: int = 0  # the -1 spikes of ternary populations, included in ``spikes`` (one AC per target each)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,13 +110,14 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
     for name, s in stats.items():
         rate = s.spikes / (s.neurons * n * T) if s.neurons else 0.0
         per_pop[name] = {"op": type(net.op(name)).__name__, "neurons": s.neurons, "spikes": s.spikes, "rate": rate,
-                         "acs": s.acs, "macs": s.macs, "max_abs_v": s.max_abs_v}
+                         "acs": s.acs, "macs": s.macs, "max_abs_v": s.max_abs_v, "negative_spikes": s.negative_spikes}
     summary = RunSummary(
         backend=backend.name, samples=n, T=T, delay=D, latency_steps=latency,
         accuracy=float(np.mean(lg.argmax(1) == y)) if y is not None else None,
         spikes=int(spikes), spike_rate=spikes / (neurons * n * T) if neurons else 0.0, acs=int(acs), macs=int(macs),
         energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6, seconds=seconds, per_population=per_pop,
-        clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None)
+        clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None,
+        negative_spikes=int(sum(s.negative_spikes for s in stats.values())))
     return RunOutput(summary, lg, ro, y)
 
 

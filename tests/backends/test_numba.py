@@ -247,6 +247,43 @@ def test_dense_acs_and_macs() -> None:
     assert set(res.stats) == {"fc1", "n1", "fc2", "n2", "fc_out"}  # populations and synapses only
 
 
+def test_ternary_spikes_of_both_signs_count_as_spikes_and_acs() -> None:
+    """A ternary population's -1 spikes are spikes (energy) and each reaches its targets (one AC
+    per target, a subtraction): conv (one group: conv_spikes_rows; grouped: conv_spikes), dense,
+    diagonal and SpikeMatMul."""
+    net = Network(4)
+    net.add("in", Encode((2, 3, 3), 1.0, -4, 4))
+    net.add("c0", ConvSynapse(np.array([[[[1, -1], [2, 1]]], [[[-2, 1], [1, -1]]]]), padding=(1, 1, 0, 0), groups=2),
+            ["in"])
+    net.add("t", TernaryNeuron(np.full((2, 3, 3), 3), np.full((2, 3, 3), 1), np.zeros((2, 3, 3), int), 1), ["c0"])
+    net.add("c1", ConvSynapse(np.arange(16).reshape(2, 2, 2, 2) % 5 - 2), ["t"])  # -> (2, 2, 2)
+    net.add("c2", ConvSynapse(np.array([[[[1, 2], [-1, 1]]], [[[2, -2], [1, 1]]]]), groups=2), ["t"])  # -> (2, 2, 2)
+    net.add("n3", neuron((2, 2, 2), 2, 0), [net.add("sum", Add(), ["c1", "c2"])])
+    net.add("dg", DiagonalSynapse(np.full((2, 3, 3), -3)), ["t"])
+    net.add("n1", neuron((2, 3, 3), 2, 1), ["dg"])
+    net.add("mm", SpikeMatMul(1), ["t", "n1"])  # (2, 3, 3) x (2, 3, 3)
+    net.add("n4", neuron((2, 3, 3), 5, 0), ["mm"])
+    heads = []
+    for src in ("t", "n3", "n4"):
+        flat = net.add(f"{src}_flat", Reshape((int(np.prod(net.info(src).shape)),)), [src])
+        heads.append(net.add(f"{src}_fc", DenseSynapse(np.arange(2 * net.info(flat).shape[0]).reshape(2, -1) % 3 - 1),
+                             [flat]))
+    net.add("out", Readout(np.ones(2), np.zeros(2)), [net.add("logits", Add(), heads)])
+    x = random_x((2, 3, 3), 3, seed=2) * 2 - 3
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    train = res.trains["t"]
+    assert train.dtype == np.int8 and (train < 0).any() and (train > 0).any()
+    spikes = np.abs(train.astype(np.int64)).sum(axis=(0, 1))  # (2, 3, 3): spikes of both signs per element
+    assert res.stats["t"].spikes == int(spikes.sum()) and np.array_equal(res.counts["t"], train.sum(axis=1))
+    assert res.stats["t_fc"].acs == 2 * int(spikes.sum())
+    assert res.stats["dg"].acs == int(spikes.sum())
+    assert res.stats["mm"].acs == 3 * int(spikes.sum()) + 3 * int(res.trains["n1"].sum())
+    reach = np.outer([1, 2, 1], [1, 2, 1])  # 2 x 2 taps that reach an output from a 3 x 3 input pixel
+    assert res.stats["c1"].acs == int((spikes * reach).sum()) * 2  # 2 output channels
+    assert res.stats["c2"].acs == int((spikes * reach).sum())  # one output channel per group
+
+
 @pytest.mark.parametrize("op", [
     SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1)),  # general windows
     SpikeMaxPool((2, 2), (2, 2), (0, 0, 1, 1)),  # the unrolled 2 x 2 path

@@ -60,7 +60,7 @@ def _kernel_run(op: TernaryNeuron, current: np.ndarray, T: int) -> tuple[np.ndar
     b, _, n = current.shape
     out = np.empty((b, T, n), dtype=np.int8)
     counts = np.empty((b, n), dtype=np.int64)
-    spikes, _ = K.ternary_neurons(current, op.threshold.ravel().copy(), op.v0.ravel().copy(), op.bias.ravel().copy(),
+    spikes, _, _ = K.ternary_neurons(current, op.threshold.ravel().copy(), op.v0.ravel().copy(), op.bias.ravel().copy(),
                                   op.delay, out, counts)
     return out, counts, spikes
 
@@ -274,3 +274,35 @@ def test_bit_widths_of_signed_spikes() -> None:
     rep = analyze_bitwidth(net, "loihi2")
     # v in [T * -8, 39 + T * 7] = [-24, 60]: 7 bits
     assert rep.per_node["t2"]["membrane_bits"] == 7
+
+
+def test_inspect_and_run_report_ternary_populations_and_signed_spikes(tmp_path, capsys) -> None:
+    """`csdc inspect` names the ternary populations (op and kind); `csdc run` counts their spikes of
+    both signs, reports the -1 spikes, and numba and the reference agree on both (D >= T)."""
+    import json
+
+    from csdc.cli import main
+    from ir_nets import all_ops_input
+
+    net = all_ops_network(T=3, seed=2)
+    sir, data = tmp_path / "net.sir", tmp_path / "data.npz"
+    serialize.save(net, sir)
+    x = all_ops_input(12, seed=3)
+    np.savez(data, x=x, y=np.zeros(len(x), dtype=np.int64))
+    assert main(["inspect", str(sir)]) == 0
+    text = capsys.readouterr().out
+    assert "6 neuron populations (1 ternary: signed spikes)" in text
+    row = next(line for line in text.splitlines() if line.startswith("act_b "))
+    assert "TernaryNeuron" in row and " ternary " in row
+    summaries = {}
+    for backend in ("numba", "reference"):
+        assert main(["run", str(sir), "--backend", backend, "--data", str(data), "--json"]) == 0
+        summaries[backend] = json.loads(capsys.readouterr().out)
+    s = summaries["numba"]
+    assert s["spikes"] == summaries["reference"]["spikes"]
+    assert s["negative_spikes"] == summaries["reference"]["negative_spikes"] > 0
+    counts = semantics.run_counts(net, x).counts["act_b"]
+    assert s["per_population"]["act_b"]["spikes"] == int(np.abs(counts).sum())
+    assert s["per_population"]["act_b"]["negative_spikes"] == int(np.maximum(-counts, 0).sum())
+    assert main(["run", str(sir), "--data", str(data)]) == 0
+    assert "signed spikes" in capsys.readouterr().out

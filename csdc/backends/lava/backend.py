@@ -100,6 +100,7 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
     their per-step values never leave the Lava processes. ``events``: spikes of both signs per
     element of the ternary neuron nodes (their ``counts`` are signed), which the spikes and ACs
     count."""
+    negative = {k: (e - counts[k]) // 2 for k, e in (events or {}).items()}  # events = pos + neg, counts = pos - neg
     counts = {**counts, **(events or {})}  # spikes per element, whatever their sign
     stats: dict[str, NodeStats] = {}
     const: dict[str, np.ndarray] = {}  # values of currents that are constant over time
@@ -109,7 +110,8 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
         if isinstance(op, Encode):
             const[name] = levels
         elif isinstance(op, (Neuron, SpikeMaxPool)):
-            stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)))
+            stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)),
+                                    negative_spikes=int(negative[name].sum()) if name in negative else 0)
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
             src = ins[0]
             fan = _structural_fanout(net, name)

@@ -467,9 +467,10 @@ class TernaryNeuronStep(NeuronStep):
         n = self.threshold.size
         out = np.empty((b, self.T, n), dtype=np.int8)  # the kernel writes every step and count
         counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
-        spikes, peak = K.ternary_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out,
-                                         counts)
+        spikes, negative, peak = K.ternary_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay,
+                                                   out, counts)
         stats.spikes += spikes
+        stats.negative_spikes += negative
         stats.max_abs_v = max(stats.max_abs_v, peak)
         return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
 

@@ -686,15 +686,15 @@ def spike_matmul_signed(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndar
 
 @njit(nogil=True, cache=True)
 def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
-                    out: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
+                    out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
     """Delayed integrate-and-fire population with signed spikes (docs/signed_spikes.md).
 
     Arguments as :func:`dif_neurons`, but ``out`` (B, T, N) is int8 (-1/0/+1) and ``counts``
     receives the signed counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
     ``v += I(u) + bias``; if u > delay: ``v >= threshold`` emits +1 and subtracts ``threshold``,
-    ``v < 0`` emits -1 and adds ``threshold``. Returns (spikes of both signs, the largest |v|
-    over v0, every integrated value and every value after a firing step: a -1 reset can raise
-    |v| up to ``threshold - 1``).
+    ``v < 0`` emits -1 and adds ``threshold``. Returns (spikes of both signs, the -1 spikes among
+    them, the largest |v| over v0, every integrated value and every value after a firing step: a
+    -1 reset can raise |v| up to ``threshold - 1``).
     """
     B, Tc, N = cur.shape
     T = out.shape[1]
@@ -703,12 +703,14 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
     cnt = np.empty(N, dtype=np.int32)  # signed counts, |count| <= T
     peak = vt(0)
     total = 0
+    negative = 0
     for b in range(B):
         v[:] = v0
         cnt[:] = 0
         for n in range(N):
             peak = max(peak, abs(v[n]))
         k = 0
+        kn = 0
         for u in range(1, T + 1):
             x = cur[b, u - 1 if Tc > 1 else 0]
             if u > delay:
@@ -721,6 +723,7 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
                     row[n] = f
                     cnt[n] += f
                     k += up + down
+                    kn += down
                     vr = vt(vn - f * threshold[n])
                     peak = max(peak, max(abs(vn), abs(vr)))
                     v[n] = vr
@@ -739,6 +742,7 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
                 row[n] = f
                 cnt[n] += f
                 k += up + down
+                kn += down
                 vr = vt(vn - f * threshold[n])
                 peak = max(peak, abs(vr))
                 v[n] = vr
@@ -746,7 +750,8 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
         for n in range(N):
             cb[n] = cnt[n]
         total += k
-    return total, np.int64(peak)
+        negative += kn
+    return total, negative, np.int64(peak)
 
 
 @njit(nogil=True, cache=True)
