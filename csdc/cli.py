@@ -254,8 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, **overrides)
     c = config.resolved()
-    arch = (f"CSDformer-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if c.model == "csdformer"
-            else "digits CNN")
+    arch = (f"{'CSDformer' if c.model == 'csdformer' else 'A2OS2A'}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio "
+            f"{c.mlp_ratio:g})" if c.model != "cnn" else "digits CNN")
     print(f"training {arch}, L = {c.levels} levels, {c.weight_bits}-bit weights, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
           f"Adam lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}")
     r = train_and_export(config, args.output, progress=not args.no_progress)
@@ -349,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
                     "agreement on the test split. Deterministic: the same options give a byte-identical file. "
                     "Needs PyTorch: pip install csdc[torch].")
-    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn"),
-                   help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear)")
+    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a"),
+                   help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear); "
+                        "a2os2a: the tailored transformer with A2OS2A attention (unsigned Q, K; signed V; no scaling, no "
+                        "softmax; docs/signed_spikes.md)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="digits", choices=("digits",),
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
