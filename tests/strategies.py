@@ -195,8 +195,8 @@ def networks(draw: st.DrawFn, exact: bool = False, max_T: int = 6) -> Network:
     for _ in range(draw(st.integers(0, 4))):
         rank = len(b.shape(s))
         binary = b.net.info(s).kind == SPIKES
-        blocks = (["synapse", "routing"] + (["synapse", "sumpool"] if rank == 3 else []) + (["maxpool"] if rank == 3 and binary else [])
-                  + (["matmul"] if rank >= 2 else []))
+        blocks = (["synapse", "routing"] + (["synapse", "sumpool"] if rank == 3 else [])
+                  + (["maxpool"] if rank == 3 and binary else []) + (["matmul"] if rank >= 2 else []))
         block = draw(st.sampled_from(blocks))
         if block == "synapse":
             s = b.synapse_block(s, encoded)

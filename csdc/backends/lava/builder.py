@@ -117,8 +117,9 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
         if kind == "encode":
             proc = source = P.CsdcEncode(levels=levels, T=T, period=period, name=name)
         elif kind in ("neuron", "ternary"):
-            proc = (P.CsdcNeuron if kind == "neuron" else P.CsdcTernaryNeuron)(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
-                                start=p["start"], period=period, n_samples=n, keep_trains=keep_trains, name=name)
+            neuron = P.CsdcNeuron if kind == "neuron" else P.CsdcTernaryNeuron
+            proc = neuron(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
+                          start=p["start"], period=period, n_samples=n, keep_trains=keep_trains, name=name)
         elif kind == "maxpool":
             proc = P.CsdcMaxPool(in_shape=tuple(p["in_port"]), kernel=tuple(prm["kernel"]), stride=tuple(prm["stride"]),
                                  padding=tuple(prm["padding"]), T=T, start=p["start"], period=period, n_samples=n,

@@ -549,8 +549,7 @@ class SpikeMatMulStep:
         lead = math.prod(a.shape[2:-2])
         out = np.empty((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))  # all written
         kernel = K.spike_matmul_signed if self.signed else K.spike_matmul
-        stats.acs += kernel(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out,
-                                    self.proto)
+        stats.acs += kernel(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out, self.proto)
         return out.reshape(bsz, T, *self.out_shape)
 
 
