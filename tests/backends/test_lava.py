@@ -572,6 +572,23 @@ def test_bundle_runs_in_fresh_lava_env(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "SHA-256" in bad.stderr and not (tmp_path / "o2.npz").exists()
 
 
+def test_bundle_runs_ternary_populations(tmp_path: Path) -> None:
+    """A deployment bundle carries the ternary process: signed counts equal numba's."""
+    net = signed_attention_net(3, 1, seed=4)
+    x = batch_for(net, 3, seed=1)
+    bundle = export_bundle(net, tmp_path / "deploy")
+    np.savez(tmp_path / "input.npz", x=x)
+    run = subprocess.run([sys.executable, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
+                          str(tmp_path / "out.npz")], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    ref = NumbaBackend().run(net, x)
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["readout"], ref.readout)
+        for name, c in ref.counts.items():
+            assert np.array_equal(z[f"counts/{name}"], c), name
+        assert (z["counts/o"] < 0).any()
+
+
 def test_export_refuses_foreign_directory(tmp_path: Path) -> None:
     from csdc.errors import CsdcError
 
