@@ -414,6 +414,8 @@ def test_ternary_neurons_and_signed_products_equal_run_steps(T: int, D: int) -> 
         assert (res.stats[name].spikes, res.stats[name].acs, res.stats[name].max_abs_v) == (
             st_.spikes, st_.acs, st_.max_abs_v), name
     assert res.stats["s"].spikes == int(np.abs(ref.trains["s"]).sum())
+    rows = {r["process"]: r for r in hardware_report(net, BACKEND.last_plan)}
+    assert rows["k"]["lava"] == "CsdcTernaryNeuron" and "ternary DIF" in rows["k"]["loihi2"]
 
 
 def test_lava_conv_process_and_all_custom_give_the_same() -> None:
