@@ -352,12 +352,17 @@ def test_spike_matmul_attention_shapes_and_acs(weight: int) -> None:
     assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
 
 
-def test_dense_synapses_on_the_same_spikes_run_as_one_group() -> None:
+@pytest.mark.parametrize("signed", [False, True], ids=["binary", "ternary"])
+def test_dense_synapses_on_the_same_spikes_run_as_one_group(signed: bool) -> None:
     """Q, K and V-like projections of the same spikes share one gather and one pass of adds
     (DenseGroupStep); a different width or weight type stays on its own. Outputs, spikes and
-    per-node ACs as for separate nodes."""
+    per-node ACs as for separate nodes; ternary spikes (split into +1 and -1 once) too."""
     T = 4
     net, s = spiking_input((3, 6), T)  # tokens x width
+    if signed:  # the same, from ternary neurons on inputs in [-3, 3]
+        net = Network(T)
+        net.add("in", Encode((3, 6), 1.0, -3, 3))
+        s = net.add("s", TernaryNeuron(*(np.full((3, 6), v) for v in (2, 1, -1)), 1), ["in"])
     rng = np.random.default_rng(29)
     ws = {"q": rng.integers(-3, 4, (5, 6)), "k": rng.integers(-3, 4, (5, 6)), "v": rng.integers(-3, 4, (5, 6)),
           "wide": rng.integers(-3, 4, (4, 6)), "big": rng.integers(-3, 4, (5, 6)) * 1000 + 1}
@@ -379,11 +384,12 @@ def test_dense_synapses_on_the_same_spikes_run_as_one_group() -> None:
     prog = NumbaBackend()._program(net)
     names = [p.name for p in prog.nodes]
     assert [[names[i] for i in g] for g in prog.group.values()] == [["q", "k", "v"]]
-    x = random_x((3, 6), 3, seed=31)
+    x = random_x((3, 6), 3, seed=31) * (2 if signed else 1) - (3 if signed else 0)
     assert_same_as_steps(net, x)
     res = BACKEND.run(net, x, keep_trains=True)
+    assert (res.trains[s] < 0).any() == signed
     for name, w in ws.items():
-        assert res.stats[name].acs == int(res.trains[s].sum()) * w.shape[0] > 0
+        assert res.stats[name].acs == int(np.abs(res.trains[s].astype(np.int64)).sum()) * w.shape[0] > 0
 
 
 def test_conv_kernel_choice() -> None:

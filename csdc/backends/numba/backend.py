@@ -239,12 +239,13 @@ class DenseGroupStep:
     n: int
     dtype: type  # of the outputs
     bound: int
+    signed: bool = False  # ternary input, split once for all members (see DenseStep)
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         raise IRError("a grouped dense synapse runs through DenseGroupStep.run")
 
     def run(self, ins: list[np.ndarray], stats: list[NodeStats]) -> list[np.ndarray]:
-        x = ins[0]
+        x = _split_signs(ins[0], -1) if self.signed else ins[0]
         n_in, n_total = self.w_t.shape
         g = n_total // self.n
         lead = x.shape[1:-1]
@@ -258,12 +259,13 @@ class DenseGroupStep:
 
 def _dense_groups(nodes: list[PlannedNode], inputs: list[tuple[int, ...]]) -> list[list[int]]:
     """Spike-driven dense nodes that can run as one :class:`DenseGroupStep` (same input, same
-    weight type, scale, accumulator, output type and width), two or more per group."""
+    weight type, scale, accumulator, output type and width; binary or ternary input), two or
+    more per group."""
     by_key: dict[tuple, list[int]] = {}
     for i, p in enumerate(nodes):
         st = p.step
-        if isinstance(st, DenseStep) and st.from_spikes and not st.signed:
-            key = (inputs[i], st.w_t.shape, st.w_t.dtype, st.scale, st.acc.dtype, _current_dtype(st.bound))
+        if isinstance(st, DenseStep) and st.from_spikes:
+            key = (inputs[i], st.w_t.shape, st.w_t.dtype, st.scale, st.acc.dtype, _current_dtype(st.bound), st.signed)
             by_key.setdefault(key, []).append(i)
     return [g for g in by_key.values() if len(g) > 1]
 
@@ -778,7 +780,7 @@ def _program(net: Network) -> _Program:
         group[members[0]] = tuple(members)
         group_step[members[0]] = DenseGroupStep(
             _aligned(np.concatenate([st.w_t for st in steps], axis=1)), first.scale, first.acc, first.w_t.shape[1],
-            _current_dtype(first.bound), max(st.bound for st in steps))
+            _current_dtype(first.bound), max(st.bound for st in steps), first.signed)
         role[members[0]] = _GROUP
         for i in members[1:]:
             role[i] = _GROUPED
