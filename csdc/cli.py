@@ -153,6 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if c.warning:
             print(f"  warning: {c.warning}")
     print(f"  spikes                {_fmt_count(s.spikes / n)} per image, {s.spike_rate:.4f} per neuron per step")
+    ternary = [k for k, p in s.per_population.items() if p["op"] == "TernaryNeuron"]
+    if ternary:
+        print(f"  signed spikes         {_fmt_count(s.negative_spikes / n)} of them -1 per image ({len(ternary)} ternary "
+              f"population{'s' if len(ternary) > 1 else ''}; a -1 spike costs the ACs of a +1)")
     unmeasured = f"not measured (the {s.backend} backend counts spikes only)"
     if s.acs is None:
         print(f"  synaptic operations   {unmeasured}")
@@ -214,7 +218,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
-    from csdc.ir.ops import Neuron
+    from csdc.ir.ops import TERNARY, Neuron
 
     net = serialize.load(args.sir)
     rows = []
@@ -233,7 +237,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"T": net.T, "metadata": net.metadata, "nodes": rows}, indent=1, default=str))
         return 0
     comp = net.metadata.get("compile", {})
-    print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations, {len(rows)} nodes"
+    ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
+    print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
+          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
@@ -294,8 +300,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, **overrides)
     c = config.resolved()
-    arch = (f"CSDformer-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if c.model == "csdformer"
-            else "digits CNN")
+    arch = (f"{'CSDformer' if c.model == 'csdformer' else 'A2OS2A'}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio "
+            f"{c.mlp_ratio:g})" if c.model != "cnn" else "digits CNN")
     print(f"training {arch}, L = {c.levels} levels, {c.weight_bits}-bit weights, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
           f"Adam lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}")
     r = train_and_export(config, args.output, progress=not args.no_progress)
@@ -396,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
                     "agreement on the test split. Deterministic: the same options give a byte-identical file. "
                     "Needs PyTorch: pip install csdc[torch].")
-    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn"),
-                   help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear)")
+    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a"),
+                   help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear); "
+                        "a2os2a: the tailored transformer with A2OS2A attention (unsigned Q, K; signed V; no scaling, no "
+                        "softmax; docs/signed_spikes.md)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"),
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "

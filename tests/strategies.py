@@ -15,7 +15,10 @@ on ``sys.path``, see ``tests/backends/test_numba.py``):
   exponents 0..2; neuron parameters and diagonal weights are sometimes per channel, given as
   broadcast views.
   Neurons get thresholds >= 1, random ``v0`` and biases (negative too) and delays in
-  ``0..T+2`` (``exact=True``: ``T..T+2``, where the count-domain reference is exact).
+  ``0..T+2`` (``exact=True``: ``T..T+2``, where the count-domain reference is exact); about a
+  third of the populations are ``TernaryNeuron`` (signed spikes), which then feed every synapse
+  kind, ``SumPool``, routing and either side of a ``SpikeMatMul`` (``SpikeMaxPool`` only follows
+  binary spikes).
   ``T`` is in ``1..max_T``; tensors have at most a few hundred elements.
 - ``inputs_for(net, batch, seed)``: a float32 batch for ``net`` whose encoded levels cover
   ``[lo, hi]`` including clipping, with about a third zeros.
@@ -27,6 +30,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from csdc.ir import (
+    SPIKES,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -40,6 +44,7 @@ from csdc.ir import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 
@@ -83,7 +88,8 @@ class _Builder:
         v0 = self.rng.integers(-2, threshold + 1)
         bias = self.rng.integers(-2, 3, size=small)
         full = [np.broadcast_to(a, shape) for a in (threshold, v0, bias)]
-        return self.add(Neuron(*full, self.draw(self.delays)), [cur])
+        kind = self.draw(st.sampled_from([Neuron, Neuron, TernaryNeuron]))
+        return self.add(kind(*full, self.draw(self.delays)), [cur])
 
     def conv(self, x: str, same: bool = False) -> str:
         """A ConvSynapse; ``same``: output shape equal to the input's (for residual adds)."""
@@ -188,7 +194,9 @@ def networks(draw: st.DrawFn, exact: bool = False, max_T: int = 6) -> Network:
 
     for _ in range(draw(st.integers(0, 4))):
         rank = len(b.shape(s))
-        blocks = ["synapse", "routing"] + (["synapse", "maxpool", "sumpool"] if rank == 3 else []) + (["matmul"] if rank >= 2 else [])
+        binary = b.net.info(s).kind == SPIKES
+        blocks = (["synapse", "routing"] + (["synapse", "sumpool"] if rank == 3 else [])
+                  + (["maxpool"] if rank == 3 and binary else []) + (["matmul"] if rank >= 2 else []))
         block = draw(st.sampled_from(blocks))
         if block == "synapse":
             s = b.synapse_block(s, encoded)

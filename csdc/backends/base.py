@@ -18,7 +18,8 @@ class NodeStats:
     """Activity of one IR node over a batch (sums over samples)."""
 
     neurons: int = 0  # output elements of a spiking node
-    spikes: int = 0  # spikes emitted (Neuron, SpikeMaxPool)
+    spikes: int = 0  # spikes emitted (Neuron, SpikeMaxPool), of both signs for a TernaryNeuron
+    negative_spikes: int = 0  # the -1 spikes among them (TernaryNeuron)
     acs: int = 0  # accumulates: one per presynaptic spike per fan-out target
     macs: int = 0  # multiply-accumulates: synaptic work driven by the encoded (non-spike) input
     max_abs_v: int = 0  # largest |membrane potential| seen (Neuron)
@@ -26,6 +27,7 @@ class NodeStats:
     def merge(self, other: "NodeStats") -> None:
         self.neurons = max(self.neurons, other.neurons)
         self.spikes += other.spikes
+        self.negative_spikes += other.negative_spikes
         self.acs += other.acs
         self.macs += other.macs
         self.max_abs_v = max(self.max_abs_v, other.max_abs_v)

@@ -19,7 +19,10 @@ class ReferenceBackend:
         res = run_steps(net, x) if keep_trains else run_counts(net, x)
         stats = {}
         for name, counts in res.counts.items():
-            st = NodeStats(neurons=int(np.prod(net.info(name).shape)), spikes=int(counts.sum()))
+            # spikes of either sign: from the trains, or (D >= T: one sign per neuron and window) |count|
+            signed = res.trains.get(name, counts)
+            st = NodeStats(neurons=int(np.prod(net.info(name).shape)), spikes=int(np.abs(signed).sum()),
+                           negative_spikes=int(np.maximum(-signed, 0).sum()))
             stats[name] = st
         return RunResult(readout=res.readout, logits=res.logits, counts=res.counts, trains=res.trains, stats=stats)
 

@@ -9,7 +9,9 @@ Bounds are worst cases over all inputs: a spike is 0 or 1 per step, the encoded 
 in its declared range, so each synapse's per-step current lies in
 ``[W+ lo + W- hi, W+ hi + W- lo]``. A neuron integrates T steps before firing (D >= T) and
 reset by subtraction never takes ``v`` below 0, so
-``min(0, v0) + T min(lo + bias, 0) <= v <= v0 + T max(hi + bias, 0)``.
+``min(0, v0) + T min(lo + bias, 0) <= v <= v0 + T max(hi + bias, 0)``. A ternary neuron's spike is
+-1, 0 or +1 (a signed graded spike), and its reset by addition never takes ``v`` above
+``threshold - 1``, so its upper bound starts from ``max(v0, threshold - 1)``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
                          SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
                          power_of_two_exponent)
+from csdc.ir.ops import TERNARY, TernaryNeuron
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         one = (1,) * len(shape)
         if isinstance(op, Encode):
             b[name] = (np.full(one, op.lo, np.int64), np.full(one, op.hi, np.int64))
+        elif isinstance(op, TernaryNeuron):
+            b[name] = (-np.ones(one, np.int64), np.ones(one, np.int64))
         elif isinstance(op, (Neuron, SpikeMaxPool)):
             b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
@@ -140,7 +145,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
             k = net.info(net.inputs(name)[0]).shape[-1]
             reach = np.full(one, 2 * k * net.T * abs(op.weight), np.int64)
-            b[name] = (-reach, reach) if op.weight < 0 else (np.zeros(one, np.int64), reach)
+            signed = op.weight < 0 or any(net.info(s).kind == TERNARY for s in net.inputs(name))
+            b[name] = (-reach, reach) if signed else (np.zeros(one, np.int64), reach)
         elif isinstance(op, Add):
             b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
         elif isinstance(op, SumPool):
@@ -180,7 +186,8 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
         if isinstance(op, Neuron):
             lo, hi = bounds[net.inputs(name)[0]]
             v0, bias = compact(op.v0), compact(op.bias)
-            vmax = v0 + T * np.maximum(hi + bias, 0)
+            top = np.maximum(v0, compact(op.threshold) - 1) if isinstance(op, TernaryNeuron) else v0
+            vmax = top + T * np.maximum(hi + bias, 0)
             vmin = np.minimum(v0, 0) + T * np.minimum(lo + bias, 0)
             entry["threshold_bits"] = int(compact(op.threshold).max()).bit_length()
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))

@@ -5,6 +5,7 @@ from csdc.ir.ops import (
     CURRENT,
     OP_REGISTRY,
     SPIKES,
+    TERNARY,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -18,11 +19,12 @@ from csdc.ir.ops import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 
 __all__ = [
     "CURRENT", "OP_REGISTRY", "SPIKES", "Add", "ConvSynapse", "DenseSynapse", "DiagonalSynapse",
     "Encode", "Network", "Neuron", "Op", "Readout", "ReduceSum", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
-    "TensorInfo", "Transpose",
+    "TERNARY", "TensorInfo", "TernaryNeuron", "Transpose",
 ]

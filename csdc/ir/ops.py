@@ -3,6 +3,8 @@
 Every op consumes tensors of a declared *kind* and produces one tensor:
 
 - ``SPIKES``: a binary value per element and time step.
+- ``TERNARY``: a signed spike, -1, 0 or +1 per element and time step (a :class:`TernaryNeuron`'s
+  output; docs/signed_spikes.md).
 - ``CURRENT``: an integer per element and time step.
 
 Shapes never include the batch or time axes. ``Op.infer(in_shapes, in_kinds)`` checks the
@@ -31,6 +33,7 @@ import numpy as np
 from csdc.errors import IRError
 
 SPIKES = "spikes"
+TERNARY = "ternary"
 CURRENT = "current"
 
 Shape = tuple[int, ...]
@@ -249,7 +252,7 @@ class DenseSynapse(_Weighted):
             raise IRError(f"DenseSynapse weight must be 2-D (out, in), got shape {self.mantissa.shape}")
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
         shp = in_shapes[0]
         if len(shp) < 1 or shp[-1] != self.mantissa.shape[1]:
             raise IRError(f"DenseSynapse expects input (..., {self.mantissa.shape[1]}), got {shp}")
@@ -283,7 +286,7 @@ class ConvSynapse(_Weighted):
             raise IRError("ConvSynapse stride and dilation must be >= 1")
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
         shp = in_shapes[0]
         if len(shp) != 3 or shp[0] != self.mantissa.shape[1] * self.groups:
             raise IRError(f"ConvSynapse expects input ({self.mantissa.shape[1] * self.groups}, H, W), got {shp}")
@@ -306,7 +309,7 @@ class DiagonalSynapse(_Weighted):
         self._init_weight()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES,),))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY),))
         if tuple(self.mantissa.shape) != tuple(in_shapes[0]):
             raise IRError(f"DiagonalSynapse weight shape {self.mantissa.shape} != input shape {in_shapes[0]}")
         return tuple(in_shapes[0])
@@ -366,7 +369,27 @@ class Neuron(Op):
         return tuple(in_shapes[0])
 
     def with_delay(self, delay: int) -> "Neuron":
-        return Neuron(self.threshold, self.v0, self.bias, delay)
+        return type(self)(self.threshold, self.v0, self.bias, delay)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class TernaryNeuron(Neuron):
+    """A population of delayed integrate-and-fire neurons with signed (ternary) spikes, for a
+    quantizer symmetric around zero (docs/signed_spikes.md).
+
+    Per neuron: ``v = v0``; for u in 1..T+D: if u <= T, ``v += I(u) + bias``; if u > D:
+    ``v >= threshold`` emits +1 at output step u - D and ``v -= threshold``; ``v < 0`` emits -1
+    and ``v += threshold``; otherwise 0. ``v`` is pulled back into ``[0, threshold)`` one
+    threshold per step, so the neuron never emits both signs in a row without new input.
+    For ``delay >= T`` the signed spike count is
+    ``clip(floor((V + T*bias + v0) / threshold), -T, T)``: with ``v0 = floor(threshold / 2)`` the
+    symmetric quantizer ``clip(round(x / s), -T, T)``, zero costing no spikes. Same parameters,
+    integration and delay as :class:`Neuron` (it is one for delays, latency and the D >= T
+    check); its output kind is ``TERNARY``.
+    """
+
+    out_kind: ClassVar = TERNARY
 
 
 class _Window(Op):
@@ -381,8 +404,8 @@ class _Window(Op):
         if min(self.kernel) < 1 or min(self.stride) < 1:  # type: ignore[attr-defined]
             raise IRError(f"{type(self).__name__} kernel and stride must be >= 1")
 
-    def _infer_window(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES,),))
+    def _infer_window(self, in_shapes: list[Shape], in_kinds: list[str], kinds: tuple[str, ...] = (SPIKES,)) -> Shape:
+        self._check_arity(in_shapes, in_kinds, (kinds,))
         shp = in_shapes[0]
         if len(shp) != 3:
             raise IRError(f"{type(self).__name__} expects a (C, H, W) input, got {shp}")
@@ -407,6 +430,10 @@ class SpikeMaxPool(_Window):
         self._normalize()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        if in_kinds[:1] == [TERNARY]:
+            raise IRError("SpikeMaxPool takes binary spikes, got ternary (signed) spikes: its TDEC max assumes running "
+                          "counts that never fall, with zero padding below every count; max-pool before the signed "
+                          "quantizer instead (max-pooling commutes with a monotone quantizer)")
         return self._infer_window(in_shapes, in_kinds)
 
 
@@ -425,7 +452,7 @@ class SumPool(_Window):
         self._normalize()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        return self._infer_window(in_shapes, in_kinds)
+        return self._infer_window(in_shapes, in_kinds, (SPIKES, TERNARY))
 
 
 @register_op
@@ -455,10 +482,11 @@ class ReduceSum(Op):
 class SpikeMatMul(Op):
     """Product of two spike tensors by temporal decomposition (SPEC 2.4).
 
-    Inputs ``A`` (..., M, K) and ``B`` (..., K, N) with equal leading axes; output current
-    (..., M, N): ``I(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running spike counts
-    ``C(t) = sum_{u<=t} s(u)``. Every elementary operation adds an accumulated count gated by
-    a binary spike; summed over the window ``sum_t I(t) = weight * C_A(T) C_B(T)`` exactly.
+    Inputs ``A`` (..., M, K) and ``B`` (..., K, N) with equal leading axes, each binary or ternary
+    spikes; output current (..., M, N): ``I(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with
+    running (signed) spike counts ``C(t) = sum_{u<=t} s(u)``. Every elementary operation adds
+    (spike +1) or subtracts (spike -1) an accumulated count gated by a spike; summed over the
+    window ``sum_t I(t) = weight * C_A(T) C_B(T)`` exactly.
     ``weight`` is the integer synaptic weight of every such event (the unit rescaling that the
     compiler would otherwise put into synapses)."""
 
@@ -470,7 +498,7 @@ class SpikeMatMul(Op):
             raise IRError("SpikeMatMul weight must be non-zero")
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES,), (SPIKES,)))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY), (SPIKES, TERNARY)))
         a, b = tuple(in_shapes[0]), tuple(in_shapes[1])
         if len(a) < 2 or len(a) != len(b) or a[:-2] != b[:-2] or a[-1] != b[-2]:
             raise IRError(f"SpikeMatMul needs (..., M, K) x (..., K, N) with equal leading axes, got {a} x {b}")
@@ -491,7 +519,7 @@ class Reshape(Op):
         return in_kinds[0]
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
         if int(np.prod(in_shapes[0])) != int(np.prod(self.shape)):
             raise IRError(f"Reshape from {in_shapes[0]} to {self.shape} changes the element count")
         return self.shape
@@ -511,7 +539,7 @@ class Transpose(Op):
         return in_kinds[0]
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
-        self._check_arity(in_shapes, in_kinds, ((SPIKES, CURRENT),))
+        self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
         shp = in_shapes[0]
         if sorted(self.perm) != list(range(len(shp))):
             raise IRError(f"Transpose perm {self.perm} does not fit input rank {len(shp)}")

@@ -9,6 +9,9 @@ Two interpreters:
 - :func:`run_steps`: the layer-synchronous time-stepped semantics for any delay (slow,
   vectorised over neurons only). Backends must reproduce its spike trains exactly.
 
+Ternary (signed) spikes are -1, 0 or +1; a ternary tensor's count is the signed sum of its
+spikes, and every linear op and the TDEC product take it as they take a binary count.
+
 All integer arithmetic is int64. Arrays carry a leading batch axis; spike trains in the
 time domain have shape (batch, T, *shape).
 """
@@ -37,6 +40,7 @@ from csdc.ir.ops import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 
@@ -69,6 +73,29 @@ def neuron_steps(op: Neuron, current: np.ndarray, T: int) -> np.ndarray:
             fire = v >= op.threshold
             out[:, u - op.delay - 1] = fire
             v -= np.where(fire, op.threshold, 0)
+    return out
+
+
+def ternary_count(op: TernaryNeuron, total: np.ndarray, T: int) -> np.ndarray:
+    """Signed spike count of a ternary population with delay >= T given its total input current:
+    ``clip(floor((V + T*bias + v0) / threshold), -T, T)``."""
+    v = total + T * op.bias + op.v0
+    return np.clip(np.floor_divide(v, op.threshold), -T, T)
+
+
+def ternary_steps(op: TernaryNeuron, current: np.ndarray, T: int) -> np.ndarray:
+    """Signed spike train (batch, T, *shape) of a ternary population (any delay): +1 and
+    ``v -= threshold`` where ``v >= threshold``, -1 and ``v += threshold`` where ``v < 0``."""
+    batch = current.shape[0]
+    v = np.broadcast_to(op.v0, (batch, *op.v0.shape)).astype(np.int64).copy()
+    out = np.zeros_like(current, dtype=np.int64)
+    for u in itertools.chain(range(1, T + 1), range(max(T, op.delay) + 1, T + op.delay + 1)):
+        if u <= T:
+            v += current[:, u - 1] + op.bias
+        if u > op.delay:
+            fire = (v >= op.threshold).astype(np.int64) - (v < 0)
+            out[:, u - op.delay - 1] = fire
+            v -= fire * op.threshold
     return out
 
 
@@ -111,7 +138,8 @@ def sum_pool(op: SumPool, x: np.ndarray) -> np.ndarray:
 
 
 def spike_matmul_steps(op: SpikeMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """TDEC VMM over time: a (batch, T, ..., M, K), b (batch, T, ..., K, N) spike trains."""
+    """TDEC VMM over time: a (batch, T, ..., M, K), b (batch, T, ..., K, N) spike trains (binary or
+    ternary: a -1 spike subtracts the count it gates)."""
     a = a.astype(np.int64)
     b = b.astype(np.int64)
     ca = np.cumsum(a, axis=1)
@@ -150,8 +178,10 @@ class Result:
     """Outcome of running a network on a batch.
 
     ``readout``: integer accumulated readout currents (batch, classes); ``logits``: float32;
-    ``counts``: spike counts (batch, *shape) per neuron/max-pool node (when requested);
-    ``trains``: spike trains (batch, T, *shape) per spiking node (time-domain runs, when requested);
+    ``counts``: spike counts (batch, *shape) per neuron/max-pool node (when requested; signed for
+    ternary populations);
+    ``trains``: spike trains (batch, T, *shape) per spiking node (time-domain runs, when requested;
+    -1/0/+1 for ternary populations);
     ``currents``: per-step values (batch, T, *shape) of every current node (``run_steps(currents=True)``).
     """
 
@@ -183,6 +213,8 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
         ins = [values[s] for s in net.inputs(name)]
         if isinstance(op, Encode):
             out = T * encode(op, x)
+        elif isinstance(op, TernaryNeuron):
+            out = ternary_count(op, ins[0], T)
         elif isinstance(op, Neuron):
             out = neuron_count(op, ins[0], T)
         elif isinstance(op, SpikeMaxPool):
@@ -215,6 +247,8 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = F
         if isinstance(op, Encode):
             q = encode(op, x)
             out = np.repeat(q[:, None], T, axis=1)
+        elif isinstance(op, TernaryNeuron):
+            out = ternary_steps(op, ins[0], T)
         elif isinstance(op, Neuron):
             out = neuron_steps(op, ins[0], T)
         elif isinstance(op, SpikeMaxPool):

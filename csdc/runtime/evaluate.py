@@ -59,6 +59,7 @@ class RunSummary:
     warmup_seconds: float | None = None  # one-sample warm-up before the timed run (JIT compile or cache load)
     compile_seconds: float | None = None  # kernel compilation within the warm-up (0: all from the cache)
     kernel_cache: str | None = None  # where the compiled kernels are cached
+    negative_spikes: int = 0  # the -1 spikes of ternary populations, included in ``spikes`` (one AC per target each)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +140,8 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         rate = s.spikes / (s.neurons * n * T) if s.neurons else 0.0
         per_pop[name] = {"op": type(net.op(name)).__name__, "neurons": s.neurons, "spikes": s.spikes, "rate": rate,
                          "acs": s.acs if ops else None, "macs": s.macs if ops else None,
-                         "max_abs_v": s.max_abs_v if volts else None}
+                         "max_abs_v": s.max_abs_v if volts else None,
+                         "negative_spikes": s.negative_spikes}
     summary = RunSummary(
         backend=backend.name, samples=n, T=T, delay=D, latency_steps=latency,
         accuracy=float(np.mean(lg.argmax(1) == y)) if y is not None else None,
@@ -148,7 +150,8 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6 if ops else None, seconds=seconds,
         per_population=per_pop, clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None,
         warmup_seconds=warm[0] if warm else None, compile_seconds=warm[1] if warm else None,
-        kernel_cache=getattr(backend, "kernel_cache", None))
+        kernel_cache=getattr(backend, "kernel_cache", None),
+        negative_spikes=int(sum(s.negative_spikes for s in stats.values())))
     return RunOutput(summary, lg, ro, y)
 
 

@@ -1,6 +1,6 @@
 """Train a network on a dataset, export it and check the export: what ``csdc train`` runs.
 
-:func:`train_and_export` takes a :class:`TrainConfig` (model ``csdformer`` or ``cnn``,
+:func:`train_and_export` takes a :class:`TrainConfig` (model ``csdformer``, ``a2os2a`` or ``cnn``,
 data ``digits`` or a user ``.npz``, model and optimiser options), trains with the
 shared loop (:func:`csdc.training.loop.train`: Adam, cosine schedule, deterministic for
 a seed), exports QCDQ ONNX, runs it with onnxruntime on the test split and returns a
@@ -30,7 +30,7 @@ from csdc.training.loop import TrainHistory, onnx_predict, predict_logits, train
 __all__ = ["MODELS", "TrainConfig", "TrainResult", "load_training_data", "train_and_export"]
 
 #: Model names accepted by :class:`TrainConfig`.
-MODELS = ("csdformer", "cnn")
+MODELS = ("csdformer", "cnn", "a2os2a")
 
 #: Fraction of a user .npz held out for testing, and the seed of that split.
 NPZ_TEST_FRACTION = 0.2
@@ -40,6 +40,7 @@ NPZ_SPLIT_SEED = 0
 _DEFAULTS: dict[str, dict[str, float | int]] = {
     "csdformer": {"levels": 4, "weight_bits": 4, "epochs": 15, "lr": 2e-3},
     "cnn": {"levels": 15, "weight_bits": 4, "epochs": 30, "lr": 1e-2},
+    "a2os2a": {"levels": 4, "weight_bits": 4, "epochs": 15, "lr": 2e-3},
 }
 
 
@@ -181,13 +182,14 @@ def _build(c: TrainConfig, sample_shape: tuple[int, ...], num_classes: int, data
             raise DataError(f"{data}: the digits CNN takes (1, 8, 8) images, got {sample_shape}; "
                             "use --model csdformer for other sizes")
         return build_cnn(c.seed, levels=c.levels, weight_bits=c.weight_bits, num_classes=num_classes)
+    from csdc.training.a2os2a import build_a2os2a
     from csdc.training.transformer import build_csdformer
 
     chans, h, w = sample_shape
     if h != w:
         raise DataError(f"{data}: the CSDformer takes square images, got {h}x{w}")
     try:
-        return build_csdformer(
+        return (build_a2os2a if c.model == "a2os2a" else build_csdformer)(
             c.seed, img_size=h, in_chans=chans, num_classes=num_classes, dim=c.dim, depth=c.depth,
             heads=c.heads, levels=c.levels, mlp_ratio=c.mlp_ratio, weight_bits=c.weight_bits,
             input_step=1.0 / float(c.input_levels), input_levels=c.input_levels)
@@ -199,8 +201,12 @@ def _export(model: nn.Module) -> onnx.ModelProto:
     from csdc.training.cnn import DigitsCNN, export_qcdq_onnx
     from csdc.training.transformer import export_csdformer_onnx
 
+    from csdc.training.a2os2a import A2OS2AFormer, export_a2os2a_onnx
+
     if isinstance(model, DigitsCNN):
         return export_qcdq_onnx(model)
+    if isinstance(model, A2OS2AFormer):
+        return export_a2os2a_onnx(model)
     return export_csdformer_onnx(model)  # type: ignore[arg-type]
 
 

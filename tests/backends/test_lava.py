@@ -58,6 +58,7 @@ from csdc.ir import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 from csdc.ir.semantics import _linear, run_steps
@@ -356,6 +357,67 @@ def test_spike_matmul_equals_run_steps(T: int, D: int) -> None:
     assert res.stats["qk"].acs == ref.stats["qk"].acs and res.stats["av"].acs == ref.stats["av"].acs
 
 
+def signed_attention_net(T: int, D: int, seed: int = 0) -> Network:
+    """A²OS²A-style attention: binary Q, ternary K and V (signed spikes), ``A = DIF(Q K^T)`` and
+    ``O = ternary(A V)`` (TDEC products with signed operands), a ternary residual through a
+    diagonal synapse, and a dense head, conv and sum-pool fed by ternary spikes."""
+    rng = np.random.default_rng(seed)
+
+    def ternary(shape: tuple[int, ...], threshold: int) -> TernaryNeuron:
+        th = rng.integers(1, threshold + 1, size=shape)
+        return TernaryNeuron(th, th // 2, rng.integers(-2, 3, size=shape), D)
+
+    net = Network(T)
+    net.add("x", Encode((4, 3), 0.5, -4, 5))
+    net.add("s", ternary((4, 3), 3), ["x"])
+    net.add("wq", DenseSynapse(rng.integers(-2, 4, (3, 3))), ["s"])
+    net.add("q", neuron((4, 3), 3, D, rng=rng), ["wq"])
+    net.add("wk", DenseSynapse(rng.integers(-3, 3, (3, 3))), ["s"])
+    net.add("k", ternary((4, 3), 3), ["wk"])
+    net.add("kt", Transpose((1, 0)), ["k"])
+    net.add("qk", SpikeMatMul(2), ["q", "kt"])
+    net.add("a", neuron((4, 4), 6, D, rng=rng), ["qk"])
+    net.add("av", SpikeMatMul(-1), ["a", "s"])
+    net.add("res", DiagonalSynapse(np.full((4, 3), 3)), ["s"])
+    net.add("sum", Add(), ["av", "res"])
+    net.add("o", ternary((4, 3), 4), ["sum"])
+    net.add("img", Reshape((1, 4, 3)), ["o"])
+    net.add("conv", ConvSynapse(rng.integers(-2, 3, (2, 1, 2, 2)), (1, 1), (1, 0, 0, 1)), ["img"])
+    net.add("c", ternary((2, 4, 3), 3), ["conv"])
+    net.add("pool", SumPool((2, 2), (2, 1)), ["c"])
+    net.add("pf", Reshape((8,)), ["pool"])
+    net.add("f", Reshape((12,)), ["o"])
+    net.add("head", DenseSynapse(rng.integers(-2, 3, (2, 12))), ["f"])
+    net.add("head2", DenseSynapse(rng.integers(-2, 3, (2, 8))), ["pf"])
+    net.add("logits", Add(), ["head", "head2"])
+    net.add("out", Readout(np.array([1.0, 0.5]), np.zeros(2)), ["logits"])
+    net.verify()
+    return net
+
+
+@pytest.mark.parametrize("T,D", [(3, 3), (4, 1), (3, 0)])
+def test_ternary_neurons_and_signed_products_equal_run_steps(T: int, D: int) -> None:
+    """Signed spikes under Loihi2SimCfg(select_tag="fixed_pt"): trains (-1/0/+1) and signed counts
+    equal the semantics, spikes of both signs and the ACs they cause equal numba's."""
+    net = signed_attention_net(T, D, seed=T + 7 * D)
+    x = batch_for(net, 3, seed=T)
+    res = BACKEND.run(net, x, keep_trains=True)
+    ref = run_steps(net, x)
+    assert_same(ref, res)
+    assert any((ref.trains[n] < 0).any() for n in ("s", "k", "o", "c"))  # signed spikes occurred
+    kinds = {p["ir_node"]: p["kind"] for p in BACKEND.last_plan.processes}
+    assert {kinds[n] for n in ("s", "k", "o", "c")} == {"ternary"} and kinds["q"] == "neuron"
+    msg = {p["name"]: p["params"].get("num_message_bits") for p in BACKEND.last_plan.processes if p["kind"] == "synapse"}
+    assert msg["wq"] == msg["res"] == msg["head"] == 2  # graded spikes carrying a sign
+    fast = NumbaBackend().run(net, x)
+    for name, st_ in fast.stats.items():
+        assert (res.stats[name].spikes, res.stats[name].acs, res.stats[name].max_abs_v) == (
+            st_.spikes, st_.acs, st_.max_abs_v), name
+    assert res.stats["s"].spikes == int(np.abs(ref.trains["s"]).sum())
+    rows = {r["process"]: r for r in hardware_report(net, BACKEND.last_plan)}
+    assert rows["k"]["lava"] == "CsdcTernaryNeuron" and "ternary DIF" in rows["k"]["loihi2"]
+
+
 def test_lava_conv_process_and_all_custom_give_the_same() -> None:
     net = every_op_net(3, 1, seed=5)
     x = batch_for(net, 2, seed=5)
@@ -510,6 +572,23 @@ def test_bundle_runs_in_fresh_lava_env(tmp_path: Path) -> None:
     bad = subprocess.run([str(py), str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o", str(tmp_path / "o2.npz")],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
     assert bad.returncode != 0 and "SHA-256" in bad.stderr and not (tmp_path / "o2.npz").exists()
+
+
+def test_bundle_runs_ternary_populations(tmp_path: Path) -> None:
+    """A deployment bundle carries the ternary process: signed counts equal numba's."""
+    net = signed_attention_net(3, 1, seed=4)
+    x = batch_for(net, 3, seed=1)
+    bundle = export_bundle(net, tmp_path / "deploy")
+    np.savez(tmp_path / "input.npz", x=x)
+    run = subprocess.run([sys.executable, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
+                          str(tmp_path / "out.npz")], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    ref = NumbaBackend().run(net, x)
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["readout"], ref.readout)
+        for name, c in ref.counts.items():
+            assert np.array_equal(z[f"counts/{name}"], c), name
+        assert (z["counts/o"] < 0).any()
 
 
 def test_export_refuses_foreign_directory(tmp_path: Path) -> None:

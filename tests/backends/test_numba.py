@@ -37,6 +37,7 @@ from csdc.ir import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 from csdc.ir.semantics import conv, encode, max_pool, run_counts, run_steps
@@ -246,6 +247,43 @@ def test_dense_acs_and_macs() -> None:
     assert set(res.stats) == {"fc1", "n1", "fc2", "n2", "fc_out"}  # populations and synapses only
 
 
+def test_ternary_spikes_of_both_signs_count_as_spikes_and_acs() -> None:
+    """A ternary population's -1 spikes are spikes (energy) and each reaches its targets (one AC
+    per target, a subtraction): conv (one group: conv_spikes_rows; grouped: conv_spikes), dense,
+    diagonal and SpikeMatMul."""
+    net = Network(4)
+    net.add("in", Encode((2, 3, 3), 1.0, -4, 4))
+    net.add("c0", ConvSynapse(np.array([[[[1, -1], [2, 1]]], [[[-2, 1], [1, -1]]]]), padding=(1, 1, 0, 0), groups=2),
+            ["in"])
+    net.add("t", TernaryNeuron(np.full((2, 3, 3), 3), np.full((2, 3, 3), 1), np.zeros((2, 3, 3), int), 1), ["c0"])
+    net.add("c1", ConvSynapse(np.arange(16).reshape(2, 2, 2, 2) % 5 - 2), ["t"])  # -> (2, 2, 2)
+    net.add("c2", ConvSynapse(np.array([[[[1, 2], [-1, 1]]], [[[2, -2], [1, 1]]]]), groups=2), ["t"])  # -> (2, 2, 2)
+    net.add("n3", neuron((2, 2, 2), 2, 0), [net.add("sum", Add(), ["c1", "c2"])])
+    net.add("dg", DiagonalSynapse(np.full((2, 3, 3), -3)), ["t"])
+    net.add("n1", neuron((2, 3, 3), 2, 1), ["dg"])
+    net.add("mm", SpikeMatMul(1), ["t", "n1"])  # (2, 3, 3) x (2, 3, 3)
+    net.add("n4", neuron((2, 3, 3), 5, 0), ["mm"])
+    heads = []
+    for src in ("t", "n3", "n4"):
+        flat = net.add(f"{src}_flat", Reshape((int(np.prod(net.info(src).shape)),)), [src])
+        heads.append(net.add(f"{src}_fc", DenseSynapse(np.arange(2 * net.info(flat).shape[0]).reshape(2, -1) % 3 - 1),
+                             [flat]))
+    net.add("out", Readout(np.ones(2), np.zeros(2)), [net.add("logits", Add(), heads)])
+    x = random_x((2, 3, 3), 3, seed=2) * 2 - 3
+    assert_same_as_steps(net, x)
+    res = BACKEND.run(net, x, keep_trains=True)
+    train = res.trains["t"]
+    assert train.dtype == np.int8 and (train < 0).any() and (train > 0).any()
+    spikes = np.abs(train.astype(np.int64)).sum(axis=(0, 1))  # (2, 3, 3): spikes of both signs per element
+    assert res.stats["t"].spikes == int(spikes.sum()) and np.array_equal(res.counts["t"], train.sum(axis=1))
+    assert res.stats["t_fc"].acs == 2 * int(spikes.sum())
+    assert res.stats["dg"].acs == int(spikes.sum())
+    assert res.stats["mm"].acs == 3 * int(spikes.sum()) + 3 * int(res.trains["n1"].sum())
+    reach = np.outer([1, 2, 1], [1, 2, 1])  # 2 x 2 taps that reach an output from a 3 x 3 input pixel
+    assert res.stats["c1"].acs == int((spikes * reach).sum()) * 2  # 2 output channels
+    assert res.stats["c2"].acs == int((spikes * reach).sum())  # one output channel per group
+
+
 @pytest.mark.parametrize("op", [
     SpikeMaxPool((3, 2), (2, 1), (1, 0, 2, 1)),  # general windows
     SpikeMaxPool((2, 2), (2, 2), (0, 0, 1, 1)),  # the unrolled 2 x 2 path
@@ -314,12 +352,17 @@ def test_spike_matmul_attention_shapes_and_acs(weight: int) -> None:
     assert np.array_equal(BACKEND.run(exact, x).readout, run_counts(exact, x).readout)
 
 
-def test_dense_synapses_on_the_same_spikes_run_as_one_group() -> None:
+@pytest.mark.parametrize("signed", [False, True], ids=["binary", "ternary"])
+def test_dense_synapses_on_the_same_spikes_run_as_one_group(signed: bool) -> None:
     """Q, K and V-like projections of the same spikes share one gather and one pass of adds
     (DenseGroupStep); a different width or weight type stays on its own. Outputs, spikes and
-    per-node ACs as for separate nodes."""
+    per-node ACs as for separate nodes; ternary spikes (split into +1 and -1 once) too."""
     T = 4
     net, s = spiking_input((3, 6), T)  # tokens x width
+    if signed:  # the same, from ternary neurons on inputs in [-3, 3]
+        net = Network(T)
+        net.add("in", Encode((3, 6), 1.0, -3, 3))
+        s = net.add("s", TernaryNeuron(*(np.full((3, 6), v) for v in (2, 1, -1)), 1), ["in"])
     rng = np.random.default_rng(29)
     ws = {"q": rng.integers(-3, 4, (5, 6)), "k": rng.integers(-3, 4, (5, 6)), "v": rng.integers(-3, 4, (5, 6)),
           "wide": rng.integers(-3, 4, (4, 6)), "big": rng.integers(-3, 4, (5, 6)) * 1000 + 1}
@@ -341,11 +384,12 @@ def test_dense_synapses_on_the_same_spikes_run_as_one_group() -> None:
     prog = NumbaBackend()._program(net)
     names = [p.name for p in prog.nodes]
     assert [[names[i] for i in g] for g in prog.group.values()] == [["q", "k", "v"]]
-    x = random_x((3, 6), 3, seed=31)
+    x = random_x((3, 6), 3, seed=31) * (2 if signed else 1) - (3 if signed else 0)
     assert_same_as_steps(net, x)
     res = BACKEND.run(net, x, keep_trains=True)
+    assert (res.trains[s] < 0).any() == signed
     for name, w in ws.items():
-        assert res.stats[name].acs == int(res.trains[s].sum()) * w.shape[0] > 0
+        assert res.stats[name].acs == int(np.abs(res.trains[s].astype(np.int64)).sum()) * w.shape[0] > 0
 
 
 def test_conv_kernel_choice() -> None:
@@ -467,7 +511,13 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("f2", Reshape((8,)), ["tr"])
     net.add("d", DenseSynapse(np.ones((3, 8), int)), ["f2"])
     net.add("d1", DenseSynapse(np.ones((3, 3), int)), ["d"])
-    net.add("out", Readout(np.ones(3), np.zeros(3)), ["d1"])
+    net.add("t", TernaryNeuron(*(np.full((2, 4), v) for v in (2, 1, -1)), 0), ["f"])  # signed spikes
+    net.add("mt", SpikeMatMul(1), ["t", "tr"])  # (2, 4) x (4, 2): spike_matmul_signed
+    net.add("ft", Reshape((4,)), ["mt"])
+    net.add("n5", neuron((4,), 2, 0), ["ft"])
+    net.add("d2", DenseSynapse(np.ones((3, 4), int)), ["n5"])
+    net.add("sum2", Add(), ["d1", "d2"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["sum2"])
     return net, random_x((2, 5, 5), 2)
 
 

@@ -4,7 +4,8 @@
 parameters on purpose: grouped and padded convolutions, asymmetric pool padding, a
 synapse fed by a current that is not the encoded input, a residual ``Add``, ``Transpose``
 and ``Reshape`` on spikes and on currents, an attention-like
-``SpikeMatMul`` pair (Q K^T, then A V), per-class readout scales of both signs.
+``SpikeMatMul`` pair (Q K^T, then A V with ternary V, which also feeds a dense synapse),
+per-class readout scales of both signs.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from csdc.ir import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 
 
-def _neuron(rng: np.random.Generator, shape: tuple[int, ...], delay: int) -> Neuron:
+def _neuron(rng: np.random.Generator, shape: tuple[int, ...], delay: int, kind: type[Neuron] = Neuron) -> Neuron:
     threshold = rng.integers(1, 9, size=shape)
     v0 = rng.integers(-3, 9, size=shape)
     bias = rng.integers(-2, 3, size=shape)
-    return Neuron(threshold, v0, bias, delay)
+    return kind(threshold, v0, bias, delay)
 
 
 def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
@@ -65,7 +67,7 @@ def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
     net.add("tokens_t", Transpose((1, 2, 0)), ["act2"])  # -> (3, 3, 4)
     net.add("tokens", Reshape((9, 4)), ["tokens_t"])
     net.add("mix", DenseSynapse(w(5, 4).astype(np.int8), exponent=2), ["tokens"])  # -> (9, 5)
-    net.add("act_b", _neuron(rng, (9, 5), D + 2), ["mix"])  # "values"
+    net.add("act_b", _neuron(rng, (9, 5), D + 2, TernaryNeuron), ["mix"])  # signed "values"
     net.add("keys", Transpose((1, 0)), ["tokens"])  # -> (4, 9)
     net.add("scores", SpikeMatMul(2), ["tokens", "keys"])  # -> (9, 9) current, Q K^T
     net.add("attn", Neuron(rng.integers(4, 20, size=(9, 9)), rng.integers(0, 10, size=(9, 9)),

@@ -24,6 +24,7 @@ from csdc.errors import IRError
 from csdc.ir import semantics
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
+    TERNARY,
     DenseSynapse,
     Encode,
     Neuron,
@@ -362,7 +363,8 @@ def test_run_steps_trains_are_binary_for_any_delay(net, seed) -> None:
     res = semantics.run_steps(net, inputs_for(net, 2, seed))
     for name, train in res.trains.items():
         assert train.shape == (2, net.T, *net.info(name).shape)
-        assert set(np.unique(train).tolist()) <= {0, 1}, name
+        values = {-1, 0, 1} if net.info(name).kind == TERNARY else {0, 1}
+        assert set(np.unique(train).tolist()) <= values, name
         assert np.array_equal(res.counts[name], train.sum(axis=1))
 
 

@@ -18,6 +18,7 @@ from csdc.errors import DataError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
     SPIKES,
+    TERNARY,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -89,14 +90,18 @@ def _structural_fanout(net: Network, name: str) -> np.ndarray:
 
 
 def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str, int],
-               levels: np.ndarray) -> dict[str, NodeStats]:
+               levels: np.ndarray, events: dict[str, np.ndarray] | None = None) -> dict[str, NodeStats]:
     """Activity per node, with the numba backend's definitions: ``neurons`` / ``spikes`` of
     spiking nodes, ``max_abs_v`` of neurons (measured inside the Lava processes), ``acs`` of
     synapses fed by spikes (per presynaptic spike, the targets it reaches) and ``macs`` of
     synapses fed by the constant encoded current (per nonzero input value, once per sample); a
     SpikeMatMul (M, K) x (K, N) counts N ACs per spike of A and M per spike of B.
     Synapses fed by a time-varying current (e.g. a SumPool output) get no MAC count here:
-    their per-step values never leave the Lava processes."""
+    their per-step values never leave the Lava processes. ``events``: spikes of both signs per
+    element of the ternary neuron nodes (their ``counts`` are signed), which the spikes and ACs
+    count."""
+    negative = {k: (e - counts[k]) // 2 for k, e in (events or {}).items()}  # events = pos + neg, counts = pos - neg
+    counts = {**counts, **(events or {})}  # spikes per element, whatever their sign
     stats: dict[str, NodeStats] = {}
     const: dict[str, np.ndarray] = {}  # values of currents that are constant over time
     for name, op in net.nodes():
@@ -105,11 +110,12 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
         if isinstance(op, Encode):
             const[name] = levels
         elif isinstance(op, (Neuron, SpikeMaxPool)):
-            stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)))
+            stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)),
+                                    negative_spikes=int(negative[name].sum()) if name in negative else 0)
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
             src = ins[0]
             fan = _structural_fanout(net, name)
-            if net.info(src).kind == SPIKES:
+            if net.info(src).kind in (SPIKES, TERNARY):
                 c = _spike_counts_of(net, src, counts)
                 stats[name] = NodeStats(acs=int((c.reshape(c.shape[0], fan.size) * fan).sum()) if c is not None else 0)
             else:
@@ -163,7 +169,7 @@ class LavaBackend:
         out = builder.run_graph(graph)
         readout = out.readout
         logits = readout_logits(net.op(net.output_name), readout)
-        stats = node_stats(net, out.counts, out.max_abs_v, levels)
+        stats = node_stats(net, out.counts, out.max_abs_v, levels, out.events)
         self.last_timing = {"build": t1 - t0, "run": out.seconds_run, "fetch": out.seconds_fetch,
                             "steps": float(out.steps), "latency_steps": float(plan.meta["latency"])}
         return RunResult(readout=readout, logits=logits, counts=out.counts,

@@ -30,6 +30,7 @@ from . import processes as P
 
 PLAN_FORMAT = "csdc-lava-plan"
 SUPPORTED_PLAN_VERSIONS = (1,)
+_SPIKING = ("neuron", "ternary", "maxpool")  # process kinds that record spike counts
 
 
 def encode_levels(x: np.ndarray, scale: float, lo: int, hi: int) -> np.ndarray:
@@ -69,11 +70,13 @@ class LavaGraph:
 
 @dataclass
 class GraphOutput:
-    """What a run produced: readout integers (n, classes), counts / trains per spiking IR node,
-    max |v| per neuron node, and timings."""
+    """What a run produced: readout integers (n, classes), counts / trains per spiking IR node
+    (signed for ternary neurons), spikes of both signs per element of each ternary neuron node
+    (``events``), max |v| per neuron node, and timings."""
 
     readout: np.ndarray
     counts: dict[str, np.ndarray] = field(default_factory=dict)
+    events: dict[str, np.ndarray] = field(default_factory=dict)
     trains: dict[str, np.ndarray] = field(default_factory=dict)
     max_abs_v: dict[str, int] = field(default_factory=dict)
     steps: int = 0
@@ -113,9 +116,10 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
         arr = {k: arrays[v] for k, v in p["arrays"].items()}
         if kind == "encode":
             proc = source = P.CsdcEncode(levels=levels, T=T, period=period, name=name)
-        elif kind == "neuron":
-            proc = P.CsdcNeuron(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
-                                start=p["start"], period=period, n_samples=n, keep_trains=keep_trains, name=name)
+        elif kind in ("neuron", "ternary"):
+            neuron = P.CsdcNeuron if kind == "neuron" else P.CsdcTernaryNeuron
+            proc = neuron(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
+                          start=p["start"], period=period, n_samples=n, keep_trains=keep_trains, name=name)
         elif kind == "maxpool":
             proc = P.CsdcMaxPool(in_shape=tuple(p["in_port"]), kernel=tuple(prm["kernel"]), stride=tuple(prm["stride"]),
                                  padding=tuple(prm["padding"]), T=T, start=p["start"], period=period, n_samples=n,
@@ -196,8 +200,10 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
     out = GraphOutput(readout=np.zeros((n, int(meta["num_classes"])), dtype=np.int64))
     if n == 0:  # nothing to run: empty results of the right shapes
         for p in graph.plan["processes"]:
-            if p["kind"] in ("neuron", "maxpool"):
+            if p["kind"] in _SPIKING:
                 out.counts[p["ir_node"]] = np.zeros((0, *p["out_port"]), dtype=np.int64)
+                if p["kind"] == "ternary":
+                    out.events[p["ir_node"]] = np.zeros((0, *p["out_port"]), dtype=np.int64)
                 if graph.keep_trains:
                     out.trains[p["ir_node"]] = np.zeros((0, T, *p["out_port"]), dtype=np.int64)
         return out
@@ -207,15 +213,20 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
         graph.sink.run(condition=RunSteps(num_steps=steps), run_cfg=run_config(graph))
         t1 = time.perf_counter()
         out.readout = np.rint(np.asarray(graph.sink.readout.get(), dtype=np.float64)).astype(np.int64).reshape(n, -1)
-        by_node = {p["ir_node"]: p for p in graph.plan["processes"] if p["kind"] in ("neuron", "maxpool")}
+        by_node = {p["ir_node"]: p for p in graph.plan["processes"] if p["kind"] in _SPIKING}
         for node, p in by_node.items():
             proc = graph.processes[p["name"]]
             shape = tuple(p["out_port"])
             size = int(np.prod(shape))
             out.counts[node] = P.unpack_uint(proc.counts_packed.get(), P.count_bits(T), n * size).reshape(n, *shape)
+            if p["kind"] == "ternary":  # counts_packed holds the +1 spikes
+                neg = P.unpack_uint(proc.neg_counts_packed.get(), P.count_bits(T), n * size).reshape(n, *shape)
+                out.counts[node], out.events[node] = out.counts[node] - neg, out.counts[node] + neg
             if graph.keep_trains:
-                out.trains[node] = P.unpack_uint(proc.trains_packed.get(), 1, n * T * size).reshape(n, T, *shape)
-            if p["kind"] == "neuron":
+                bits = 2 if p["kind"] == "ternary" else 1  # a ternary train is packed as spike + 1
+                trains = P.unpack_uint(proc.trains_packed.get(), bits, n * T * size).reshape(n, T, *shape)
+                out.trains[node] = trains - 1 if bits == 2 else trains
+            if p["kind"] in ("neuron", "ternary"):
                 out.max_abs_v[node] = int(np.asarray(proc.max_abs_v.get()).ravel()[0])
         t2 = time.perf_counter()
     finally:

@@ -10,7 +10,8 @@ Process mapping (see docs/lava.md):
   only where its fixed-point model is exact: Dense and Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
   and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
-- ``Neuron`` -> ``CsdcNeuron``, ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
+- ``Neuron`` -> ``CsdcNeuron``, ``TernaryNeuron`` -> ``CsdcTernaryNeuron`` (graded spikes -1/0/+1,
+  so the synapses it feeds take graded input), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
   ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
 - ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
@@ -39,6 +40,7 @@ from csdc.errors import CsdcError, IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
     SPIKES,
+    TERNARY,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -52,6 +54,7 @@ from csdc.ir.ops import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
 )
 from csdc.ir.semantics import _windows
@@ -65,6 +68,7 @@ PLAN_VERSION = 1
 LOIHI2 = {"weight_bits": 8, "threshold_bits": 24, "membrane_bits": 24, "accumulator_bits": 24, "payload_bits": 24}
 
 _INT32 = 2**31  # Lava's Dense / Sparse send int32 currents
+TERNARY_MESSAGE_BITS = 2  # payload of a signed spike -1/0/+1 (two's complement)
 _CONV24 = 2**23  # Lava's Conv computes in float64 (exact) and wraps its output at 24 bits signed
 CONV_IMPLS = ("lava.Sparse", "lava.Conv")
 
@@ -331,7 +335,8 @@ class _Planner:
         m = linear_matrix(op, in_ir, out_ir)
         in_bound = self.bounds[src]
         acc = int(np.asarray(abs(m).sum(axis=1)).ravel().max(initial=0)) * in_bound
-        msg_bits = 0 if in_kind == SPIKES else 24
+        # binary spikes carry no payload; a ternary spike is a graded spike carrying its sign
+        msg_bits = 0 if in_kind == SPIKES else TERNARY_MESSAGE_BITS if in_kind == TERNARY else 24
         exp = _weight_exp(m)
         off = self.offset[src] + 1
         impl, reason = "custom", ""
@@ -392,6 +397,10 @@ class _Planner:
                    {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}, start=start)
         self._connect_terms(self.terms[ins[0]], name)
         self.terms[name], self.offset[name] = [Term(name, 0)], start + op.delay
+
+    def _ternary(self, name: str, op: TernaryNeuron, ins: list[str], shape: tuple[int, ...]) -> None:
+        self._neuron(name, op, ins, shape)
+        self.procs[name]["kind"] = "ternary"
 
     def _maxpool(self, name: str, op: SpikeMaxPool, ins: list[str], shape: tuple[int, ...]) -> None:
         start = self.offset[ins[0]]
@@ -467,6 +476,7 @@ LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ..
     SumPool: _Planner._linear_op,
     ReduceSum: _Planner._linear_op,
     Neuron: _Planner._neuron,
+    TernaryNeuron: _Planner._ternary,
     SpikeMaxPool: _Planner._maxpool,
     SpikeMatMul: _Planner._matmul,
     Add: _Planner._add,
@@ -491,6 +501,7 @@ def make_plan(net: Network, n_samples: int = 1, *, keep_trains: bool = False, us
 
 
 _CUSTOM_CLASS = {"encode": "CsdcEncode", "neuron": "CsdcNeuron", "maxpool": "CsdcMaxPool", "delay": "CsdcDelay",
+                 "ternary": "CsdcTernaryNeuron",
                  "readout": "CsdcReadout", "matmul": "CsdcSpikeMatMul", "synapse": "CsdcSynapse"}
 
 
@@ -537,7 +548,7 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
                 notes.append(f"graded input exceeds the {budget['payload_bits']}-bit spike payload")
             hw = ("Loihi 2 synapses" if impl.startswith("lava.")
                   else "Loihi 2 synapses (custom only in simulation: " + p["params"]["reason"] + ")")
-        elif kind == "neuron":
+        elif kind in ("neuron", "ternary"):
             op = net.op(node)
             tb = nb.get("threshold_bits", int(op.threshold.max(initial=1)).bit_length())
             if tb > budget["threshold_bits"]:
@@ -545,7 +556,8 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
             if nb.get("membrane_bits", 0) > budget["membrane_bits"]:
                 notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['membrane_bits']})")
             hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
-                  "subtraction, per-neuron v0 and bias)")
+                  "subtraction, per-neuron v0 and bias)" if kind == "neuron" else
+                  "custom neuron microcode (ternary DIF: as DIF, plus -1 graded spikes and reset by addition below 0)")
         elif kind == "maxpool":
             hw = "custom neuron microcode (TDEC max-pool: running counts and window max per step)"
         elif kind == "matmul":
@@ -565,4 +577,4 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     return rows
 
 
-__all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]
+__all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "TERNARY_MESSAGE_BITS", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]

@@ -12,7 +12,7 @@ consecutive samples never interact; ``period >= T + max delay`` guarantees the w
 process do not overlap, and every process resets its state at local step 1.
 
 Latencies (global steps from input local step t to output local step t):
-``CsdcEncode`` -, ``CsdcNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
+``CsdcEncode`` -, ``CsdcNeuron`` and ``CsdcTernaryNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
 ``CsdcSynapse`` and ``CsdcSpikeMatMul`` 1 (like Lava's Dense/Sparse/Conv, whose output at
 step g is the synaptic input of step g - 1), ``CsdcReadout`` -.
 
@@ -122,6 +122,21 @@ class CsdcNeuron(AbstractProcess):
         self.max_abs_v = Var(shape=(1,), init=0)
         self.counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
         self.trains_packed = Var(shape=(packed_words(n_samples * T * size if keep_trains else 0, 1),), init=0)
+
+
+class CsdcTernaryNeuron(CsdcNeuron):
+    """Delayed integrate-and-fire population with signed (ternary) spikes: as :class:`CsdcNeuron`,
+    but for u > delay ``v >= threshold`` sends +1 and subtracts ``threshold``, ``v < 0`` sends -1
+    and adds it (a graded spike carrying a sign). Records the +1 counts in ``counts_packed`` and
+    the -1 counts in ``neg_counts_packed``; trains are packed as ``spike + 1`` in 2 bits."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        p = self.proc_params
+        size = int(np.prod(self.v.shape))
+        self.neg_counts_packed = Var(shape=(packed_words(p["n_samples"] * size, count_bits(p["T"])),), init=0)
+        self.trains_packed = Var(shape=(packed_words(p["n_samples"] * p["T"] * size if p["keep_trains"] else 0, 2),),
+                                 init=0)
 
 
 class CsdcMaxPool(AbstractProcess):
@@ -240,11 +255,9 @@ class _RecordingModel(PyLoihiProcessModel):
             self.trains_packed = pack_uint(self._trains, 1)
 
 
-@implements(proc=CsdcNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("fixed_pt")
-class PyCsdcNeuronModel(_RecordingModel):
-    """Fixed-point DIF neuron (int64 state)."""
+class _DifModel(_RecordingModel):
+    """Integration window, delay and reset of the DIF neuron models (int64 state); ``_fire``
+    decides the spikes of a firing step and resets ``v``."""
 
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
@@ -276,13 +289,55 @@ class PyCsdcNeuronModel(_RecordingModel):
                 self.v = self.v + current + self.bias
                 self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
             if u > self._D:
-                fire = self.v >= self.threshold
-                self.v = self.v - np.where(fire, self.threshold, 0)
-                out = fire.astype(np.int64)
+                out = self._fire()
                 self._record(k, u - self._D, out)
                 if k == self._n - 1 and u == self._T + self._D:
                     self._finish()
         self.s_out.send(out)
+
+
+@implements(proc=CsdcNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcNeuronModel(_DifModel):
+    """Fixed-point DIF neuron (int64 state)."""
+
+    def _fire(self) -> np.ndarray:
+        fire = self.v >= self.threshold
+        self.v = self.v - np.where(fire, self.threshold, 0)
+        return fire.astype(np.int64)
+
+
+@implements(proc=CsdcTernaryNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcTernaryNeuronModel(_DifModel):
+    """Fixed-point ternary DIF neuron (int64 state, graded spikes -1/0/+1)."""
+
+    neg_counts_packed: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def _fire(self) -> np.ndarray:
+        fire = (self.v >= self.threshold).astype(np.int64) - (self.v < 0)
+        self.v = self.v - fire * self.threshold
+        # a -1 reset can raise |v| (up to threshold - 1): measured like the numba kernel
+        self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+        return fire
+
+    def _init_recording(self, shape: tuple[int, ...]) -> None:
+        super()._init_recording(shape)
+        self._neg = np.zeros_like(self._counts)
+
+    def _record(self, k: int, t: int, spikes: np.ndarray) -> None:
+        self._counts[k] += spikes > 0
+        self._neg[k] += spikes < 0
+        if self._keep:
+            self._trains[k, t - 1] = spikes
+
+    def _finish(self) -> None:
+        self.counts_packed = pack_uint(self._counts, count_bits(self._T))
+        self.neg_counts_packed = pack_uint(self._neg, count_bits(self._T))
+        if self._keep:
+            self.trains_packed = pack_uint(self._trains.astype(np.int64) + 1, 2)
 
 
 @implements(proc=CsdcMaxPool, protocol=LoihiProtocol)
@@ -443,6 +498,7 @@ class PyCsdcReadoutModel(PyLoihiProcessModel):
 PROCESS_MODELS: dict[type, type] = {
     CsdcEncode: PyCsdcEncodeModel,
     CsdcNeuron: PyCsdcNeuronModel,
+    CsdcTernaryNeuron: PyCsdcTernaryNeuronModel,
     CsdcMaxPool: PyCsdcMaxPoolModel,
     CsdcDelay: PyCsdcDelayModel,
     CsdcSynapse: PyCsdcSynapseModel,
@@ -459,6 +515,7 @@ __all__ = [
     "CsdcReadout",
     "CsdcSpikeMatMul",
     "CsdcSynapse",
+    "CsdcTernaryNeuron",
     "count_bits",
     "pack_uint",
     "packed_words",

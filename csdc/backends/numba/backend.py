@@ -6,7 +6,9 @@ topological order. The network is first turned into a *plan*: one typed step per
 chosen through the registry ``STEP_BUILDERS`` (op type -> builder), holding the node's
 parameters prepared for its kernel (transposed / narrowed weights, integer dtypes).
 
-Tensors are numpy arrays of shape (batch, Tc, *shape): spikes are ``uint8`` with Tc = T;
+Tensors are numpy arrays of shape (batch, Tc, *shape): spikes are ``uint8`` with Tc = T,
+ternary (signed) spikes ``int8`` -1/0/+1 (a dense or conv synapse fed by them runs the binary
+kernel on the +1 and -1 spikes side by side, with the weights and their negatives);
 currents are ``int32`` when a static bound on ``|I|`` per step allows it, else ``int64``.
 A current that does not vary in time (the encoded input, and synapses / adds / routing
 fed only by it) keeps Tc = 1, so a synapse reading it multiplies once per sample instead
@@ -21,8 +23,9 @@ Statistics (:class:`csdc.backends.base.NodeStats`, summed over the batch):
 - ``macs`` (synapse nodes fed by a current): the same count for each nonzero input
   value, once per distinct time step (once in total for a constant current).
 - SumPool and SpikeMaxPool only route and compare spikes: no ACs.
-- ``neurons``, ``spikes`` (Neuron, SpikeMaxPool); ``max_abs_v`` (Neuron): the largest
-  |membrane potential| reached, for bit-width checks.
+- ``neurons``, ``spikes`` (Neuron, SpikeMaxPool; spikes of both signs for a TernaryNeuron,
+  each one AC per target downstream); ``max_abs_v`` (Neuron): the largest |membrane
+  potential| reached, for bit-width checks.
 - ``stats`` has an entry for each Neuron, SpikeMaxPool and synapse node (incl. SpikeMatMul).
 
 The batch is cut into chunks (one per worker thread for small models, two for large ones,
@@ -54,6 +57,7 @@ from csdc.errors import DataError, IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
     SPIKES,
+    TERNARY,
     Add,
     ConvSynapse,
     DenseSynapse,
@@ -68,6 +72,7 @@ from csdc.ir.ops import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
     narrowest,
     power_of_two_exponent,
@@ -203,9 +208,10 @@ class DenseStep:
     from_spikes: bool
     acc: np.ndarray  # empty array of a spike-driven row's accumulator type (int16 when its sums fit)
     bound: int
+    signed: bool = False  # ternary input: w_t is (2 in, out), the weights then their negatives
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
-        x = ins[0]
+        x = _split_signs(ins[0], -1) if self.signed else ins[0]
         n_in, n_out = self.w_t.shape
         lead = x.shape[1:-1]  # (Tc, *leading axes)
         flat = x.reshape(x.shape[0], math.prod(lead), n_in)
@@ -233,12 +239,13 @@ class DenseGroupStep:
     n: int
     dtype: type  # of the outputs
     bound: int
+    signed: bool = False  # ternary input, split once for all members (see DenseStep)
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         raise IRError("a grouped dense synapse runs through DenseGroupStep.run")
 
     def run(self, ins: list[np.ndarray], stats: list[NodeStats]) -> list[np.ndarray]:
-        x = ins[0]
+        x = _split_signs(ins[0], -1) if self.signed else ins[0]
         n_in, n_total = self.w_t.shape
         g = n_total // self.n
         lead = x.shape[1:-1]
@@ -252,22 +259,33 @@ class DenseGroupStep:
 
 def _dense_groups(nodes: list[PlannedNode], inputs: list[tuple[int, ...]]) -> list[list[int]]:
     """Spike-driven dense nodes that can run as one :class:`DenseGroupStep` (same input, same
-    weight type, scale, accumulator, output type and width), two or more per group."""
+    weight type, scale, accumulator, output type and width; binary or ternary input), two or
+    more per group."""
     by_key: dict[tuple, list[int]] = {}
     for i, p in enumerate(nodes):
         st = p.step
         if isinstance(st, DenseStep) and st.from_spikes:
-            key = (inputs[i], st.w_t.shape, st.w_t.dtype, st.scale, st.acc.dtype, _current_dtype(st.bound))
+            key = (inputs[i], st.w_t.shape, st.w_t.dtype, st.scale, st.acc.dtype, _current_dtype(st.bound), st.signed)
             by_key.setdefault(key, []).append(i)
     return [g for g in by_key.values() if len(g) > 1]
 
 
+def _split_signs(s: np.ndarray, axis: int) -> np.ndarray:
+    """Ternary spikes (int8) as binary spikes (uint8) twice as long along ``axis``: the +1 spikes,
+    then the -1 spikes. A synapse with weights ``[w, -w]`` along that axis then computes ``w s``
+    with the binary kernel (one AC per spike of either sign)."""
+    return np.concatenate([s > 0, s < 0], axis=axis).view(np.uint8)
+
+
 @_builds(DenseSynapse)
 def _dense(op: DenseSynapse, ctx: NodeContext) -> Step:
-    w_t, scale = _narrow_scaled(op.weight.T)
+    signed = ctx.in_kinds[0] == TERNARY
+    w = op.weight
+    w_t, scale = _narrow_scaled(np.concatenate([w.T, -w.T]) if signed else w.T)
     w_t = _aligned(w_t)
-    bound = ctx.in_bounds[0] * _max_abs_row_sum(op.weight)
-    return DenseStep(w_t, scale, ctx.in_kinds[0] == SPIKES, np.empty(0, dtype=_acc_dtype(bound, scale)), bound)
+    bound = ctx.in_bounds[0] * _max_abs_row_sum(w)
+    return DenseStep(w_t, scale, ctx.in_kinds[0] in (SPIKES, TERNARY), np.empty(0, dtype=_acc_dtype(bound, scale)),
+                     bound, signed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +306,13 @@ class ConvStep:
     out_shape: Shape
     from_spikes: bool
     bound: int
+    groups: int = 0  # > 0: ternary input, split into +1 and -1 spikes per group (see _conv)
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         x = ins[0]
+        if self.groups:
+            b, t, c, h, w = x.shape
+            x = _split_signs(x.reshape(b, t, self.groups, c // self.groups, h, w), 3).reshape(b, t, 2 * c, h, w)
         out = np.empty((x.shape[0], x.shape[1], *self.out_shape), dtype=_current_dtype(self.bound))  # all written
         if self.rows:
             stats.acs += K.conv_spikes_rows(x, self.w_r, self.scale, self.stride, self.pad, self.dilation,
@@ -304,18 +326,21 @@ class ConvStep:
 
 @_builds(ConvSynapse)
 def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
-    w = op.weight  # (O, cg, kh, kw)
+    signed = ctx.in_kinds[0] == TERNARY
+    # ternary input: each group reads its +1 spikes, then its -1 spikes (2 cg channels) through the
+    # weights, then their negatives
+    w = np.concatenate([op.weight, -op.weight], axis=1) if signed else op.weight  # (O, cg, kh, kw)
     o, cg, kh, kw = w.shape
     g = op.groups
     og = o // g
     # w_r[c, ky, kx, j] = w[(c // cg) * og + j, c % cg, ky, kx]
     w_r = w.reshape(g, og, cg, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * cg, kh, kw, og)
     w_r, scale = _narrow_scaled(w_r)
-    from_spikes = ctx.in_kinds[0] == SPIKES
+    from_spikes = ctx.in_kinds[0] in (SPIKES, TERNARY)
     rows = from_spikes and g == 1 and op.stride[1] == 1 and op.dilation[1] == 1
     if rows:
         w_r = w_r[:, :, ::-1, :].reshape(cg, kh, kw * og)
-    bound = ctx.in_bounds[0] * _max_abs_row_sum(w)
+    bound = ctx.in_bounds[0] * _max_abs_row_sum(op.weight)
     return ConvStep(
         w_r=_aligned(w_r),
         scale=scale,
@@ -328,6 +353,7 @@ def _conv(op: ConvSynapse, ctx: NodeContext) -> Step:
         out_shape=ctx.out_shape,
         from_spikes=from_spikes,
         bound=bound,
+        groups=g if signed else 0,
     )
 
 
@@ -353,7 +379,7 @@ class DiagonalStep:
 
 @_builds(DiagonalSynapse)
 def _diagonal(op: DiagonalSynapse, ctx: NodeContext) -> Step:
-    return DiagonalStep(_aligned(_narrow(op.weight.ravel())), ctx.in_kinds[0] == SPIKES,
+    return DiagonalStep(_aligned(_narrow(op.weight.ravel())), ctx.in_kinds[0] in (SPIKES, TERNARY),
                         int(np.abs(op.weight.astype(np.float64)).max(initial=0)))
 
 
@@ -431,6 +457,27 @@ class NeuronStep:
         return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
 
 
+@dataclass(frozen=True, slots=True)
+class TernaryNeuronStep(NeuronStep):
+    """Ternary neurons (signed spikes, int8 trains); parameters as :class:`NeuronStep`."""
+
+    def fire(self, ins: list[np.ndarray], stats: NodeStats,
+             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The signed spike trains and counts, as :meth:`NeuronStep.fire` (spikes of both signs)."""
+        cur = ins[0]
+        b, tc = cur.shape[:2]
+        n = self.threshold.size
+        out = np.empty((b, self.T, n), dtype=np.int8)  # the kernel writes every step and count
+        counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
+        spikes, negative, peak = K.ternary_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay,
+                                                   out, counts)
+        stats.spikes += spikes
+        stats.negative_spikes += negative
+        stats.max_abs_v = max(stats.max_abs_v, peak)
+        return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
+
+
+@_builds(TernaryNeuron)
 @_builds(Neuron)
 def _neuron(op: Neuron, ctx: NodeContext) -> Step:
     # |v| <= |v0| + T (|I| + |bias|) before a reset (which moves v towards 0); the
@@ -438,8 +485,8 @@ def _neuron(op: Neuron, ctx: NodeContext) -> Step:
     peak = lambda a: int(np.abs(a.astype(np.float64)).max(initial=0))
     v_bound = peak(op.v0) + ctx.T * (ctx.in_bounds[0] + peak(op.bias)) + peak(op.threshold)
     dt = _current_dtype(v_bound)
-    return NeuronStep(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)),
-                      op.delay, ctx.T)
+    step = TernaryNeuronStep if isinstance(op, TernaryNeuron) else NeuronStep
+    return step(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)), op.delay, ctx.T)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +541,7 @@ class SpikeMatMulStep:
     out_shape: Shape
     proto: np.ndarray  # empty array of the counts' and partial products' type
     bound: int
+    signed: bool = False  # an operand is ternary: kernels.spike_matmul_signed
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
         a, b = ins
@@ -502,8 +550,8 @@ class SpikeMatMulStep:
         n = b.shape[-1]
         lead = math.prod(a.shape[2:-2])
         out = np.empty((bsz, T, lead, m, n), dtype=_current_dtype(self.bound))  # all written
-        stats.acs += K.spike_matmul(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out,
-                                    self.proto)
+        kernel = K.spike_matmul_signed if self.signed else K.spike_matmul
+        stats.acs += kernel(a.reshape(bsz, T, lead, m, k), b.reshape(bsz, T, lead, k, n), self.weight, out, self.proto)
         return out.reshape(bsz, T, *self.out_shape)
 
 
@@ -514,7 +562,8 @@ def _spike_matmul(op: SpikeMatMul, ctx: NodeContext) -> Step:
     k = ctx.in_shapes[0][-1]
     partial_bound = k * ctx.T
     proto_dt = np.int16 if partial_bound <= np.iinfo(np.int16).max else _current_dtype(partial_bound)
-    return SpikeMatMulStep(op.weight, ctx.out_shape, np.empty(0, dtype=proto_dt), abs(op.weight) * k * (2 * ctx.T - 1))
+    return SpikeMatMulStep(op.weight, ctx.out_shape, np.empty(0, dtype=proto_dt), abs(op.weight) * k * (2 * ctx.T - 1),
+                           TERNARY in ctx.in_kinds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,7 +657,7 @@ def plan(net: Network) -> list[PlannedNode]:
         )
         step = builder(op, ctx)
         bounds[name] = step.bound
-        itemsize = 1 if info.kind == SPIKES else np.dtype(_current_dtype(step.bound)).itemsize
+        itemsize = 1 if info.kind in (SPIKES, TERNARY) else np.dtype(_current_dtype(step.bound)).itemsize
         nodes.append(PlannedNode(name, op, step, ins, net.T * int(np.prod(info.shape)) * itemsize))
     return nodes
 
@@ -670,7 +719,9 @@ def _fill_kernel_cache() -> None:
     net.add("sp", SumPool((1, 1), (1, 1)), ["mp"])
     net.add("c1", ConvSynapse(one((1, 1, 1, 1))), ["n1"])
     net.add("mm", SpikeMatMul(1), ["mp", "n1"])
-    net.add("sum", Add(), ["sp", "c1", "mm"])
+    net.add("tn", TernaryNeuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["c1"])
+    net.add("mt", SpikeMatMul(1), ["tn", "n1"])
+    net.add("sum", Add(), ["sp", "c1", "mm", "mt"])
     net.add("n2", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["sum"])
     net.add("dg", DiagonalSynapse(one((1, 3, 3))), ["n2"])
     net.add("n4", Neuron(one((1, 3, 3)), one((1, 3, 3)), one((1, 3, 3)) * 0, 0), ["dg"])
@@ -729,7 +780,7 @@ def _program(net: Network) -> _Program:
         group[members[0]] = tuple(members)
         group_step[members[0]] = DenseGroupStep(
             _aligned(np.concatenate([st.w_t for st in steps], axis=1)), first.scale, first.acc, first.w_t.shape[1],
-            _current_dtype(first.bound), max(st.bound for st in steps))
+            _current_dtype(first.bound), max(st.bound for st in steps), first.signed)
         role[members[0]] = _GROUP
         for i in members[1:]:
             role[i] = _GROUPED

@@ -11,7 +11,8 @@ call; their integer type comes from an empty ``proto`` array chosen by the calle
 
 Layouts (``B`` = batch, ``M`` = time steps times leading rows, ``T`` = time window):
 
-- spike tensors are ``uint8`` arrays of 0/1;
+- spike tensors are ``uint8`` arrays of 0/1, ternary (signed) spike tensors ``int8`` arrays of
+  -1/0/+1 (a synapse fed by them adds the fan-out weights of a +1 and subtracts those of a -1);
 - currents are ``int32`` or ``int64`` (chosen by the caller from a bound on ``|I|``);
 - membrane potentials are ``int32`` or ``int64`` (likewise from a bound on ``|v|``);
 - a current that is constant over time (the encoded input and what is derived from it
@@ -366,9 +367,10 @@ def conv_currents(x: np.ndarray, w: np.ndarray, scale: int, stride: np.ndarray, 
 
 @njit(nogil=True, cache=True)
 def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndarray, out: np.ndarray) -> None:
-    """Sum pooling of spikes: each spike adds 1 to every window that contains it.
+    """Sum pooling of spikes: each spike adds its value (1, or -1 for a ternary spike) to every
+    window that contains it.
 
-    ``s`` (B, T, C, H, W) uint8; ``kernel`` (kh, kw); ``stride`` (sh, sw); ``pad`` (top, left);
+    ``s`` (B, T, C, H, W) uint8 or int8 (ternary); ``kernel`` (kh, kw); ``stride`` (sh, sw); ``pad`` (top, left);
     ``out`` (B, T, C, OH, OW) zeros. Windows are placed as in :func:`conv_spikes` (dilation 1).
     """
     B, T, C, H, W = s.shape
@@ -381,7 +383,8 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
             for c in range(C):
                 for y in range(H):
                     for x in range(W):
-                        if not s[b, t, c, y, x]:
+                        sv = s[b, t, c, y, x]
+                        if sv == 0:
                             continue
                         for ky in range(kh):
                             oy = rows[y, ky]
@@ -390,7 +393,7 @@ def sum_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: np.ndar
                             for kx in range(kw):
                                 ox = cols[x, kx]
                                 if ox >= 0:
-                                    out[b, t, c, oy, ox] += 1
+                                    out[b, t, c, oy, ox] += sv
 
 
 @njit(nogil=True, cache=True)
@@ -598,10 +601,163 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     return total, np.int64(peak)
 
 
+@njit(inline="always")
+def _gather_signed(row: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[int, int]:
+    """Write the positions of the +1 entries of ``row`` to ``pos[:kp]`` and of the -1 entries to
+    ``neg[:kn]`` (branch-free, as :func:`_gather_spikes`); return ``(kp, kn)``."""
+    kp = 0
+    kn = 0
+    for i in range(row.shape[0]):
+        v = row[i]
+        pos[kp] = i
+        neg[kn] = i
+        kp += v > 0
+        kn += v < 0
+    return kp, kn
+
+
+@njit(nogil=True, cache=True)
+def spike_matmul_signed(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, proto: np.ndarray) -> int:
+    """:func:`spike_matmul` where either operand may be ternary (int8 -1/0/+1; the other uint8 or
+    int8): ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with signed running counts ``C``.
+    A +1 spike adds the count row / column it gates, a -1 spike subtracts it (additions and
+    subtractions only). Same layouts, bounds (``|C| <= T``) and ACs (one per target of a spike
+    of either sign) as :func:`spike_matmul`.
+    """
+    B, T, L, M, K = a.shape
+    N = bm.shape[4]
+    count_a = np.zeros((K, M), dtype=proto.dtype)  # C_A, transposed
+    count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
+    col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
+    rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
+    pos = np.empty(max(K, N) + 1, dtype=np.int64)
+    neg = np.empty(max(K, N) + 1, dtype=np.int64)
+    n_ac = 0
+    for b in range(B):
+        for l in range(L):
+            count_a[:] = 0
+            count_b[:] = 0
+            for t in range(T):
+                o = out[b, t, l]
+                bt = bm[b, t, l]
+                at = a[b, t, l]
+                nb = 0
+                col[:] = 0
+                for kk in range(K):
+                    kp, kn = _gather_signed(bt[kk], pos, neg)
+                    nb += kp + kn
+                    cak = count_a[kk]
+                    for j in range(kp):
+                        cn = col[pos[j]]
+                        for i in range(M):
+                            cn[i] += cak[i]
+                    for j in range(kn):
+                        cn = col[neg[j]]
+                        for i in range(M):
+                            cn[i] -= cak[i]
+                for kk in range(K):
+                    cbk = count_b[kk]
+                    btk = bt[kk]
+                    for n in range(N):
+                        cbk[n] += btk[n]
+                na = 0
+                for m in range(M):
+                    rm = rowp[m]
+                    rm[:] = 0
+                    kp, kn = _gather_signed(at[m], pos, neg)
+                    na += kp + kn
+                    _add_rows(rm, count_b, pos, kp)
+                    for j in range(kn):
+                        cb = count_b[neg[j]]
+                        for n in range(N):
+                            rm[n] -= cb[n]
+                    for j in range(kp):
+                        count_a[pos[j], m] += 1
+                    for j in range(kn):
+                        count_a[neg[j], m] -= 1
+                n_ac += nb * M + na * N
+                for m in range(M):
+                    om = o[m]
+                    rm = rowp[m]
+                    for n in range(N):
+                        om[n] = weight * (np.int64(rm[n]) + np.int64(col[n, m]))
+    return n_ac
+
+
+@njit(nogil=True, cache=True)
+def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
+                    out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
+    """Delayed integrate-and-fire population with signed spikes (docs/signed_spikes.md).
+
+    Arguments as :func:`dif_neurons`, but ``out`` (B, T, N) is int8 (-1/0/+1) and ``counts``
+    receives the signed counts. Per neuron: ``v = v0``; for u in 1..T+delay: if u <= T,
+    ``v += I(u) + bias``; if u > delay: ``v >= threshold`` emits +1 and subtracts ``threshold``,
+    ``v < 0`` emits -1 and adds ``threshold``. Returns (spikes of both signs, the -1 spikes among
+    them, the largest |v| over v0, every integrated value and every value after a firing step: a
+    -1 reset can raise |v| up to ``threshold - 1``).
+    """
+    B, Tc, N = cur.shape
+    T = out.shape[1]
+    vt = threshold.dtype.type
+    v = np.empty(N, dtype=threshold.dtype)
+    cnt = np.empty(N, dtype=np.int32)  # signed counts, |count| <= T
+    peak = vt(0)
+    total = 0
+    negative = 0
+    for b in range(B):
+        v[:] = v0
+        cnt[:] = 0
+        for n in range(N):
+            peak = max(peak, abs(v[n]))
+        k = 0
+        kn = 0
+        for u in range(1, T + 1):
+            x = cur[b, u - 1 if Tc > 1 else 0]
+            if u > delay:
+                row = out[b, u - delay - 1]
+                for n in range(N):
+                    vn = vt(v[n] + x[n] + bias[n])
+                    up = vn >= threshold[n]
+                    down = vn < 0
+                    f = np.int32(up) - np.int32(down)
+                    row[n] = f
+                    cnt[n] += f
+                    k += up + down
+                    kn += down
+                    vr = vt(vn - f * threshold[n])
+                    peak = max(peak, max(abs(vn), abs(vr)))
+                    v[n] = vr
+            else:
+                for n in range(N):
+                    vn = vt(v[n] + x[n] + bias[n])
+                    peak = max(peak, abs(vn))
+                    v[n] = vn
+        for u in range(max(T, delay) + 1, T + delay + 1):
+            row = out[b, u - delay - 1]
+            for n in range(N):
+                vn = v[n]
+                up = vn >= threshold[n]
+                down = vn < 0
+                f = np.int32(up) - np.int32(down)
+                row[n] = f
+                cnt[n] += f
+                k += up + down
+                kn += down
+                vr = vt(vn - f * threshold[n])
+                peak = max(peak, abs(vr))
+                v[n] = vr
+        cb = counts[b]
+        for n in range(N):
+            cb[n] = cnt[n]
+        total += k
+        negative += kn
+    return total, negative, np.int64(peak)
+
+
 @njit(nogil=True, cache=True)
 def diagonal_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray) -> int:
-    """One-to-one synapses: ``out[b, t, n] = s[b, t, n] * w[n]`` for ``s`` (B, T, N) uint8
-    spikes; returns the ACs (one per spike)."""
+    """One-to-one synapses: ``out[b, t, n] = s[b, t, n] * w[n]`` for ``s`` (B, T, N) uint8 spikes
+    or int8 ternary spikes; returns the ACs (one per spike of either sign)."""
     B, T, N = s.shape
     n_ac = 0
     for b in range(B):
@@ -611,7 +767,7 @@ def diagonal_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray) -> int:
             k = 0
             for n in range(N):
                 ot[n] = st[n] * w[n]
-                k += st[n]
+                k += st[n] != 0
             n_ac += k
     return n_ac
 
@@ -647,7 +803,7 @@ def permute(src: np.ndarray, out: np.ndarray) -> None:
 
 KERNELS: tuple[Dispatcher, ...] = (
     dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool,
-    spike_matmul, dif_neurons, diagonal_spikes, add_currents, permute,
+    spike_matmul, dif_neurons, diagonal_spikes, add_currents, permute, spike_matmul_signed, ternary_neurons,
 )
 
 
