@@ -27,17 +27,27 @@ def grid_levels(flat: np.ndarray, qmax: int, tol: float = 1e-4) -> np.ndarray:
     """Per row, the smallest ``k <= qmax`` such that the row lies on the grid ``max|w| / k`` (0 if none).
 
     Float weights exported after fake quantization (``round(w / s).clamp(-Q, Q) * s`` folded into a
-    constant by the exporter) are such a grid: recovering it keeps the trained integers exactly."""
+    constant by the exporter) are such a grid: recovering it keeps the trained integers exactly.
+    Vectorised over rows: each ``k`` is screened on a few entries per row (the largest, where a miss
+    is likeliest to show), and only the rows that pass are checked in full."""
+    rows = flat.shape[0]
+    out = np.zeros(rows, dtype=np.int64)
+    if flat.size == 0:
+        return out
     amax = np.abs(flat).max(axis=1)
-    out = np.zeros(flat.shape[0], dtype=np.int64)
-    for r in range(flat.shape[0]):
-        if amax[r] == 0:
-            continue
-        for k in range(1, qmax + 1):
-            v = flat[r] * (k / amax[r])
-            if np.all(np.abs(v - np.rint(v)) < tol):
-                out[r] = k
-                break
+    ratio = flat / np.where(amax > 0, amax, 1.0)[:, None]  # in [-1, 1]: on the grid iff ratio * k is integral
+    screen = np.take_along_axis(ratio, np.argsort(-np.abs(ratio), axis=1)[:, :min(8, ratio.shape[1])], axis=1)
+    open_rows = np.flatnonzero(amax > 0)
+    for k in range(1, qmax + 1):
+        if open_rows.size == 0:
+            break
+        v = screen[open_rows] * k
+        passed = open_rows[np.all(np.abs(v - np.rint(v)) < tol, axis=1)]
+        if passed.size:
+            full = ratio[passed] * k
+            on_grid = passed[np.all(np.abs(full - np.rint(full)) < tol, axis=1)]
+            out[on_grid] = k
+            open_rows = np.setdiff1d(open_rows, on_grid, assume_unique=True)
     return out
 
 
@@ -140,3 +150,16 @@ def make_canonicalize_linear(weight_bits: int) -> Callable[[QGraph], QGraph]:
     p = partial(canonicalize_linear, weight_bits=weight_bits)
     p.__name__ = "canonicalize_linear"  # type: ignore[attr-defined]
     return p
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_ops  # noqa: E402
+
+
+def _matmuls_of_activations(graph: QGraph) -> str | None:
+    bad = [n for n in graph.nodes if n.op_type == "MatMul" and any(graph.is_const(i) for i in n.inputs)]
+    return f"MatMul '{bad[0].name}' with a constant operand remains" if bad else None
+
+
+declare(canonicalize_linear, requires=[no_ops("QuantizeLinear", "DequantizeLinear")],
+        ensures=[no_ops("Conv", "Gemm"), _matmuls_of_activations])

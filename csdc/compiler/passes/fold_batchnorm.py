@@ -48,6 +48,7 @@ def _token_sandwich(graph: QGraph, bn: QNode, t_in: QNode | None, prod: dict[str
 
 def fold_batchnorm(graph: QGraph) -> QGraph:
     """Fold every BatchNormalization into the Linear before it (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
     prod, cons = graph.producers(), graph.consumers()
     replaced: dict[str, QNode] = {}
     affine: dict[str, list[QNode]] = {}  # BN name -> Mul, Add
@@ -98,3 +99,9 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
         elif n.name not in removed:
             out.append(replaced.get(n.name, n))
     return graph.with_nodes(out)
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_ops, shapes_known  # noqa: E402
+
+declare(fold_batchnorm, requires=[shapes_known, no_ops("Conv", "Gemm")], ensures=[no_ops("BatchNormalization")])
