@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -128,6 +130,24 @@ def explain_sources(source: QGraph, graph: QGraph, lowered: dict[str, list[str]]
     return out
 
 
+def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
+    """Last line of defence: an exception that no check turned into a CsdcError becomes one naming the
+    model and where it happened (passes name themselves through PassManager)."""
+    @functools.wraps(fn)
+    def wrapped(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(path, *args, **kwargs)
+        except CsdcError:
+            raise
+        except Exception as exc:
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}csdc{os.sep}" in f.filename]
+            where = f" in {os.path.basename(frames[-1].filename)}:{frames[-1].name}" if frames else ""
+            raise CsdcError(f"{os.fspath(path)}: internal error{where} ({type(exc).__name__}: {exc}); "
+                            "the model is malformed in a way csdc does not check yet") from exc
+    return wrapped
+
+
+@_internal_errors_named
 def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
     """Compile an ONNX file into a verified spiking network and a report."""
     t0 = time.perf_counter()

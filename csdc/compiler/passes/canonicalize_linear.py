@@ -79,10 +79,16 @@ def _weight(graph: QGraph, name: str, out_axis: int, bits: int) -> tuple[np.ndar
     return narrowest(ints), sc, err, True
 
 
-def _bias(graph: QGraph, name: str | None, n_out: int) -> np.ndarray:
+def _bias(graph: QGraph, name: str | None, n_out: int, node: QNode | None = None) -> np.ndarray:
     if not name:
         return np.zeros(n_out)
-    return np.broadcast_to(np.asarray(graph.constants[name], dtype=np.float64).reshape(-1), (n_out,)).copy()
+    where = (node.name, node.op_type) if node is not None else (name, "?")
+    if not graph.is_const(name):
+        raise UnsupportedModelError(graph.path, [(*where, f"the bias '{name}' must be a constant")])
+    b = np.asarray(graph.constants[name], dtype=np.float64).reshape(-1)
+    if b.size not in (1, n_out):
+        raise UnsupportedModelError(graph.path, [(*where, f"the bias '{name}' has {b.size} values for {n_out} output channels")])
+    return np.broadcast_to(b, (n_out,)).copy()
 
 
 def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
@@ -121,7 +127,7 @@ def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
                     first = total // 2 if auto == "SAME_UPPER" else total - total // 2
                     pads.append((first, total - first))
                 pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
-            attrs = {"kind": "conv", "w_int": ints, "w_scale": sc, "bias": _bias(graph, n.inputs[2] if len(n.inputs) > 2 else None, ints.shape[0]),
+            attrs = {"kind": "conv", "w_int": ints, "w_scale": sc, "bias": _bias(graph, n.inputs[2] if len(n.inputs) > 2 else None, ints.shape[0], n),
                      "strides": tuple(strides), "pads": tuple(pads), "dilations": tuple(dil), "group": int(n.attrs.get("group", 1))}
         else:
             if n.op_type == "Gemm":
@@ -137,7 +143,10 @@ def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
                 problems.append((n.name, n.op_type, f"weights must be 2-D, got shape {graph.constants[w].shape}"))
                 continue
             ints, sc, err, q = _weight(graph, w, out_axis, weight_bits)
-            attrs = {"kind": "dense", "w_int": ints, "w_scale": sc * alpha, "bias": beta * _bias(graph, bias_name, ints.shape[0])}
+            attrs = {"kind": "dense", "w_int": ints, "w_scale": sc * alpha, "bias": beta * _bias(graph, bias_name, ints.shape[0], n)}
+        if not (np.all(np.isfinite(attrs["w_scale"])) and np.all(np.isfinite(attrs["bias"]))):
+            problems.append((n.name, n.op_type, "weights, scales and bias must be finite numbers (found inf or NaN)"))
+            continue
         attrs["weight_error"] = err
         attrs["weights_quantized_by_csdc"] = q
         out.append(QNode(n.name, "Linear", (x,), n.outputs, attrs))

@@ -128,6 +128,10 @@ def _integer_view(node: QNode, graph: QGraph, vals: list[np.ndarray | None]) -> 
         if x.dtype.kind not in "iu" or "block_size" in a and a["block_size"]:
             return None
         axis = int(a.get("axis", 1))
+        scale, zp = np.asarray(vals[1]), (np.asarray(vals[2]) if len(vals) > 2 and vals[2] is not None else None)
+        for p in (scale, zp):
+            if p is not None and p.size != 1 and (p.ndim != 1 or not -x.ndim <= axis < x.ndim or p.size != x.shape[axis]):
+                return None  # not a per-axis form: the evaluator checks it (and names the node if it is wrong)
         return dequantize_ints(x, vals[2] if len(vals) > 2 else None, axis), vals[1], (axis % x.ndim) if x.ndim else None
     if op == "Round":
         x = np.asarray(vals[0], dtype=np.float64)
