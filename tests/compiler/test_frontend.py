@@ -225,3 +225,18 @@ def test_unknown_shape_that_cannot_be_measured_is_a_clear_error(tmp_path):
     onnx.save(b.model(b.gemm(f, 256, 10), (1, 10)), tmp_path / "m.onnx")
     with pytest.raises(ModelFileError, match="running the model"):
         compile_onnx(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("route", ["brevitas-qcdq-dynamo", "brevitas-qonnx", "torch-lsq-dynamo"])
+def test_producer_attention_without_value_info_agrees(tmp_path, route):
+    """Exporters that write value_info: the same models with it stripped compile to the same networks."""
+    pytest.importorskip("brevitas")
+    path = P.build_route(route, "attention", str(tmp_path))
+    assert len(onnx.load(path).graph.value_info) > 0
+    stripped = _strip_value_info(path, str(tmp_path / "stripped.onnx"))
+    x, _ = load_digits_split("test")
+    net, _ = compile_onnx(stripped)
+    got = semantics.run_counts(net, x).logits
+    assert np.mean(got.argmax(1) == P.reference_logits(path, x).argmax(1)) >= 0.99
+    reference_net, _ = compile_onnx(path)
+    assert np.array_equal(got, semantics.run_counts(reference_net, x).logits)
