@@ -1,5 +1,6 @@
 """Fuzz: random mutations of the shipped example ONNX files (a node deleted, inputs swapped or
-rewired, a dtype or an attribute changed, shapes / value_info stripped, an initializer reshaped)
+rewired, a dtype, an attribute or initializer values changed, shapes / value_info stripped, an
+initializer reshaped)
 end in a compiled network or a CsdcError, never another exception type."""
 
 from __future__ import annotations
@@ -132,7 +133,21 @@ def _reshape_initializer(m, rng) -> str:
     return f"initializer {init.name} reshaped to {arr.shape}"
 
 
-MUTATIONS = [_delete_node, _swap_inputs, _change_dtype, _change_attribute, _strip_shapes, _reshape_initializer]
+def _change_values(m, rng) -> str:
+    """Values the checker cannot see: zeros (a zero scale), negatives, NaN, huge numbers."""
+    init = m.graph.initializer[int(rng.integers(len(m.graph.initializer)))]
+    arr = numpy_helper.to_array(init).copy()
+    if arr.size == 0:
+        return "nothing"
+    value = rng.choice([0, -1, np.nan, 1e30, -3e38]) if arr.dtype.kind == "f" else rng.choice([0, -1, 127])
+    with np.errstate(invalid="ignore", over="ignore"):
+        flat = arr.reshape(-1)
+        flat[rng.random(flat.size) < 0.5] = np.asarray(value).astype(arr.dtype) if arr.dtype.kind == "f" or np.isfinite(value) else 0
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return f"values of {init.name} set to {value}"
+
+
+MUTATIONS = [_delete_node, _swap_inputs, _change_dtype, _change_attribute, _strip_shapes, _reshape_initializer, _change_values]
 
 
 def mutate(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, str]:
