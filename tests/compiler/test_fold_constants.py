@@ -4,14 +4,17 @@ per-channel axis follows Transpose/Reshape; nothing else is folded and the input
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from onnx_build import Builder
 
-from csdc.compiler.frontend import load_qgraph
+from csdc.compiler.frontend import load_qgraph, to_qgraph
 from csdc.compiler.passes.fold_constants import fold_constants
 from csdc.compiler.pipeline import CompileOptions, canonicalize
 from csdc.compiler.qgraph import Dequantized, QGraph, QNode
@@ -103,3 +106,48 @@ def test_shape_of_a_known_tensor_folds_and_random_ops_do_not():
     out = fold_constants(g)
     assert np.array_equal(out.constants["s"], [0, 3, 5])  # the batch axis as 0: "copy this axis" in a Reshape
     assert [n.name for n in out.nodes] == ["rand", "add"]
+
+
+def torch_style_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every ``DequantizeLinear(W) -> MatMul`` weight stored transposed, as torch stores
+    linear layers: ``DequantizeLinear(W^T, axis moved) -> Transpose -> MatMul``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear" \
+                and prod[n.input[1]].input[0] in inits:
+            dq = prod[n.input[1]]
+            w = numpy_helper.to_array(inits[dq.input[0]])
+            inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), dq.input[0]))
+            for a in dq.attribute:
+                if a.name == "axis":
+                    a.i = 1 - a.i % 2
+            stored = dq.output[0] + "_stored"
+            nodes.insert(nodes.index(dq) + 1, onnx.helper.make_node("Transpose", [stored], [dq.output[0]], perm=[1, 0],
+                                                                     name=dq.name + "_T"))
+            dq.output[0] = stored
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_transposed_int8_weights_keep_their_integers():
+    """The shipped digits CSDformer with torch-style transposed weights: the same integers and scales,
+    none re-quantized (this used to re-quantize them from floats through grid_levels)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "digits_csdformer" / "model.onnx"
+    transposed = torch_style_weights(onnx.load(path))
+    assert sum(n.op_type == "Transpose" for n in transposed.graph.node) > sum(n.op_type == "Transpose" for n in onnx.load(path).graph.node)
+    a = canonicalize(load_qgraph(path), CompileOptions())
+    b = canonicalize(to_qgraph(transposed, "transposed"), CompileOptions())
+    la = {n.name: n for n in a.nodes if n.op_type == "Linear"}
+    lb = {n.name: n for n in b.nodes if n.op_type == "Linear"}
+    assert la.keys() == lb.keys() and len(la) > 10
+    for name, n in lb.items():
+        assert not n.attrs["weights_quantized_by_csdc"], name
+        assert np.array_equal(n.attrs["w_int"], la[name].attrs["w_int"]) and np.array_equal(n.attrs["w_scale"], la[name].attrs["w_scale"])
