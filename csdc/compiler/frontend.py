@@ -1,9 +1,12 @@
 """ONNX frontend: load and check a model file and turn it into a :class:`QGraph`.
 
-Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, one data input
-and one output, shapes inferable (QONNX ``Quant`` nodes, from Brevitas ``export_qonnx``, count as
-shape-preserving, and a symbolic batch axis as 1, so dynamic-batch shape arithmetic resolves). Every node whose op csdc cannot make spike-driven is
-collected, and all of them are reported at once with the rewrite that would fix each.
+Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, no custom-domain ops
+(QONNX ``Quant`` aside), one data input and one output. Then every tensor gets a shape
+(:mod:`csdc.compiler.shapes`: onnx shape inference, else one onnxruntime run), every node whose
+inputs are all constants is evaluated (:mod:`csdc.compiler.passes.fold_constants`, whatever its op:
+fold before you judge), and only the data-dependent nodes left are judged: every one whose op csdc
+cannot make spike-driven is collected, and all of them are reported at once with the rewrite that
+would fix each.
 """
 
 from __future__ import annotations
