@@ -104,6 +104,13 @@ def test_an_unexpected_exception_in_a_pass_becomes_a_pass_error():
     with pytest.raises(PassError, match=r"after passes \[fine\]: broken: internal error KeyError"):
         PassManager([fine, broken]).run(_graph())
 
+    def no_shape(graph: QGraph) -> QGraph:
+        del graph.shapes["a"]  # what a missing shape used to raise, far from its cause
+        return graph.with_nodes(graph.nodes).shapes["a"]
+
+    with pytest.raises(PassError, match=r"KeyError: 'a' \(tensor 'a' of node 'id', op Identity\)"):
+        PassManager([no_shape]).run(_graph())
+
 
 def test_modified_flag_compares_attribute_arrays_by_value():
     def copy_attrs(graph: QGraph) -> QGraph:

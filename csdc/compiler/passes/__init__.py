@@ -185,7 +185,7 @@ class PassManager:
         except CsdcError:
             raise
         except Exception as exc:  # a bug or an input no check caught: name where it happened
-            raise self._fail(name, f"internal error {type(exc).__name__}: {exc}") from exc
+            raise self._fail(name, f"internal error {type(exc).__name__}: {exc}{_culprit(graph, exc)}") from exc
         if isinstance(out, PassResult):
             new, modified = out.graph, out.modified
         else:
@@ -204,6 +204,15 @@ class PassManager:
             except CsdcError as exc:
                 raise self._fail(name, str(exc)) from None
         return PassResult(new, modified)
+
+
+def _culprit(graph: QGraph, exc: Exception) -> str:
+    """The node behind a KeyError on a tensor name (the usual form of a missing shape or constant)."""
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if not isinstance(key, str):
+        return ""
+    nodes = [n for n in graph.nodes if key in n.inputs or key in n.outputs]
+    return f" (tensor '{key}' of node '{nodes[0].name}', op {nodes[0].op_type})" if nodes else ""
 
 
 def run_passes(graph: QGraph, passes: list[Pass], check: Callable[[QGraph, str], None] | None = None) -> QGraph:
