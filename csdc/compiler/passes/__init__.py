@@ -168,8 +168,8 @@ class PassManager:
                 graph, modified = result.graph, modified or result.modified
         return PassResult(graph, modified)
 
-    def _fail(self, name: str, why: str) -> PassError:
-        return PassError(f"after passes [{', '.join(self.done)}]: {name}: {why}")
+    def _fail(self, graph: QGraph, name: str, why: str) -> PassError:
+        return PassError(f"{graph.path}: after passes [{', '.join(self.done)}]: {name}: {why}")
 
     def _run_one(self, p: Pass, graph: QGraph) -> PassResult:
         name = pass_name(p)
@@ -178,14 +178,14 @@ class PassManager:
             for pred in contract.requires:
                 why = pred(graph)
                 if why is not None:
-                    raise self._fail(name, f"requires {getattr(pred, '__name__', pred)}: {why}")
+                    raise self._fail(graph, name, f"requires {getattr(pred, '__name__', pred)}: {why}")
             before = _snapshot(graph)
         try:
             out = p(graph)
         except CsdcError:
             raise
         except Exception as exc:  # a bug or an input no check caught: name where it happened
-            raise self._fail(name, f"internal error {type(exc).__name__}: {exc}{_culprit(graph, exc)}") from exc
+            raise self._fail(graph, name, f"internal error {type(exc).__name__}: {exc}{_culprit(graph, exc)}") from exc
         if isinstance(out, PassResult):
             new, modified = out.graph, out.modified
         else:
@@ -193,16 +193,16 @@ class PassManager:
         self.done.append(name)
         if self.check:
             if _snapshot(graph) != before:
-                raise self._fail(name, "mutated its input graph")
+                raise self._fail(graph, name, "mutated its input graph")
             for pred in (well_formed, *contract.ensures):
                 why = pred(new)
                 if why is not None:
-                    raise self._fail(name, f"does not ensure {getattr(pred, '__name__', pred)}: {why}")
+                    raise self._fail(graph, name, f"does not ensure {getattr(pred, '__name__', pred)}: {why}")
         if self.verify is not None:
             try:
                 self.verify(new, name)
             except CsdcError as exc:
-                raise self._fail(name, str(exc)) from None
+                raise self._fail(graph, name, str(exc)) from None
         return PassResult(new, modified)
 
 
