@@ -131,3 +131,9 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
         if n.name in dropped and n.op_type == "Clip":
             new.provenance[n.name] = "part of a quantizer (its clip range)"
     return new
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_foreign_domains, no_ops  # noqa: E402
+
+declare(canonicalize_quant, requires=[no_foreign_domains], ensures=[no_ops("QuantizeLinear", "DequantizeLinear")])
