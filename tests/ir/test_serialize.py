@@ -140,11 +140,11 @@ def test_round_trip_of_any_delay_and_run_steps(net: Network, tmp_path: Path) -> 
 
 
 def test_round_trip_is_exact_at_integer_and_float_extremes(tmp_path: Path) -> None:
-    big = np.iinfo(np.int64)
-    w = np.array([big.min, big.max, 127, -128, 128, -129, 32767, 32768, -(2**31), 2**31, 0, -1])
+    # the widest values a network may hold (docs/robustness.md): 32-bit weight mantissas, 24-bit input levels
+    w = np.array([-(2**31), 2**31 - 1, 127, -128, 128, -129, 32767, 32768, 0, -1])
     n = w.size
     net = Network(7, metadata={"list": [1, "a", None], "float": 1e-300, "big": 2**62})
-    net.add("x", Encode((n,), 3.0517578125e-05, -(2**31), 2**31 - 1))
+    net.add("x", Encode((n,), 3.0517578125e-05, -(2**24), 2**24))
     net.add("s", Neuron(np.full(n, 2**40), np.full(n, -(2**40)), w // 4, 2**20), ["x"])
     net.add("d", DiagonalSynapse(w), ["s"])
     net.add("out", Readout(np.linspace(-1e9, 1e-9, n), np.full(n, -0.1)), ["d"])
@@ -154,6 +154,19 @@ def test_round_trip_is_exact_at_integer_and_float_extremes(tmp_path: Path) -> No
     assert loaded.op("d").weight.tolist() == w.tolist()
     assert loaded.op("out").scale.tobytes() == net.op("out").scale.tobytes()  # bit-exact floats
     assert loaded.op("x").scale == 3.0517578125e-05
+
+
+def test_int64_extremes_are_written_but_refused_at_load(tmp_path: Path) -> None:
+    big = np.iinfo(np.int64)
+    w = np.array([big.min, big.max, 0, -1])
+    net = Network(7)
+    net.add("x", Encode((4,), 1.0, 0, 1))
+    net.add("s", Neuron(np.full(4, 2), np.zeros(4), np.zeros(4), 7), ["x"])
+    net.add("d", DiagonalSynapse(w), ["s"])
+    net.add("out", Readout(np.ones(4), np.zeros(4)), ["d"])
+    serialize.save(net, tmp_path / "x.sir")
+    with pytest.raises(SirFormatError, match=r"node 'd' \(DiagonalSynapse\).*int64"):
+        serialize.load(tmp_path / "x.sir")
 
 
 # ------------------------------------------------------------------- no code execution
