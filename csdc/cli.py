@@ -17,7 +17,7 @@ import traceback
 import numpy as np
 
 from csdc import __version__
-from csdc.errors import CsdcError, DataError
+from csdc.errors import CsdcError, DataError, in_model
 from csdc.files import check_output_file, check_output_folder
 
 BACKEND_CHOICES = ("numba", "reference", "lava")
@@ -37,7 +37,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, "-o")  # before any work
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    net, rep = compile_onnx(args.model, opts)
+    try:
+        net, rep = compile_onnx(args.model, opts)
+    except CsdcError as exc:
+        raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
     serialize.save(net, args.output)
     if args.json:
         print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
