@@ -136,8 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not 0 <= args.delay <= DELAY_MAX:
             raise CsdcError(f"--delay must be in 0..{DELAY_MAX}, got {args.delay}")
         net = net.with_delay(args.delay)
-    args.batch = _fit_batch(net, args.batch)
     x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes)
+    args.batch = _fit_batch(net, min(args.batch, len(x)))
     backend = get_backend(args.backend)
     if args.backend == "numba":
         from csdc.backends.numba import kernels_cached
@@ -202,8 +202,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if max(delays) > DELAY_MAX:
         raise CsdcError(f"--delays '{args.delays}' names delays above the maximum {DELAY_MAX}")
-    args.batch = _fit_batch(net, args.batch)
     x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes)
+    args.batch = _fit_batch(net, min(args.batch, len(x)))
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
