@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -197,11 +198,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CsdcError(f"--batch must be >= 1, got {args.batch}")
     plot_path = _plot_path(args.plot) if args.plot else None  # checked before the sweep runs
     net = serialize.load(args.sir)
-    delays = parse_delays(args.delays, net.T)
     from csdc.ir.ops import DELAY_MAX
 
-    if max(delays) > DELAY_MAX:
+    if any(int(v) > DELAY_MAX for v in re.findall(r"\d+", args.delays.replace("T", str(net.T)))):  # before a range is built
         raise CsdcError(f"--delays '{args.delays}' names delays above the maximum {DELAY_MAX}")
+    delays = parse_delays(args.delays, net.T)
     x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes)
     args.batch = _fit_batch(net, min(args.batch, len(x)))
     if args.backend == "reference":

@@ -253,3 +253,7 @@ def test_unexpected_exception_is_an_internal_error_with_exit_70(sir, capsys, mon
     assert "Traceback" in capsys.readouterr().err
     assert main(["--debug", "inspect", sir]) == 70
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_19_sweep_delays_beyond_the_maximum_are_refused_before_building_the_range(sir, capsys) -> None:
+    fails(["sweep", sir, "--delays", "0..99999999999999"], capsys, "--delays", "maximum")
