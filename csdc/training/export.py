@@ -108,9 +108,12 @@ def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def write_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` via a temporary file and ``os.replace`` (no partial file; csdc.files policy)."""
+    """Write ``model`` to ``path`` via a temporary file and ``os.replace`` (no partial file, usual permissions,
+    ``csdc.files.write_atomic``). As a library call it creates a missing folder; ``csdc train`` refuses one
+    before training, as every command does."""
     from csdc.files import write_atomic
 
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     write_atomic(path, model.SerializeToString())
 
 
