@@ -123,7 +123,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable) -> None:
     temporary file renamed into place (see the module docstring)."""
     with atomic_path(path) as tmp:
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
                 if callable(data):
                     data(fh)
                 else:
