@@ -4,6 +4,7 @@ attribute changed the way a damaged checkpoint or a hand edit would."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,101 @@ def test_14_lowering_errors_name_the_model_and_the_onnx_node(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert f"{p}: node '/conv1/Conv'" in err and "exponent" in err, err
     assert not (tmp_path / "t.sir").exists()
+
+
+# ------------------------------------------------------------- seeded mutation fuzz against onnxruntime
+def _mutated_example(seed: int, tmp: Path) -> tuple[str, str]:
+    """One constant or attribute of one example model changed at random; (path, what was done)."""
+    rng = np.random.default_rng(seed)
+    src = (QCDQ, QDQ, CSDFORMER)[seed % 3]
+    m = onnx.load(str(src))
+    if rng.random() < 0.8:
+        t = m.graph.initializer[rng.integers(len(m.graph.initializer))]
+        a = numpy_helper.to_array(t).copy()
+        flat = a.reshape(-1)
+        if flat.size:
+            i = rng.integers(flat.size)
+            if a.dtype.kind == "f":
+                flat[i] = [np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30, -flat[i], flat[i] * 1e-20, flat[i] * 1e20,
+                           flat[i] * 1.5][rng.integers(10)]
+            elif a.dtype.kind in "iu":
+                info = np.iinfo(a.dtype)
+                flat[i] = [info.min, info.max, 0, 1, int(flat[i]) // 2][rng.integers(5)]
+        t.CopyFrom(numpy_helper.from_array(a, t.name))
+        what = f"{src.name}: initializer {t.name}"
+    else:
+        n = m.graph.node[rng.integers(len(m.graph.node))]
+        if not n.attribute:
+            return _mutated_example(seed + 1_000_003, tmp)
+        a = n.attribute[rng.integers(len(n.attribute))]
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            value = list(value)
+            value[rng.integers(len(value))] = int([0, -1, 2, 7, 2**31 - 1][rng.integers(5)])
+        elif isinstance(value, int):
+            value = int([0, -1, 1, 2, 5, 2**31 - 1][rng.integers(6)])
+        elif isinstance(value, float):
+            value = float([0.0, -1.0, 1e30, 1e-30][rng.integers(4)])
+        else:
+            return _mutated_example(seed + 1_000_003, tmp)
+        n.attribute.remove(a)
+        n.attribute.append(onnx.helper.make_attribute(a.name, value))
+        what = f"{src.name}: {n.name}.{a.name} = {value}"
+    path = str(tmp / f"m{seed}.onnx")
+    onnx.save(m, path)
+    return path, what
+
+
+def fuzz_onnx(cases: int, tmp: Path, first_seed: int = 0) -> tuple[dict, list[str]]:
+    from csdc.backends.reference import ReferenceBackend
+    from csdc.runtime.datasets import load_digits_split
+    from csdc.runtime.evaluate import onnx_logits
+
+    x, _ = load_digits_split("test")
+    x = x[:100]
+    counts = {"refused": 0, "agree": 0, "onnxruntime refuses too": 0}
+    failures = []
+    for seed in range(first_seed, first_seed + cases):
+        path, what = _mutated_example(seed, tmp)
+        try:
+            net, _ = compile_onnx(path)
+        except CsdcError as exc:
+            msg = str(in_model(exc, path))
+            if not msg.startswith(path):
+                failures.append(f"seed {seed} ({what}): error does not name the model: {msg[:150]}")
+            counts["refused"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - what the fuzzer looks for
+            failures.append(f"seed {seed} ({what}): compile raised {type(exc).__name__}: {str(exc)[:150]}")
+            continue
+        try:
+            ref = onnx_logits(path, x)
+        except CsdcError:
+            counts["onnxruntime refuses too"] += 1  # csdc compiled a model onnxruntime does not run
+            failures.append(f"seed {seed} ({what}): compiled, but onnxruntime refuses the model")
+            continue
+        got = ReferenceBackend().run(net, x).logits
+        if not np.all(np.isfinite(ref)):
+            failures.append(f"seed {seed} ({what}): compiled although onnxruntime's logits are not finite")
+            continue
+        agreement = float(np.mean(ref.argmax(1) == got.argmax(1)))
+        if agreement < 0.98:
+            failures.append(f"seed {seed} ({what}): compiled, top-1 agreement with onnxruntime {agreement:.2f}")
+            continue
+        counts["agree"] += 1
+    return counts, failures
+
+
+def test_onnx_mutation_fuzz(tmp_path) -> None:
+    cases = int(os.environ.get("CSDC_ONNX_FUZZ_CASES", "30"))
+    counts, failures = fuzz_onnx(cases, tmp_path)
+    print(f"\nONNX fuzz: {cases} cases: {counts}, {len(failures)} failures")
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CSDC_FUZZ_SLOW") != "1", reason="opt-in: CSDC_FUZZ_SLOW=1 (1 000 cases)")
+def test_onnx_mutation_fuzz_slow(tmp_path) -> None:
+    counts, failures = fuzz_onnx(1000, tmp_path, first_seed=100_000)
+    print(f"\nONNX slow fuzz: 1000 cases: {counts}, {len(failures)} failures\n" + "\n".join(failures))
+    assert not failures, "\n".join(failures[:50])
