@@ -40,6 +40,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
     try:
         net, rep = compile_onnx(args.model, opts)
+        net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
     except CsdcError as exc:
         raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
     serialize.save(net, args.output)

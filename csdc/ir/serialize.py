@@ -103,8 +103,9 @@ def to_bytes(net: Network) -> bytes:
 
 
 def save(net: Network, path: str | os.PathLike) -> None:
-    """Verify ``net`` and write it atomically as a .sir file."""
+    """Verify ``net`` (structure and arithmetic, as loading will) and write it atomically as a .sir file."""
     net.verify()
+    net.verify_arithmetic()  # never write a file that loading would refuse
     write_atomic(path, lambda fh: write_archive(net, fh))
 
 

@@ -156,7 +156,7 @@ def test_round_trip_is_exact_at_integer_and_float_extremes(tmp_path: Path) -> No
     assert loaded.op("x").scale == 3.0517578125e-05
 
 
-def test_int64_extremes_are_written_but_refused_at_load(tmp_path: Path) -> None:
+def test_int64_extremes_are_refused_on_save_and_at_load(tmp_path: Path) -> None:
     big = np.iinfo(np.int64)
     w = np.array([big.min, big.max, 0, -1])
     net = Network(7)
@@ -164,7 +164,10 @@ def test_int64_extremes_are_written_but_refused_at_load(tmp_path: Path) -> None:
     net.add("s", Neuron(np.full(4, 2), np.zeros(4), np.zeros(4), 7), ["x"])
     net.add("d", DiagonalSynapse(w), ["s"])
     net.add("out", Readout(np.ones(4), np.zeros(4)), ["d"])
-    serialize.save(net, tmp_path / "x.sir")
+    with pytest.raises(IRError, match=r"node 'd' \(DiagonalSynapse\).*int64"):
+        serialize.save(net, tmp_path / "x.sir")
+    assert not (tmp_path / "x.sir").exists()
+    (tmp_path / "x.sir").write_bytes(serialize.to_bytes(net))  # written by hand, the loader refuses it too
     with pytest.raises(SirFormatError, match=r"node 'd' \(DiagonalSynapse\).*int64"):
         serialize.load(tmp_path / "x.sir")
 
