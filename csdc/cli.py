@@ -10,12 +10,16 @@ import argparse
 import io
 import json
 import os
+import re
+import signal
 import sys
+import traceback
 
 import numpy as np
 
 from csdc import __version__
-from csdc.errors import CsdcError, DataError
+from csdc.errors import CsdcError, DataError, in_model
+from csdc.files import check_output_file, check_output_folder
 
 BACKEND_CHOICES = ("numba", "reference", "lava")
 
@@ -32,8 +36,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from csdc.compiler.pipeline import CompileOptions, compile_onnx
     from csdc.ir import serialize
 
+    check_output_file(args.output, "-o")  # before any work
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    net, rep = compile_onnx(args.model, opts)
+    try:
+        net, rep = compile_onnx(args.model, opts)
+        net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
+    except CsdcError as exc:
+        raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
     serialize.save(net, args.output)
     if args.json:
         print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
@@ -76,24 +85,43 @@ def _spiking_nodes(net) -> tuple[int, int]:
     return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
 
 
-def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None,
+def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None, num_classes: int | None = None,
                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     from csdc.runtime.datasets import BUILTIN_SETS, load_builtin, load_npz
 
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be >= 1, got {limit}")
     if spec in BUILTIN_SETS:
         x, y = load_builtin(spec, "test", data_dir)
         if tuple(x.shape[1:]) != tuple(input_shape):
             raise DataError(f"the {spec} set has samples of shape {tuple(x.shape[1:])} but the network expects "
                             f"{tuple(input_shape)}; pass your own data with --data file.npz")
-    else:
-        if data_dir is not None:
-            raise DataError("--data-dir applies to a built-in set (--data fashion-mnist), not to a .npz file")
-        x, y = load_npz(spec, tuple(input_shape))
-    if limit is not None:
-        if limit < 1:
-            raise DataError(f"--limit must be >= 1, got {limit}")
-        x, y = x[:limit], (y[:limit] if y is not None else None)
-    return x, y
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        if num_classes is not None and int(y.max()) >= num_classes:
+            raise DataError(f"the {spec} set has {int(y.max()) + 1} classes but the network has {num_classes} outputs; "
+                            "pass your own data with --data file.npz")
+        return x, y
+    if data_dir is not None:
+        raise DataError("--data-dir applies to a built-in set (--data fashion-mnist), not to a .npz file")
+    if not os.path.exists(spec) and os.sep not in spec and "." not in spec:
+        raise DataError(f"--data {spec}: no such file, and not a built-in data set (built-in: {', '.join(BUILTIN_SETS)}); "
+                        "pass a .npz with x (N, ...) float32 and optional y (N,) labels, or one of the built-in names")
+    return load_npz(spec, tuple(input_shape), limit=limit, num_classes=num_classes)
+
+
+def _fit_batch(net, batch: int) -> int:
+    """The batch size, lowered (with a note) if that many samples would exceed the memory budget; results
+    do not depend on the batch size."""
+    from csdc.limits import format_size, memory_budget
+
+    per_sample = max(1, net.footprint())
+    fits = max(1, memory_budget() // per_sample)
+    if batch > fits:
+        print(f"csdc: note: --batch {batch} would need {format_size(batch * per_sample)}; running batches of {fits} "
+              "to stay within the memory budget (same results)", file=sys.stderr)
+        return fits
+    return batch
 
 
 def _save_results(path: str, out) -> None:
@@ -110,17 +138,21 @@ def _save_results(path: str, out) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from csdc.backends.base import get_backend
     from csdc.ir import serialize
+    from csdc.ir.ops import DELAY_MAX
     from csdc.ir.semantics import require_exact
     from csdc.runtime.evaluate import PJ_PER_AC, PJ_PER_MAC, compare, run_dataset
 
-    net = serialize.load(args.sir)
-    if args.delay is not None:
-        if args.delay < 0:
-            raise CsdcError(f"--delay must be >= 0, got {args.delay}")
-        net = net.with_delay(args.delay)
     if args.batch < 1:
         raise CsdcError(f"--batch must be >= 1, got {args.batch}")
-    x, y = _load_data(args.data, net.input_shape, args.limit, args.data_dir)
+    if args.output:
+        check_output_file(args.output, "--output")
+    net = serialize.load(args.sir)
+    if args.delay is not None:
+        if not 0 <= args.delay <= DELAY_MAX:
+            raise CsdcError(f"--delay must be in 0..{DELAY_MAX}, got {args.delay}")
+        net = net.with_delay(args.delay)
+    x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes, args.data_dir)
+    args.batch = _fit_batch(net, min(args.batch, len(x)))
     backend = get_backend(args.backend)
     if args.backend == "numba":
         from csdc.backends.numba import kernels_cached
@@ -138,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         _save_results(args.output, out)
     if args.json:
-        print(json.dumps(s.to_dict(), indent=1))
+        print(json.dumps(s.to_dict(), indent=1, allow_nan=False))
         return 0
     n = s.samples
     print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps"
@@ -196,23 +228,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from csdc.ir.semantics import require_exact
     from csdc.runtime.sweep import markdown_table, parse_delays, plot, rows_to_dicts, sweep_delays
 
+    if args.batch < 1:
+        raise CsdcError(f"--batch must be >= 1, got {args.batch}")
+    plot_path = _plot_path(args.plot) if args.plot else None  # checked before the sweep runs
     net = serialize.load(args.sir)
+    from csdc.ir.ops import DELAY_MAX
+
+    if any(int(v) > DELAY_MAX for v in re.findall(r"\d+", args.delays.replace("T", str(net.T)))):  # before a range is built
+        raise CsdcError(f"--delays '{args.delays}' names delays above the maximum {DELAY_MAX}")
     delays = parse_delays(args.delays, net.T)
-    x, y = _load_data(args.data, net.input_shape, args.limit, args.data_dir)
+    x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes, args.data_dir)
+    args.batch = _fit_batch(net, min(args.batch, len(x)))
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
     rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
                         progress=_progress(args))
-    if args.plot:
-        plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", args.plot)
+    # the table first: a plot that cannot be written does not lose it
     if args.json:
-        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows)}, indent=1))
+        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows), **({"plot": plot_path} if plot_path else {})},
+                         indent=1, allow_nan=False), flush=True)
     else:
         print(f"delay sweep of {args.sir} on {len(x)} samples, T={net.T}, backend {args.backend}\n")
-        print(markdown_table(rows, net.T))
-        if args.plot:
-            print(f"\nplot: {args.plot}")
+        print(markdown_table(rows, net.T), flush=True)
+    if plot_path:
+        from csdc.files import atomic_path
+
+        with atomic_path(plot_path) as tmp:
+            plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", tmp)
+        if not args.json:
+            print(f"\nplot: {plot_path}")
     return 0
+
+
+def _plot_path(path: str) -> str:
+    """The file ``--plot`` really writes: ``path``, with ``.png`` added if it names no image format matplotlib
+    writes; its folder is checked now (csdc.files policy)."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in formats:
+        path = path + ".png"
+    return check_output_file(path, "--plot")
 
 
 # -- inspect -------------------------------------------------------------------------------
@@ -236,7 +293,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"T": net.T, "metadata": net.metadata, "nodes": rows}, indent=1, default=str))
         return 0
-    comp = net.metadata.get("compile", {})
+    comp = net.metadata.get("compile")
+    comp = comp if isinstance(comp, dict) else {}  # metadata is free-form: trust no structure in it
     ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
     print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
           + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
@@ -258,6 +316,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
+    if args.to == "nir":  # one .nir file; a Lava bundle is a folder
+        check_output_file(args.output, "-o")
+    else:
+        check_output_folder(args.output, "-o")
     net = serialize.load(args.sir)
     if args.to == "nir":
         try:
@@ -272,7 +334,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         from csdc.backends.lava.export import export_bundle
     except ImportError as exc:
         raise CsdcError(f"the Lava exporter is not available: {exc}") from None
-    export_bundle(net, args.output)
+    bundle = export_bundle(net, args.output)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(bundle, 0o777 & ~umask)  # the bundle folder is made by mkdtemp (0700): give it the usual mode
     print(f"wrote a Lava deployment bundle for {args.sir} to {args.output}/ (see its README)")
     return 0
 
@@ -293,8 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in _CSDFORMER_ONLY if getattr(args, k) is not None]
         if given:
             raise CsdcError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --model csdformer only")
-    if os.path.isdir(args.output):
-        raise CsdcError(f"-o {args.output} is a directory; give the .onnx file to write")
+    check_output_file(args.output, "-o")
     overrides = {k: getattr(args, k) for k in _CSDFORMER_ONLY if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data if args.data is not None else args.dataset,
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
@@ -338,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csdc", description="Compile quantized ONNX networks into integer-only, spike-driven "
                                 "networks (CSDformer conversion) and run them.")
     p.add_argument("--version", action="version", version=f"csdc {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a QDQ/QCDQ ONNX model into a .sir spiking network",
@@ -439,16 +504,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _on_sigterm(signum: int, frame: object) -> None:
+    # unwind like an exception: atomic writes remove their temporary files on the way out
+    raise SystemExit(128 + signum)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``csdc inspect net.sir | head``): send what is left to /dev/null, so that
+    the interpreter's final flush does not complain either."""
     try:
-        return args.func(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    for sp in {id(a): a for a in _subparsers(parser)}.values():
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("CSDC_DEBUG", "") not in ("", "0")
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main thread
+        previous = None
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
     except CsdcError as exc:
         print(f"csdc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("csdc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # as a process killed by SIGPIPE; nothing printed
+    except Exception as exc:  # the last line of defence: a bug, reported as one
+        if debug:
+            traceback.print_exc()
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"csdc: internal error in 'csdc {args.command}': {type(exc).__name__}{': ' + cause if cause else ''}\n"
+              f"  this is a bug in csdc, not in your input; "
+              + ("please report it with the traceback above" if debug else "rerun with --debug for the traceback and report it"),
+              file=sys.stderr)
+        return 70
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.extend(action.choices.values())
+    return out
 
 
 if __name__ == "__main__":

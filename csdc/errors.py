@@ -44,3 +44,33 @@ class BudgetError(CsdcError):
 class IRError(CsdcError):
     """The spiking IR is malformed (wrong edge kind, shape mismatch, bad parameter)."""
 
+
+
+def lowering_node(exc: BaseException) -> str | None:
+    """The source (ONNX) node being lowered when ``exc`` was raised, if a frame of its traceback belongs to
+    an object that records one (``current_node``, as the lowering does); the innermost such frame wins."""
+    node = None
+    tb = exc.__traceback__
+    while tb is not None:
+        current = getattr(tb.tb_frame.f_locals.get("self"), "current_node", None)
+        if isinstance(current, str) and current:
+            node = current
+        tb = tb.tb_next
+    return node
+
+
+def in_model(exc: CsdcError, model: str) -> CsdcError:
+    """``exc`` with its message prefixed by the model file and, where known, the ONNX node being lowered
+    (errors raised below the passes, e.g. by the IR's checks, name only IR nodes). Errors that already
+    name the model are returned unchanged."""
+    msg = str(exc)
+    if msg.startswith(model) or isinstance(exc, UnsupportedModelError):
+        return exc
+    node = lowering_node(exc)
+    where = f"{model}: " + (f"node '{node}': " if node and not node.startswith("<") else "")
+    try:
+        out = type(exc)(where + msg)
+    except TypeError:  # an error class with its own constructor
+        out = CsdcError(where + msg)
+    out.exit_code = exc.exit_code
+    return out

@@ -26,6 +26,7 @@ from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
 from csdc.compiler.passes.fold_constants import fold_constants
 from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
+from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph
 from csdc.errors import CsdcError
 from csdc.ir.graph import Network
@@ -80,7 +81,7 @@ def canonical_passes(options: CompileOptions) -> list:
     normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded (the
     frontend has already folded every constant subgraph; ``fold_constants`` runs again after the
     quantizer passes have turned QONNX / LSQ weight quantizers into constants)."""
-    return [remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
+    return [validate_numbers, remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
             canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
 

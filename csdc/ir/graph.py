@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import networkx as nx
+import numpy as np
 
 from csdc.errors import IRError
-from csdc.ir.ops import CURRENT, Encode, Neuron, Op, Readout, Shape
+from csdc.ir.ops import (CURRENT, SPIKES, T_MAX, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Op,
+                         Readout, ReduceSum, Reshape, Shape, SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
+                         elements, int_attr)
+
+#: Largest magnitude any int64 quantity of a backend may reach (a factor 2 below int64's, for float rounding)
+VALUE_LIMIT = 2.0**62
+#: Largest finite float32: logits are reported in float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +34,9 @@ class Network:
     """A spiking network. Build it with :meth:`add` in topological order."""
 
     def __init__(self, T: int, metadata: dict | None = None):
-        if int(T) < 1:
-            raise IRError(f"time window T must be >= 1, got {T}")
-        self.T = int(T)
+        self.T = int_attr(T, "time window T", 1, T_MAX)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise IRError(f"metadata must be a JSON object, got {type(metadata).__name__}")
         self.metadata: dict = dict(metadata or {})
         self.graph = nx.DiGraph()
         self._order: list[str] = []
@@ -147,3 +155,82 @@ class Network:
                 raise IRError(f"node '{name}' ({type(op).__name__}) has no consumer (dead code)")
         if self.info(self.output_name).kind != CURRENT:
             raise IRError("the readout must produce a current")
+
+    # -- safety: what every backend relies on ----------------------------------------------
+    def footprint(self) -> int:
+        """Bytes one sample needs in a time-stepped backend, an upper bound: every node's output over T steps
+        (1 byte per spike, 8 per current) and the zero-padded input of every window op. Python integers."""
+        total = 0
+        for name, op in self.nodes():
+            info = self.info(name)
+            total += self.T * elements(info.shape) * (1 if info.kind == SPIKES else 8)
+            if isinstance(op, (ConvSynapse, SumPool, SpikeMaxPool)) and any(op.padding):
+                c, h, w = self.info(self.inputs(name)[0]).shape
+                p = op.padding
+                total += self.T * c * (h + p[0] + p[2]) * (w + p[1] + p[3]) * 8
+        return total
+
+    def magnitude_bounds(self) -> dict[str, float]:
+        """Per node, a bound on ``|value|`` of one step (float64 sums: they cannot wrap around, unlike the
+        int64 sums of the exact bit-width analysis, which this proves safe to run). Raises IRError naming
+        the first node whose values, or their sum over the T steps, could exceed ``VALUE_LIMIT``."""
+        T = float(self.T)
+        mag: dict[str, float] = {}
+        for name, op in self.nodes():
+            ins = [mag[s] for s in self.inputs(name)]
+            if isinstance(op, Encode):
+                m = float(max(abs(op.lo), abs(op.hi)))
+            elif isinstance(op, Neuron):
+                # the simulators' membrane bound: v0 + T (input + bias) + threshold
+                peak = (float(np.abs(compact(op.v0)).max(initial=0)) + float(np.abs(compact(op.threshold)).max(initial=0))
+                        + T * (ins[0] + float(np.abs(compact(op.bias)).max(initial=0))))
+                if not peak < VALUE_LIMIT:
+                    raise IRError(f"node '{name}' (Neuron): the membrane potential can reach {peak:.3g}, beyond the "
+                                  f"int64 range the backends compute in")
+                m = 1.0
+            elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+                w = np.abs(compact(op.mantissa).astype(np.float64))
+                if isinstance(op, DenseSynapse):
+                    row = float(w.sum(axis=1).max(initial=0)) * (op.mantissa.shape[1] / w.shape[1])
+                elif isinstance(op, ConvSynapse):
+                    row = float(w.sum(axis=(1, 2, 3)).max(initial=0)) * (elements(op.mantissa.shape[1:]) / elements(w.shape[1:]))
+                else:
+                    row = float(w.max(initial=0))
+                m = row * 2.0**op.exponent * ins[0]
+            elif isinstance(op, SpikeMatMul):
+                k = self.info(self.inputs(name)[0]).shape[-1]
+                m = 2.0 * k * T * abs(op.weight)
+            elif isinstance(op, Add):
+                m = float(sum(ins))
+            elif isinstance(op, SumPool):
+                m = float(op.kernel[0] * op.kernel[1]) * ins[0]
+            elif isinstance(op, ReduceSum):
+                shp = self.info(self.inputs(name)[0]).shape
+                m = float(elements(tuple(shp[a] for a in op.axes))) * ins[0]
+            elif isinstance(op, (Reshape, Transpose, Readout)):
+                m = ins[0]
+            elif self.info(name).kind == SPIKES:  # any other spiking op emits binary events
+                m = 1.0
+            else:
+                raise IRError(f"node '{name}': no arithmetic bound is known for op {type(op).__name__}")
+            if not T * m < VALUE_LIMIT:
+                raise IRError(f"node '{name}' ({type(op).__name__}): its values can reach {m:.3g} per step "
+                              f"({T * m:.3g} over T={self.T} steps), beyond the int64 range the backends compute in")
+            mag[name] = m
+        return mag
+
+    def verify_arithmetic(self) -> None:
+        """Prove that no backend's int64 arithmetic can overflow and that the logits are finite float32:
+        bound the magnitudes wrap-free (``magnitude_bounds``), then run the compiler's exact bit-width analysis
+        against the int64 profile, then bound the logits. Raises IRError / BudgetError naming the node."""
+        from csdc.compiler.bitwidth import analyze_bitwidth  # the compiler owns the analysis
+
+        self.magnitude_bounds()
+        report = analyze_bitwidth(self, "int64")
+        readout = self.op(self.output_name)
+        assert isinstance(readout, Readout)
+        total = 2.0 ** max(report.accumulator_bits - 1, 0)
+        peak = total * float(np.abs(readout.scale).max(initial=0)) + float(np.abs(readout.offset).max(initial=0))
+        if not peak < FLOAT32_MAX:
+            raise IRError(f"node '{self.output_name}' (Readout): logits can reach {peak:.3g}, which is not a finite "
+                          "float32; the readout scale or offset is corrupt")

@@ -25,6 +25,7 @@ steps (latency ``delay``).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +40,17 @@ CURRENT = "current"
 Shape = tuple[int, ...]
 
 OP_REGISTRY: dict[str, type["Op"]] = {}
+
+# Documented maxima (docs/robustness.md): every op checks its attributes against them on construction,
+# so that no backend ever sees a value its int64 kernels or allocations cannot take.
+T_MAX = 2**16  # time steps of a network (a quantizer with up to 65 536 levels)
+DELAY_MAX = 2**20  # neuron delay in steps (a delay >= T is already exact)
+WINDOW_MAX = 2**16  # kernel size, stride, dilation and padding entries of convolutions and pools
+DIM_MAX = 2**31 - 1  # one axis of a tensor
+ELEMENTS_MAX = 2**40  # elements of one tensor (products computed with Python integers: no wrap-around)
+RANK_MAX = 16  # axes of a tensor
+ENCODE_MAX = 2**24  # |lo|, |hi| of the input levels: exact in float32, where Encode clips
+INT64_MAX = 2**63 - 1
 
 
 def register_op(cls: type["Op"]) -> type["Op"]:
@@ -74,6 +86,39 @@ def power_of_two_exponent(arr: np.ndarray) -> int:
     return (bits & -bits).bit_length() - 1 if bits else 0
 
 
+def int_attr(value: object, name: str, lo: int, hi: int) -> int:
+    """``value`` as a Python int if it is an integer (not a bool, float or string) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise IRError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise IRError(f"{name} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def shape_attr(value: object, name: str) -> Shape:
+    """A tensor shape: a sequence of positive integers, at most ``RANK_MAX`` axes and ``ELEMENTS_MAX`` elements."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, np.ndarray)):
+        raise IRError(f"{name} must be a list of integers, got {value!r}")
+    if len(value) > RANK_MAX:
+        raise IRError(f"{name} has {len(value)} axes, at most {RANK_MAX} are supported")
+    dims = tuple(int_attr(d, f"{name} entry {i}", 1, DIM_MAX) for i, d in enumerate(value))
+    elements = 1
+    for d in dims:
+        elements *= d
+    if elements > ELEMENTS_MAX:
+        raise IRError(f"{name} {dims} has {elements} elements, more than the supported {ELEMENTS_MAX}")
+    return dims
+
+
+def elements(shape: Shape) -> int:
+    """Number of elements of ``shape`` (a Python int: never wraps)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _signed_dtype(arr: np.ndarray, name: str) -> np.dtype:
     """The signed integer dtype a parameter is kept in: its own if signed, else the narrowest that holds it."""
     if arr.dtype.kind == "i":
@@ -84,7 +129,8 @@ def _signed_dtype(arr: np.ndarray, name: str) -> np.dtype:
             if hi <= np.iinfo(dt).max:
                 return np.dtype(dt)
         raise IRError(f"parameter '{name}' exceeds the int64 range")
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+    if (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+            and (arr.size == 0 or float(np.abs(arr).max()) <= 2.0**53)):  # integral and exact in float64
         return np.dtype(np.int64)
     raise IRError(f"parameter '{name}' must be an integer array, got dtype {arr.dtype}")
 
@@ -119,7 +165,10 @@ def _int_array(value: object, name: str, dtype: type | None = None) -> np.ndarra
 
 
 def _float_array(value: object, name: str) -> np.ndarray:
-    arr = np.array(value, dtype=np.float64, order="C", copy=True)  # own copy, as in _int_array
+    src = np.asarray(value)
+    if src.dtype.kind not in "iuf":
+        raise IRError(f"parameter '{name}' must be a numeric array, got dtype {src.dtype}")
+    arr = np.array(src, dtype=np.float64, order="C", copy=True)  # own copy, as in _int_array
     if not np.all(np.isfinite(arr)):
         raise IRError(f"parameter '{name}' has non-finite values")
     arr.flags.writeable = False
@@ -136,6 +185,10 @@ class Op:
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         raise NotImplementedError
+
+    def verify(self) -> None:
+        """Check the op's own attributes and arrays (types and documented ranges); raise IRError naming the
+        field. Called on construction, so an op that exists is valid; the network verifier checks the rest."""
 
     def output_kind(self, in_kinds: list[str]) -> str:
         return self.out_kind
@@ -171,9 +224,18 @@ class _Weighted(Op):
 
     def _init_weight(self) -> None:
         object.__setattr__(self, "mantissa", _int_array(self.mantissa, "weight"))  # type: ignore[attr-defined]
-        object.__setattr__(self, "exponent", int(self.exponent))  # type: ignore[attr-defined]
-        if not 0 <= self.exponent <= 62:  # type: ignore[attr-defined]
-            raise IRError(f"{type(self).__name__} weight exponent must be in 0..62, got {self.exponent}")  # type: ignore[attr-defined]
+        object.__setattr__(self, "exponent", int_attr(self.exponent, f"{type(self).__name__} weight exponent", 0, 62))  # type: ignore[attr-defined]
+
+    def _verify_weight(self) -> None:
+        """Every weight ``mantissa * 2**exponent`` fits int64 (checked with Python integers, which do not wrap)."""
+        m = compact(self.mantissa)  # type: ignore[attr-defined]
+        if m.size:
+            e = self.exponent  # type: ignore[attr-defined]
+            lo, hi = int(m.min()) << e, int(m.max()) << e
+            if lo < -INT64_MAX - 1 or hi > INT64_MAX:
+                raise IRError(f"weight mantissa in [{int(m.min())}, {int(m.max())}] times 2**{e} does not fit int64")
+        if any(d < 1 for d in self.mantissa.shape):  # type: ignore[attr-defined]
+            raise IRError(f"weight shape {self.mantissa.shape} has an empty axis")  # type: ignore[attr-defined]
 
     @property
     def weight(self) -> np.ndarray:
@@ -183,14 +245,15 @@ class _Weighted(Op):
 
 
 def _pair(v: object, name: str) -> tuple[int, int]:
-    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v, v)))
+    # entries below 1 are reported by the op's verify(), which knows what they mean
+    t = tuple(int_attr(x, f"'{name}'", -INT64_MAX, WINDOW_MAX) for x in (v if isinstance(v, (tuple, list)) else (v, v)))
     if len(t) != 2:
         raise IRError(f"'{name}' must have 2 entries, got {t}")
     return t  # type: ignore[return-value]
 
 
 def _quad(v: object, name: str) -> tuple[int, int, int, int]:
-    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,) * 4))
+    t = tuple(int_attr(x, f"'{name}'", -INT64_MAX, WINDOW_MAX) for x in (v if isinstance(v, (tuple, list)) else (v,) * 4))
     if len(t) != 4 or min(t) < 0:
         raise IRError(f"'{name}' must be 4 non-negative entries (top, left, bottom, right), got {t}")
     return t  # type: ignore[return-value]
@@ -223,9 +286,18 @@ class Encode(Op):
     out_kind: ClassVar = CURRENT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if not (self.scale > 0 and np.isfinite(self.scale)):
-            raise IRError(f"Encode scale must be positive and finite, got {self.scale}")
+        object.__setattr__(self, "shape", shape_attr(self.shape, "Encode shape"))
+        object.__setattr__(self, "lo", int_attr(self.lo, "Encode lo", -ENCODE_MAX, ENCODE_MAX))
+        object.__setattr__(self, "hi", int_attr(self.hi, "Encode hi", -ENCODE_MAX, ENCODE_MAX))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (numbers.Real, np.floating, np.integer)):
+            raise IRError(f"Encode 'scale' must be a number, got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        self.verify()
+
+    def verify(self) -> None:
+        # the data is divided by the scale in float32 (as ONNX QuantizeLinear): it must be a positive float32
+        if not (self.scale > 0 and np.isfinite(self.scale) and np.float32(self.scale) > 0 and np.isfinite(np.float32(self.scale))):
+            raise IRError(f"Encode scale must be positive and finite, got {self.scale} (it must also be a positive, finite float32)")
         if self.lo > self.hi:
             raise IRError(f"Encode range [{self.lo}, {self.hi}] is empty")
 
@@ -248,8 +320,12 @@ class DenseSynapse(_Weighted):
 
     def __post_init__(self) -> None:
         self._init_weight()
+        self.verify()
+
+    def verify(self) -> None:
         if self.mantissa.ndim != 2:
             raise IRError(f"DenseSynapse weight must be 2-D (out, in), got shape {self.mantissa.shape}")
+        self._verify_weight()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
@@ -277,9 +353,15 @@ class ConvSynapse(_Weighted):
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         object.__setattr__(self, "padding", _quad(self.padding, "padding"))
         object.__setattr__(self, "dilation", _pair(self.dilation, "dilation"))
-        object.__setattr__(self, "groups", int(self.groups))
+        object.__setattr__(self, "groups", int_attr(self.groups, "ConvSynapse groups", -INT64_MAX, DIM_MAX))
+        self.verify()
+
+    def verify(self) -> None:
         if self.mantissa.ndim != 4:
             raise IRError(f"ConvSynapse weight must be 4-D (O, C/groups, kh, kw), got {self.mantissa.shape}")
+        self._verify_weight()  # also: O, C/groups, kh, kw >= 1
+        if max(self.mantissa.shape[2:]) > WINDOW_MAX:
+            raise IRError(f"ConvSynapse kernel {self.mantissa.shape[2:]} is larger than the supported {WINDOW_MAX}")
         if self.groups < 1 or self.mantissa.shape[0] % self.groups:
             raise IRError(f"ConvSynapse groups={self.groups} does not divide {self.mantissa.shape[0]} output channels")
         if min(self.stride) < 1 or min(self.dilation) < 1:
@@ -307,6 +389,10 @@ class DiagonalSynapse(_Weighted):
 
     def __post_init__(self) -> None:
         self._init_weight()
+        self.verify()
+
+    def verify(self) -> None:
+        self._verify_weight()
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY),))
@@ -354,11 +440,12 @@ class Neuron(Op):
     def __post_init__(self) -> None:
         for name in ("threshold", "v0", "bias"):
             object.__setattr__(self, name, _int_array(getattr(self, name), name, np.int64))
-        object.__setattr__(self, "delay", int(self.delay))
+        object.__setattr__(self, "delay", int_attr(self.delay, "Neuron delay", 0, DELAY_MAX))
+        self.verify()
+
+    def verify(self) -> None:
         if self.threshold.size and int(compact(self.threshold).min()) < 1:
             raise IRError(f"Neuron thresholds must be >= 1, got minimum {int(compact(self.threshold).min())}")
-        if self.delay < 0:
-            raise IRError(f"Neuron delay must be >= 0, got {self.delay}")
         if not (self.threshold.shape == self.v0.shape == self.bias.shape):
             raise IRError(f"Neuron threshold/v0/bias shapes differ: {self.threshold.shape}, {self.v0.shape}, {self.bias.shape}")
 
@@ -401,6 +488,9 @@ class _Window(Op):
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))  # type: ignore[attr-defined]
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))  # type: ignore[attr-defined]
         object.__setattr__(self, "padding", _quad(self.padding, "padding"))  # type: ignore[attr-defined]
+        self.verify()
+
+    def verify(self) -> None:
         if min(self.kernel) < 1 or min(self.stride) < 1:  # type: ignore[attr-defined]
             raise IRError(f"{type(self).__name__} kernel and stride must be >= 1")
 
@@ -465,7 +555,12 @@ class ReduceSum(Op):
     axes: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "axes", tuple(sorted(int(a) for a in self.axes)))
+        if not isinstance(self.axes, (tuple, list)):
+            raise IRError(f"ReduceSum 'axes' must be a list of integers, got {self.axes!r}")
+        object.__setattr__(self, "axes", tuple(sorted(int_attr(a, "ReduceSum axes", -INT64_MAX, RANK_MAX) for a in self.axes)))
+        self.verify()
+
+    def verify(self) -> None:
         if not self.axes or len(set(self.axes)) != len(self.axes) or min(self.axes) < 0:
             raise IRError(f"ReduceSum axes must be distinct non-negative axes, got {self.axes}")
 
@@ -493,7 +588,10 @@ class SpikeMatMul(Op):
     weight: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", int(self.weight))
+        object.__setattr__(self, "weight", int_attr(self.weight, "SpikeMatMul weight", -INT64_MAX, INT64_MAX))
+        self.verify()
+
+    def verify(self) -> None:
         if self.weight == 0:
             raise IRError("SpikeMatMul weight must be non-zero")
 
@@ -513,14 +611,14 @@ class Reshape(Op):
     shape: Shape
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "shape", shape_attr(self.shape, "Reshape shape"))
 
     def output_kind(self, in_kinds: list[str]) -> str:
         return in_kinds[0]
 
     def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
         self._check_arity(in_shapes, in_kinds, ((SPIKES, TERNARY, CURRENT),))
-        if int(np.prod(in_shapes[0])) != int(np.prod(self.shape)):
+        if elements(in_shapes[0]) != elements(self.shape):
             raise IRError(f"Reshape from {in_shapes[0]} to {self.shape} changes the element count")
         return self.shape
 
@@ -533,7 +631,9 @@ class Transpose(Op):
     perm: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "perm", tuple(int(p) for p in self.perm))
+        if not isinstance(self.perm, (tuple, list)):
+            raise IRError(f"Transpose 'perm' must be a list of integers, got {self.perm!r}")
+        object.__setattr__(self, "perm", tuple(int_attr(p, "Transpose perm", -INT64_MAX, RANK_MAX) for p in self.perm))
 
     def output_kind(self, in_kinds: list[str]) -> str:
         return in_kinds[0]
@@ -561,6 +661,9 @@ class Readout(Op):
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", _float_array(self.scale, "scale"))
         object.__setattr__(self, "offset", _float_array(self.offset, "offset"))
+        self.verify()
+
+    def verify(self) -> None:
         if self.scale.ndim != 1 or self.scale.shape != self.offset.shape:
             raise IRError(f"Readout scale/offset must be 1-D of equal length, got {self.scale.shape}, {self.offset.shape}")
 

@@ -13,7 +13,9 @@
 
 A float32 ``x`` stored uncompressed (``numpy.savez``, the usual case) is memory-mapped
 instead of read: a 10 000-image file costs no memory up front, and batches are paged in
-as they are run. The member's CRC is still checked (in one streaming pass).
+as they are run. The member's CRC is still checked (in one streaming pass) when all of it is
+used. Arrays are read from their .npy headers lazily: ``limit`` bounds what is read and
+decompressed, and sizes are checked against the memory budget before any allocation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from csdc.errors import DataError
+from csdc.limits import check_budget
 
 #: Fraction of the digits set held out as the test split, and the split's seed.
 DIGITS_TEST_FRACTION = 0.25
@@ -67,52 +70,104 @@ def load_digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x[sel]), y[sel]
 
 
-def _memmap_member(path: str, key: str) -> np.ndarray | None:
-    """Memory-map array ``key`` of the .npz at ``path`` when it is stored uncompressed as a
-    C-ordered float32 array whose CRC checks out; ``None`` when it cannot (then the caller
-    reads it normally, which reports any problem)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(key + ".npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
+_CHUNK_BYTES = 1 << 24  # values are checked in slices of this size (no full-size temporaries)
+
+
+def _member_layout(path: str, zf: zipfile.ZipFile, key: str) -> tuple[zipfile.ZipInfo, tuple[int, ...], bool, np.dtype, int]:
+    """(zip entry, shape, Fortran order, dtype, offset of the data in the entry) of array ``key``, from its
+    .npy header alone; the declared size is checked against the entry's, so nothing is allocated yet."""
+    info = zf.getinfo(key + ".npy")
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f".npy format version {version}")
+        offset = fh.tell()
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"{path}: '{key}' holds Python objects or records (dtype {dtype}), which csdc does not load "
+                        "(no pickle); save plain numeric arrays with numpy.savez(path, x=x, y=y)")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if offset + count * dtype.itemsize != info.file_size:
+        raise DataError(f"{path}: '{key}' declares shape {tuple(shape)} of {dtype} ({count * dtype.itemsize} bytes) but "
+                        f"its entry holds {info.file_size - offset}; the file is corrupt: write it again with numpy.savez")
+    return info, tuple(int(d) for d in shape), bool(fortran), dtype, offset
+
+
+def _crc_ok(path: str, start: int, info: zipfile.ZipInfo) -> bool:
+    crc, left = 0, info.file_size
+    with open(path, "rb") as f:
+        f.seek(start)
+        while left > 0:
+            block = f.read(min(left, 1 << 22))
+            if not block:
+                return False
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+    return crc == info.CRC
+
+
+def _read_rows(path: str, zf: zipfile.ZipFile, key: str, limit: int | None) -> np.ndarray:
+    """The first ``limit`` rows (all if None) of array ``key``: memory-mapped when stored uncompressed in C
+    order, else decompressed only as far as those rows. Sizes are checked against the memory budget first."""
+    info, shape, fortran, dtype, offset = _member_layout(path, zf, key)
+    if len(shape) == 0:
+        raise DataError(f"{path}: '{key}' is a scalar; it needs one entry per sample")
+    n = shape[0] if limit is None else min(shape[0], limit)
+    row = dtype.itemsize
+    for d in shape[1:]:
+        row *= d
+    whole = fortran and len(shape) > 1  # a Fortran-ordered array's rows are not contiguous: read it all
+    need = (shape[0] if whole else n) * row
+    check_budget(need, f"{path}: {n} samples of '{key}' ({tuple(shape[1:])} {dtype} each)" if not whole else
+                 f"{path}: '{key}' (stored in Fortran order, read whole)", DataError)
+    if info.compress_type == zipfile.ZIP_STORED and not whole:
         with open(path, "rb") as f:
             f.seek(info.header_offset)
             local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                return None
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            f.seek(start)
-            crc, left = 0, info.file_size
-            while left > 0:
-                block = f.read(min(left, 1 << 22))
-                if not block:
-                    return None
-                crc = zlib.crc32(block, crc)
-                left -= len(block)
-            if crc != info.CRC:
-                return None
-            f.seek(start)
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                return None
-            offset = f.tell()
-        if fortran or dtype != np.dtype(np.float32) or len(shape) == 0:
-            return None
-        if offset - start + int(np.prod(shape)) * dtype.itemsize != info.file_size:
-            return None
-        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
-        return None
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError("bad local header")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        if n == shape[0] and not _crc_ok(path, start, info):  # all of it is used: check it is intact
+            raise ValueError(f"bad CRC of '{key}'")
+        if n * row == 0:
+            return np.zeros((n, *shape[1:]), dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape[1:]), offset=start + offset)
+    with zf.open(info) as fh:
+        fh.read(offset)
+        if whole:
+            data = fh.read(shape[0] * row)
+            arr = np.frombuffer(data, dtype=dtype).reshape(shape[::-1]).T[:n]
+        else:
+            data = fh.read(n * row)
+            if len(data) != n * row:
+                raise ValueError(f"'{key}' ends early")
+            arr = np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:]))
+        if n == shape[0]:
+            fh.read()  # to the end: the zip layer checks the CRC
+    return arr
+
+
+def _first_bad_sample(path: str, x: np.ndarray) -> None:
+    """Raise DataError naming the first sample of ``x`` (float32) that holds NaN or an infinity."""
+    rows = max(1, _CHUNK_BYTES // max(1, x[:1].nbytes))
+    for start in range(0, len(x), rows):
+        chunk = np.asarray(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            i = start + int(np.argmax(bad))
+            raise DataError(f"{path}: sample {i} of 'x' holds NaN or infinite values (as float32); csdc quantizes finite "
+                            "inputs only: clean or drop that sample")
 
 
 def load_npz(
-    path: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None
+    path: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None, limit: int | None = None,
+    num_classes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Load a user data file ``.npz`` holding ``x`` and optionally ``y``.
 
@@ -121,8 +176,12 @@ def load_npz(
     and is returned as int64. ``input_shape`` is the model's input shape *without*
     the batch dimension (e.g. ``(1, 8, 8)``); ``None`` skips the shape check, and an
     entry that is not a positive int (``None``, a symbolic name) matches any size.
-    The file is read with ``allow_pickle=False``; a float32 ``x`` stored uncompressed is
-    returned as a read-only ``numpy.memmap`` (see the module docstring). Any problem raises
+    ``limit`` reads only the first ``limit`` samples (a compressed array is decompressed only that far);
+    ``num_classes`` checks that every label is in ``0..num_classes-1``. The arrays are read lazily from
+    their .npy headers: sizes are checked against the entries and the memory budget (``csdc.limits``)
+    before anything is allocated, and no pickle is ever loaded. A float32 ``x`` stored uncompressed is
+    returned as a read-only ``numpy.memmap`` (see the module docstring). NaN or infinite inputs and
+    out-of-range labels are errors naming the first bad sample. Any problem raises
     :class:`csdc.errors.DataError` naming the file.
     """
     name = os.fspath(path)
@@ -131,19 +190,24 @@ def load_npz(
     if os.path.isdir(name):
         raise DataError(f"{name}: is a directory, not a .npz data file")
     try:
-        archive = np.load(name, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(
-            f"{name}: not a readable .npz file ({exc}); save the data with "
-            "numpy.savez(path, x=x, y=y)"
-        ) from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
+        with open(name, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise DataError(f"{name}: cannot read ({exc.strerror})") from None
+    if magic == b"\x93NUMPY":
         raise DataError(
             f"{name}: is a single .npy array, not a .npz archive; save the data with "
             "numpy.savez(path, x=x, y=y)"
         )
-    with archive:
-        keys = set(archive.files)
+    try:
+        zf = zipfile.ZipFile(name)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{name}: not a readable .npz file ({exc}); a .npz is a zip of .npy arrays: save the data with "
+            "numpy.savez(path, x=x, y=y) (a text or CSV file: read it with numpy.loadtxt first)"
+        ) from None
+    with zf:
+        keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
         if "x" not in keys:
             found = ", ".join(sorted(keys)) or "nothing"
             raise DataError(
@@ -151,50 +215,65 @@ def load_npz(
                 "as numpy.savez(path, x=x, y=y)"
             )
         try:
-            x = _memmap_member(name, "x")
-            if x is None:
-                x = archive["x"]
-            y = archive["y"] if "y" in keys else None
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            _, x_shape, _, x_dtype, _ = _member_layout(name, zf, "x")
+            if not np.issubdtype(x_dtype, np.floating):
+                raise DataError(
+                    f"{name}: 'x' has dtype {x_dtype}, expected a floating type as fed to the "
+                    "ONNX model; convert it, e.g. x = x.astype(numpy.float32) (and divide by "
+                    "the pixel range, e.g. / 255, if the model expects values in [0, 1])"
+                )
+            if len(x_shape) == 0 or x_shape[0] == 0:
+                raise DataError(f"{name}: 'x' is empty (shape {x_shape}); it needs at least one sample")
+            if input_shape is not None:
+                expected = tuple(input_shape)
+                got = x_shape[1:]
+                fits = len(got) == len(expected) and all(
+                    not isinstance(e, (int, np.integer)) or int(e) <= 0 or int(e) == g
+                    for e, g in zip(expected, got)
+                )
+                if not fits:
+                    raise DataError(
+                        f"{name}: 'x' has shape {x_shape}, i.e. samples of shape {got}, "
+                        f"but the model input expects (N, {', '.join(map(str, expected))}) "
+                        f"[expected per-sample {expected}, got {got}]; reshape or transpose x "
+                        "to the model's layout (N x C x H x W)"
+                    )
+            y = None
+            if "y" in keys:
+                _, y_shape, _, y_dtype, _ = _member_layout(name, zf, "y")
+                if not (np.issubdtype(y_dtype, np.integer) or y_dtype == np.bool_):
+                    raise DataError(
+                        f"{name}: 'y' has dtype {y_dtype}, expected integer class labels; "
+                        "convert them, e.g. y = y.astype(numpy.int64)"
+                    )
+                if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
+                    raise DataError(
+                        f"{name}: 'y' has shape {y_shape} but 'x' has {x_shape[0]} "
+                        f"samples; 'y' must be a 1-D array of {x_shape[0]} labels"
+                    )
+                y = _read_rows(name, zf, "y", limit)
+            x = _read_rows(name, zf, "x", limit)
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, struct.error, zlib.error) as exc:
             raise DataError(
                 f"{name}: corrupt or unreadable array in the .npz file ({exc}); "
                 "write the file again with numpy.savez"
-            ) from exc
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(
-            f"{name}: 'x' has dtype {x.dtype}, expected a floating type as fed to the "
-            "ONNX model; convert it, e.g. x = x.astype(numpy.float32) (and divide by "
-            "the pixel range, e.g. / 255, if the model expects values in [0, 1])"
-        )
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise DataError(f"{name}: 'x' is empty (shape {x.shape}); it needs at least one sample")
-    if input_shape is not None:
-        expected = tuple(input_shape)
-        got = tuple(int(d) for d in x.shape[1:])
-        fits = len(got) == len(expected) and all(
-            not isinstance(e, (int, np.integer)) or int(e) <= 0 or int(e) == g
-            for e, g in zip(expected, got)
-        )
-        if not fits:
-            raise DataError(
-                f"{name}: 'x' has shape {tuple(x.shape)}, i.e. samples of shape {got}, "
-                f"but the model input expects (N, {', '.join(map(str, expected))}) "
-                f"[expected per-sample {expected}, got {got}]; reshape or transpose x "
-                "to the model's layout (N x C x H x W)"
-            )
+            ) from None
+    x = x.astype(np.float32, copy=False)  # a float64 file: a copy of the samples read, within the budget
+    _first_bad_sample(name, x)
     if y is not None:
-        if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
-            raise DataError(
-                f"{name}: 'y' has dtype {y.dtype}, expected integer class labels; "
-                "convert them, e.g. y = y.astype(numpy.int64)"
-            )
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(
-                f"{name}: 'y' has shape {tuple(y.shape)} but 'x' has {x.shape[0]} "
-                f"samples; 'y' must be a 1-D array of {x.shape[0]} labels"
-            )
-        y = y.astype(np.int64, copy=False)
-    return x.astype(np.float32, copy=False), y
+        if y.dtype.kind == "u" and y.size and int(y.max()) > np.iinfo(np.int64).max:
+            i = int(np.argmax(y > np.iinfo(np.int64).max))
+            raise DataError(f"{name}: label {int(y[i])} of sample {i} does not fit int64")
+        y = np.asarray(y).astype(np.int64, copy=False)
+        if num_classes is not None:
+            bad = (y < 0) | (y >= num_classes)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(f"{name}: label {int(y[i])} of sample {i} is outside 0..{num_classes - 1} "
+                                f"(the network has {num_classes} classes)")
+    return x, y
 
 
 def iter_batches(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 
 import numpy as np
@@ -109,22 +108,13 @@ def _tidy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def write_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` via a temporary file and ``os.replace`` (no partial file)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``model`` to ``path`` via a temporary file and ``os.replace`` (no partial file, usual permissions,
+    ``csdc.files.write_atomic``). As a library call it creates a missing folder; ``csdc train`` refuses one
+    before training, as every command does."""
+    from csdc.files import write_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    write_atomic(path, model.SerializeToString())
 
 
 def export_module(

@@ -113,7 +113,7 @@ def test_infer_accepts_good_inputs() -> None:
 CONSTRUCT_CASES = [
     ("neuron threshold 0", lambda: Neuron([1, 0, 2], [0, 0, 0], [0, 0, 0], 1), r"Neuron thresholds must be >= 1, got minimum 0"),
     ("neuron threshold negative", lambda: Neuron([[-3]], [[0]], [[0]], 1), r"thresholds must be >= 1, got minimum -3"),
-    ("neuron delay negative", lambda: Neuron([1], [0], [0], -1), r"Neuron delay must be >= 0, got -1"),
+    ("neuron delay negative", lambda: Neuron([1], [0], [0], -1), r"Neuron delay must be in 0..1048576, got -1"),
     ("neuron shapes differ", lambda: Neuron([1, 1], [0], [0, 0], 1), r"Neuron threshold/v0/bias shapes differ"),
     ("neuron fractional threshold", lambda: Neuron([1.5], [0], [0], 1), r"parameter 'threshold' must be an integer array"),
     ("neuron nan v0", lambda: Neuron([1], [np.nan], [0], 1), r"parameter 'v0' must be an integer array"),
@@ -140,7 +140,7 @@ CONSTRUCT_CASES = [
     ("dense negative exponent", lambda: DenseSynapse(z(2, 2), exponent=-1), r"DenseSynapse weight exponent must be in 0..62, got -1"),
     ("reduce no axes", lambda: ReduceSum(()), r"ReduceSum axes must be distinct non-negative axes"),
     ("reduce repeated axis", lambda: ReduceSum((1, 1)), r"ReduceSum axes must be distinct"),
-    ("network T 0", lambda: Network(0), r"time window T must be >= 1, got 0"),
+    ("network T 0", lambda: Network(0), r"time window T must be in 1..65536, got 0"),
 ]
 
 

@@ -214,3 +214,69 @@ def test_uncompressed_float32_x_is_memory_mapped(tmp_path) -> None:
     np.savez_compressed(pc, x=x)
     xc, _ = load_npz(pc)
     assert not isinstance(xc, np.memmap) and np.array_equal(xc, x)
+
+
+# ------------------------------------------------------- bounded, lazy reading; value checks (issue 13)
+
+
+def test_limit_decompresses_only_the_samples_it_uses(tmp_path, monkeypatch) -> None:
+    x = np.random.default_rng(0).random((4096, 1, 8, 8)).astype(np.float32)  # 1 MiB
+    p = str(tmp_path / "packed.npz")
+    np.savez_compressed(p, x=x, y=np.arange(4096) % 10)
+    monkeypatch.setenv("CSDC_MEMORY_BUDGET", "64K")
+    with pytest.raises(DataError, match="memory budget"):
+        load_npz(p, (1, 8, 8))
+    xl, yl = load_npz(p, (1, 8, 8), limit=3)
+    assert np.array_equal(xl, x[:3]) and list(yl) == [0, 1, 2]
+
+
+def test_limit_on_a_memory_mapped_file_maps_only_those_samples(tmp_path) -> None:
+    x = np.random.default_rng(1).random((50, 1, 8, 8)).astype(np.float32)
+    p = _save(str(tmp_path / "plain.npz"), x=x)
+    xl, _ = load_npz(p, (1, 8, 8), limit=7)
+    assert isinstance(xl, np.memmap) and xl.shape == (7, 1, 8, 8) and np.array_equal(xl, x[:7])
+
+
+def test_declared_shape_must_match_the_entry(tmp_path) -> None:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40, 64)})
+    p = tmp_path / "forged.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("x.npy", buf.getvalue() + b"\0" * 256)
+    _expect(str(p), None, "declares shape", "corrupt")
+
+
+def test_fortran_order_and_float64_are_read_correctly(tmp_path) -> None:
+    x = np.asfortranarray(np.random.default_rng(2).random((5, 1, 8, 8)))
+    for name, saver in (("f.npz", np.savez), ("fc.npz", np.savez_compressed)):
+        p = str(tmp_path / name)
+        saver(p, x=x)
+        xl, _ = load_npz(p, (1, 8, 8), limit=4)
+        assert xl.dtype == np.float32 and np.array_equal(xl, x[:4].astype(np.float32))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_name_the_first_bad_sample(tmp_path, value) -> None:
+    x = np.zeros((9, 1, 8, 8), np.float32)
+    x[6, 0, 3, 3] = value
+    x[8] = value
+    p = _save(str(tmp_path / "bad.npz"), x=x)
+    _expect(p, (1, 8, 8), "sample 6", "NaN or infinite")
+    xl, _ = load_npz(p, (1, 8, 8), limit=6)  # the bad samples are not read
+    assert len(xl) == 6
+
+
+@pytest.mark.parametrize("y,words", [
+    (np.array([0, 1, -1]), ("label -1 of sample 2", "outside 0..9")),
+    (np.array([2**62, 0, 0]), ("of sample 0",)),
+    (np.array([0, 2**64 - 1, 0], np.uint64), ("sample 1",)),
+])
+def test_labels_out_of_range_name_the_sample(tmp_path, y, words) -> None:
+    p = _save(str(tmp_path / "labels.npz"), x=np.zeros((3, 1, 8, 8), np.float32), y=y)
+    with pytest.raises(DataError) as info:
+        load_npz(p, (1, 8, 8), num_classes=10)
+    for w in words:
+        assert w in str(info.value)
