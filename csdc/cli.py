@@ -105,21 +105,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CsdcError(f"--batch must be >= 1, got {args.batch}")
     x, y = _load_data(args.data, net.input_shape, args.limit)
     backend = get_backend(args.backend)
-    if args.backend == "numba":
+    cluster = _cluster(args)
+    if args.backend == "numba" and cluster is None:
         from csdc.backends.numba import kernels_cached
 
         if not kernels_cached():
             print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
     if args.backend == "reference":
         require_exact(net)  # fail before any work, naming the neuron
-    out = run_dataset(net, backend, x, y, batch=args.batch, progress=not args.no_progress and not args.json)
+    progress = not args.no_progress and not args.json
+    report = None
+    if cluster is not None:
+        from csdc.runtime.cluster import run_on_cluster
+
+        out, report = run_on_cluster(net, args.backend, x, y, cluster, data_path=None if args.data == "digits" else args.data,
+                                     batch=args.batch, progress=progress)
+    else:
+        out = run_dataset(net, backend, x, y, batch=args.batch, progress=progress)
     s = out.summary
     if args.compare:
         s.comparison = compare(args.compare, out, x)
     if args.output:
         _save_results(args.output, out)
     if args.json:
-        print(json.dumps(s.to_dict(), indent=1))
+        print(json.dumps({**s.to_dict(), **({"cluster": report.to_dict()} if report else {})}, indent=1))
         return 0
     n = s.samples
     print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps"
@@ -149,6 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\n  {'spiking population':<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>10}")
         for name, p in pops.items():
             print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {p['max_abs_v']:>10}")
+    if report is not None:
+        print(f"\n{report.line()}")
     return 0
 
 
@@ -164,17 +175,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     x, y = _load_data(args.data, net.input_shape, args.limit)
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
-    rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
-                        progress=not args.no_progress and not args.json)
+    cluster, report = _cluster(args), None
+    if cluster is not None:
+        from csdc.runtime.cluster import sweep_on_cluster
+
+        rows, report = sweep_on_cluster(net, args.backend, delays, x, y, cluster, args.compare,
+                                        None if args.data == "digits" else args.data, args.batch,
+                                        progress=not args.no_progress and not args.json)
+    else:
+        rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
+                            progress=not args.no_progress and not args.json)
     if args.plot:
         plot(rows, net.T, f"{os.path.basename(args.sir)}: delay sweep ({len(x)} samples)", args.plot)
     if args.json:
-        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows)}, indent=1))
+        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows), **({"cluster": report.to_dict()} if report else {})},
+                         indent=1))
     else:
         print(f"delay sweep of {args.sir} on {len(x)} samples, T={net.T}, backend {args.backend}\n")
         print(markdown_table(rows, net.T))
         if args.plot:
             print(f"\nplot: {args.plot}")
+        if report is not None:
+            print(f"\n{report.line()}")
     return 0
 
 
@@ -276,6 +298,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N", help="run shards of --batch samples on a local Dask cluster "
+                       "of N worker processes (needs pip install 'csdc[cluster]'; docs/cluster.md)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:8786", help="run shards on the existing Dask cluster of this "
+                       "scheduler (needs csdc[cluster])")
+    p.add_argument("--shards", default="auto", choices=("auto", "path", "scatter"),
+                   help="how cluster workers get the data: path (they memory-map the --data file), scatter (the client "
+                        "sends each shard) or auto (path when every worker sees the file; default)")
+
+
+def _cluster(args: argparse.Namespace):
+    """The cluster options of a run or sweep, or None to run in this process (Dask not imported)."""
+    if args.workers is None and args.scheduler is None:
+        return None
+    from csdc.runtime.cluster import ClusterOptions
+
+    return ClusterOptions(args.workers, args.scheduler, args.shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,8 +97,13 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         bar.close()
     seconds = time.perf_counter() - t0
     lg = np.concatenate(logits)
-    ro = np.concatenate(readout)
-    n = len(x)
+    return RunOutput(summarize(net, backend, stats, lg, y, seconds), lg, np.concatenate(readout), y)
+
+
+def summarize(net: Network, backend: Backend, stats: dict[str, NodeStats], logits: np.ndarray, y: np.ndarray | None,
+              seconds: float) -> RunSummary:
+    """The summary of a run from its merged statistics and logits (also used by the cluster runner)."""
+    n = len(logits)
     T = net.T
     D, latency = _latency(net)
     neurons = sum(s.neurons for s in stats.values() if s.neurons)
@@ -110,13 +115,12 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         rate = s.spikes / (s.neurons * n * T) if s.neurons else 0.0
         per_pop[name] = {"op": type(net.op(name)).__name__, "neurons": s.neurons, "spikes": s.spikes, "rate": rate,
                          "acs": s.acs, "macs": s.macs, "max_abs_v": s.max_abs_v}
-    summary = RunSummary(
+    return RunSummary(
         backend=backend.name, samples=n, T=T, delay=D, latency_steps=latency,
-        accuracy=float(np.mean(lg.argmax(1) == y)) if y is not None else None,
+        accuracy=float(np.mean(logits.argmax(1) == y)) if y is not None else None,
         spikes=int(spikes), spike_rate=spikes / (neurons * n * T) if neurons else 0.0, acs=int(acs), macs=int(macs),
         energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6, seconds=seconds, per_population=per_pop,
         clock_latency_steps=int(backend.latency(net)) if hasattr(backend, "latency") else None)
-    return RunOutput(summary, lg, ro, y)
 
 
 def onnx_logits(model_path: str | os.PathLike, x: np.ndarray, batch: int = 256) -> np.ndarray:
