@@ -28,10 +28,11 @@ is imported only then: without those flags nothing here runs and Dask is not imp
   scattered and submitted again (``recomputed`` in the report). A shard that fails for a
   data error (a :class:`csdc.errors.CsdcError` on the worker) stops the run, and the error
   names the shard's sample range.
-- **Threads**: a local cluster's worker has one Dask thread (one shard at a time) and
-  ``NUMBA_NUM_THREADS = cores // N`` threads for the backend's chunks. On any cluster a shard
-  uses ``NUMBA_NUM_THREADS // (Dask threads of its worker)`` threads, so a worker never runs
-  more threads than NUMBA_NUM_THREADS (set it in the worker's environment; default: its cores).
+- **Threads**: a shard runs with ``cores // (Dask threads of all workers on its host)`` numba
+  threads, at most NUMBA_NUM_THREADS (:func:`shard_threads`, worked out by each worker when it
+  joins), so a host never runs more shard threads than cores, whatever the split of processes
+  and threads. ``--workers N`` starts N processes with one Dask thread each (one shard at a
+  time per process), i.e. ``cores // N`` numba threads per shard.
 - **Memory**: the client holds the results (readout, logits, labels) and, in scatter mode,
   the shard it is sending; each worker holds the shard it runs (plus its mapped file pages).
 """
@@ -52,6 +53,7 @@ import numpy as np
 from csdc.errors import CsdcError, DataError
 
 try:
+    from dask.system import CPU_COUNT  # cores this process may use (affinity and cgroup quota)
     from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
@@ -100,6 +102,7 @@ class ClusterReport:
     workers: int  # at start
     threads_per_shard: dict[str, int]
     startup_seconds: float  # connect or start the cluster, ship the network, warm every worker
+    ship_seconds: float = 0.0  # of startup_seconds: network to every worker, loaded, plan built, JIT warmed
     run_seconds: float = 0.0  # from the first shard submitted to the last result merged
     shard_source: str = ""
     shard_size: int = 0
@@ -131,7 +134,19 @@ class NetworkPlugin(WorkerPlugin):
         self.sir = sir
         self.backend_name = backend
 
-    def setup(self, worker) -> None:
+    async def setup(self, worker) -> None:
+        import asyncio
+
+        from distributed.comm import get_address_host
+
+        host = get_address_host(worker.address)
+        workers = (await worker.scheduler.identity())["workers"].values()
+        on_host = sum(w["nthreads"] for w in workers if w["host"] == host) or worker.state.nthreads
+        self.threads = shard_threads(CPU_COUNT, _numba_threads(), on_host)
+        # off the event loop, which must keep answering the scheduler's heartbeats meanwhile
+        await asyncio.get_running_loop().run_in_executor(None, self._load)
+
+    def _load(self) -> None:
         from csdc.ir.serialize import from_bytes
 
         self.net = from_bytes(self.sir, source=f"network {self.name}")
@@ -139,8 +154,14 @@ class NetworkPlugin(WorkerPlugin):
         self.delayed: dict[int, Network] = {}
         self.data: dict[tuple, np.ndarray] = {}
         if self.backend_name == "numba":  # JIT warm-up: kernels loaded (or compiled into the cache), plan built
-            _set_threads(worker)
+            self.use_threads()
             self.backend.run(self.net, np.zeros((1, *self.net.input_shape), dtype=np.float32))
+
+    def use_threads(self) -> None:
+        """Give the calling thread this worker's share of numba threads (numba's setting is per thread)."""
+        import numba
+
+        numba.set_num_threads(self.threads)
 
     def teardown(self, worker) -> None:
         self.net = self.backend = None
@@ -170,13 +191,10 @@ class NetworkPlugin(WorkerPlugin):
         return np.ascontiguousarray(x[start:stop], dtype=np.float32)
 
 
-def _set_threads(worker) -> int:
-    """Numba threads of the calling thread: NUMBA_NUM_THREADS shared by the worker's Dask threads."""
-    import numba
-
-    threads = max(1, numba.config.NUMBA_NUM_THREADS // max(1, worker.state.nthreads))
-    numba.set_num_threads(threads)  # thread-local in numba: applies to this task's thread
-    return threads
+def shard_threads(cores: int, numba_threads: int, host_threads: int) -> int:
+    """Numba threads of one shard: the host's cores shared by the Dask threads of every worker on
+    that host (each runs one shard at a time), at most NUMBA_NUM_THREADS, at least one."""
+    return max(1, min(numba_threads, cores // max(1, host_threads)))
 
 
 @dataclass
@@ -196,7 +214,7 @@ def run_shard(plugin: str, delay: int | None, start: int, stop: int, data: np.nd
     p = worker.plugins[plugin]
     x = p.rows(data, start, stop) if isinstance(data, str) else data
     if p.backend_name == "numba":
-        _set_threads(worker)
+        p.use_threads()
     t0 = time.perf_counter()
     res = p.backend.run(p.network(delay), x)
     seconds = time.perf_counter() - t0
@@ -218,17 +236,17 @@ def _numba_threads() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+def _plugin_threads(dask_worker, name: str) -> int:
+    return dask_worker.plugins[name].threads
+
+
 # -- client side --------------------------------------------------------------------------------
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def local_cluster(workers: int) -> LocalCluster:
     """``workers`` worker processes on this machine, listening on 127.0.0.1 only, each with one
     Dask thread (one shard at a time) and an equal share of the cores for its numba threads."""
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                         dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
-                        env={"NUMBA_NUM_THREADS": str(max(1, _cores() // workers))})
+                        env={"NUMBA_NUM_THREADS": str(max(1, CPU_COUNT // workers))})
 
 
 @contextmanager
@@ -257,11 +275,8 @@ def connect(opts: ClusterOptions) -> Iterator[tuple[Client, ClusterReport]]:
         if not info:
             client.wait_for_workers(1, timeout=60)
             info = client.scheduler_info(n_workers=-1)["workers"]
-        numba_threads = client.run(_numba_threads)
-        report = ClusterReport(
-            scheduler=client.scheduler.address, local=cluster is not None, workers=len(info),
-            threads_per_shard={a: max(1, numba_threads.get(a, 1) // max(1, w["nthreads"])) for a, w in info.items()},
-            startup_seconds=time.perf_counter() - t0)
+        report = ClusterReport(scheduler=client.scheduler.address, local=cluster is not None, workers=len(info),
+                               threads_per_shard={}, startup_seconds=time.perf_counter() - t0)
         yield client, report
     finally:
         client.close()
@@ -318,7 +333,9 @@ def _run_shards(client: Client, report: ClusterReport, net: Network, backend: st
     t0 = time.perf_counter()
     name = f"csdc-network-{uuid.uuid4().hex[:12]}"
     client.register_plugin(NetworkPlugin(name, serialize.to_bytes(net), backend), name=name)
-    report.startup_seconds += time.perf_counter() - t0
+    report.ship_seconds = time.perf_counter() - t0
+    report.threads_per_shard = client.run(_plugin_threads, name=name)
+    report.startup_seconds += report.ship_seconds
     try:
         t0 = time.perf_counter()
         source = _shard_source(client, opts, data_path)

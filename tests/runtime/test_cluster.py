@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 pytest.importorskip("distributed")
+from dask.system import CPU_COUNT  # noqa: E402
 
 from csdc.backends.numba import NumbaBackend
 from csdc.cli import main
 from csdc.compiler.pipeline import compile_onnx
 from csdc.errors import DataError
 from csdc.ir import serialize
-from csdc.runtime.cluster import ClusterOptions, choose_shard_source, local_cluster, run_on_cluster, sweep_on_cluster
+from csdc.runtime.cluster import ClusterOptions, choose_shard_source, local_cluster, shard_threads, run_on_cluster, sweep_on_cluster
 from csdc.runtime.datasets import load_digits_split
 from csdc.runtime.evaluate import RunOutput, run_dataset
 from csdc.runtime.sweep import sweep_delays
@@ -74,6 +75,7 @@ def test_digits_csdformer_identical_to_local_run(cluster, digits, shards):
     assert report.shard_source == shards and report.shards == 19
     assert sum(w.samples for w in report.per_worker.values()) == len(x)
     assert len(report.per_worker) == 2  # both workers ran shards
+    assert sorted(report.threads_per_shard.values()) == [max(1, CPU_COUNT // 2)] * 2
 
 
 def test_auto_uses_the_path_when_workers_see_it_else_scatters(cluster, digits):
@@ -129,6 +131,14 @@ def test_sweep_identical_to_local_sweep(cluster, digits):
     assert strip(rows) == strip(local)
     assert report.shards == len(delays) * 8
     assert rows[0].accuracy < rows[-1].accuracy  # the delays really differ
+
+
+def test_threads_per_shard_share_the_host():
+    assert shard_threads(cores=2, numba_threads=2, host_threads=2) == 1  # --workers 2 here
+    assert shard_threads(cores=2, numba_threads=2, host_threads=1) == 2  # --workers 1
+    assert shard_threads(cores=32, numba_threads=32, host_threads=32) == 1  # 32 single-thread workers on a node
+    assert shard_threads(cores=32, numba_threads=8, host_threads=1) == 8  # NUMBA_NUM_THREADS caps it
+    assert shard_threads(cores=4, numba_threads=4, host_threads=8) == 1
 
 
 @pytest.mark.parametrize("shards", ["path", "scatter"])
