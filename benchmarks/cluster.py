@@ -16,6 +16,9 @@ other (so that a change in the machine's load hits all three); a cluster run sta
 - start-up: starting the cluster and connecting (``cluster``), then shipping the network to
   every worker, loading it, building the plan and running the one-sample JIT warm-up
   (``network``); a local run has neither;
+- the share of the workers' time during the run spent outside shards (1 - time running shards /
+  (workers x run time)): scheduling, moving results, merging, and the last shard's imbalance;
+  what is left of the difference to the local run is the shards' own compute in a worker process;
 - each worker's own throughput (samples over the time its shards ran).
 
 The numba kernels are in the on-disk cache before the first round (a warm-up run here).
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             t0 = time.perf_counter()
             out = run_dataset(net, NumbaBackend(), x, None, batch=args.batch, progress=False)
-            runs["local"].append({"run": time.perf_counter() - t0, "cluster": 0.0, "network": 0.0, "workers": {}})
+            runs["local"].append({"run": time.perf_counter() - t0, "cluster": 0.0, "network": 0.0, "outside": 0.0,
+                                  "workers": {}})
             reference = out.readout
             for n in (1, 2):
                 t0 = time.perf_counter()
@@ -77,17 +81,20 @@ def main(argv: list[str] | None = None) -> int:
                                           batch=args.batch, progress=False)
                 total = time.perf_counter() - t0
                 assert np.array_equal(out.readout, reference)  # the same results, or the figures mean nothing
+                busy = sum(w.seconds for w in rep.per_worker.values())
                 runs[f"--workers {n}"].append({
                     "run": rep.run_seconds, "cluster": rep.startup_seconds - rep.ship_seconds,
-                    "network": rep.ship_seconds, "total": total,
+                    "network": rep.ship_seconds, "total": total, "outside": 1 - busy / (n * rep.run_seconds),
                     "workers": {a.rsplit(":", 1)[-1]: w.samples_per_s for a, w in rep.per_worker.items()}})
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['run']:.2f} s" for k, v in runs.items()),
                   file=sys.stderr, flush=True)
 
-    med = {k: {f: statistics.median(run[f] for run in v) for f in ("run", "cluster", "network")} for k, v in runs.items()}
+    fields = ("run", "cluster", "network", "outside")
+    med = {k: {f: statistics.median(run[f] for run in v) for f in fields} for k, v in runs.items()}
     base = med["local"]["run"]
-    lines = ["| run | numba threads | images/s | time per image vs local | start-up: cluster | start-up: network "
-             "to workers + warm-up | per-worker images/s (last round) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | numba threads | images/s | time per image vs local | worker time outside shards | start-up: "
+             "cluster | start-up: network to workers + warm-up | per-worker images/s while running shards (last round) |",
+             "|---|---|---|---|---|---|---|---|"]
     cores = len(os.sched_getaffinity(0))
     for k, m in med.items():
         threads = str(numba.get_num_threads()) if k == "local" else \
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         rel = "-" if k == "local" else f"{100 * (m['run'] / base - 1):+.1f} %"
         start = "-" if k == "local" else f"{m['cluster']:.1f} s"
         ship = "-" if k == "local" else f"{m['network']:.1f} s"
-        lines.append(f"| {k} | {threads} | {args.images / m['run']:.1f} | {rel} | {start} | {ship} | {ws} |")
+        outside = "-" if k == "local" else f"{100 * m['outside']:.1f} %"
+        lines.append(f"| {k} | {threads} | {args.images / m['run']:.1f} | {rel} | {outside} | {start} | {ship} | {ws} |")
     print("\n".join(lines))
     print(f"\n{args.images} images, shards of {args.batch}, {args.rounds} rounds (medians); {cores} cores; "
           f"load average {' / '.join(f'{v:.2f}' for v in load_start)} at start, "

@@ -69,6 +69,8 @@ from csdc.runtime.evaluate import RunOutput, onnx_logits, summarize
 from csdc.runtime.sweep import SweepRow, sweep_row
 
 SHARD_SOURCES = ("auto", "path", "scatter")
+#: Seconds to wait for the first worker of an existing cluster (batch jobs may be queued).
+WAIT_FOR_WORKERS = 600
 #: Resubmissions of one shard whose scattered data was lost before the run gives up.
 MAX_RESUBMITS = 3
 
@@ -272,8 +274,12 @@ def connect(opts: ClusterOptions) -> Iterator[tuple[Client, ClusterReport]]:
                             "'dask scheduler' and workers with 'dask worker ADDRESS --nthreads 1' (docs/cluster.md)") from None
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
-        if not info:
-            client.wait_for_workers(1, timeout=60)
+        if not info:  # a batch system may still be starting them
+            try:
+                client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS)
+            except TimeoutError:
+                raise CsdcError(f"no worker joined the Dask scheduler at {opts.scheduler} within "
+                                f"{WAIT_FOR_WORKERS} s; start workers with 'dask worker {opts.scheduler} --nthreads 1'") from None
             info = client.scheduler_info(n_workers=-1)["workers"]
         report = ClusterReport(scheduler=client.scheduler.address, local=cluster is not None, workers=len(info),
                                threads_per_shard={}, startup_seconds=time.perf_counter() - t0)
