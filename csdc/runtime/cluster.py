@@ -33,7 +33,8 @@ is imported only then: without those flags nothing here runs and Dask is not imp
   joins), so a host never runs more shard threads than cores, whatever the split of processes
   and threads. ``--workers N`` starts N processes with one Dask thread each (one shard at a
   time per process), i.e. ``cores // N`` numba threads per shard.
-- **Memory**: the client holds the results (readout, logits, labels) and, in scatter mode,
+- **Memory**: the shards on a host share the backend's memory budget for live tensors as they
+  share its cores (numba: 512 MiB per host, as for one local run). The client holds the results (readout, logits, labels) and, in scatter mode,
   the shard it is sending; each worker holds the shard it runs (plus its mapped file pages).
 """
 
@@ -145,6 +146,7 @@ class NetworkPlugin(WorkerPlugin):
         workers = (await worker.scheduler.identity())["workers"].values()
         on_host = sum(w["nthreads"] for w in workers if w["host"] == host) or worker.state.nthreads
         self.threads = shard_threads(CPU_COUNT, _numba_threads(), on_host)
+        self.host_share = min(1.0, self.threads / CPU_COUNT)  # of the host's cores, and so of its memory budget
         # off the event loop, which must keep answering the scheduler's heartbeats meanwhile
         await asyncio.get_running_loop().run_in_executor(None, self._load)
 
@@ -153,6 +155,10 @@ class NetworkPlugin(WorkerPlugin):
 
         self.net = from_bytes(self.sir, source=f"network {self.name}")
         self.backend = get_backend(self.backend_name)
+        if hasattr(self.backend, "memory_budget"):
+            # the host's shards together keep the live tensors of one local run (numba: 512 MiB),
+            # so a shard's chunks are as large as a local run's and the host's caches see the same
+            self.backend.memory_budget = max(1, int(self.backend.memory_budget * self.host_share))
         self.delayed: dict[int, Network] = {}
         self.data: dict[tuple, np.ndarray] = {}
         if self.backend_name == "numba":  # JIT warm-up: kernels loaded (or compiled into the cache), plan built

@@ -6,6 +6,7 @@ when the optional extra is missing."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -211,3 +212,18 @@ def test_without_cluster_flags_dask_is_not_imported(digits, tmp_path):
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_cli_sweep_on_a_scheduler_equals_local_sweep(cluster, digits, tmp_path, capsys):
+    net, x, y, path, _ = digits
+    sir = tmp_path / "net.sir"
+    serialize.save(net, sir)
+    common = ["sweep", str(sir), "--data", path, "--limit", "120", "--delays", "0,2,4", "--json"]
+    assert main(common) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*common, "--scheduler", cluster.scheduler_address, "--batch", "50"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["cluster"]["shards"] == 9 and remote["cluster"]["shard_source"] == "path"
+    for row in (*local["rows"], *remote["rows"]):
+        row.pop("seconds")
+    assert remote["rows"] == local["rows"]
