@@ -16,6 +16,9 @@ other (so that a change in the machine's load hits all three); a cluster run sta
 - start-up: starting the cluster and connecting (``cluster``), then shipping the network to
   every worker, loading it, building the plan and running the one-sample JIT warm-up
   (``network``); a local run has neither;
+- the shards' compute time per image after each worker's first shard (a fresh worker process
+  grows its heap, page by page, during its first shard; the local process has already run),
+  divided by the number of workers, against the local run's time per image;
 - the share of the workers' time during the run spent outside shards (1 - time running shards /
   (workers x run time)): scheduling, moving results, merging, and the last shard's imbalance;
   what is left of the difference to the local run is the shards' own compute in a worker process;
@@ -72,29 +75,36 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             t0 = time.perf_counter()
             out = run_dataset(net, NumbaBackend(), x, None, batch=args.batch, progress=False)
-            runs["local"].append({"run": time.perf_counter() - t0, "cluster": 0.0, "network": 0.0, "outside": 0.0,
-                                  "workers": {}})
+            seconds = time.perf_counter() - t0
+            runs["local"].append({"run": seconds, "cluster": 0.0, "network": 0.0, "outside": 0.0,
+                                  "steady": seconds / args.images, "workers": {}})
             reference = out.readout
             for n in (1, 2):
+                shards: dict[str, list] = {}  # worker -> [(samples, seconds)] in arrival order
                 t0 = time.perf_counter()
                 out, rep = run_on_cluster(net, "numba", x, None, ClusterOptions(workers=n), data_path=str(data),
-                                          batch=args.batch, progress=False)
+                                          batch=args.batch, progress=False,
+                                          on_shard=lambda r: shards.setdefault(r.worker, []).append(
+                                              (r.stop - r.start, r.seconds)))
                 total = time.perf_counter() - t0
+                later = [s for w in shards.values() for s in w[1:]]  # each worker's first shard grows its heap
                 assert np.array_equal(out.readout, reference)  # the same results, or the figures mean nothing
                 busy = sum(w.seconds for w in rep.per_worker.values())
                 runs[f"--workers {n}"].append({
                     "run": rep.run_seconds, "cluster": rep.startup_seconds - rep.ship_seconds,
                     "network": rep.ship_seconds, "total": total, "outside": 1 - busy / (n * rep.run_seconds),
+                    "steady": sum(t for _, t in later) / sum(k for k, _ in later) if later else float("nan"),
                     "workers": {a.rsplit(":", 1)[-1]: w.samples_per_s for a, w in rep.per_worker.items()}})
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['run']:.2f} s" for k, v in runs.items()),
                   file=sys.stderr, flush=True)
 
-    fields = ("run", "cluster", "network", "outside")
+    fields = ("run", "cluster", "network", "outside", "steady")
     med = {k: {f: statistics.median(run[f] for run in v) for f in fields} for k, v in runs.items()}
     base = med["local"]["run"]
-    lines = ["| run | numba threads | images/s | time per image vs local | worker time outside shards | start-up: "
-             "cluster | start-up: network to workers + warm-up | per-worker images/s while running shards (last round) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | numba threads | images/s | time per image vs local | shard compute per image, after each worker's "
+             "first shard, vs local | worker time outside shards | start-up: cluster | start-up: network to workers + "
+             "warm-up | per-worker images/s while running shards (last round) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     cores = len(os.sched_getaffinity(0))
     for k, m in med.items():
         threads = str(numba.get_num_threads()) if k == "local" else \
@@ -104,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         start = "-" if k == "local" else f"{m['cluster']:.1f} s"
         ship = "-" if k == "local" else f"{m['network']:.1f} s"
         outside = "-" if k == "local" else f"{100 * m['outside']:.1f} %"
-        lines.append(f"| {k} | {threads} | {args.images / m['run']:.1f} | {rel} | {outside} | {start} | {ship} | {ws} |")
+        # per worker thread-set: n workers each computing 1/n of the images
+        steady = "-" if k == "local" else f"{100 * (m['steady'] / int(k[-1]) / med['local']['steady'] - 1):+.1f} %"
+        lines.append(f"| {k} | {threads} | {args.images / m['run']:.1f} | {rel} | {steady} | {outside} | {start} "
+                     f"| {ship} | {ws} |")
     print("\n".join(lines))
     print(f"\n{args.images} images, shards of {args.batch}, {args.rounds} rounds (medians); {cores} cores; "
           f"load average {' / '.join(f'{v:.2f}' for v in load_start)} at start, "
