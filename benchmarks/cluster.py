@@ -12,9 +12,10 @@ other (so that a change in the machine's load hits all three); a cluster run sta
 
 - images/s of the run itself (for the cluster: first shard submitted to last result merged,
   the ``wall time`` that ``csdc run`` prints), and its time per image relative to the local run
-  (the overhead of the distributed path; target below +10 %);
+  of the same round (median of the rounds' ratios: the overhead of the distributed path; target
+  below +10 %);
 - start-up: starting the cluster and connecting (``cluster``), then shipping the network to
-  every worker, loading it, building the plan and running the one-sample JIT warm-up
+  every worker, loading it, building the plan and running the JIT warm-up on a shard of zeros
   (``network``); a local run has neither;
 - the shards' compute time per image after each worker's first shard (a fresh worker process
   grows its heap, page by page, during its first shard; the local process has already run),
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
     fields = ("run", "cluster", "network", "outside", "steady")
     med = {k: {f: statistics.median(run[f] for run in v) for f in fields} for k, v in runs.items()}
-    base = med["local"]["run"]
     lines = ["| run | numba threads | images/s | time per image vs local | shard compute per image, after each worker's "
              "first shard, vs local | worker time outside shards | start-up: cluster | start-up: network to workers + "
              "warm-up | per-worker images/s while running shards (last round) |",
@@ -110,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         threads = str(numba.get_num_threads()) if k == "local" else \
             f"{max(1, cores // int(k[-1]))} per worker"
         ws = ", ".join(f"{v:.1f}" for v in runs[k][-1]["workers"].values()) or "-"
-        rel = "-" if k == "local" else f"{100 * (m['run'] / base - 1):+.1f} %"
+        # paired: each round's cluster run against the same round's local run (the load drifts between rounds)
+        rel = "-" if k == "local" else \
+            f"{100 * (statistics.median(c['run'] / l['run'] for c, l in zip(runs[k], runs['local'])) - 1):+.1f} %"
         start = "-" if k == "local" else f"{m['cluster']:.1f} s"
         ship = "-" if k == "local" else f"{m['network']:.1f} s"
         outside = "-" if k == "local" else f"{100 * m['outside']:.1f} %"
         # per worker thread-set: n workers each computing 1/n of the images
-        steady = "-" if k == "local" else f"{100 * (m['steady'] / int(k[-1]) / med['local']['steady'] - 1):+.1f} %"
+        if k != "local":
+            ratio = statistics.median(c["steady"] / int(k[-1]) / l["steady"] for c, l in zip(runs[k], runs["local"]))
+        steady = "-" if k == "local" else f"{100 * (ratio - 1):+.1f} %"
         lines.append(f"| {k} | {threads} | {args.images / m['run']:.1f} | {rel} | {steady} | {outside} | {start} "
                      f"| {ship} | {ws} |")
     print("\n".join(lines))

@@ -6,13 +6,14 @@
 is imported only then: without those flags nothing here runs and Dask is not imported.
 
 - **Work unit**: a shard of ``--batch`` consecutive samples (for a sweep: one delay D and one
-  shard). A shard is one batch of the single-process run, so each worker's backend cuts it
-  into the same per-thread chunks.
+  shard). A shard is one batch of the single-process run, which the worker's backend cuts
+  into per-thread chunks as a local run does.
 - **The network** travels once per worker, as the bytes of its ``.sir`` file inside a
   worker plugin (:class:`NetworkPlugin`): the scheduler hands the plugin to every worker,
   including workers that join or are restarted later. On setup each worker loads and
   verifies the network (no pickle of csdc's own data), builds the backend's plan and runs
-  one sample, which loads or compiles the numba kernels (the JIT warm-up), before any shard.
+  a shard of zeros, which loads or compiles the numba kernels (the JIT warm-up) and grows the
+  heap to a shard's tensors, before any shard.
 - **Data**: ``path`` mode sends only ``(path, start, stop)``; workers memory-map the uncompressed
   ``.npz`` (:func:`csdc.runtime.datasets.load_npz`, once per worker process) and copy their
   shard's rows. ``scatter`` mode (no file, or a file the workers cannot see) has the client
@@ -34,8 +35,9 @@ is imported only then: without those flags nothing here runs and Dask is not imp
   and threads. ``--workers N`` starts N processes with one Dask thread each (one shard at a
   time per process), i.e. ``cores // N`` numba threads per shard.
 - **Memory**: the shards on a host share the backend's memory budget for live tensors as they
-  share its cores (numba: 512 MiB per host, as for one local run). The client holds the results (readout, logits, labels) and, in scatter mode,
-  the shard it is sending; each worker holds the shard it runs (plus its mapped file pages).
+  share its cores (numba: 512 MiB per host, as for one local run). The client holds the results
+  (readout, logits, labels) and, in scatter mode, the shard it is sending; each worker holds the
+  shard it runs (plus its mapped file pages).
 """
 
 from __future__ import annotations
@@ -132,10 +134,11 @@ class ClusterReport:
 class NetworkPlugin(WorkerPlugin):
     """Carries a network's ``.sir`` bytes to every worker once and keeps it loaded there."""
 
-    def __init__(self, name: str, sir: bytes, backend: str):
+    def __init__(self, name: str, sir: bytes, backend: str, shard: int):
         self.name = name
         self.sir = sir
         self.backend_name = backend
+        self.shard = shard
 
     async def setup(self, worker) -> None:
         import asyncio
@@ -161,9 +164,12 @@ class NetworkPlugin(WorkerPlugin):
             self.backend.memory_budget = max(1, int(self.backend.memory_budget * self.host_share))
         self.delayed: dict[int, Network] = {}
         self.data: dict[tuple, np.ndarray] = {}
-        if self.backend_name == "numba":  # JIT warm-up: kernels loaded (or compiled into the cache), plan built
+        if self.backend_name == "numba":
+            # JIT warm-up: kernels loaded (or compiled into the cache) and the plan built, on a
+            # shard of zeros, so that the heap also grows to a shard's tensors here and not
+            # during the first real shard (measured: that doubles the first shard's time)
             self.use_threads()
-            self.backend.run(self.net, np.zeros((1, *self.net.input_shape), dtype=np.float32))
+            self.backend.run(self.net, np.zeros((self.shard, *self.net.input_shape), dtype=np.float32))
 
     def use_threads(self) -> None:
         """Give the calling thread this worker's share of numba threads (numba's setting is per thread)."""
@@ -304,7 +310,8 @@ def _shard_source(client: Client, opts: ClusterOptions, data_path: str | None) -
                                client.run(_file_signature, data_path))
 
 
-def choose_shard_source(requested: str, data_path: str | None, mine: tuple | None, seen: dict[str, tuple | None]) -> str:
+def choose_shard_source(requested: str, data_path: str | None, mine: tuple | None,
+                        seen: dict[str, tuple | None]) -> str:
     """'path' when every worker sees the client's file (``seen``: worker -> (size, mtime) of
     ``data_path`` there, ``mine``: the client's), else 'scatter'; ``requested`` 'path' or
     'scatter' forces a route, and a forced 'path' that some worker cannot see is an error."""
@@ -344,7 +351,7 @@ def _run_shards(client: Client, report: ClusterReport, net: Network, backend: st
     data_path = os.path.abspath(data_path) if data_path is not None else None  # workers may run in another folder
     t0 = time.perf_counter()
     name = f"csdc-network-{uuid.uuid4().hex[:12]}"
-    client.register_plugin(NetworkPlugin(name, serialize.to_bytes(net), backend), name=name)
+    client.register_plugin(NetworkPlugin(name, serialize.to_bytes(net), backend, min(shard, n)), name=name)
     report.ship_seconds = time.perf_counter() - t0
     report.threads_per_shard = client.run(_plugin_threads, name=name)
     report.startup_seconds += report.ship_seconds

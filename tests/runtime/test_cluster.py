@@ -25,7 +25,14 @@ from csdc.cli import main
 from csdc.compiler.pipeline import compile_onnx
 from csdc.errors import DataError
 from csdc.ir import serialize
-from csdc.runtime.cluster import ClusterOptions, choose_shard_source, local_cluster, shard_threads, run_on_cluster, sweep_on_cluster
+from csdc.runtime.cluster import (
+    ClusterOptions,
+    choose_shard_source,
+    local_cluster,
+    run_on_cluster,
+    shard_threads,
+    sweep_on_cluster,
+)
 from csdc.runtime.datasets import load_digits_split
 from csdc.runtime.evaluate import RunOutput, run_dataset
 from csdc.runtime.sweep import sweep_delays
