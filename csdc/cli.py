@@ -20,6 +20,7 @@ import numpy as np
 from csdc import __version__
 from csdc.errors import CsdcError, DataError, in_model
 from csdc.files import check_output_file, check_output_folder
+from csdc.runtime.datasets import BUILTIN_SETS
 
 BACKEND_CHOICES = ("numba", "reference", "lava")
 
@@ -154,14 +155,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     x, y = _load_data(args.data, net.input_shape, args.limit, net.num_classes, args.data_dir)
     args.batch = _fit_batch(net, min(args.batch, len(x)))
     backend = get_backend(args.backend)
-    if args.backend == "numba":
+    cluster = _cluster(args)
+    if args.backend == "numba" and cluster is None:
         from csdc.backends.numba import kernels_cached
 
         if not kernels_cached():
             print("compiling numba kernels (first run only; cached on disk for later runs)...", file=sys.stderr, flush=True)
     if args.backend == "reference":
         require_exact(net)  # fail before any work, naming the neuron
-    out = run_dataset(net, backend, x, y, batch=args.batch, progress=_progress(args))
+    progress = _progress(args)
+    report = None
+    if cluster is not None:
+        from csdc.runtime.cluster import run_on_cluster
+
+        out, report = run_on_cluster(net, args.backend, x, y, cluster, data_path=None if args.data in BUILTIN_SETS else args.data,
+                                     batch=args.batch, progress=progress)
+    else:
+        out = run_dataset(net, backend, x, y, batch=args.batch, progress=progress)
     s = out.summary
     if args.compare:
         s.comparison = compare(args.compare, out, x, net)
@@ -170,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         _save_results(args.output, out)
     if args.json:
-        print(json.dumps(s.to_dict(), indent=1, allow_nan=False))
+        print(json.dumps({**s.to_dict(), **({"cluster": report.to_dict()} if report else {})}, indent=1, allow_nan=False))
         return 0
     n = s.samples
     print(f"csdc run {args.sir}  backend={s.backend}  samples={n}  T={s.T}  D={s.delay}  latency={s.latency_steps} steps"
@@ -218,6 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, p in pops.items():
             v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
             print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
+    if report is not None:
+        print(f"\n{report.line()}")
     return 0
 
 
@@ -241,15 +253,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     args.batch = _fit_batch(net, min(args.batch, len(x)))
     if args.backend == "reference":
         require_exact(net.with_delay(min(delays)))  # fail before any work, naming the neuron
-    rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
-                        progress=_progress(args))
+    cluster, report = _cluster(args), None
+    if cluster is not None:
+        from csdc.runtime.cluster import sweep_on_cluster
+
+        rows, report = sweep_on_cluster(net, args.backend, delays, x, y, cluster, args.compare,
+                                        None if args.data in BUILTIN_SETS else args.data, args.batch,
+                                        progress=_progress(args))
+    else:
+        rows = sweep_delays(net, get_backend(args.backend), delays, x, y, args.compare, args.batch,
+                            progress=_progress(args))
     # the table first: a plot that cannot be written does not lose it
     if args.json:
-        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows), **({"plot": plot_path} if plot_path else {})},
-                         indent=1, allow_nan=False), flush=True)
+        print(json.dumps({"T": net.T, "rows": rows_to_dicts(rows), **({"plot": plot_path} if plot_path else {}),
+                          **({"cluster": report.to_dict()} if report else {})}, indent=1, allow_nan=False), flush=True)
     else:
         print(f"delay sweep of {args.sir} on {len(x)} samples, T={net.T}, backend {args.backend}\n")
         print(markdown_table(rows, net.T), flush=True)
+        if report is not None:
+            print(f"\n{report.line()}", flush=True)
     if plot_path:
         from csdc.files import atomic_path
 
@@ -396,6 +418,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: only when stderr is a terminal; otherwise one summary line)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N", help="run shards of --batch samples on a local Dask cluster "
+                       "of N worker processes (needs pip install 'csdc[cluster]'; docs/cluster.md)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:8786", help="run shards on the existing Dask cluster of this "
+                       "scheduler (needs csdc[cluster])")
+    p.add_argument("--shards", default="auto", choices=("auto", "path", "scatter"),
+                   help="how cluster workers get the data: path (they memory-map the --data file), scatter (the client "
+                        "sends each shard) or auto (path when every worker sees the file; default)")
+
+
+def _cluster(args: argparse.Namespace):
+    """The cluster options of a run or sweep, or None to run in this process (Dask not imported)."""
+    if args.workers is None and args.scheduler is None:
+        return None
+    from csdc.runtime.cluster import ClusterOptions
+
+    return ClusterOptions(args.workers, args.scheduler, args.shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -125,8 +125,14 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
             print(f"{label or backend.name}: {len(x)} images in {seconds:.2f} s", file=sys.stderr, flush=True)
         bar.close()
     lg = np.concatenate(logits)
-    ro = np.concatenate(readout)
-    n = len(x)
+    return RunOutput(summarize(net, backend, stats, lg, y, seconds, warm), lg, np.concatenate(readout), y)
+
+
+def summarize(net: Network, backend: Backend, stats: dict[str, NodeStats], logits: np.ndarray, y: np.ndarray | None,
+              seconds: float, warm: tuple[float, float] | None = None) -> RunSummary:
+    """The summary of a run from its merged statistics and logits (also used by the cluster runner); ``warm``:
+    (warm-up seconds, kernel compile seconds) when the backend warmed up before the timed run."""
+    n = len(logits)
     T = net.T
     D, latency = _latency(net)
     neurons = sum(s.neurons for s in stats.values() if s.neurons)
@@ -142,9 +148,9 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
                          "acs": s.acs if ops else None, "macs": s.macs if ops else None,
                          "max_abs_v": s.max_abs_v if volts else None,
                          "negative_spikes": s.negative_spikes}
-    summary = RunSummary(
+    return RunSummary(
         backend=backend.name, samples=n, T=T, delay=D, latency_steps=latency,
-        accuracy=float(np.mean(lg.argmax(1) == y)) if y is not None else None,
+        accuracy=float(np.mean(logits.argmax(1) == y)) if y is not None else None,
         spikes=int(spikes), spike_rate=spikes / (neurons * n * T) if neurons else 0.0,
         acs=int(acs) if ops else None, macs=int(macs) if ops else None,
         energy_uj_per_sample=(acs * PJ_PER_AC + macs * PJ_PER_MAC) / n * 1e-6 if ops else None, seconds=seconds,
@@ -152,7 +158,6 @@ def run_dataset(net: Network, backend: Backend, x: np.ndarray, y: np.ndarray | N
         warmup_seconds=warm[0] if warm else None, compile_seconds=warm[1] if warm else None,
         kernel_cache=getattr(backend, "kernel_cache", None),
         negative_spikes=int(sum(s.negative_spikes for s in stats.values())))
-    return RunOutput(summary, lg, ro, y)
 
 
 def onnx_logits(model_path: str | os.PathLike, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from csdc.backends.base import Backend
 from csdc.errors import CsdcError
 from csdc.ir.graph import Network
-from csdc.runtime.evaluate import onnx_logits, run_dataset
+from csdc.runtime.evaluate import RunOutput, onnx_logits, run_dataset
 
 
 @dataclass
@@ -55,12 +55,16 @@ def sweep_delays(net: Network, backend: Backend, delays: list[int], x: np.ndarra
     ref = onnx_logits(compare, x).argmax(1) if compare is not None else None
     rows = []
     for D in delays:
-        out = run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress, label=f"{backend.name} D={D}")
-        s = out.summary
-        rows.append(SweepRow(D, s.latency_steps, s.accuracy,
-                             float(np.mean(out.logits.argmax(1) == ref)) if ref is not None else None,
-                             s.spike_rate, s.seconds))
+        rows.append(sweep_row(D, run_dataset(net.with_delay(D), backend, x, y, batch=batch, progress=progress,
+                                             label=f"{backend.name} D={D}"), ref))
     return rows
+
+
+def sweep_row(delay: int, out: RunOutput, ref: np.ndarray | None) -> SweepRow:
+    """The row of delay ``delay`` from its run; ``ref``: onnxruntime's top-1 classes, if compared."""
+    s = out.summary
+    return SweepRow(delay, s.latency_steps, s.accuracy,
+                    float(np.mean(out.logits.argmax(1) == ref)) if ref is not None else None, s.spike_rate, s.seconds)
 
 
 def rows_to_dicts(rows: list[SweepRow]) -> list[dict]:

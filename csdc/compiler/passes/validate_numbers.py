@@ -173,3 +173,21 @@ def validate_numbers(graph: QGraph) -> QGraph:
     if problems:
         raise UnsupportedModelError(graph.path, problems)
     return graph
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare  # noqa: E402
+
+
+def _constants_finite(graph: QGraph) -> str | None:
+    for n in graph.nodes:
+        for k, name in enumerate(n.inputs):
+            v = _values(graph, name)
+            if v is None or v.dtype.kind != "f" or k in _INFINITE_OK.get(n.op_type, ()):
+                continue
+            if not np.all(np.isfinite(v)):
+                return f"node '{n.name}' reads the non-finite constant '{name}'"
+    return None
+
+
+declare(validate_numbers, ensures=[_constants_finite])
