@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from csdc.compiler.passes.fold_constants import fold_constants
+from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.compiler.shapes import QONNX_DOMAINS, inferred_shapes, measured_shapes
 from csdc.errors import ModelFileError, UnsupportedModelError
@@ -149,6 +150,9 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
         raise ModelFileError(f"{path}: input '{inputs[0].name}' needs a static shape (batch axis may be symbolic)")
     graph = QGraph(nodes=nodes, constants=constants, shapes=shapes, input=inputs[0].name,
                    output=model.graph.output[0].name, path=path, opset=opset, source_nodes=tuple(n.name for n in nodes))
+    # the numbers are checked before anything computes with them: folding an infinite scale or a
+    # mismatched per-channel axis would otherwise fail inside the evaluator, naming the wrong cause
+    graph = validate_numbers(graph)
     graph = fold_constants(graph)
     unknown = [o for n in graph.nodes for o in n.outputs if o and o not in graph.shapes and o not in graph.constants]
     if unknown:

@@ -217,7 +217,7 @@ class ShardResult:
     start: int
     stop: int
     readout: np.ndarray
-    stats: dict[str, tuple[int, int, int, int, int]]  # NodeStats fields, in the backend's order
+    stats: dict[str, dict[str, int]]  # NodeStats fields by name
     seconds: float
     worker: str
 
@@ -232,7 +232,7 @@ def run_shard(plugin: str, delay: int | None, start: int, stop: int, data: np.nd
     t0 = time.perf_counter()
     res = p.backend.run(p.network(delay), x)
     seconds = time.perf_counter() - t0
-    stats = {name: (s.neurons, s.spikes, s.acs, s.macs, s.max_abs_v) for name, s in res.stats.items()}
+    stats = {name: {k: int(v) for k, v in asdict(s).items()} for name, s in res.stats.items()}
     return ShardResult(delay, start, stop, np.asarray(res.readout, dtype=np.int64), stats, seconds, worker.address)
 
 
@@ -452,7 +452,7 @@ def _merge(m: _Merged, res: ShardResult, n: int) -> None:
         m.readout = np.empty((n, *res.readout.shape[1:]), dtype=np.int64)  # every row is written once
     m.readout[res.start:res.stop] = res.readout
     for node, fields in res.stats.items():
-        m.stats.setdefault(node, NodeStats()).merge(NodeStats(*(int(v) for v in fields)))
+        m.stats.setdefault(node, NodeStats()).merge(NodeStats(**fields))
     m.seconds += res.seconds
 
 
