@@ -269,7 +269,7 @@ def doctor_report() -> dict:
             "backends": backends,
             "optional": {"torch": {"available": torch is not None,
                                    "detail": f"torch {torch} (csdc train)" if torch else
-                                   "not installed: csdc train needs `pip install csdc[torch]`"}}}
+                                   "csdc train needs `pip install csdc[torch]`"}}}
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -41,8 +41,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # the install is redone only when pyproject.toml, the extras or the checkout's place change
 STAMP=.venv/.csdc-setup
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $EXTRA $PWD"
-if ! grep -qxF "$want" "$STAMP" 2>/dev/null; then
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want="$hash $EXTRA $PWD"
+installed() { grep -qxF "$want" "$STAMP" 2>/dev/null || { [ -z "$EXTRA" ] && grep -qxF "$hash [test] $PWD" "$STAMP" 2>/dev/null; }; }
+if ! installed; then
     if ! .venv/bin/python -m pip --version 2>/dev/null | grep -qE '^pip (2[4-9]|[3-9][0-9])'; then
         step "upgrade pip" .venv/bin/python -m pip install --upgrade pip
     fi
