@@ -342,7 +342,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sir", help="the compiled network (.sir)")
     p.add_argument("--backend", default="numba", choices=BACKEND_CHOICES,
                    help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
-                        "lava: Lava processes (needs lava-nc)")
+                        "lava: Lava processes, run in the Lava environment (make it with `csdc lava-env`; `csdc doctor` shows it)")
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's digits test split) or a .npz with x (N,C,H,W float32) and optional y")
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
