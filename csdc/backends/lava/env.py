@@ -250,7 +250,8 @@ def create(path: str | os.PathLike | None = None, python: str | None = None, *, 
     hook = version[:2] >= (3, 11)
     vtext = ".".join(map(str, version))
     why = ("lava-nc installs with its own dependency resolution" if not hook
-           else "no Python 3.10 found: lava-nc is installed without its Python pin and run with the import hook")
+           else ("Python 3.11 as asked" if python else "no Python 3.10 found")
+           + ": lava-nc is installed without its Python pin and run with the import hook")
     say(f"Lava environment {path}: Python {vtext} ({exe}); {why}")
 
     path.mkdir(parents=True, exist_ok=True)
