@@ -123,3 +123,17 @@ def test_lava_env_up_to_date_is_left_alone(capsys) -> None:
     assert main(["lava-env"]) == 0
     assert capsys.readouterr().out.strip().endswith(": up to date")
     assert (path / lava_env.STAMP).stat().st_mtime_ns == before
+
+
+def test_core_dependencies_leave_numpy_2_and_current_networkx_alone() -> None:
+    """csdc's own requirements (not lava-nc's) must not hold numpy below 2 or pin networkx:
+    installing csdc into an environment with numpy 2 keeps it."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    core = [Requirement(r) for r in requires("csdc") or [] if "extra ==" not in r]
+    by_name = {r.name.lower(): r for r in core}
+    assert by_name["numpy"].specifier.contains("2.3.5") and by_name["numpy"].specifier.contains("2.4.6")
+    assert by_name["networkx"].specifier.contains("3.6.1")
+    assert "lava-nc" not in by_name
