@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csdc.backends.base import get_backend
-from csdc.backends.lava import _hook, compat
+from csdc.backends.lava import compat
 from csdc.backends.lava.backend import LavaBackend
 from csdc.backends.lava.export import export_bundle
 from csdc.backends.lava.plan import hardware_report, linear_matrix, make_plan
