@@ -201,13 +201,24 @@ def probe(python: str | os.PathLike, location: str | os.PathLike | None = None) 
     return env
 
 
+_USABLE: dict[tuple[str, str], LavaEnv] = {}  # probed and usable, per (interpreter, location), for this process
+
+
 def locate() -> LavaEnv:
-    """The Lava environment csdc would use, probed (``$CSDC_LAVA_PYTHON``, else :func:`env_dir`)."""
+    """The Lava environment csdc would use, probed (``$CSDC_LAVA_PYTHON``, else :func:`env_dir`).
+    A usable one is probed once per process (a probe starts Python and imports lava, ~1.5 s)."""
     python = os.environ.get(PYTHON_VAR)
     if python:
-        return probe(python, f"${PYTHON_VAR}={python}")
-    path = env_dir()
-    return probe(env_python(path), path)
+        key = (python, f"${PYTHON_VAR}={python}")
+    else:
+        path = env_dir()
+        key = (str(env_python(path)), str(path))
+    if key in _USABLE:
+        return _USABLE[key]
+    env = probe(*key)
+    if env.usable:
+        _USABLE[key] = env
+    return env
 
 
 def require() -> LavaEnv:
