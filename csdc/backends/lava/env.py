@@ -295,7 +295,8 @@ def create(path: str | os.PathLike | None = None, python: str | None = None, *, 
     t0 = time.perf_counter()
     env = probe(env_python(path), path)
     if not env.usable:
-        raise LavaUnavailableError(f"the new Lava environment does not work: {env.error}")
+        raise LavaUnavailableError(f"the Lava environment at {path} does not work: {env.error}; "
+                                   "`csdc lava-env --force` makes it anew")
     (path / STAMP).write_text(json.dumps({"requirements_sha256": requirements_digest(), **env.to_dict()}, indent=1))
     say(f"  {'check that lava imports':<52} {time.perf_counter() - t0:6.1f} s")
     say(f"Lava environment {env.summary()}")
