@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -364,6 +365,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- doctor, lava-env -----------------------------------------------------------------------
+def _version_of(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def doctor_report() -> dict:
+    """What this installation can run: versions, and per backend whether it is available and
+    why not (for ``csdc doctor``)."""
+    import platform
+
+    core = {d: _version_of(d) for d in ("numpy", "onnx", "onnxruntime", "networkx", "scipy", "numba")}
+    backends: dict[str, dict] = {"reference": {"available": True, "detail": "count-domain interpreter (numpy); exact for D >= T"}}
+    try:
+        import llvmlite.binding as llvm
+        import numba
+
+        from csdc.backends.numba import kernels_cached
+
+        cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()
+        cached = kernels_cached()
+        backends["numba"] = {
+            "available": True, "numba": numba.__version__, "target_cpu": cpu, "kernels_cached": cached,
+            "cache_dir": numba.config.CACHE_DIR or None,
+            "detail": f"numba {numba.__version__}, kernels for CPU '{cpu}'"
+                      + (f" (NUMBA_CPU_NAME={numba.config.CPU_NAME})" if numba.config.CPU_NAME else "")
+                      + (", compiled and cached" if cached else ", not compiled yet (the first run compiles them)")}
+    except Exception as exc:  # noqa: BLE001 (any failure to load numba means: not available, and why)
+        backends["numba"] = {"available": False, "detail": f"{type(exc).__name__}: {exc}"}
+    from csdc.backends.lava import env as lava_env
+
+    lava = lava_env.locate()
+    backends["lava"] = {"available": lava.usable, "detail": lava.summary() if lava.usable else lava.error,
+                        "python": lava.python, "location": lava.location, "versions": lava.versions, "import_hook": lava.hook}
+    torch = _version_of("torch")
+    return {"csdc": __version__, "python": platform.python_version(), "executable": sys.executable, "core": core,
+            "backends": backends,
+            "optional": {"torch": {"available": torch is not None,
+                                   "detail": f"torch {torch} (csdc train)" if torch else
+                                   "csdc train needs `pip install csdc[torch]`"}}}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rep = doctor_report()
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"csdc {rep['csdc']} on Python {rep['python']} ({rep['executable']})")
+    print("  core       " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in rep["core"].items()))
+    print("backends")
+    for name, b in rep["backends"].items():
+        print(f"  {name:<10} {'available' if b['available'] else 'NOT AVAILABLE':<14} {b['detail']}")
+    print("optional")
+    for name, b in rep["optional"].items():
+        print(f"  {name:<10} {'available' if b['available'] else 'not installed':<14} {b['detail']}")
+    return 0
+
+
+def cmd_lava_env(args: argparse.Namespace) -> int:
+    from csdc.backends.lava import env as lava_env
+
+    env = lava_env.create(args.path, args.python, force=args.force, say=lambda line: print(line, flush=True))
+    default = lava_env.env_dir()
+    if args.path is not None and Path(env.location).resolve() != default.resolve():
+        print(f"csdc looks for the Lava environment at {default}; to use this one: export {lava_env.ENV_VAR}={env.location}")
+    return 0
+
+
 # -- train ---------------------------------------------------------------------------------
 _CSDFORMER_ONLY = ("depth", "dim", "heads", "mlp_ratio", "input_levels")
 
@@ -407,7 +480,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sir", help="the compiled network (.sir)")
     p.add_argument("--backend", default="numba", choices=BACKEND_CHOICES,
                    help="numba: event-driven simulator (default); reference: count-domain interpreter (exact for D >= T); "
-                        "lava: Lava processes (needs lava-nc)")
+                        "lava: Lava processes, run in the Lava environment (make it with `csdc lava-env`; `csdc doctor` shows it)")
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's digits test split), 'fashion-mnist' (its 10,000 test images, from "
                         "Debian's dataset-fashion-mnist package) or a .npz with x (N,C,H,W float32) and optional y")
@@ -497,6 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention; see docs/nir.md)")
     e.add_argument("-o", "--output", required=True, help="folder to write the bundle into (lava) or the .nir file (nir)")
     e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("doctor", help="report which backends are available here, and why not",
+                       description="Report csdc's versions and, per backend (reference, numba, lava), whether it is "
+                                   "available and why not: numba's target CPU and kernel cache, the Lava environment's "
+                                   "location, Python and package versions.")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=cmd_doctor)
+
+    le = sub.add_parser("lava-env", help="make the Lava environment (lava-nc 0.10.0, numpy<2) the lava backend runs in",
+                        description="Create or update the virtualenv the Lava backend runs lava-nc in (lava-nc 0.10.0 "
+                                    "with numpy<2 and networkx<=2.8.7, apart from csdc's own environment). Uses a Python "
+                                    "3.10 (from PATH or pyenv), or 3.11 with csdc's import hook when no 3.10 is found. "
+                                    "Idempotent: an up-to-date environment is left alone.")
+    le.add_argument("--python", metavar="PYTHON", default=None,
+                    help="the interpreter to make it with (default: the first Python 3.10 found, else 3.11)")
+    le.add_argument("--path", metavar="DIR", default=None,
+                    help="where to make it (default: $CSDC_LAVA_ENV, else next to csdc's virtualenv with '-lava' "
+                         "appended, e.g. .venv-lava)")
+    le.add_argument("--force", action="store_true", help="make it anew even if it is up to date")
+    le.set_defaults(func=cmd_lava_env)
 
     t = sub.add_parser(
         "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX (needs csdc[torch])",

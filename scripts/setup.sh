@@ -1,28 +1,64 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install csdc with its test and training extras.
-# lava-nc 0.10.0 declares Python < 3.11; it is installed without its metadata checks and
-# made importable on 3.11 by csdc's import hook (docs/lava.md explains why and how).
-# pip's output goes to .venv/setup.log and is shown only if a step fails.
+# Set up .venv (Python 3.11) with csdc installed editable: what running needs (the core:
+# numpy, onnx, onnxruntime, numba, ...), plus with --test the test extra (pytest, torch,
+# brevitas, qonnx), and with --lava the Lava environment .venv-lava (lava-nc 0.10.0 with
+# numpy<2 in a virtualenv of its own, made by `csdc lava-env`; docs/lava.md).
+# One line per step with its time; pip's output goes to .venv/setup.log and is shown only if
+# a step fails. Idempotent: a step whose inputs did not change is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EXTRA=""
+LAVA=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) EXTRA="[test]" ;;
+        --lava) LAVA=1 ;;
+        *) echo "usage: bash scripts/setup.sh [--test] [--lava]" >&2; exit 2 ;;
+    esac
+done
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-if [ ! -x .venv/bin/python ]; then
-    echo "creating .venv with $PY" >&2
-    "$PY" -m venv .venv
-fi
 LOG=.venv/setup.log
-pipi() {
-    if ! .venv/bin/python -m pip install --quiet "$@" >"$LOG" 2>&1; then
+
+# step LABEL CMD...: run CMD with its output in $LOG, print one line with the elapsed time
+step() {
+    local label=$1 start=$SECONDS
+    shift
+    printf 'setup: %-62s' "$label"
+    : >"$LOG"
+    if ! "$@" >>"$LOG" 2>&1; then
+        printf ' FAILED after %d s\n' $((SECONDS - start))
         cat "$LOG" >&2
-        echo "setup failed: pip install $*" >&2
+        echo "setup failed: $*" >&2
         exit 1
     fi
+    printf ' %4d s\n' $((SECONDS - start))
 }
-pipi --upgrade pip
-# torch is pinned to the CPU build (a looser pin would pull CUDA packages)
-pipi -e ".[test]"
-if ! .venv/bin/python -m pip show lava-nc >/dev/null 2>&1; then
-    pipi --no-deps --ignore-requires-python "lava-nc==0.10.0"
+
+if [ ! -x .venv/bin/python ]; then
+    mkdir -p .venv
+    step "create .venv ($("$PY" -c 'import sys; print("Python", sys.version.split()[0])'))" "$PY" -m venv --clear .venv
 fi
-pipi -r requirements-lava.txt
+# the install is redone only when pyproject.toml, the extras or the checkout's place change
+STAMP=.venv/.csdc-setup
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want="$hash $EXTRA $PWD"
+installed() { grep -qxF "$want" "$STAMP" 2>/dev/null || { [ -z "$EXTRA" ] && grep -qxF "$hash [test] $PWD" "$STAMP" 2>/dev/null; }; }
+if ! installed; then
+    if ! .venv/bin/python -m pip --version 2>/dev/null | grep -qE '^pip (2[4-9]|[3-9][0-9])'; then
+        step "upgrade pip" .venv/bin/python -m pip install --upgrade pip
+    fi
+    # torch is pinned to the CPU build (a looser pin would pull CUDA packages)
+    step "install csdc${EXTRA:+ with the test extra (pytest, torch, brevitas, qonnx)}" \
+        .venv/bin/python -m pip install --disable-pip-version-check -e ".$EXTRA"
+    echo "$want" >>"$STAMP"
+else
+    echo "setup: csdc${EXTRA:+ with the test extra} already installed in .venv"
+fi
+if [ "$LAVA" = 1 ]; then
+    # csdc lava-env prints its own steps; an up-to-date environment is left alone
+    if ! .venv/bin/csdc lava-env; then
+        echo "setup failed: csdc lava-env (see docs/lava.md)" >&2
+        exit 1
+    fi
+fi

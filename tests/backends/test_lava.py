@@ -1,20 +1,22 @@
-"""The Lava backend: the Python 3.11 import hook, the global-clock plan, spike-for-spike
-equality with ``run_steps`` and the numba backend (hand-built networks covering every IR op,
-D = T and D < T, random networks, the digits CNN), and the deployment bundle run in a fresh
-Lava environment.
+"""The Lava backend: the global-clock plan, spike-for-spike equality with ``run_steps`` and
+the numba backend (hand-built networks covering every IR op, D = T and D < T, random
+networks, both digits models), all run in the Lava environment through the deployment
+bundle in a subprocess; the bundle run by hand there; the environment itself (no csdc in it,
+lava-nc's own pins) and the Python 3.11 import hook.
 
-lava-nc must be importable: without it this module fails at collection, loudly. Set
-``CSDC_ALLOW_NO_LAVA=1`` to skip it instead (with the reason in the summary).
+The Lava environment must be usable (``csdc lava-env``): without it this module fails at
+collection, loudly. Set ``CSDC_ALLOW_NO_LAVA=1`` to skip it instead (with the reason in the
+summary).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import json
 import os
 import re
 import subprocess
 import sys
-import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +24,26 @@ import pytest
 
 pytestmark = pytest.mark.lava
 
-try:
-    from csdc.backends.lava.compat import import_lava
+from csdc.backends.lava import env as lava_env
+from csdc.backends.lava.compat import LavaUnavailableError
 
-    import_lava()
-except ImportError as exc:  # LavaUnavailableError is an ImportError
+try:
+    LAVA = lava_env.require()
+except LavaUnavailableError as exc:
     if os.environ.get("CSDC_ALLOW_NO_LAVA") == "1":
-        pytest.skip(f"LAVA BACKEND NOT TESTED: lava-nc is not usable ({exc}); skipped because CSDC_ALLOW_NO_LAVA=1",
-                    allow_module_level=True)
-    raise ImportError(
-        f"the Lava backend tests need lava-nc, which is not usable here: {exc}\n"
-        "Install it (see docs/lava.md) or set CSDC_ALLOW_NO_LAVA=1 to skip these tests explicitly.") from exc
+        pytest.skip(f"LAVA BACKEND NOT TESTED: {exc}; skipped because CSDC_ALLOW_NO_LAVA=1", allow_module_level=True)
+    raise ImportError(f"the Lava backend tests need the Lava environment, which is not usable here: {exc}\n"
+                      "Create it (`csdc lava-env`, see docs/lava.md) or set CSDC_ALLOW_NO_LAVA=1 to skip these tests "
+                      "explicitly.") from exc
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csdc.backends.base import get_backend
-from csdc.backends.lava import _hook, compat
-from csdc.backends.lava.backend import LavaBackend, build_process_graph
-from csdc.backends.lava.builder import run_graph
+from csdc.backends.lava import compat
+from csdc.backends.lava.backend import LavaBackend
 from csdc.backends.lava.export import export_bundle
 from csdc.backends.lava.plan import hardware_report, linear_matrix, make_plan
-from csdc.backends.lava.processes import pack_uint, unpack_uint
 from csdc.backends.numba import NumbaBackend
 from csdc.ir import (
     Add,
@@ -61,7 +61,7 @@ from csdc.ir import (
     TernaryNeuron,
     Transpose,
 )
-from csdc.ir.semantics import _linear, run_steps
+from csdc.ir.semantics import _linear, encode, run_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shared strategies
 from strategies import inputs_for, networks
@@ -165,41 +165,80 @@ def test_rewrite_only_mutable_dataclass_defaults() -> None:
     assert compat.rewrite_mutable_defaults(clean, "<clean>")[1] == []
 
 
-def test_hook_claims_only_var_model() -> None:
-    finder = _hook.LavaCompatFinder()
-    for name in ("lava", "lava.magma.compiler.compiler", "lava.proc.dense.models", "json", "numpy"):
-        assert finder.find_spec(name, None) is None
-    var_model = sys.modules[compat.TARGET_MODULE]
-    assert isinstance(var_model.__spec__.loader, _hook._PatchedVarModelLoader)
-    assert sorted(_hook._PatchedVarModelLoader.rewritten) == sorted(
-        ["CoreEncoder.x", "CoreEncoder.y", "CoreEncoder.p", "ChipEncoder.x", "ChipEncoder.y", "ChipEncoder.z",
-         "AxonEncoder.hi", "AxonEncoder.lo"])
-    assert var_model.CoreEncoder().x is not var_model.CoreEncoder().x
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("lava.") and name != compat.TARGET_MODULE and getattr(mod, "__spec__", None):
-            assert not isinstance(mod.__spec__.loader, _hook._PatchedVarModelLoader), name
-    # the installed file is untouched
-    assert "x: ByteEncoder = ByteEncoder()" in Path(var_model.__file__).read_text()
+def in_lava_env(code: str, *, bundle: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` with the Lava environment's Python (a bundle's folder first on sys.path)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    if bundle is not None:
+        code = f"import sys; sys.path.insert(0, {str(bundle)!r})\n" + code
+    return subprocess.run([LAVA.python, "-c", code], capture_output=True, text=True, check=False, timeout=timeout,
+                          cwd=str(bundle) if bundle else tempfile.gettempdir(), env=env)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="the dataclass check that breaks lava 0.10 is new in 3.11")
-def test_lava_needs_the_hook_and_imports_with_it() -> None:
-    bare = subprocess.run([sys.executable, "-c", "import lava.magma.compiler.var_model"], capture_output=True, text=True,
-                          check=False)
-    assert bare.returncode != 0 and "mutable default" in bare.stderr
-    code = ("import csdc.backends.lava as L; L.import_lava(); "
-            "from lava.magma.core.run_configs import Loihi2SimCfg; print('ok')")
-    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory) -> Path:
+    return export_bundle(every_op_net(2, 1, seed=3), tmp_path_factory.mktemp("bundle") / "deploy")
 
 
-def test_every_lava_module_imports() -> None:
-    """All of lava-nc 0.10 (not only what csdc uses) imports on this Python / numpy / asteval."""
+VAR_MODEL_FIELDS = ["CoreEncoder.x", "CoreEncoder.y", "CoreEncoder.p", "ChipEncoder.x", "ChipEncoder.y", "ChipEncoder.z",
+                    "AxonEncoder.hi", "AxonEncoder.lo"]
+
+
+def test_rewrite_of_lavas_own_var_model() -> None:
+    """The rewrite finds exactly the 8 fields of the installed lava-nc 0.10.0 that 3.11 rejects."""
+    res = in_lava_env("import lava; print(next(iter(lava.__path__)))")  # a namespace package: no code runs
+    assert res.returncode == 0, res.stderr
+    path = Path(res.stdout.strip()) / "magma" / "compiler" / "var_model.py"
+    _, rewritten = compat.rewrite_mutable_defaults(path.read_text(), str(path))
+    assert sorted(rewritten) == sorted(VAR_MODEL_FIELDS)
+
+
+def test_lava_env_python_and_the_hook(small_bundle: Path) -> None:
+    """On Python 3.10 lava imports as is and the bundle runtime installs no hook; on 3.11 (no
+    3.10 found) the bare import fails and the runtime's hook claims only var_model, rewrites
+    exactly its 8 fields and leaves the installed file untouched."""
+    py311 = tuple(int(p) for p in LAVA.versions["python"].split(".")[:2]) >= (3, 11)
+    assert LAVA.hook == py311
+    bare = in_lava_env("import lava.magma.compiler.var_model; print('ok')")
+    if py311:
+        assert bare.returncode != 0 and "mutable default" in bare.stderr
+    else:
+        assert bare.returncode == 0 and bare.stdout.strip() == "ok", bare.stderr
+    code = """
+import json, sys
+from pathlib import Path
+from csdc_lava_runtime import _hook, builder
+vm = sys.modules[_hook.TARGET_MODULE]
+finder = _hook.LavaCompatFinder()
+print(json.dumps({
+    "finder_installed": any(isinstance(f, _hook.LavaCompatFinder) for f in sys.meta_path),
+    "patched": isinstance(vm.__spec__.loader, _hook._PatchedVarModelLoader),
+    "rewritten": _hook._PatchedVarModelLoader.rewritten,
+    "others_patched": [n for n, m in sys.modules.items() if n.startswith("lava.") and n != _hook.TARGET_MODULE
+                       and isinstance(getattr(getattr(m, "__spec__", None), "loader", None), _hook._PatchedVarModelLoader)],
+    "claims": [n for n in ("lava", "lava.magma.compiler.compiler", "lava.proc.dense.models", "json", "numpy")
+               if finder.find_spec(n, None) is not None],
+    "fresh_defaults": vm.CoreEncoder().x is not vm.CoreEncoder().x,
+    "file_untouched": "x: ByteEncoder = ByteEncoder()" in Path(vm.__file__).read_text(),
+}))
+"""
+    res = in_lava_env(code, bundle=small_bundle)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["finder_installed"] == got["patched"] == py311
+    assert sorted(got["rewritten"]) == (sorted(VAR_MODEL_FIELDS) if py311 else [])
+    assert got["others_patched"] == [] and got["claims"] == []
+    assert got["fresh_defaults"] == py311  # 3.10 shares the one default instance, as lava was written for
+    assert got["file_untouched"]
+
+
+def test_every_lava_module_imports(small_bundle: Path) -> None:
+    """All of lava-nc 0.10 (not only what csdc uses) imports in the Lava environment, except
+    lava.utils.plots, which needs matplotlib, a package lava-nc does not declare."""
     code = """
 import importlib, pathlib, warnings
 warnings.simplefilter("ignore")
-import csdc.backends.lava as L
-L.import_lava()
+from csdc_lava_runtime import _hook
+_hook.prepare_lava()
 import lava
 root = pathlib.Path(next(iter(lava.__path__)))  # a namespace package: no __file__
 names = sorted(".".join(("lava",) + p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py"))
@@ -212,20 +251,18 @@ for n in names:
         bad.append(f"{n}: {type(exc).__name__}: {exc}")
 print(len(names), "modules;", "\\n".join(bad) or "all imported")
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("all imported"), res.stdout + res.stderr
+    res = in_lava_env(code, bundle=small_bundle)
+    assert res.returncode == 0 and res.stdout.strip().endswith(
+        "lava.utils.plots: ModuleNotFoundError: No module named 'matplotlib'"), res.stdout + res.stderr
 
 
-def test_import_after_multiprocessing_was_used_and_with_another_start_method() -> None:
-    """Lava fixes the 'fork' start method at import: that must work after a multiprocessing
-    object (a Queue, a tqdm bar) fixed 'fork' already, and fail clearly for 'spawn'."""
-    after_queue = ("import multiprocessing as mp; q = mp.Queue(); import csdc.backends.lava as L; L.import_lava(); "
-                   "assert mp.set_start_method.__module__ == 'multiprocessing.context'; print('ok')")
-    ok = subprocess.run([sys.executable, "-c", after_queue], capture_output=True, text=True, check=False)
-    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
-    spawn = "import multiprocessing as mp; mp.set_start_method('spawn'); import csdc.backends.lava as L; L.import_lava()"
-    bad = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True, check=False)
-    assert bad.returncode != 0 and "needs the 'fork' multiprocessing start method" in bad.stderr
+def test_runtime_imports_after_multiprocessing_was_used(small_bundle: Path) -> None:
+    """Lava fixes the 'fork' start method at import: the bundle runtime must import after a
+    multiprocessing object (a Queue, a progress bar) fixed 'fork' already."""
+    code = ("import multiprocessing as mp; q = mp.Queue()\nfrom csdc_lava_runtime import builder\n"
+            "assert mp.set_start_method.__module__ == 'multiprocessing.context'; print('ok')")
+    res = in_lava_env(code, bundle=small_bundle)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
 def test_registry_gives_the_lava_backend() -> None:
@@ -238,14 +275,6 @@ def test_every_ir_op_is_mapped() -> None:
     from csdc.ir.ops import OP_REGISTRY
 
     assert set(OP_REGISTRY.values()) == set(LOWERINGS)
-
-
-def test_pack_roundtrip() -> None:
-    rng = np.random.default_rng(1)
-    for bits in (1, 3, 4, 7):
-        v = rng.integers(0, 2**bits, size=1001)
-        words = pack_uint(v, bits).astype(np.float64)  # what Var.get() returns
-        assert np.array_equal(unpack_uint(words, bits, v.size), v)
 
 
 @pytest.mark.parametrize("node", ["c1", "c2", "r2", "s3", "d4", "d5"])
@@ -456,15 +485,35 @@ def test_duplicate_route_is_relayed() -> None:
     assert_same(run_steps(net, x), BACKEND.run(net, x, keep_trains=True))
 
 
-def test_build_process_graph_for_embedding() -> None:
+def test_bundle_processes_for_embedding(small_bundle: Path) -> None:
+    """A Lava application builds the bundle's process graph itself (source, every process,
+    sink), runs it and gets run_steps' readout; the 48-bit packing of results round-trips."""
     net = every_op_net(2, 1, seed=3)
     x = batch_for(net, 2, seed=3)
-    graph = build_process_graph(net, x)
-    assert graph.source is graph.processes["x"] and graph.sink is graph.processes["out"]
-    assert type(graph.processes["n1"]).__name__ == "CsdcNeuron"
-    assert type(graph.processes["d5"]).__name__ == "Dense"
-    out = run_graph(graph)
-    assert np.array_equal(out.readout, run_steps(net, x).readout)
+    levels = encode(net.op(net.input_name), x).astype(np.int64)
+    code = f"""
+import json
+import numpy as np
+import run_lava
+from csdc_lava_runtime import builder, processes
+plan, arrays = run_lava.load_bundle()
+graph = builder.build_graph(plan, arrays, np.array({levels.tolist()}, dtype=np.int64))
+assert graph.source is graph.processes["x"] and graph.sink is graph.processes["out"]
+kinds = {{n: type(p).__name__ for n, p in graph.processes.items()}}
+out = builder.run_graph(graph)
+rng = np.random.default_rng(1)
+packing = True
+for bits in (1, 3, 4, 7):
+    v = rng.integers(0, 2**bits, size=1001)
+    packing &= bool(np.array_equal(processes.unpack_uint(processes.pack_uint(v, bits).astype(np.float64), bits, v.size), v))
+print(json.dumps({{"kinds": kinds, "readout": out.readout.tolist(), "packing": packing}}))
+"""
+    res = in_lava_env(code, bundle=small_bundle)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["kinds"]["n1"] == "CsdcNeuron" and got["kinds"]["d5"] == "Dense"
+    assert np.array_equal(np.array(got["readout"]), run_steps(net, x).readout)
+    assert got["packing"]
 
 
 # -- against the numba backend --------------------------------------------------------------
@@ -516,61 +565,40 @@ def test_digits_csdformer_equals_numba(delay) -> None:
 
 
 # -- deployment bundle ----------------------------------------------------------------------
-def _fresh_lava_env(root: Path) -> Path:
-    """A new venv (base interpreter, no csdc) whose site-packages holds only lava-nc and its
-    dependency closure, linked from this environment (nothing is downloaded)."""
-    env = root / "lava-env"
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(env)], check=True)
-    site = Path(subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    here = Path(sysconfig.get_paths()["purelib"])
-    todo, seen = ["lava-nc"], set()
-    while todo:
-        name = todo.pop()
-        dist = importlib.metadata.distribution(name)
-        key = dist.metadata["Name"].lower()
-        if key in seen:
-            continue
-        seen.add(key)
-        for req in dist.requires or []:
-            if "extra ==" not in req:
-                todo.append(re.match(r"[A-Za-z0-9_.\-]+", req.strip()).group(0))
-        for f in dist.files or []:
-            top = Path(str(f)).parts[0]
-            src = here / top
-            if top != ".." and src.exists() and not (site / top).exists():
-                (site / top).symlink_to(src)
-    assert "csdc" not in seen
-    return env / "bin" / "python"
-
-
-def test_bundle_runs_in_fresh_lava_env(tmp_path: Path) -> None:
+def test_bundle_runs_by_hand_in_the_lava_env(tmp_path: Path) -> None:
+    """The exported bundle runs with the Lava environment's Python (lava-nc's own pins, no csdc
+    there) on float input, as a user would run it, and gives the backend's results."""
+    assert LAVA.versions["lava-nc"] == "0.10.0"
+    assert int(LAVA.versions["numpy"].split(".")[0]) < 2 and LAVA.versions["networkx"] == "2.8.7"
+    assert in_lava_env("import csdc").returncode != 0  # the bundle is self-contained
     net, x, _ = _digits_net()
     x = x[:4]
     bundle = export_bundle(net.with_delay(4), tmp_path / "deploy")
     assert {p.name for p in bundle.iterdir()} >= {"plan.json", "arrays.npz", "run_lava.py", "README.md", "manifest.json",
-                                                  "csdc_lava_runtime"}
+                                                  "csdc_lava_runtime", "requirements.txt", "hardware.json"}
+    assert (bundle / "requirements.txt").read_text() == lava_env.REQUIREMENTS.read_text()
     for src in (bundle / "csdc_lava_runtime").glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+csdc\b", src.read_text(), re.MULTILINE), src  # no csdc import
     np.savez(tmp_path / "input.npz", x=x)
-    py = _fresh_lava_env(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    assert subprocess.run([str(py), "-c", "import csdc"], capture_output=True, cwd=tmp_path, env=env,
-                          check=False).returncode != 0
-    run = subprocess.run([str(py), str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o", str(tmp_path / "out.npz")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    run = subprocess.run([LAVA.python, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
+                          str(tmp_path / "out.npz")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+                         check=False)
     assert run.returncode == 0, run.stderr
     ref = BACKEND.run(net.with_delay(4), x)
     with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
         assert np.array_equal(z["readout"], ref.readout)
         assert np.array_equal(z["logits"], ref.logits)
+        assert np.array_equal(z["predictions"], ref.logits.argmax(1))
         for name, c in ref.counts.items():
             assert np.array_equal(z[f"counts/{name}"], c)
+        neurons = [k for k in z.files if k.startswith("max_abs_v/")]
+        assert neurons and all(int(z[k]) == ref.stats[k.split("/", 1)[1]].max_abs_v for k in neurons)
     # a tampered bundle is refused
     (bundle / "plan.json").write_text((bundle / "plan.json").read_text().replace('"T"', '"T" ', 1))
-    bad = subprocess.run([str(py), str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o", str(tmp_path / "o2.npz")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    bad = subprocess.run([LAVA.python, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
+                          str(tmp_path / "o2.npz")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+                         check=False)
     assert bad.returncode != 0 and "SHA-256" in bad.stderr and not (tmp_path / "o2.npz").exists()
 
 
@@ -580,7 +608,7 @@ def test_bundle_runs_ternary_populations(tmp_path: Path) -> None:
     x = batch_for(net, 3, seed=1)
     bundle = export_bundle(net, tmp_path / "deploy")
     np.savez(tmp_path / "input.npz", x=x)
-    run = subprocess.run([sys.executable, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
+    run = subprocess.run([LAVA.python, str(bundle / "run_lava.py"), str(tmp_path / "input.npz"), "-o",
                           str(tmp_path / "out.npz")], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     ref = NumbaBackend().run(net, x)
@@ -589,6 +617,20 @@ def test_bundle_runs_ternary_populations(tmp_path: Path) -> None:
         for name, c in ref.counts.items():
             assert np.array_equal(z[f"counts/{name}"], c), name
         assert (z["counts/o"] < 0).any()
+        assert (z["events/o"] >= np.abs(z["counts/o"])).all()
+
+
+def test_lava_run_failure_is_reported(tmp_path: Path) -> None:
+    """A Lava environment that cannot run the bundle gives a CsdcError with its stderr, not a hang
+    or a half-read result."""
+    from csdc.errors import CsdcError
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'lava exploded' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    net = every_op_net(2, 1)
+    with pytest.raises(CsdcError, match="exit code 3.*\n.*lava exploded"):
+        LavaBackend(python=str(broken)).run(net, batch_for(net, 1, seed=0))
 
 
 def test_export_refuses_foreign_directory(tmp_path: Path) -> None:

@@ -1,18 +1,23 @@
 """The Lava backend: run a spiking IR network as Lava processes under
-``Loihi2SimCfg(select_tag="fixed_pt")``, spike-for-spike identical to ``run_steps``."""
+``Loihi2SimCfg(select_tag="fixed_pt")``, spike-for-spike identical to ``run_steps``.
+
+lava-nc is never imported here. Each batch is written as a deployment bundle
+(:func:`csdc.backends.lava.export.export_bundle`) whose ``run_lava.py`` runs with the Lava
+environment's Python (:mod:`csdc.backends.lava.env`) in a subprocess; readouts, spike counts,
+spike trains and max |v| come back in an ``.npz``. Activity statistics are computed here, with
+the numba backend's definitions."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from csdc.backends.base import NodeStats, RunResult
-from csdc.backends.lava.compat import import_lava
-
-import_lava()
-
-from csdc.backends.lava import builder
+from csdc.backends.lava import env as lava_env
+from csdc.backends.lava.export import export_bundle
 from csdc.backends.lava.plan import Plan, linear_matrix, make_plan
 from csdc.errors import DataError
 from csdc.ir.graph import Network
@@ -33,31 +38,6 @@ from csdc.ir.ops import (
     Transpose,
 )
 from csdc.ir.semantics import _linear, encode, readout_logits
-
-
-def build_process_graph(net: Network, x: np.ndarray | None = None, *, n_samples: int | None = None,
-                        keep_trains: bool = False, use_lava_synapses: bool = True,
-                        conv: str = "lava.Sparse") -> builder.LavaGraph:
-    """The Lava process graph of ``net`` for embedding in a Lava application.
-
-    Returns a :class:`csdc.backends.lava.builder.LavaGraph` with ``source`` (the
-    ``CsdcEncode`` input process), ``processes`` (every Lava process by name: Lava's own
-    ``Dense`` / ``Sparse`` / ``Conv`` and csdc's custom ones) and ``sink`` (the
-    ``CsdcReadout``). ``x`` (n, *input_shape) float data is encoded into the source (the
-    samples are pipelined, one every ``period`` steps); without it the source holds
-    ``n_samples`` all-zero inputs, e.g. for inspecting or re-wiring the graph (Lava Vars can
-    only be set while a runtime runs, so build one graph per batch: building is cheap, Lava
-    compiles at run time). Run it with
-    ``graph.sink.run(condition=RunSteps(num_steps=graph.total_steps), run_cfg=builder.run_config(graph))``
-    and read ``graph.sink.readout.get()`` (then ``graph.sink.stop()``), or call
-    :func:`csdc.backends.lava.builder.run_graph`, which also fetches counts and trains.
-    """
-    if x is not None:
-        levels = encode(net.op(net.input_name), np.asarray(x))
-    else:
-        levels = np.zeros((int(n_samples or 1), *net.input_shape), dtype=np.int64)
-    plan = make_plan(net, levels.shape[0], keep_trains=keep_trains, use_lava_synapses=use_lava_synapses, conv=conv)
-    return builder.build_graph(plan.to_json(), plan.arrays, levels, keep_trains=keep_trains)
 
 
 def _spike_counts_of(net: Network, name: str, counts: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -135,15 +115,21 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
 
 
 class LavaBackend:
-    """Runs a network as Lava processes (see :mod:`csdc.backends.lava.plan` for the mapping and
-    the global-clock schedule). A batch runs as one pipelined Lava run: sample k enters at global
-    step ``1 + k * period``, so one compiled process graph serves the whole batch."""
+    """Runs a network as Lava processes in the Lava environment (see :mod:`csdc.backends.lava.plan`
+    for the mapping and the global-clock schedule). A batch runs as one pipelined Lava run:
+    sample k enters at global step ``1 + k * period``, so one compiled process graph serves the
+    whole batch. ``python`` names the Lava environment's interpreter (default: the environment
+    :func:`csdc.backends.lava.env.require` finds); a missing or broken environment raises
+    :class:`csdc.backends.lava.LavaUnavailableError` naming the fix."""
 
     name = "lava"
 
-    def __init__(self, *, use_lava_synapses: bool = True, conv: str = "lava.Sparse"):
+    def __init__(self, *, use_lava_synapses: bool = True, conv: str = "lava.Sparse", python: str | None = None,
+                 timeout: float | None = None):
         self.use_lava_synapses = use_lava_synapses
         self.conv = conv
+        self.python = python or lava_env.require().python
+        self.timeout = timeout
         self.last_plan: Plan | None = None
         self.last_timing: dict[str, float] = {}
 
@@ -161,19 +147,29 @@ class LavaBackend:
         x = np.asarray(x)
         if tuple(x.shape[1:]) != tuple(net.input_shape):
             raise DataError(f"input batch has sample shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
-        levels = encode(net.op(net.input_name), x)
+        levels = encode(net.op(net.input_name), x).astype(np.int64)
         plan = self.plan(net, levels.shape[0], keep_trains=keep_trains)
         self.last_plan = plan
-        graph = builder.build_graph(plan.to_json(), plan.arrays, levels, keep_trains=keep_trains)
-        t1 = time.perf_counter()
-        out = builder.run_graph(graph)
-        readout = out.readout
+        with tempfile.TemporaryDirectory(prefix="csdc-lava-") as tmp:
+            bundle = export_bundle(net, Path(tmp) / "bundle", plan, with_hardware_report=False)
+            np.savez(Path(tmp) / "input.npz", levels=levels)
+            t1 = time.perf_counter()
+            lava_env.run_bundle(self.python, bundle, [str(Path(tmp) / "input.npz"), "-o", str(Path(tmp) / "out.npz")]
+                                + (["--trains"] if keep_trains else []), timeout=self.timeout)
+            t2 = time.perf_counter()
+            with np.load(Path(tmp) / "out.npz", allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+        readout = out["readout"].astype(np.int64)
+        counts = {k[len("counts/"):]: v for k, v in out.items() if k.startswith("counts/")}
+        trains = {k[len("trains/"):]: v for k, v in out.items() if k.startswith("trains/")}
+        max_abs_v = {k[len("max_abs_v/"):]: int(v) for k, v in out.items() if k.startswith("max_abs_v/")}
+        events = {k[len("events/"):]: v for k, v in out.items() if k.startswith("events/")}
         logits = readout_logits(net.op(net.output_name), readout)
-        stats = node_stats(net, out.counts, out.max_abs_v, levels, out.events)
-        self.last_timing = {"build": t1 - t0, "run": out.seconds_run, "fetch": out.seconds_fetch,
-                            "steps": float(out.steps), "latency_steps": float(plan.meta["latency"])}
-        return RunResult(readout=readout, logits=logits, counts=out.counts,
-                         trains=out.trains if keep_trains else {}, stats=stats)
+        stats = node_stats(net, counts, max_abs_v, levels, events)
+        self.last_timing = {"bundle": t1 - t0, "subprocess": t2 - t1, "build": float(out["seconds_build"]),
+                            "run": float(out["seconds_run"]), "fetch": float(out["seconds_fetch"]),
+                            "steps": float(out["steps"]), "latency_steps": float(plan.meta["latency"])}
+        return RunResult(readout=readout, logits=logits, counts=counts, trains=trains if keep_trains else {}, stats=stats)
 
 
-__all__ = ["LavaBackend", "build_process_graph", "node_stats"]
+__all__ = ["LavaBackend", "node_stats"]
