@@ -68,8 +68,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print("\nsource node -> spiking IR")
         for src, made in rep.explain.items():
             print(f"  {src:<32} {', '.join(made)}")
-        print("\npopulation -> worst-case integerization error (quantization levels; the readout: units of its finest "
-              "group's step), the site whose exponent k sets its integer unit, threshold bits")
+        print("\npopulation -> worst-case integerization error (quantization levels; the readout: absolute logit "
+              "error), the site whose exponent k sets its integer unit, threshold bits")
         for pop, pe in rep.precision["populations"].items():
             print(f"  {pop:<40} {pe['bound']:.2e}  (weights {pe['weights']:.1e}, bias {pe['bias']:.1e}, threshold "
                   f"{pe['threshold']:.1e})  k={pe['k']} from {pe['site']}, {pe['threshold_bits']}-bit threshold")

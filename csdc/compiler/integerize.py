@@ -51,13 +51,14 @@ MAX_K = 62  # weight exponents of the IR
 class PopulationError:
     """The achieved worst-case integerization error of one population (or the readout)."""
 
-    bound: float  # in quantization levels (the readout: in units of its finest group's step)
+    bound: float  # in quantization levels of the population (the readout: absolute error of a logit)
     site: str  # the materialization whose exponent k set this population's integer unit
     k: int
     threshold_bits: int = 0
     weights: float = 0.0  # the parts of ``bound``
     bias: float = 0.0
     threshold: float = 0.0
+    readout: bool = False  # the readout has no quantization level: ``bound`` is in logits
 
 
 @dataclass
@@ -71,10 +72,11 @@ class PrecisionReport:
 
     @property
     def worst(self) -> tuple[str, float]:
-        if not self.populations:
+        levels = {n: p for n, p in self.populations.items() if not p.readout}
+        if not levels:
             return "", 0.0
-        name = max(self.populations, key=lambda n: self.populations[n].bound)
-        return name, self.populations[name].bound
+        name = max(levels, key=lambda n: levels[n].bound)
+        return name, levels[name].bound
 
     def to_dict(self) -> dict:
         return {"target": self.target, "worst": dict(zip(("population", "bound"), self.worst)),
@@ -328,7 +330,7 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
             if cap < precision.cap.get(pe.site, MAX_K):
                 precision.cap[pe.site] = cap
                 changed = True
-        elif pe.bound > precision.aim:
+        elif pe.bound > precision.aim and not pe.readout:
             want[pe.site] = max(want.get(pe.site, 0), math.ceil(math.log2(pe.bound / precision.aim)))
     for site, bits in want.items():
         if rep.sites.get(site, 0) < precision.cap.get(site, MAX_K):
@@ -340,7 +342,7 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
 def _refuse_or_warn(net: Network, rep: PrecisionReport, profile: HardwareProfile, frac_bits: int | None) -> None:
     widths = bit_widths(net, profile).per_node
     for pop, pe in rep.populations.items():
-        if pe.bound <= rep.target:
+        if pe.bound <= rep.target or pe.readout:
             continue
         lack = math.ceil(math.log2(pe.bound / REFUSE_LEVELS)) if pe.bound >= REFUSE_LEVELS else 0
         entry = widths.get(pop, {})

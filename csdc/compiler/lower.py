@@ -696,10 +696,9 @@ class Lowering:
         node, cur = self.materialize(v, "logits", None, k)
         shape = self.net.info(node).shape
         nm = self.add("readout", Readout(np.broadcast_to(cur.unit, shape), np.broadcast_to(v.bias, shape)), [node])
-        level = min(float(np.min(np.abs(t.unit)[np.abs(t.unit) > 0], initial=np.inf)) for t in v.terms)
-        bound = float(np.max(cur.error * cur.unit)) / level if np.isfinite(level) else 0.0
+        bound = float(np.max(cur.error * cur.unit))  # no quantizer: the worst absolute error of a logit
         self.report.precision.populations[nm] = PopulationError(bound, cur.site, self.report.precision.sites[cur.site],
-                                                                weights=bound)
+                                                                weights=bound, readout=True)
 
     HANDLERS = {"Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
