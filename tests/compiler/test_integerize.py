@@ -20,7 +20,7 @@ from csdc.compiler.pipeline import CompileOptions, canonicalize, compile_onnx
 from csdc.errors import BudgetError
 from csdc.ir import semantics
 from csdc.ir.graph import Network
-from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout
+from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout, Reshape
 
 
 @settings(max_examples=60, deadline=None)
@@ -40,7 +40,7 @@ def _wide_net(rng) -> Network:
     net.add("in", Encode((2, 6, 6), 1 / 16, 0, 16))
     net.add("conv", ConvSynapse(rng.integers(-3000, 3000, (3, 2, 3, 3)), padding=(1, 1, 1, 1), exponent=2), ["in"])
     net.add("n1", Neuron(np.full((3, 6, 6), 40000), np.full((3, 6, 6), 20000), np.zeros((3, 6, 6), np.int64), 4), ["conv"])
-    net.add("flat", __import__("csdc.ir.ops", fromlist=["Reshape"]).Reshape((108,)), ["n1"])
+    net.add("flat", Reshape((108,)), ["n1"])
     net.add("fc", DenseSynapse(rng.integers(-70000, 70000, (5, 108))), ["flat"])
     net.add("out", Readout(np.full(5, 0.01), np.zeros(5)), ["fc"])
     return net
