@@ -190,6 +190,10 @@ def onnx_logits(model_path: str | os.PathLike, x: np.ndarray, batch: int = 256) 
     return out.reshape(len(x), -1)
 
 
+#: --compare warns when more than this fraction of the samples differ beyond explainable_logit_diff
+SUSPECT_FRACTION = 0.01
+
+
 def explainable_logit_diff(net: Network) -> float | None:
     """The largest logit difference that quantization can explain in an exact network (every
     delay D >= T): T spikes through the strongest synapse into the readout,
@@ -220,21 +224,29 @@ def explainable_logit_diff(net: Network) -> float | None:
 
 def compare(model_path: str | os.PathLike, out: RunOutput, x: np.ndarray, net: Network | None = None) -> Comparison:
     """Top-1 agreement and logit difference of the SNN run ``out`` with onnxruntime on ``x``; with
-    ``net``, a warning when the difference exceeds :func:`explainable_logit_diff`."""
+    ``net``, a warning when more than :data:`SUSPECT_FRACTION` of the samples differ by more than
+    :func:`explainable_logit_diff`."""
     t0 = time.perf_counter()
     ref = onnx_logits(model_path, x)
     if ref.shape != out.logits.shape:
         raise DataError(f"{model_path}: produces outputs of shape {ref.shape[1:]}, the network {out.logits.shape[1:]}; "
                         "compare a network with the model it was compiled from")
     acc = float(np.mean(ref.argmax(1) == out.labels)) if out.labels is not None else None
-    diff = float(np.max(np.abs(ref - out.logits)))
+    per_sample = np.abs(ref - out.logits).max(axis=1)
+    diff = float(per_sample.max())
     bound = explainable_logit_diff(net) if net is not None else None
     warning = None
-    if bound is not None and diff > bound:
-        source = net.metadata.get("compile", {}).get("source")
-        warning = (f"the logits differ by up to {diff:.3g}, more than quantization explains ({bound:.3g}: T spikes on the "
-                   f"readout's strongest synapse); is {os.path.basename(os.fspath(model_path))} the model this network was "
-                   f"compiled from{f' ({source})' if source else ''}?")
+    # a near-tie flip early in a deep network can cascade on a rare sample (Fashion-MNIST CSDformer: 1 of
+    # 10,000 above the bound, top-1 unchanged); another model differs on many (digits CNN against the
+    # quantize_static model: 16 % of the samples)
+    beyond = float(np.mean(per_sample > bound)) if bound is not None else 0.0
+    if beyond > SUSPECT_FRACTION:
+        comp = net.metadata.get("compile")
+        source = comp.get("source") if isinstance(comp, dict) else None
+        warning = (f"the logits of {100 * beyond:.1f} % of the samples differ by more than quantization explains "
+                   f"({bound:.3g}: T spikes on the readout's strongest synapse; up to {diff:.3g}); is "
+                   f"{os.path.basename(os.fspath(model_path))} the model this network was compiled from"
+                   f"{f' ({source})' if source else ''}?")
     return Comparison(model=os.path.basename(os.fspath(model_path)), onnx_accuracy=acc,
                       agreement=float(np.mean(ref.argmax(1) == out.logits.argmax(1))),
                       max_abs_logit_diff=diff, seconds=time.perf_counter() - t0, explainable_logit_diff=bound,
