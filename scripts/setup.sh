@@ -55,6 +55,17 @@ if ! installed; then
 else
     echo "setup: csdc${EXTRA:+ with the test extra} already installed in .venv"
 fi
+if [ -n "$EXTRA" ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    # the Fashion-MNIST tests read Debian's dataset-fashion-mnist (idx files, 30 MB); without apt (or root)
+    # they are skipped, and the suite says so in its summary
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        step "install Debian's dataset-fashion-mnist (Fashion-MNIST tests)" \
+            sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist'
+    else
+        echo "setup: WARNING: cannot install Debian's dataset-fashion-mnist (no apt-get or not root):" \
+             "the Fashion-MNIST tests will be skipped" >&2
+    fi
+fi
 if [ "$LAVA" = 1 ]; then
     # csdc lava-env prints its own steps; an up-to-date environment is left alone
     if ! .venv/bin/csdc lava-env; then

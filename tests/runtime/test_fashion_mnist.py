@@ -149,3 +149,25 @@ def test_train_compile_run_on_the_builtin_set(tmp_path):
     assert r.returncode == 2 and "expects (1, 28, 28)" in r.stderr
     r = _csdc("run", str(sir), "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"))
     assert r.returncode == 2 and "dataset-fashion-mnist" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_DIR),
+                    reason="FASHION-MNIST NOT CHECKED: Debian's dataset-fashion-mnist is not installed "
+                           "(scripts/setup.sh --test installs it where apt-get runs as root)")
+def test_shipped_fashion_csdformer_agrees_with_onnxruntime():
+    """The committed reference CSDformer (examples/fashion_csdformer) at default options: on the first
+    300 test images the SNN (numba, D = T) agrees with onnxruntime on every image."""
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.runtime.evaluate import compare, run_dataset
+
+    model = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_csdformer", "model.onnx")
+    net, report = compile_onnx(model)
+    assert net.T == 4 and report.delay == 4
+    assert report.error_bound < 2 ** -8
+    x, y = load_fashion_mnist("test")
+    x, y = x[:300], y[:300]
+    out = run_dataset(net, NumbaBackend(), x, y, progress=False)
+    c = compare(model, out, x, net)
+    assert c.agreement == 1.0 and c.warning is None
+    assert out.summary.accuracy == c.onnx_accuracy and out.summary.accuracy > 0.85
