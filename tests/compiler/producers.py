@@ -14,7 +14,9 @@ Two architectures: a CNN (conv-BN-quant-maxpool x 2, linear) and an attention bl
 attention (conv tokenizer, Q/K/V with token BatchNorm, ``q(ReLU(QK^T/sqrt(dk))/N)``, ``q(AV)``,
 Wo + BN, residual, mean over tokens, linear).
 
-``python tests/compiler/producers.py`` prints the per-route agreement table of the README.
+``python tests/compiler/producers.py`` prints the per-route agreement table of the README, ``--corpus``
+the corpus table (in-graph weight quantizers, Brevitas attention + MLP at Brevitas' defaults, torch.ao
+QAT, each also with ``value_info`` stripped), ``--ties`` the rounding-tie census.
 """
 
 from __future__ import annotations
@@ -204,6 +206,175 @@ class LSQAttention(nn.Module):
         return attention_forward(self, x)
 
 
+# in-graph weight quantizer: the scale is computed in the graph from the float weight --------------
+class InGraphWeightQuant(nn.Module):
+    """Symmetric int8 fake-quant of a weight with ``s = max|w| / 127`` computed in the forward pass
+    (per output channel or per tensor), written as ``fake_quantize_per_{channel,tensor}_affine``
+    (exports as QuantizeLinear -> DequantizeLinear) or as ``round(w / s).clamp(-127, 127) * s``
+    (exports as Div -> Round -> Clip -> Mul). ``form`` may be switched after training: both
+    compute the same function."""
+
+    def __init__(self, per_channel: bool, form: str = "qdq") -> None:
+        super().__init__()
+        self.per_channel, self.form = per_channel, form
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            s = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
+        else:
+            s = w.abs().max() / 127
+        s = s.detach()  # the step follows the weight; no gradient through it
+        if self.form == "qdq":
+            if self.per_channel:
+                zp = torch.zeros(w.shape[0], dtype=torch.int32)
+                return torch.fake_quantize_per_channel_affine(w, s.reshape(-1), zp, 0, -128, 127)
+            return torch.fake_quantize_per_tensor_affine(w, s, torch.zeros((), dtype=torch.int32), -128, 127)
+        v = w / s
+        r = (torch.round(v) - v).detach() + v if self.training else torch.round(v)
+        return r.clamp(-127, 127) * s
+
+
+class InGraphConv(nn.Conv2d):
+    def __init__(self, *a, per_channel: bool = True, **k) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.wq = InGraphWeightQuant(per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.wq(self.weight), self.bias)
+
+
+class InGraphLinear(nn.Linear):
+    def __init__(self, *a, per_channel: bool = True, **k) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.wq = InGraphWeightQuant(per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.wq(self.weight), self.bias)
+
+
+class InGraphCNN(nn.Module):
+    """The CNN with in-graph int8 weight quantizers and 4-bit LSQ activations."""
+
+    def __init__(self, per_channel: bool = True) -> None:
+        super().__init__()
+        self.inq = LSQAct(16, 1 / 16, learn=False)
+        self.c1 = InGraphConv(1, 16, 3, padding=1, bias=False, per_channel=per_channel)
+        self.bn1, self.r1 = nn.BatchNorm2d(16), LSQAct()
+        self.c2 = InGraphConv(16, 32, 3, padding=1, bias=False, per_channel=per_channel)
+        self.bn2, self.r2 = nn.BatchNorm2d(32), LSQAct()
+        self.fc = InGraphLinear(128, 10, per_channel=per_channel)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LSQCNN.forward(self, x)  # type: ignore[arg-type]
+
+    def set_form(self, form: str) -> "InGraphCNN":
+        for m in self.modules():
+            if isinstance(m, InGraphWeightQuant):
+                m.form = form
+        return self
+
+
+# Brevitas attention block with an MLP: per-tensor int8 weights, float biases, 3-D token MatMuls ----
+class BrevitasAttentionMLP(nn.Module):
+    """Attention block + MLP ``Linear(32->64) -> ReLU -> Linear(64->32)`` with a residual, on (B, N, d)
+    tokens, written with Brevitas' defaults as a user would: ``QuantLinear`` (per-tensor int8 weights,
+    float biases), ``QuantReLU`` (8-bit unsigned, so T = 255), ``QuantIdentity`` (8-bit signed) on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        qnn = _brevitas()[0]
+        d = DIM
+        self.inq = qnn.QuantIdentity()
+        self.conv = qnn.QuantConv2d(1, d, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(d)
+        self.r0 = qnn.QuantReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.wq, self.wk, self.wv, self.wo = (qnn.QuantLinear(d, d, bias=True) for _ in range(4))
+        self.bq, self.bk, self.bv, self.bo = TokenBN(d), TokenBN(d), TokenBN(d), TokenBN(d)
+        self.rq, self.rk, self.rv, self.ra, self.ro, self.rh = (qnn.QuantReLU() for _ in range(6))
+        self.fc1, self.r1, self.fc2 = qnn.QuantLinear(d, 2 * d, bias=True), qnn.QuantReLU(), qnn.QuantLinear(2 * d, d, bias=True)
+        self.rz = qnn.QuantReLU()
+        self.fc = qnn.QuantLinear(d, 10, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # written as user code usually is: reshape targets from the tensors' own shapes, which a
+        # TorchScript export with a dynamic batch axis turns into Shape -> Gather -> Concat -> Reshape
+        f = self.pool(self.r0(self.bn(self.conv(self.inq(x)))))
+        z0 = f.flatten(2).transpose(1, 2)
+        b, n, d = z0.shape
+        h = HEADS
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, n, h, d // h).transpose(1, 2)
+
+        q = heads(self.rq(self.bq(self.wq(z0))))
+        k = heads(self.rk(self.bk(self.wk(z0))))
+        v = heads(self.rv(self.bv(self.wv(z0))))
+        a = self.ra(torch.relu(q @ k.transpose(-2, -1) * (1.0 / math.sqrt(d // h))) / n)
+        o = self.ro(a @ v).transpose(1, 2).reshape(b, n, d)
+        z1 = z0 + self.bo(self.wo(o))
+        z2 = z1 + self.fc2(self.r1(self.fc1(self.rh(z1))))
+        return self.fc(self.rz(z2).mean(1))
+
+
+# torch.ao quantization-aware training (FakeQuantize modules) ----------------------------------------
+class FloatCNN(nn.Module):
+    """The CNN in float, between QuantStub / DeQuantStub, as torch.ao's eager-mode QAT expects it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.c1, self.bn1, self.r1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.c2, self.bn2, self.r2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        self.fc = nn.Linear(128, 10)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        x = self.pool(self.r1(self.bn1(self.c1(x))))
+        x = self.pool(self.r2(self.bn2(self.c2(x))))
+        return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+def torch_ao_eager_qat() -> nn.Module:
+    """torch.ao eager-mode QAT as its tutorial does it: fuse conv-BN-ReLU, the default QAT qconfig
+    of the x86 backend (per-channel int8 weights, 7-bit unsigned activations), ``prepare_qat``.
+
+    ``version=0``: the ``FakeQuantize`` modules. The default ``version=1`` uses
+    ``FusedMovingAvgObsFakeQuantize``, whose op neither ONNX exporter of torch 2.13 converts
+    (TorchScript: ``aten::fused_moving_avg_obs_fake_quant`` unsupported; dynamo: no ONNX function
+    for ``aten._fused_moving_avg_obs_fq_helper_functional``)."""
+    from torch.ao import quantization as tq
+
+    model = FloatCNN().train()
+    model.qconfig = tq.get_default_qat_qconfig("x86", version=0)
+    tq.fuse_modules_qat(model, [["c1", "bn1", "r1"], ["c2", "bn2", "r2"]], inplace=True)
+    return tq.prepare_qat(model, inplace=True)
+
+
+def torch_ao_fx_qat() -> nn.Module:
+    """torch.ao FX-graph-mode QAT: ``prepare_qat_fx`` with the default x86 QAT qconfig mapping."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    model = FloatCNN().train()
+    model.quant, model.dequant = nn.Identity(), nn.Identity()
+    return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86", version=0), (torch.zeros(1, 1, 8, 8),))
+
+
+def freeze_qat(model: nn.Module) -> nn.Module:
+    """End of QAT as the torch.ao tutorial does it: observers off, BatchNorm statistics frozen, eval."""
+    from torch.ao import quantization as tq
+    from torch.ao.nn.intrinsic import qat as nniqat
+
+    model.apply(tq.disable_observer)
+    model.apply(nniqat.freeze_bn_stats)
+    return model.eval()
+
+
 class FloatAttention(nn.Module):
     """The attention model in float (ReLU in place of every quantizer), for onnxruntime's quantize_static."""
 
@@ -227,7 +398,8 @@ _TRAINED: dict[str, nn.Module] = {}
 
 
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
-RECIPES = {"brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
+RECIPES = {"ingraph_cnn_perchannel": (3, 3e-3), "ingraph_cnn_pertensor": (3, 3e-3), "brevitas_attention_mlp": (4, 1e-2),
+           "torchao_eager_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
            "float_attention": (4, 5e-3)}
 
 
@@ -237,14 +409,16 @@ def trained(kind: str) -> nn.Module:
         epochs, lr = RECIPES[kind]
         from csdc.training.loop import build_seeded, train
 
-        factory = {"brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
+        factory = {"ingraph_cnn_perchannel": lambda: InGraphCNN(True), "ingraph_cnn_pertensor": lambda: InGraphCNN(False),
+                   "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat,
+                   "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
                    "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
         x, y = load_digits_split("train")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = build_seeded(0, factory)
             train(model, x, y, epochs=epochs, lr=lr, seed=0, progress=False)
-        _TRAINED[kind] = model.eval()
+        _TRAINED[kind] = freeze_qat(model) if kind.startswith("torchao") else model.eval()
     return _TRAINED[kind]
 
 
@@ -279,10 +453,10 @@ def export(model: nn.Module, route: str, path: str) -> str:
         from brevitas.export import export_qonnx
 
         _quiet_export(export_qonnx, model, x, export_path=path, dynamic_shapes=dyn)
-    elif route == "torch-lsq-torchscript":
+    elif route.startswith("torch") and route.endswith("-torchscript"):
         _quiet_export(torch.onnx.export, model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-    elif route == "torch-lsq-dynamo":
+    elif route.startswith("torch") and route.endswith("-dynamo"):
         _quiet_export(torch.onnx.export, model, (x,), path, dynamo=True, dynamic_shapes=dyn, input_names=["x"])
     else:
         raise ValueError(route)
@@ -354,8 +528,10 @@ def reference_logits(path: str, x: np.ndarray) -> np.ndarray:
     return onnx_logits(path, x)
 
 
-def evaluate_route(path: str, limit: int | None = None) -> dict:
-    """Compile ``path``, run the numba backend on the digits test split, compare with the reference."""
+def evaluate_route(path: str, limit: int | None = None, numba_vs_reference: bool = False) -> dict:
+    """Compile ``path`` (default options), run the numba backend on the digits test split, compare with
+    the producer's executor (``misses``: images whose top-1 differs); with ``numba_vs_reference`` also
+    run the count-domain reference backend and compare readouts bit for bit."""
     from csdc.backends.numba import NumbaBackend
     from csdc.compiler.pipeline import compile_onnx
     from csdc.runtime.evaluate import run_dataset
@@ -366,9 +542,16 @@ def evaluate_route(path: str, limit: int | None = None) -> dict:
     net, rep = compile_onnx(path)
     out = run_dataset(net, NumbaBackend(), x, y, batch=150, progress=False)
     ref = reference_logits(path, x)
-    return {"T": net.T, "snn_acc": float(np.mean(out.logits.argmax(1) == y)), "ref_acc": float(np.mean(ref.argmax(1) == y)),
-            "agreement": float(np.mean(out.logits.argmax(1) == ref.argmax(1))),
-            "max_logit_diff": float(np.max(np.abs(out.logits - ref))), "warnings": rep.warnings}
+    r = {"T": net.T, "snn_acc": float(np.mean(out.logits.argmax(1) == y)), "ref_acc": float(np.mean(ref.argmax(1) == y)),
+         "agreement": float(np.mean(out.logits.argmax(1) == ref.argmax(1))),
+         "max_logit_diff": float(np.max(np.abs(out.logits - ref))), "warnings": rep.warnings,
+         "misses": np.flatnonzero(out.logits.argmax(1) != ref.argmax(1)).tolist()}
+    if numba_vs_reference:  # the count-domain reference backend on the same images: bit-exact readouts
+        from csdc.backends.reference import ReferenceBackend
+
+        counts = run_dataset(net, ReferenceBackend(), x, y, batch=150, progress=False)
+        r["numba_equals_reference"] = bool(np.array_equal(out.readout, counts.readout))
+    return r
 
 
 def float_cnn_path() -> str:
@@ -392,6 +575,67 @@ def build_route(route: str, arch: str, tmp: str) -> str:
         return ort_quantize(route, src, path, load_digits_split("train")[0])
     kind = ("brevitas_" if route.startswith("brevitas") else "lsq_") + arch
     return export(trained(kind), route, path)
+
+
+# The corpus of export routes (issue: compile what real exporters write): route -> (trained model kind,
+# exporter route of ``export``, weight-quantizer form of an in-graph model or None)
+CORPUS = {
+    "ingraph-qdq-perchannel-torchscript": ("ingraph_cnn_perchannel", "torch-torchscript", "qdq"),
+    "ingraph-qdq-perchannel-dynamo": ("ingraph_cnn_perchannel", "torch-dynamo", "qdq"),
+    "ingraph-qdq-pertensor-torchscript": ("ingraph_cnn_pertensor", "torch-torchscript", "qdq"),
+    "ingraph-qdq-pertensor-dynamo": ("ingraph_cnn_pertensor", "torch-dynamo", "qdq"),
+    "ingraph-arith-perchannel-torchscript": ("ingraph_cnn_perchannel", "torch-torchscript", "arith"),
+    "ingraph-arith-perchannel-dynamo": ("ingraph_cnn_perchannel", "torch-dynamo", "arith"),
+    "ingraph-arith-pertensor-torchscript": ("ingraph_cnn_pertensor", "torch-torchscript", "arith"),
+    "ingraph-arith-pertensor-dynamo": ("ingraph_cnn_pertensor", "torch-dynamo", "arith"),
+    "brevitas-mlp-qcdq-torchscript": ("brevitas_attention_mlp", "brevitas-qcdq-torchscript", None),
+    "brevitas-mlp-qcdq-dynamo": ("brevitas_attention_mlp", "brevitas-qcdq-dynamo", None),
+    "brevitas-mlp-qonnx": ("brevitas_attention_mlp", "brevitas-qonnx", None),
+    "torchao-eager-torchscript": ("torchao_eager_cnn", "torch-torchscript", None),
+    "torchao-fx-torchscript": ("torchao_fx_cnn", "torch-torchscript", None),
+}
+# not in the corpus, because torch 2.13 cannot export them (README, Producers): torch.ao QAT models through
+# the dynamo exporter (eager and FX: torch.export stops at FakeQuantize's data-dependent branch,
+# GuardOnDataDependentSymNode "Eq(u0, 1)"); the default QAT qconfig (version 1,
+# FusedMovingAvgObsFakeQuantize) through either exporter; pt2e (no longer part of torch.ao in 2.13)
+NO_VALUE_INFO = "+no-value-info"  # route suffix: the same file with graph.value_info stripped
+
+
+def network_fingerprint(net) -> bytes:  # type: ignore[no-untyped-def]
+    """The .sir header of ``net`` without its metadata (compile time, file name): node names, ops,
+    inputs, attributes and the sha256 of every array, so equal fingerprints mean equal networks."""
+    import io
+    import zipfile
+
+    from csdc.ir.serialize import to_bytes
+
+    net.metadata.clear()
+    with zipfile.ZipFile(io.BytesIO(to_bytes(net))) as zf:
+        return zf.read("header.json")
+
+
+def strip_value_info(src: str, dst: str) -> str:
+    """``src`` without any intermediate-tensor shapes (``graph.value_info``); initializers untouched."""
+    model = onnx.load(src)
+    del model.graph.value_info[:]
+    onnx.save(model, dst)
+    return dst
+
+
+def build_corpus_route(route: str, tmp: str) -> str:
+    """Export (once per ``tmp``) the corpus model of ``route``; ``route + NO_VALUE_INFO`` strips its shapes."""
+    base = route.removesuffix(NO_VALUE_INFO)
+    path = os.path.join(tmp, f"{base}.onnx")
+    if not os.path.exists(path):
+        kind, exporter, form = CORPUS[base]
+        model = trained(kind)
+        if form is not None:
+            model.set_form(form)
+        export(model, exporter, path)
+    if route.endswith(NO_VALUE_INFO):
+        stripped = os.path.join(tmp, f"{base}-no-value-info.onnx")
+        return stripped if os.path.exists(stripped) else strip_value_info(path, stripped)
+    return path
 
 
 def build_signed_route(route: str, tmp: str) -> str:
@@ -457,7 +701,44 @@ def tie_census(path: str, x: np.ndarray) -> dict:
             "top1_changed": int(np.sum(snn.argmax(1) != ref.argmax(1))), "images": len(x)}
 
 
+CORPUS_MODELS = {"ingraph": "cnn, in-graph int8 weight quantizer", "brevitas-mlp": "attention + MLP, Brevitas defaults",
+                 "torchao": "cnn, torch.ao QAT"}
+
+
+def corpus_row(route: str, tmp: str) -> str:
+    """One row of the corpus table: the route, then with value_info stripped (same network or not)."""
+    from csdc.compiler.pipeline import compile_onnx
+
+    model = next(v for k, v in CORPUS_MODELS.items() if route.startswith(k))
+    try:
+        path = build_corpus_route(route, tmp)
+    except Exception as exc:  # noqa: BLE001
+        return f"| {route} | {model} | - | - | - | export fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | |"
+    try:
+        r = evaluate_route(path, numba_vs_reference=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"| {route} | {model} | - | - | - | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:140]} | | | |"
+    stripped = build_corpus_route(route + NO_VALUE_INFO, tmp)
+    try:
+        nets = [network_fingerprint(compile_onnx(p)[0]) for p in (path, stripped)]
+        same = "same network" if nets[0] == nets[1] else "different network"
+    except Exception as exc:  # noqa: BLE001
+        same = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return (f"| {route} | {model} | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
+            f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} | {'yes' if r['numba_equals_reference'] else 'NO'} | {same} |")
+
+
 def main() -> None:  # pragma: no cover - the README table
+    if "--corpus" in sys.argv:
+        print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff | "
+              "numba == reference | value_info stripped |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        with tempfile.TemporaryDirectory() as tmp:
+            for route in CORPUS:
+                t0 = time.perf_counter()
+                print(corpus_row(route, tmp), flush=True)
+                print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        return
     if "--ties" in sys.argv:
         x, _ = load_digits_split("test")
         root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
