@@ -643,27 +643,20 @@ def build_signed_route(route: str, tmp: str) -> str:
     return export(trained("brevitas_signed_cnn"), route, os.path.join(tmp, f"{route}-signed-cnn.onnx"))
 
 
-def tie_census(path: str, x: np.ndarray) -> dict:
-    """Exact rounding ties at the hidden activation quantizers of ``path`` on ``x``.
-
-    Runs the model with onnxruntime, reads the input of every QuantizeLinear on an activation (the
-    model input's excluded: csdc's input encoder rounds half to even like ONNX) and counts values
-    ``v = x / scale`` (float32, as onnxruntime computes it) with fractional part exactly 0.5 inside
-    the clip range. ``differ``: ties where half-to-even (ONNX) and half-up (csdc's neurons,
-    ``v0 = floor(theta / 2)``) give different levels (floor(v) even). Also compares the compiled
-    network's logits (numba) with onnxruntime's."""
+def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict, dict]:
+    """Every QuantizeLinear on a hidden activation of ``path`` (not the model input, not a weight) and
+    its input on ``x`` as onnxruntime computes it (graph optimizations off); also the constants
+    (initializers and Constant nodes) and each tensor's consumers."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from csdc.backends.numba import NumbaBackend
-    from csdc.compiler.pipeline import compile_onnx
-    from csdc.runtime.evaluate import onnx_logits, run_dataset
-
     model = onnx.load(path)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                  if n.op_type == "Constant" and n.attribute[0].name == "value"})
     inp = model.graph.input[0].name
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] != inp]
-    cons = {}
+    cons: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
             cons.setdefault(i, []).append(n)
@@ -678,7 +671,48 @@ def tie_census(path: str, x: np.ndarray) -> dict:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
+    return qs, sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)}), inits, cons
+
+
+def near_ties_behind_differences(path: str, x: np.ndarray) -> list[dict]:
+    """For every image whose compiled logits (numba) differ from onnxruntime's by more than 1e-4: the
+    hidden quantizer input nearest to a rounding boundary (``|frac(v / scale) - 0.5|``, in levels, as
+    onnxruntime computes it in float32) and the largest logit difference."""
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.runtime.evaluate import onnx_logits, run_dataset
+
+    net, _ = compile_onnx(path)
+    snn = run_dataset(net, NumbaBackend(), x, None, batch=150, progress=False).logits
+    ref = onnx_logits(path, x)
+    images = np.flatnonzero(np.abs(snn - ref).max(1) > 1e-4)
+    qs, outs, inits, _ = hidden_quantizer_inputs(path, x)
+    rows = []
+    for i in images:
+        best = (np.inf, "")
+        for q, v in zip(qs, outs):
+            r = np.asarray(v[i], dtype=np.float32) / np.float32(inits[q.input[1]].reshape(-1)[0])
+            dist = float(np.min(np.abs(r - np.floor(r) - 0.5)))
+            best = min(best, (dist, q.name))
+        rows.append({"image": int(i), "logit_diff": float(np.abs(snn[i] - ref[i]).max()), "top1_same": bool(snn[i].argmax() == ref[i].argmax()),
+                     "nearest_tie_levels": best[0], "quantizer": best[1]})
+    return rows
+
+
+def tie_census(path: str, x: np.ndarray) -> dict:
+    """Exact rounding ties at the hidden activation quantizers of ``path`` on ``x``.
+
+    Runs the model with onnxruntime, reads the input of every QuantizeLinear on an activation (the
+    model input's excluded: csdc's input encoder rounds half to even like ONNX) and counts values
+    ``v = x / scale`` (float32, as onnxruntime computes it) with fractional part exactly 0.5 inside
+    the clip range. ``differ``: ties where half-to-even (ONNX) and half-up (csdc's neurons,
+    ``v0 = floor(theta / 2)``) give different levels (floor(v) even). Also compares the compiled
+    network's logits (numba) with onnxruntime's."""
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.runtime.evaluate import onnx_logits, run_dataset
+
+    qs, outs, inits, cons = hidden_quantizer_inputs(path, x)
     values = ties = differ = 0
     for q, v in zip(qs, outs):
         scale = np.float32(inits[q.input[1]].reshape(-1)[0])
@@ -686,7 +720,8 @@ def tie_census(path: str, x: np.ndarray) -> dict:
         lo, hi = -(2 ** 31), 2 ** 31  # the clip after the quantizer, if any, bounds the levels
         for c in cons.get(q.output[0], []):
             if c.op_type == "Clip":
-                lo, hi = int(inits[c.input[1]].astype(np.int64)), int(inits[c.input[2]].astype(np.int64))
+                lo = int(inits[c.input[1]].astype(np.int64)) if c.input[1] else lo
+                hi = int(inits[c.input[2]].astype(np.int64)) if len(c.input) > 2 and c.input[2] else hi
         r = np.asarray(v, dtype=np.float32) / scale
         fl = np.floor(r)
         tie = (r - fl == 0.5) & (fl + zp >= lo) & (fl + 1 + zp <= hi)
@@ -738,6 +773,21 @@ def main() -> None:  # pragma: no cover - the README table
                 t0 = time.perf_counter()
                 print(corpus_row(route, tmp), flush=True)
                 print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        return
+    if "--near-ties" in sys.argv:  # the images whose logits differ, and the near-tie behind each
+        x, _ = load_digits_split("test")
+        with tempfile.TemporaryDirectory() as tmp:
+            for route in [a for a in sys.argv[1:] if not a.startswith("--")] or list(CORPUS):
+                try:
+                    rows = near_ties_behind_differences(build_corpus_route(route, tmp), x)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{route}: fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    continue
+                print(f"{route}: {len(rows)} image(s) with logits differing by more than 1e-4, "
+                      f"{sum(not r['top1_same'] for r in rows)} with another top-1")
+                for r in rows if "-v" in sys.argv else [r for r in rows if not r["top1_same"]] + rows[:5]:
+                    print(f"  image {r['image']}: max logit diff {r['logit_diff']:.3g}, top-1 {'same' if r['top1_same'] else 'CHANGED'}; "
+                          f"nearest tie {r['nearest_tie_levels']:.2g} of a level at {r['quantizer']}")
         return
     if "--ties" in sys.argv:
         x, _ = load_digits_split("test")
