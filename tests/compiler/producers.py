@@ -654,6 +654,9 @@ def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict,
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    for n in model.graph.node:  # torch.ao's zero points reach the quantizers through Identity nodes
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
     inp = model.graph.input[0].name
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] != inp]
     cons: dict[str, list] = {}
@@ -675,27 +678,61 @@ def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict,
 
 
 def near_ties_behind_differences(path: str, x: np.ndarray) -> list[dict]:
-    """For every image whose compiled logits (numba) differ from onnxruntime's by more than 1e-4: the
-    hidden quantizer input nearest to a rounding boundary (``|frac(v / scale) - 0.5|``, in levels, as
-    onnxruntime computes it in float32) and the largest logit difference."""
-    from csdc.backends.numba import NumbaBackend
+    """For every image whose compiled logits differ from onnxruntime's by more than 1e-4, the exact
+    level that differs first: walking the hidden quantizers in graph order, the first whose levels in
+    onnxruntime (``clip(round(v / scale) + zero_point, lo, hi)``, ``v`` as onnxruntime computes it in
+    float32) differ from the spike counts of the population csdc made from it (count-domain reference,
+    equal to numba's); ``v / scale`` at those positions shows how near a rounding boundary they were
+    (``distance``, in levels; upstream levels are all equal there, so a difference at a value far from
+    a boundary would be a compiler error). Quantizers whose population has another layout than the
+    ONNX tensor (a max-pool moved across it) are skipped."""
     from csdc.compiler.pipeline import compile_onnx
-    from csdc.runtime.evaluate import onnx_logits, run_dataset
+    from csdc.ir import semantics
+    from csdc.runtime.evaluate import onnx_logits
 
-    net, _ = compile_onnx(path)
-    snn = run_dataset(net, NumbaBackend(), x, None, batch=150, progress=False).logits
+    net, rep = compile_onnx(path)
+    res = semantics.run_counts(net, x)
     ref = onnx_logits(path, x)
-    images = np.flatnonzero(np.abs(snn - ref).max(1) > 1e-4)
-    qs, outs, inits, _ = hidden_quantizer_inputs(path, x)
+    images = np.flatnonzero(np.abs(res.logits - ref).max(1) > 1e-4)
+    qs, outs, inits, cons = hidden_quantizer_inputs(path, x)
+    neurons = set(net.neurons())
+    levels = []  # (quantizer name, onnx levels - offset, v / scale, counts) in graph order
+    for q, v in zip(qs, outs):
+        pops = [e.split(" (")[0] for e in rep.explain.get(q.name, [])]
+        pops = [p for p in pops if p in neurons]
+        if len(pops) != 1:
+            continue
+        from csdc.compiler.passes.canonicalize_quant import int_range
+
+        scale = np.float32(inits[q.input[1]].reshape(-1)[0])
+        zp_arr = inits[q.input[2]] if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+        zp = int(zp_arr.reshape(-1).astype(np.int64)[0])
+        lo, hi = int_range(zp_arr.dtype)  # the storage type's range, narrowed by a Clip after the quantizer
+        for c in cons.get(q.output[0], []):
+            if c.op_type == "Clip":
+                lo = max(lo, int(inits[c.input[1]].astype(np.int64))) if c.input[1] else lo
+                hi = min(hi, int(inits[c.input[2]].astype(np.int64))) if len(c.input) > 2 and c.input[2] else hi
+        r = np.asarray(v, dtype=np.float32) / scale
+        counts = np.asarray(res.counts[pops[0]])
+        if counts.size != r.size:
+            continue
+        lvl = np.clip(np.rint(r).astype(np.int64) + zp, lo, hi)
+        lvl = lvl - (lo if lo < zp else zp)  # the neuron counts level - lo in the offset form, else level - zp
+        if lvl.min() < 0:  # a signed quantizer after a ReLU: canonicalize_zero_point made it unsigned
+            lvl = np.clip(lvl - lvl.min(), 0, None)
+        levels.append((q.name, lvl.reshape(len(x), -1), r.reshape(len(x), -1), counts.reshape(len(x), -1)))
     rows = []
     for i in images:
-        best = (np.inf, "")
-        for q, v in zip(qs, outs):
-            r = np.asarray(v[i], dtype=np.float32) / np.float32(inits[q.input[1]].reshape(-1)[0])
-            dist = float(np.min(np.abs(r - np.floor(r) - 0.5)))
-            best = min(best, (dist, q.name))
-        rows.append({"image": int(i), "logit_diff": float(np.abs(snn[i] - ref[i]).max()), "top1_same": bool(snn[i].argmax() == ref[i].argmax()),
-                     "nearest_tie_levels": best[0], "quantizer": best[1]})
+        row = {"image": int(i), "logit_diff": float(np.abs(res.logits[i] - ref[i]).max()),
+               "top1_same": bool(res.logits[i].argmax() == ref[i].argmax()), "quantizer": None, "values": 0, "distance": None}
+        for name, lvl, r, counts in levels:
+            diff = np.flatnonzero(lvl[i] != counts[i])
+            if diff.size:
+                d = np.abs(r[i, diff] - np.floor(r[i, diff]) - 0.5)
+                row.update(quantizer=name, values=int(diff.size), distance=float(d.max()),
+                           level_diff=int(np.abs(lvl[i, diff] - counts[i, diff]).max()))
+                break
+        rows.append(row)
     return rows
 
 
@@ -777,17 +814,22 @@ def main() -> None:  # pragma: no cover - the README table
     if "--near-ties" in sys.argv:  # the images whose logits differ, and the near-tie behind each
         x, _ = load_digits_split("test")
         with tempfile.TemporaryDirectory() as tmp:
-            for route in [a for a in sys.argv[1:] if not a.startswith("--")] or list(CORPUS):
-                try:
-                    rows = near_ties_behind_differences(build_corpus_route(route, tmp), x)
+            for route in [a for a in sys.argv[1:] if not a.startswith("-")] or list(CORPUS):
+                try:  # a corpus route, or ROUTE:ARCH of the table above (e.g. ort-uint8-pertensor:attention)
+                    path = build_route(*route.split(":"), tmp) if ":" in route else build_corpus_route(route, tmp)
+                    rows = near_ties_behind_differences(path, x)
                 except Exception as exc:  # noqa: BLE001
                     print(f"{route}: fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     continue
                 print(f"{route}: {len(rows)} image(s) with logits differing by more than 1e-4, "
                       f"{sum(not r['top1_same'] for r in rows)} with another top-1")
+                worst = max((r["distance"] for r in rows if r["distance"] is not None), default=None)
+                print(f"  first differing level within {worst:.2g} of a rounding boundary in every image" if worst is not None and
+                      all(r["distance"] is not None for r in rows) else "  (some images: no differing level found, see -v)")
                 for r in rows if "-v" in sys.argv else [r for r in rows if not r["top1_same"]] + rows[:5]:
-                    print(f"  image {r['image']}: max logit diff {r['logit_diff']:.3g}, top-1 {'same' if r['top1_same'] else 'CHANGED'}; "
-                          f"nearest tie {r['nearest_tie_levels']:.2g} of a level at {r['quantizer']}")
+                    where = (f"first differs at {r['quantizer']}: {r['values']} value(s) by {r['level_diff']} level, v/scale within "
+                             f"{r['distance']:.2g} of a .5 boundary") if r["quantizer"] else "no hidden level differs (fixed-point sums)"
+                    print(f"  image {r['image']}: max logit diff {r['logit_diff']:.3g}, top-1 {'same' if r['top1_same'] else 'CHANGED'}; {where}")
         return
     if "--ties" in sys.argv:
         x, _ = load_digits_split("test")
