@@ -453,6 +453,11 @@ def export(model: nn.Module, route: str, path: str) -> str:
         from brevitas.export import export_qonnx
 
         _quiet_export(export_qonnx, model, x, export_path=path, dynamic_shapes=dyn)
+    elif route == "brevitas-qonnx-torchscript":
+        from brevitas.export import export_qonnx
+
+        _quiet_export(export_qonnx, model, x, export_path=path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, opset_version=17)
     elif route.startswith("torch") and route.endswith("-torchscript"):
         _quiet_export(torch.onnx.export, model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
@@ -591,6 +596,7 @@ CORPUS = {
     "brevitas-mlp-qcdq-torchscript": ("brevitas_attention_mlp", "brevitas-qcdq-torchscript", None),
     "brevitas-mlp-qcdq-dynamo": ("brevitas_attention_mlp", "brevitas-qcdq-dynamo", None),
     "brevitas-mlp-qonnx": ("brevitas_attention_mlp", "brevitas-qonnx", None),
+    "brevitas-mlp-qonnx-torchscript": ("brevitas_attention_mlp", "brevitas-qonnx-torchscript", None),
     "torchao-eager-torchscript": ("torchao_eager_cnn", "torch-torchscript", None),
     "torchao-fx-torchscript": ("torchao_fx_cnn", "torch-torchscript", None),
 }

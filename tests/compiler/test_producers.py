@@ -302,9 +302,10 @@ CORPUS_KNOWN_FAILURES = {
         "is checked against the op whitelist before it is folded: UnsupportedModelError '/c1/wq/Abs' (op Abs), "
         "'/c1/wq/ReduceMax' (op ReduceMax), same for c2 and fc")
        for form in ("qdq", "arith") for gran in ("perchannel", "pertensor")},
-    "brevitas-mlp-qcdq-torchscript": (
+    **{route: (
         "frontend: reshape targets computed from Shape -> Gather -> Unsqueeze -> Concat leave '/Reshape_1_output_0' "
-        "without an inferred shape; lower.lower_route raises KeyError '/Reshape_1_output_0' (not a CsdcError)"),
+        "without an inferred shape; lower.lower_route raises KeyError '/Reshape_1_output_0' (not a CsdcError)")
+       for route in ("brevitas-mlp-qcdq-torchscript", "brevitas-mlp-qonnx-torchscript")},
 }
 
 
