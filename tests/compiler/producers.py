@@ -355,6 +355,16 @@ def torch_ao_eager_qat() -> nn.Module:
     return tq.prepare_qat(model, inplace=True)
 
 
+def torch_ao_eager_qat_unfused() -> nn.Module:
+    """Eager-mode QAT without fusing conv-BN-ReLU: every module's output gets its own FakeQuantize, so
+    the BatchNorm output is quantized with a zero point and the ReLU comes after that quantizer."""
+    from torch.ao import quantization as tq
+
+    model = FloatCNN().train()
+    model.qconfig = tq.get_default_qat_qconfig("x86", version=0)
+    return tq.prepare_qat(model, inplace=True)
+
+
 def torch_ao_fx_qat() -> nn.Module:
     """torch.ao FX-graph-mode QAT: ``prepare_qat_fx`` with the default x86 QAT qconfig mapping."""
     from torch.ao.quantization import get_default_qat_qconfig_mapping
@@ -399,7 +409,7 @@ _TRAINED: dict[str, nn.Module] = {}
 
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
 RECIPES = {"ingraph_cnn_perchannel": (3, 3e-3), "ingraph_cnn_pertensor": (3, 3e-3), "brevitas_attention_mlp": (4, 1e-2),
-           "torchao_eager_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
+           "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
            "float_attention": (4, 5e-3)}
 
 
@@ -410,7 +420,7 @@ def trained(kind: str) -> nn.Module:
         from csdc.training.loop import build_seeded, train
 
         factory = {"ingraph_cnn_perchannel": lambda: InGraphCNN(True), "ingraph_cnn_pertensor": lambda: InGraphCNN(False),
-                   "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat,
+                   "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat, "torchao_eager_unfused_cnn": torch_ao_eager_qat_unfused,
                    "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
                    "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
         x, y = load_digits_split("train")

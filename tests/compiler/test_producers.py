@@ -374,6 +374,21 @@ def test_corpus_logit_differences_trace_to_near_ties(corpus_dir, route):
         assert r["level_diff"] == 1 and r["distance"] < 2 ** -8, r
 
 
+def test_torch_ao_unfused_qat_is_refused_naming_the_relus(corpus_dir):
+    """Without conv-BN-ReLU fusion torch.ao quantizes the BatchNorm output with a zero point and applies
+    the ReLU after it (``BN -> QDQ -> Relu -> MaxPool -> Conv``): a quantizer with fewer levels than T
+    in effect, which one time window cannot hold. Refused, naming every such ReLU (fuse conv-BN-ReLU
+    before prepare_qat, as torch.ao's tutorial does, and it compiles: torchao-eager-torchscript)."""
+    import os
+
+    path = os.path.join(corpus_dir, "torchao-eager-unfused-torchscript.onnx")
+    P.export(P.trained("torchao_eager_unfused_cnn"), "torch-torchscript", path)
+    with pytest.raises(UnsupportedModelError) as exc:
+        compile_onnx(path)
+    assert sorted(p[0] for p in exc.value.problems) == ["/r1/Relu", "/r2/Relu"]
+    assert "right before an activation quantizer" in str(exc.value)
+
+
 def test_torch_ao_fx_requantizers_are_removed(corpus_dir):
     """torch.ao FX QAT re-applies a shared FakeQuantize after MaxPool and Flatten and twice on the
     logits: those quantizers are identities and leave no population (one per ReLU, input, logits)."""
