@@ -1,9 +1,12 @@
 """ONNX frontend: load and check a model file and turn it into a :class:`QGraph`.
 
-Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, one data input
-and one output, shapes inferable (QONNX ``Quant`` nodes, from Brevitas ``export_qonnx``, count as
-shape-preserving, and a symbolic batch axis as 1, so dynamic-batch shape arithmetic resolves). Every node whose op csdc cannot make spike-driven is
-collected, and all of them are reported at once with the rewrite that would fix each.
+Checks: the file exists and parses, the ONNX checker accepts it, opset >= 13, no custom-domain ops
+(QONNX ``Quant`` aside), one data input and one output. Then every tensor gets a shape
+(:mod:`csdc.compiler.shapes`: onnx shape inference, else one onnxruntime run), every node whose
+inputs are all constants is evaluated (:mod:`csdc.compiler.passes.fold_constants`, whatever its op:
+fold before you judge), and only the data-dependent nodes left are judged: every one whose op csdc
+cannot make spike-driven is collected, and all of them are reported at once with the rewrite that
+would fix each.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from csdc.compiler.passes.fold_constants import fold_constants
 from csdc.compiler.qgraph import QGraph, QNode
+from csdc.compiler.shapes import QONNX_DOMAINS, inferred_shapes, measured_shapes
 from csdc.errors import ModelFileError, UnsupportedModelError
 
 SUPPORTED = {
@@ -28,7 +33,6 @@ SUPPORTED = {
 }
 
 # QONNX quantizers (Brevitas export_qonnx); canonicalize_qonnx_quant turns them into csdc's Quant
-QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general")
 QONNX_SUPPORTED = {"Quant"}
 
 # op -> why it cannot run spike-driven and what to use instead
@@ -51,20 +55,6 @@ REJECTED = {
     "HardSwish": "use ReLU followed by a quantizer",
     "Sub": "subtraction of tensors is not supported; fold constants into biases",
 }
-
-
-def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-        return None
-    dims = []
-    for i, d in enumerate(vi.type.tensor_type.shape.dim):
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif i == 0:
-            dims.append(1)  # symbolic batch axis
-        else:
-            return None
-    return tuple(dims)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -93,114 +83,84 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-SHAPE_DATA_LIMIT = 4096  # initializers up to this many elements keep their values for shape inference
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose large initializers are declared (type and shape) but hold no data:
-    shape inference only needs the values of small shape tensors, and copying a large model's
-    weights would double the memory it takes."""
-    g = model.graph
-    graph = onnx.GraphProto(name=g.name)
-    graph.node.extend(g.node)
-    graph.input.extend(g.input)
-    graph.output.extend(g.output)
-    graph.value_info.extend(g.value_info)
-    declared = {vi.name for vi in g.input}
-    for init in g.initializer:
-        if int(np.prod(init.dims)) <= SHAPE_DATA_LIMIT:
-            graph.initializer.append(init)
-        elif init.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    m = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    m.functions.extend(model.functions)
-    return m
-
-
-def _for_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: QONNX Quant nodes (shape-preserving, unknown to ONNX) become
-    Identity nodes, and a symbolic batch axis of the input becomes 1, so that shape arithmetic of
-    dynamic-batch exports (``Shape -> Slice -> Concat -> Reshape``) propagates to concrete shapes."""
-    m = _skeleton(model)
-    inits = {i.name for i in m.graph.initializer}
-    for vi in m.graph.input:
-        if vi.name not in inits and vi.type.tensor_type.shape.dim:
-            d0 = vi.type.tensor_type.shape.dim[0]
-            if not d0.HasField("dim_value"):
-                d0.Clear()
-                d0.dim_value = 1
-    if not any(n.domain in QONNX_DOMAINS for n in model.graph.node):
-        return m
-    nodes = []
-    for n in m.graph.node:
-        if n.domain in QONNX_DOMAINS:
-            n = onnx.helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name)
-        nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    del m.opset_import[:]
-    m.opset_import.extend([o for o in model.opset_import if o.domain not in QONNX_DOMAINS])
-    return m
-
-
-def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
-    """Convert a checked ONNX model to a QGraph, rejecting unsupported ops all at once."""
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset < 13:
-        raise ModelFileError(f"{path}: opset {opset} is too old; export with opset_version >= 13")
+def _judge(nodes: list[QNode], path: str, custom_only: bool = False) -> None:
+    """Raise one UnsupportedModelError listing every node whose op csdc cannot make spike-driven."""
     problems: list[tuple[str, str, str]] = []
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
+    for node in nodes:
         if node.domain in QONNX_DOMAINS:
             if node.op_type not in QONNX_SUPPORTED:
-                problems.append((name, f"{node.domain}.{node.op_type}", "of the QONNX ops only Quant is supported; "
+                problems.append((node.name, f"{node.domain}.{node.op_type}", "of the QONNX ops only Quant is supported; "
                                  "re-export with Quant nodes (Brevitas export_qonnx) or as QCDQ"))
         elif node.domain not in ("", "ai.onnx"):
-            problems.append((name, f"{node.domain}.{node.op_type}", "custom-domain ops are not supported; "
+            problems.append((node.name, f"{node.domain}.{node.op_type}", "custom-domain ops are not supported; "
                              "export with standard ONNX ops (QuantizeLinear/DequantizeLinear for quantizers)"))
+        elif custom_only:
+            continue
         elif node.op_type in REJECTED:
-            problems.append((name, node.op_type, REJECTED[node.op_type]))
+            problems.append((node.name, node.op_type, REJECTED[node.op_type]))
         elif node.op_type not in SUPPORTED:
-            problems.append((name, node.op_type, "no spike-driven lowering exists for this op"))
+            problems.append((node.name, node.op_type, "no spike-driven lowering exists for this op"))
     if problems:
         raise UnsupportedModelError(path, problems)
 
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_for_shape_inference(model), strict_mode=True, data_prop=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: ONNX shape inference failed: {exc}") from None
-    g = inferred.graph
-    constants = {}
-    for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        arr.flags.writeable = False  # shared, never copied, by the passes and the IR ops
-        constants[init.name] = arr
-    inputs = [vi for vi in g.input if vi.name not in constants]
-    if len(inputs) != 1 or len(g.output) != 1:
-        raise ModelFileError(f"{path}: csdc needs exactly one data input and one output, found "
-                             f"{len(inputs)} input(s) and {len(g.output)} output(s)")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        shp = _shape_of(vi)
-        if shp is not None:
-            shapes[vi.name] = shp
-    if inputs[0].name not in shapes:
-        raise ModelFileError(f"{path}: input '{inputs[0].name}' needs a static shape (batch axis may be symbolic)")
+
+def _qnodes(model: onnx.ModelProto, path: str) -> list[QNode]:
     nodes = []
     for i, node in enumerate(model.graph.node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        try:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        except Exception as exc:  # an attribute whose declared type does not match its content
+            raise ModelFileError(f"{path}: node '{node.name or i}' (op {node.op_type}) has an unreadable attribute: {exc}") from None
         for k, v in list(attrs.items()):
             if isinstance(v, bytes):
-                attrs[k] = v.decode()
+                attrs[k] = v.decode(errors="replace")
             elif isinstance(v, onnx.TensorProto):
                 attrs[k] = numpy_helper.to_array(v)
         nodes.append(QNode(node.name or f"{node.op_type}_{i}", node.op_type, tuple(node.input),
                            tuple(node.output), attrs, node.domain))
-    for const in constants.values():
-        if const.dtype == object:
-            raise ModelFileError(f"{path}: string tensors are not supported")
-    return QGraph(nodes=nodes, constants=constants, shapes=shapes, input=inputs[0].name,
-                  output=g.output[0].name, path=path, opset=opset)
+    return nodes
+
+
+def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
+    """Convert a checked ONNX model to a QGraph: shapes of every tensor, constant subgraphs folded
+    (whatever their ops), then the remaining, data-dependent, nodes judged: unsupported ops are
+    rejected all at once."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        raise ModelFileError(f"{path}: opset {opset} is too old; export with opset_version >= 13")
+    nodes = _qnodes(model, path)
+    _judge(nodes, path, custom_only=True)  # never evaluated, never inferred: refuse them first
+    constants = {}
+    for init in model.graph.initializer:
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as exc:  # data that does not match its declared dims or type
+            raise ModelFileError(f"{path}: initializer '{init.name}' cannot be read: {exc}") from None
+        if arr.dtype == object:
+            raise ModelFileError(f"{path}: initializer '{init.name}' is a string tensor; string tensors are not supported")
+        arr.flags.writeable = False  # shared, never copied, by the passes and the IR ops
+        constants[init.name] = arr
+    inputs = [vi for vi in model.graph.input if vi.name not in constants]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ModelFileError(f"{path}: csdc needs exactly one data input and one output, found "
+                             f"{len(inputs)} input(s) and {len(model.graph.output)} output(s)")
+    shapes, failure = inferred_shapes(model)
+    if inputs[0].name not in shapes:
+        raise ModelFileError(f"{path}: input '{inputs[0].name}' needs a static shape (batch axis may be symbolic)")
+    graph = QGraph(nodes=nodes, constants=constants, shapes=shapes, input=inputs[0].name,
+                   output=model.graph.output[0].name, path=path, opset=opset, source_nodes=tuple(n.name for n in nodes))
+    graph = fold_constants(graph)
+    unknown = [o for n in graph.nodes for o in n.outputs if o and o not in graph.shapes and o not in graph.constants]
+    if unknown:
+        graph.shapes.update(measured_shapes(model, unknown, path, failure))
+        graph = fold_constants(graph)  # Shape nodes of the tensors just measured
+    _judge(graph.nodes, path)
+    produced = {graph.input, *graph.constants, *(o for n in graph.nodes for o in n.outputs)}
+    if graph.output not in produced:
+        raise ModelFileError(f"{path}: the output '{graph.output}' is produced by no node")
+    if graph.output in graph.constants:
+        raise ModelFileError(f"{path}: the output '{graph.output}' does not depend on the input '{graph.input}'")
+    return graph
 
 
 def release_freed_memory() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,7 +14,7 @@ from csdc import __version__
 from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
 from csdc.compiler.frontend import load_qgraph
 from csdc.compiler.lower import lower
-from csdc.compiler.passes import run_passes
+from csdc.compiler.passes import PassManager
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
 from csdc.compiler.passes.canonicalize_lsq_arithmetic import canonicalize_lsq_arithmetic
 from csdc.compiler.passes.canonicalize_qonnx_quant import canonicalize_qonnx_quant
@@ -75,15 +77,18 @@ class CompileReport:
 def canonical_passes(options: CompileOptions) -> list:
     """Quantizers first: every dialect (QONNX Quant, LSQ arithmetic, QDQ/QCDQ) becomes one ``Quant``
     op (weights become integer constants) before any structural pass; then zero points are
-    normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded."""
+    normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded (the
+    frontend has already folded every constant subgraph; ``fold_constants`` runs again after the
+    quantizer passes have turned QONNX / LSQ weight quantizers into constants)."""
     return [remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
             canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
 
 
-def canonicalize(graph: QGraph, options: CompileOptions, check=None) -> QGraph:
-    """Run the canonicalization passes on a loaded graph."""
-    return run_passes(graph, canonical_passes(options), check)
+def canonicalize(graph: QGraph, options: CompileOptions, check=None, contracts: bool = False) -> QGraph:
+    """Run the canonicalization passes on a loaded graph; ``check(graph, pass_name)`` runs after each pass,
+    and ``contracts`` checks every pass's declared requires/ensures and that it leaves its input intact."""
+    return PassManager(canonical_passes(options), check=contracts, verify=check).run(graph).graph
 
 
 def depth(net: Network) -> int:
@@ -112,19 +117,37 @@ def explain_sources(source: QGraph, graph: QGraph, lowered: dict[str, list[str]]
     """For every source node, in source order, what it became: the IR nodes made from it, else what a
     pass turned it into (``graph.provenance``: folded, absorbed, part of a quantizer, a constant)."""
     out: dict[str, list[str]] = {}
-    for n in source.nodes:
-        if n.name in lowered:
-            out[n.name] = list(lowered[n.name])
-        elif n.name in graph.provenance:
-            out[n.name] = [graph.provenance[n.name]]
+    for name in source.source_nodes or [n.name for n in source.nodes]:  # including those the frontend folded
+        if name in lowered:
+            out[name] = list(lowered[name])
+        elif name in graph.provenance:
+            out[name] = [graph.provenance[name]]
         else:
-            out[n.name] = ["no IR node of its own (a constant scale/shift, pooling or routing folded into the next population's "
+            out[name] = ["no IR node of its own (a constant scale/shift, pooling or routing folded into the next population's "
                            "weights, bias or threshold)"]
     for k, v in lowered.items():
         out.setdefault(k, list(v))
     return out
 
 
+def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
+    """Last line of defence: an exception that no check turned into a CsdcError becomes one naming the
+    model and where it happened (passes name themselves through PassManager)."""
+    @functools.wraps(fn)
+    def wrapped(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(path, *args, **kwargs)
+        except CsdcError:
+            raise
+        except Exception as exc:
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}csdc{os.sep}" in f.filename]
+            where = f" in {os.path.basename(frames[-1].filename)}:{frames[-1].name}" if frames else ""
+            raise CsdcError(f"{os.fspath(path)}: internal error{where} ({type(exc).__name__}: {exc}); "
+                            "the model is malformed in a way csdc does not check yet") from exc
+    return wrapped
+
+
+@_internal_errors_named
 def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
     """Compile an ONNX file into a verified spiking network and a report."""
     t0 = time.perf_counter()

@@ -71,6 +71,8 @@ class QGraph:
     provenance: dict[str, str] = field(default_factory=dict)
     # what passes report to the user (approximations they made), shown with the compile report
     warnings: list[str] = field(default_factory=list)
+    # names of the model's nodes in source order, including those folded into constants by the frontend
+    source_nodes: tuple[str, ...] = ()
 
     def with_nodes(self, nodes: Iterable[QNode]) -> "QGraph":
         return replace(self, nodes=list(nodes), constants=dict(self.constants), shapes=dict(self.shapes),

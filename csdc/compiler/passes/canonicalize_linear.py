@@ -27,17 +27,27 @@ def grid_levels(flat: np.ndarray, qmax: int, tol: float = 1e-4) -> np.ndarray:
     """Per row, the smallest ``k <= qmax`` such that the row lies on the grid ``max|w| / k`` (0 if none).
 
     Float weights exported after fake quantization (``round(w / s).clamp(-Q, Q) * s`` folded into a
-    constant by the exporter) are such a grid: recovering it keeps the trained integers exactly."""
+    constant by the exporter) are such a grid: recovering it keeps the trained integers exactly.
+    Vectorised over rows: each ``k`` is screened on a few entries per row (the largest, where a miss
+    is likeliest to show), and only the rows that pass are checked in full."""
+    rows = flat.shape[0]
+    out = np.zeros(rows, dtype=np.int64)
+    if flat.size == 0:
+        return out
     amax = np.abs(flat).max(axis=1)
-    out = np.zeros(flat.shape[0], dtype=np.int64)
-    for r in range(flat.shape[0]):
-        if amax[r] == 0:
-            continue
-        for k in range(1, qmax + 1):
-            v = flat[r] * (k / amax[r])
-            if np.all(np.abs(v - np.rint(v)) < tol):
-                out[r] = k
-                break
+    ratio = flat / np.where(amax > 0, amax, 1.0)[:, None]  # in [-1, 1]: on the grid iff ratio * k is integral
+    screen = np.take_along_axis(ratio, np.argsort(-np.abs(ratio), axis=1)[:, :min(8, ratio.shape[1])], axis=1)
+    open_rows = np.flatnonzero(amax > 0)
+    for k in range(1, qmax + 1):
+        if open_rows.size == 0:
+            break
+        v = screen[open_rows] * k
+        passed = open_rows[np.all(np.abs(v - np.rint(v)) < tol, axis=1)]
+        if passed.size:
+            full = ratio[passed] * k
+            on_grid = passed[np.all(np.abs(full - np.rint(full)) < tol, axis=1)]
+            out[on_grid] = k
+            open_rows = np.setdiff1d(open_rows, on_grid, assume_unique=True)
     return out
 
 
@@ -69,10 +79,16 @@ def _weight(graph: QGraph, name: str, out_axis: int, bits: int) -> tuple[np.ndar
     return narrowest(ints), sc, err, True
 
 
-def _bias(graph: QGraph, name: str | None, n_out: int) -> np.ndarray:
+def _bias(graph: QGraph, name: str | None, n_out: int, node: QNode | None = None) -> np.ndarray:
     if not name:
         return np.zeros(n_out)
-    return np.broadcast_to(np.asarray(graph.constants[name], dtype=np.float64).reshape(-1), (n_out,)).copy()
+    where = (node.name, node.op_type) if node is not None else (name, "?")
+    if not graph.is_const(name):
+        raise UnsupportedModelError(graph.path, [(*where, f"the bias '{name}' must be a constant")])
+    b = np.asarray(graph.constants[name], dtype=np.float64).reshape(-1)
+    if b.size not in (1, n_out):
+        raise UnsupportedModelError(graph.path, [(*where, f"the bias '{name}' has {b.size} values for {n_out} output channels")])
+    return np.broadcast_to(b, (n_out,)).copy()
 
 
 def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
@@ -111,7 +127,7 @@ def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
                     first = total // 2 if auto == "SAME_UPPER" else total - total // 2
                     pads.append((first, total - first))
                 pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
-            attrs = {"kind": "conv", "w_int": ints, "w_scale": sc, "bias": _bias(graph, n.inputs[2] if len(n.inputs) > 2 else None, ints.shape[0]),
+            attrs = {"kind": "conv", "w_int": ints, "w_scale": sc, "bias": _bias(graph, n.inputs[2] if len(n.inputs) > 2 else None, ints.shape[0], n),
                      "strides": tuple(strides), "pads": tuple(pads), "dilations": tuple(dil), "group": int(n.attrs.get("group", 1))}
         else:
             if n.op_type == "Gemm":
@@ -127,7 +143,10 @@ def canonicalize_linear(graph: QGraph, weight_bits: int = 8) -> QGraph:
                 problems.append((n.name, n.op_type, f"weights must be 2-D, got shape {graph.constants[w].shape}"))
                 continue
             ints, sc, err, q = _weight(graph, w, out_axis, weight_bits)
-            attrs = {"kind": "dense", "w_int": ints, "w_scale": sc * alpha, "bias": beta * _bias(graph, bias_name, ints.shape[0])}
+            attrs = {"kind": "dense", "w_int": ints, "w_scale": sc * alpha, "bias": beta * _bias(graph, bias_name, ints.shape[0], n)}
+        if not (np.all(np.isfinite(attrs["w_scale"])) and np.all(np.isfinite(attrs["bias"]))):
+            problems.append((n.name, n.op_type, "weights, scales and bias must be finite numbers (found inf or NaN)"))
+            continue
         attrs["weight_error"] = err
         attrs["weights_quantized_by_csdc"] = q
         out.append(QNode(n.name, "Linear", (x,), n.outputs, attrs))
@@ -140,3 +159,16 @@ def make_canonicalize_linear(weight_bits: int) -> Callable[[QGraph], QGraph]:
     p = partial(canonicalize_linear, weight_bits=weight_bits)
     p.__name__ = "canonicalize_linear"  # type: ignore[attr-defined]
     return p
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_ops  # noqa: E402
+
+
+def _matmuls_of_activations(graph: QGraph) -> str | None:
+    bad = [n for n in graph.nodes if n.op_type == "MatMul" and any(graph.is_const(i) for i in n.inputs)]
+    return f"MatMul '{bad[0].name}' with a constant operand remains" if bad else None
+
+
+declare(canonicalize_linear, requires=[no_ops("QuantizeLinear", "DequantizeLinear")],
+        ensures=[no_ops("Conv", "Gemm"), _matmuls_of_activations])

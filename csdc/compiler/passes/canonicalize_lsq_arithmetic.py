@@ -175,3 +175,9 @@ def canonicalize_lsq_arithmetic(graph: QGraph) -> QGraph:
             out.append(n)
     graph.nodes = out
     return graph
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_ops  # noqa: E402
+
+declare(canonicalize_lsq_arithmetic, ensures=[no_ops("Round")])

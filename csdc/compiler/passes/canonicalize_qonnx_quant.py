@@ -112,3 +112,9 @@ def canonicalize_qonnx_quant(graph: QGraph) -> QGraph:
         raise UnsupportedModelError(graph.path, problems)
     graph.nodes = out
     return graph
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_foreign_domains  # noqa: E402
+
+declare(canonicalize_qonnx_quant, ensures=[no_foreign_domains])

@@ -184,3 +184,20 @@ def _drop_requantizers(graph: QGraph) -> QGraph:
         kept = [n.with_(inputs=tuple(graph.output if i == out_alias else i for i in n.inputs),
                         outputs=tuple(graph.output if o == out_alias else o for o in n.outputs)) for n in kept]
     return graph.with_nodes(kept)
+
+
+def _no_requantizers(graph: QGraph) -> str | None:
+    """No ``Quant`` re-quantizes, through value-preserving routing, the levels of an identical quantizer."""
+    prod = graph.producers()
+    for n in graph.nodes:
+        src = _levels_source(n.inputs[0], prod) if n.op_type == "Quant" and not n.domain else None
+        if src is not None and _is_identity_on(n, src):
+            return f"quantizer '{n.name}' re-quantizes the levels of quantizer '{src.name}'"
+    return None
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_foreign_domains, no_ops  # noqa: E402
+
+declare(canonicalize_quant, requires=[no_foreign_domains],
+        ensures=[no_ops("QuantizeLinear", "DequantizeLinear"), _no_requantizers])

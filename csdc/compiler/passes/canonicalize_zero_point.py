@@ -47,3 +47,15 @@ def canonicalize_zero_point(graph: QGraph) -> QGraph:
             a.update(zero_point=0, lo=0, hi=int(a["hi"]) - z)
         out.append(n.with_(attrs=a) if a != n.attrs else n)
     return graph.with_nodes(out)
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare  # noqa: E402
+
+
+def _offsets_normalized(graph: QGraph) -> str | None:
+    bad = [n for n in graph.nodes if n.op_type == "Quant" and n.attrs["lo"] == n.attrs["zero_point"] != 0]
+    return f"quantizer '{bad[0].name}' keeps zero point {bad[0].attrs['zero_point']} == lo" if bad else None
+
+
+declare(canonicalize_zero_point, ensures=[_offsets_normalized])

@@ -31,6 +31,7 @@ def _per_channel(const: np.ndarray, out_rank: int, axis: int, n: int) -> np.ndar
 
 def fold_affine_constants(graph: QGraph) -> QGraph:
     """Fold constant Add/Mul/Div after Linear nodes (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
     changed = True
     while changed:
         changed = False
@@ -62,3 +63,9 @@ def fold_affine_constants(graph: QGraph) -> QGraph:
             changed = True
             break
     return graph
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, idempotent, shapes_known  # noqa: E402
+
+declare(fold_affine_constants, requires=[shapes_known], ensures=[idempotent(fold_affine_constants)])

@@ -48,6 +48,7 @@ def _token_sandwich(graph: QGraph, bn: QNode, t_in: QNode | None, prod: dict[str
 
 def fold_batchnorm(graph: QGraph) -> QGraph:
     """Fold every BatchNormalization into the Linear before it (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
     prod, cons = graph.producers(), graph.consumers()
     replaced: dict[str, QNode] = {}
     affine: dict[str, list[QNode]] = {}  # BN name -> Mul, Add
@@ -65,8 +66,17 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
             outputs = t_out.outputs
             graph.provenance[t_in.name] = graph.provenance[t_out.name] = f"folded into {lin.name} with {n.name}"
         lin = replaced.get(lin.name, lin) if lin is not None else None
+        if len(n.inputs) < 5 or not all(graph.is_const(i) for i in n.inputs[1:5]):
+            problems.append((n.name, "BatchNormalization", "scale, bias, mean and variance must be constants"))
+            continue
         gamma, beta, mean, var = (np.asarray(graph.constants[i], dtype=np.float64).reshape(-1) for i in n.inputs[1:5])
-        k = gamma / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5)))
+        eps = float(n.attrs.get("epsilon", 1e-5))
+        sizes = {p.size for p in (gamma, beta, mean, var)}
+        if len(sizes) != 1 or not all(np.all(np.isfinite(p)) for p in (gamma, beta, mean, var)) or not np.all(var + eps > 0):
+            problems.append((n.name, "BatchNormalization", f"parameters must be finite, of one length per channel (got lengths "
+                             f"{sorted(sizes)}), with variance + epsilon > 0"))
+            continue
+        k = gamma / np.sqrt(var + eps)
         if sandwich is None and (lin is None or lin.op_type != "Linear" or len(cons.get(n.inputs[0], [])) != 1
                                  or linear_channel_axis(graph, lin) != 1):
             rank = len(graph.shapes.get(n.inputs[0], ()))
@@ -98,3 +108,9 @@ def fold_batchnorm(graph: QGraph) -> QGraph:
         elif n.name not in removed:
             out.append(replaced.get(n.name, n))
     return graph.with_nodes(out)
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, no_ops, shapes_known  # noqa: E402
+
+declare(fold_batchnorm, requires=[shapes_known, no_ops("Conv", "Gemm")], ensures=[no_ops("BatchNormalization")])

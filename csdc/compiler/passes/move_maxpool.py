@@ -15,6 +15,7 @@ from csdc.compiler.qgraph import QGraph, QNode
 
 def move_maxpool(graph: QGraph) -> QGraph:
     """Move max-pools after their quantizers (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
     prod, cons = graph.producers(), graph.consumers()
     swaps: dict[str, tuple[QNode, QNode]] = {}  # maxpool name -> (new quant, new pool)
     drop: set[str] = set()
@@ -43,3 +44,9 @@ def move_maxpool(graph: QGraph) -> QGraph:
         else:
             out.append(n)
     return graph.with_nodes(out)
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, idempotent  # noqa: E402
+
+declare(move_maxpool, ensures=[idempotent(move_maxpool)])

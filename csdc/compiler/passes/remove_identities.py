@@ -54,6 +54,7 @@ def _removable(graph: QGraph, n: QNode, cons: dict[str, list[QNode]]) -> bool:
 
 def remove_identities(graph: QGraph) -> QGraph:
     """Bypass value-preserving nodes (see module docstring)."""
+    graph = graph.with_nodes(graph.nodes)
     cons = graph.consumers()
     rename: dict[str, str] = {}
     kept: list[QNode] = []
@@ -65,3 +66,9 @@ def remove_identities(graph: QGraph) -> QGraph:
             continue
         kept.append(n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs)))
     return graph.with_nodes(kept)
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, idempotent  # noqa: E402
+
+declare(remove_identities, ensures=[idempotent(remove_identities)])
