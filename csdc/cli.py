@@ -44,20 +44,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  latency               {rep.latency} steps (T + depth x D)")
     print(f"  populations           {rep.populations} ({rep.neurons} neurons)")
     print(f"  synapses              {rep.synapses}")
-    print(f"  threshold rounding    {rep.threshold_error:.2e} worst relative error (--frac-bits {opts.frac_bits})")
-    print(f"  weight rescaling      {rep.weight_error:.2e} worst relative error")
+    chosen = f"--frac-bits {opts.frac_bits}" if opts.frac_bits is not None else "chosen per population"
+    print(f"  integerization error  {rep.error_bound:.2e} of a quantization level, worst case"
+          f"{f' (population {rep.error_population!r})' if rep.error_population else ''}; precision {chosen}")
+    print(f"  threshold rounding    {rep.threshold_error:.2e} worst relative error")
+    print(f"  weight rescaling      {rep.weight_error:.2e} worst relative error of one rescaled weight")
     print(f"  bias rounding         {rep.bias_error:.2e} of a threshold, worst case")
     if rep.float_weight_error:
         print(f"  float weights         quantized by csdc to {opts.weight_bits} bits, worst relative error {rep.float_weight_error:.2e}")
+    split = rep.precision.get("split_synapses", {})
+    if split:
+        print(f"  weight splitting      {len(split)} synapse nodes wider than the profile's weights split into "
+              f"{sum(split.values())} groups ({rep.synapses_before_split} -> {rep.synapses} synapses)")
     b = rep.bits
+    # weights are integer mantissas times a power of two shared by a synapse node (Loihi's weight exponent):
+    # "weights 20 (x 2^16)" = the widest mantissa needs 20 signed bits, the largest shared exponent is 16
     print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
+    print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
     for w in rep.warnings:
         print(f"  warning: {w}")
     if args.explain:
         print("\nsource node -> spiking IR")
         for src, made in rep.explain.items():
             print(f"  {src:<32} {', '.join(made)}")
+        print("\npopulation -> worst-case integerization error (quantization levels; the readout: absolute logit "
+              "error), the site whose exponent k sets its integer unit, threshold bits")
+        for pop, pe in rep.precision["populations"].items():
+            print(f"  {pop:<40} {pe['bound']:.2e}  (weights {pe['weights']:.1e}, bias {pe['bias']:.1e}, threshold "
+                  f"{pe['threshold']:.1e})  k={pe['k']} from {pe['site']}, {pe['threshold_bits']}-bit threshold")
     return 0
 
 
@@ -291,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--delay", type=int, default=None, metavar="D",
                    help="delay of the DIF neurons in time steps; default T (exact: the network equals the quantized model); "
                         "D=0 is the plain IF neuron")
-    c.add_argument("--frac-bits", type=int, default=16, metavar="F",
-                   help="precision of the integer thresholds: every threshold has at least F significant bits, "
-                        "so its relative rounding error is below 2^-(F+1); a sum of branches (residual) is kept in units of "
-                        "step / 2^F of the quantizer that reads it (default 16)")
+    c.add_argument("--frac-bits", type=int, default=None, metavar="F",
+                   help="override the chosen precision: every threshold gets at least F significant bits (a sum "
+                        "of branches is kept in units of step / 2^F of the quantizer that reads it). By default the "
+                        "precision is chosen per population from the --profile budget so that the worst-case "
+                        "integerization error stays below 2^-8 of a quantization level (docs/precision.md)")
     c.add_argument("--weight-bits", type=int, default=8, metavar="B",
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),

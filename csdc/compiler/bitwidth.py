@@ -162,8 +162,8 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return b
 
 
-def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -> BitReport:
-    """Compute the bit widths the network needs; raise BudgetError naming the node that exceeds ``profile``."""
+def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitReport:
+    """The bit widths every node of ``net`` needs (weights, thresholds, membrane, readout accumulator)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     bounds = current_bounds(net)
     rep = BitReport(prof.name)
@@ -174,9 +174,6 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
             entry["weight_bits"], entry["weight_exponent"] = weight_mantissa_exponent(op)
             rep.weight_bits = max(rep.weight_bits, entry["weight_bits"])
             rep.weight_exponent = max(rep.weight_exponent, entry["weight_exponent"])
-            if entry["weight_bits"] > prof.weight_bits:
-                raise BudgetError(f"node '{name}' ({type(op).__name__}) needs {entry['weight_bits']}-bit weights, profile "
-                                  f"'{prof.name}' allows {prof.weight_bits}; compile with a smaller --frac-bits or another --profile")
         if isinstance(op, Neuron):
             lo, hi = bounds[net.inputs(name)[0]]
             v0, bias = compact(op.v0), compact(op.bias)
@@ -186,19 +183,39 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
             rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])
-            if entry["threshold_bits"] > prof.threshold_bits:
-                raise BudgetError(f"node '{name}' (Neuron) needs {entry['threshold_bits']}-bit thresholds, profile "
-                                  f"'{prof.name}' allows {prof.threshold_bits}; compile with a smaller --frac-bits")
-            if entry["membrane_bits"] > prof.membrane_bits:
-                raise BudgetError(f"node '{name}' (Neuron) can reach a {entry['membrane_bits']}-bit membrane potential, "
-                                  f"profile '{prof.name}' allows {prof.membrane_bits}; compile with a smaller --frac-bits")
         if isinstance(op, Readout):
             lo, hi = bounds[net.inputs(name)[0]]
             entry["accumulator_bits"] = signed_bits(int(T * lo.min()), int(T * hi.max()))
             rep.accumulator_bits = entry["accumulator_bits"]
-            if entry["accumulator_bits"] > prof.membrane_bits:
-                raise BudgetError(f"node '{name}' (Readout) accumulates up to {entry['accumulator_bits']} bits, profile "
-                                  f"'{prof.name}' allows {prof.membrane_bits}")
         if entry:
             rep.per_node[name] = entry
+    return rep
+
+
+def budget_excess(entry: dict[str, int], prof: HardwareProfile) -> dict[str, int]:
+    """Bits by which one node's widths exceed the profile: {quantity: excess} (empty if it fits)."""
+    limits = {"weight_bits": prof.weight_bits, "threshold_bits": prof.threshold_bits,
+              "membrane_bits": prof.membrane_bits, "accumulator_bits": prof.membrane_bits}
+    return {q: entry[q] - lim for q, lim in limits.items() if q in entry and entry[q] > lim}
+
+
+def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -> BitReport:
+    """Compute the bit widths the network needs; raise BudgetError naming the node that exceeds ``profile``."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    rep = bit_widths(net, prof)
+    for name, entry in rep.per_node.items():
+        over = budget_excess(entry, prof)
+        op = type(net.op(name)).__name__
+        if "weight_bits" in over:
+            raise BudgetError(f"node '{name}' ({op}) needs {entry['weight_bits']}-bit weights, profile "
+                              f"'{prof.name}' allows {prof.weight_bits}")
+        if "threshold_bits" in over:
+            raise BudgetError(f"node '{name}' (Neuron) needs {entry['threshold_bits']}-bit thresholds, profile "
+                              f"'{prof.name}' allows {prof.threshold_bits}")
+        if "membrane_bits" in over:
+            raise BudgetError(f"node '{name}' (Neuron) can reach a {entry['membrane_bits']}-bit membrane potential, "
+                              f"profile '{prof.name}' allows {prof.membrane_bits}")
+        if "accumulator_bits" in over:
+            raise BudgetError(f"node '{name}' (Readout) accumulates up to {entry['accumulator_bits']} bits, profile "
+                              f"'{prof.name}' allows {prof.membrane_bits}")
     return rep

@@ -31,59 +31,120 @@ half up (ONNX rounds half to even; exact ties are rare once thresholds are not p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from csdc.compiler import broadcast
+from csdc.compiler.bitwidth import PROFILES
+from csdc.compiler.integerize import (PopulationError, Precision, PrecisionReport, neuron_bound_at, neuron_parameters,
+                                      rounded_with_residual, scaled_weights, split_power_of_two)
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose, narrowest,
-                         power_of_two_exponent)
+                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
 from csdc.ir.semantics import conv as conv_counts
 from csdc.ir.semantics import sum_pool
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spikes:
     node: str
     step: float
     offset: float = 0.0  # real = step * count + offset: a quantizer whose levels start below its zero point
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Encoded:
     node: str
     unit: float
+    count_max: float  # largest |total| of one input element over the window (T * largest |level|)
 
 
-@dataclass
-class Term:
-    """A current: a pending synapse from ``src`` (kind dense/conv/diag), a pending spike product
-    ``src x src2`` (kind matmul), or a ``fixed`` IR current."""
+# -- terms of a pending sum: one frozen record per kind, changed with dataclasses.replace -------
+@dataclass(frozen=True, eq=False)
+class DenseTerm:
+    """A pending dense synapse group: ``unit * (w_int @ counts of src)``; ``reduce``: axes of the
+    synapse output summed by a ReduceSum (a classifier on globally pooled spikes)."""
 
-    kind: str
     src: str
     unit: np.ndarray  # real value of one integer unit, per output element (signed; a broadcast array)
-    w_int: np.ndarray | None = None
-    conv: dict = field(default_factory=dict)
-    src2: str = ""
+    w_int: np.ndarray  # (out, in)
+    count_max: float  # largest count one input element delivers in a window
     origin: str = ""  # the source node whose weights these are (for --explain)
-    reduce: tuple[int, ...] = ()  # axes of the synapse's output summed by a ReduceSum (global pooling)
-
-    def weight_count(self) -> int:
-        return int(self.w_int.size) if self.w_int is not None else 0
+    reduce: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def synapse(self, mantissa: np.ndarray, exponent: int = 0) -> ConvSynapse:
+        return ConvSynapse(mantissa, self.stride, self.padding, self.dilation, self.groups, exponent)
+
+
+@dataclass(frozen=True, eq=False)
+class ConvTerm:
+    src: str
+    unit: np.ndarray  # (C, 1, 1) broadcast array
+    w_int: np.ndarray  # (O, C / groups, kh, kw)
+    geometry: ConvGeometry
+    count_max: float
+    origin: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class DiagTerm:
+    """One-to-one synapses from a spike tensor (a residual branch, a pooled identity)."""
+
+    src: str
+    unit: np.ndarray
+    count_max: float
+    origin: str = ""
+    reduce: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ProductTerm:
+    """A pending activation product ``src x src2`` (TDEC SpikeMatMul) with one scalar unit."""
+
+    src: str
+    src2: str
+    unit: np.ndarray
+    count_max: float  # largest product total of one output element: K * T^2
+    origin: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class FixedTerm:
+    """An IR current already made: its unit is fixed by the ``site`` that made it, and it carries
+    the worst-case integerization error made there (integer units, a broadcast array)."""
+
+    src: str
+    unit: np.ndarray
+    error: np.ndarray
+    site: str
+
+
+FreeTerm = DenseTerm | ConvTerm | DiagTerm | ProductTerm
+Term = FreeTerm | FixedTerm
+
+
+def weight_count(t: Term) -> int:
+    return int(t.w_int.size) if isinstance(t, (DenseTerm, ConvTerm)) else 0
+
+
+@dataclass(frozen=True, eq=False)
 class Affine:
-    terms: list[Term]
+    terms: tuple[Term, ...]
     bias: np.ndarray  # per element (a broadcast array)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pooled:
     spikes: Spikes
     axes: tuple[int, ...]  # axes of the spike tensor that are averaged
@@ -97,14 +158,20 @@ class LoweringReport:
     weight_error: float = 0.0  # worst relative rounding of a rescaled integer weight
     bias_error: float = 0.0  # worst |B - B_real| / theta (in units of one spike)
     float_weight_error: float = 0.0  # worst relative error of weights quantized by csdc
+    precision: PrecisionReport = field(default_factory=PrecisionReport)
     warnings: list[str] = field(default_factory=list)
     explain: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Lowering:
-    def __init__(self, graph: QGraph, frac_bits: int, delay: int | None):
+    """Structural lowering: one handler per op type (``HANDLERS``) turns each source node into IR
+    nodes or a pending value; every sum is made integer by :meth:`materialize` under the precision
+    policy of :mod:`csdc.compiler.integerize`. A handler that cannot lower its node records why
+    (:meth:`fail`); all reasons are raised together."""
+
+    def __init__(self, graph: QGraph, precision: Precision, delay: int | None):
         self.g = graph
-        self.frac_bits = int(frac_bits)
+        self.precision = precision
         self.delay_opt = delay
         self.vals: dict[str, object] = {}
         self.report = LoweringReport()
@@ -173,54 +240,56 @@ class Lowering:
         return c[0]
 
     # -- materialization ------------------------------------------------------------------
-    def _channel_mult(self, term: Term, mult: np.ndarray) -> np.ndarray:
+    def _channel_mult(self, term: FreeTerm, mult: np.ndarray) -> np.ndarray:
         """Multiplier of a synapse term's weights: per output channel for dense/conv (1-D), one
         number for an activation product; it must not vary within a channel."""
         m = broadcast.squeeze_constant(mult, rtol=1e-9)
-        if term.kind == "diag":
+        if isinstance(term, DiagTerm):
             return m
-        if term.kind == "matmul":
+        if isinstance(term, ProductTerm):
             if m.size != 1:
                 raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "a per-element scale after an "
                                             "activation product cannot be absorbed; scale by a scalar only")])
             return m.reshape(())
-        spread = m.shape[1:] if term.kind == "conv" else m.shape[:-1]
+        spread = m.shape[1:] if isinstance(term, ConvTerm) else m.shape[:-1]
         if any(d != 1 for d in spread):
             raise UnsupportedModelError(self.g.path, [(self.current_node, "-", "a per-position scale cannot be "
                                         "absorbed into shared synaptic weights; quantize before this layer")])
         return m.reshape(-1)
 
-    def _rounded(self, exact: np.ndarray) -> np.ndarray:
-        """Integers nearest ``exact`` (int64); the worst relative rounding goes into the report."""
-        w = np.rint(exact)
-        nz = exact != 0
-        if np.any(nz):
-            err = float(np.max(np.abs(w[nz] - exact[nz]) / np.abs(exact[nz])))
-            self.report.weight_error = max(self.report.weight_error, err)
-        return w.astype(np.int64)
+    def _positions(self, t: DenseTerm | DiagTerm) -> int:
+        """Number of synapse outputs a ReduceSum adds into one element (1 without reduction)."""
+        if not t.reduce:
+            return 1
+        shape = self.net.info(t.src).shape
+        if isinstance(t, DenseTerm):
+            shape = (*shape[:-1], t.w_int.shape[0])
+        return int(np.prod([shape[a] for a in t.reduce]))
 
-    ROUNDING_CHUNK = 1 << 16  # weights rounded at a time: float temporaries stay small for any layer size
+    def _term_weights(self, t: FreeTerm, U: np.ndarray) -> tuple[object, np.ndarray]:
+        """The integer weights of a free term in unit ``U`` (ScaledWeights, or an int for a product)
+        and its worst-case error per output element (integer units, a broadcast array)."""
+        mult = self._channel_mult(t, t.unit / U)
+        if isinstance(t, ProductTerm):
+            w, res = rounded_with_residual(mult)
+            return int(w), np.full((1,) * np.ndim(t.unit), float(res) * t.count_max)
+        if isinstance(t, DiagTerm):
+            w, res = rounded_with_residual(mult)
+            self.report.weight_error = max(self.report.weight_error, float(np.max(res / np.maximum(np.abs(mult), 1e-300),
+                                                                                  where=mult != 0, initial=0.0)))
+            return w, res * t.count_max * self._positions(t)
+        if isinstance(t, ConvTerm):
+            sw = scaled_weights(t.w_int, mult, t.count_max, (1, 2, 3))
+            return sw, broadcast.per_axis(sw.error, 3, 0)
+        sw = scaled_weights(t.w_int, mult, t.count_max, (1,))
+        ndim = np.ndim(t.unit)
+        return sw, broadcast.per_axis(sw.error * self._positions(t), ndim, ndim - 1)
 
-    def scaled_weights(self, w_int: np.ndarray, mult: np.ndarray) -> tuple[np.ndarray, int]:
-        """(mantissa, exponent) of ``w_int`` times a per-output-channel multiplier ``mult``.
-
-        The anchor group's multiplier is ``+-2^k`` on every channel: its mantissa is ``w_int`` itself
-        (times the channel signs), with no copy when all signs are positive. Other groups are rounded,
-        a block of output channels at a time."""
-        shape = (-1,) + (1,) * (w_int.ndim - 1)
-        a = np.abs(mult)
-        k = math.log2(a.flat[0]) if a.size and a.flat[0] > 0 else -1.0
-        if a.size and np.all(a == a.flat[0]) and k >= 0 and k == int(k):
-            if np.all(mult > 0):
-                return w_int, int(k)
-            signed = w_int.astype(np.int64) * np.sign(mult).astype(np.int64).reshape(shape)
-            return narrowest(signed), int(k)
-        mult = np.broadcast_to(mult, (w_int.shape[0],)).reshape(shape)
-        rows = max(1, self.ROUNDING_CHUNK // max(1, int(np.prod(w_int.shape[1:]))))
-        w = np.empty(w_int.shape, dtype=np.int64)
-        for r in range(0, w_int.shape[0], rows):
-            w[r:r + rows] = self._rounded(w_int[r:r + rows] * mult[r:r + rows])
-        return split_power_of_two(w)
+    def _free_error(self, free: list[FreeTerm], U: np.ndarray) -> np.ndarray:
+        err: np.ndarray = np.zeros(1)
+        for t in free:
+            err = err + self._term_weights(t, U)[1]
+        return err
 
     def downstream_step(self, tensor: str) -> float | None:
         """Smallest step of the quantizers that read ``tensor`` through residual Adds and routing."""
@@ -237,78 +306,91 @@ class Lowering:
                     todo.append(c.outputs[0])
         return min(steps) if steps else None
 
-    def materialize(self, value: Affine, base: str, k: int | None, step: float | None) -> tuple[str, np.ndarray]:
-        """Create the IR currents of ``value``; returns (node, U) with ``real = U * I + bias``.
+    def materialize(self, value: Affine, base: str, step: float | None, k: int | None = None) -> tuple[str, FixedTerm]:
+        """Create the IR currents of ``value``: ``real = U * I + bias``; returns the node and the
+        current as a FixedTerm (unit ``U``, its error, the site that chose ``U``).
 
-        ``step``: the quantization step of the reader (sets ``k``)."""
-        fixed = [t for t in value.terms if t.kind == "fixed"]
-        free = [t for t in value.terms if t.kind != "fixed"]
+        ``step``: the quantization step of the reader (sets the precision target); ``k``: a given
+        exponent (a lone synapse group read out exactly)."""
+        fixed = [t for t in value.terms if isinstance(t, FixedTerm)]
+        free = [t for t in value.terms if not isinstance(t, FixedTerm)]
         if fixed:
             U = np.abs(fixed[0].unit)
             for t in fixed[1:]:
                 if not np.allclose(np.abs(t.unit), U, rtol=1e-12, atol=0):
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "Add", "adds two residual streams with "
                                                 "different units; csdc supports one stream plus branches")])
+            site = fixed[0].site
         else:
             # the anchor keeps exact weights: the group with the most weights, else the finest unit
-            anchor = max(free, key=lambda t: (t.weight_count(), -float(np.min(np.abs(t.unit)))))
+            anchor = max(free, key=lambda t: (weight_count(t), -float(np.min(np.abs(t.unit)))))
             ubase = np.abs(anchor.unit)
             positive = ubase[ubase > 0]
             ubase = np.where(ubase > 0, ubase, positive.min() if positive.size else 1.0)
+            site = base
             if k is None:
-                if step is None:
-                    k = self.frac_bits
-                else:
-                    theta0 = float(np.min(step / ubase))
-                    k = max(0, math.ceil(self.frac_bits - math.log2(theta0)))
+                if step is not None:
+                    theta = (float(np.min(step / ubase)), float(np.max(step / ubase)))
+                    bound_at = neuron_bound_at(step, ubase, value.bias, lambda U: self._free_error(free, U), self.T)
+                else:  # no reader: errors in units of the finest group's unit
+                    level = min(float(np.min(np.abs(t.unit)[np.abs(t.unit) > 0], initial=np.inf)) for t in free)
+                    theta = None
+
+                    def bound_at(kk: int) -> float:
+                        U = ubase / float(2 ** kk)
+                        return float(np.max(self._free_error(free, U) * U)) / level
+                k = self.precision.choose_k(site, theta, bound_at)
+            self.report.precision.sites[site] = k
             U = ubase / float(2 ** k)
         currents = []
+        error: np.ndarray = sum((t.error for t in fixed), np.zeros(1))
         reader = self.current_node
         for t in value.terms:
-            if t.kind == "fixed":
+            if isinstance(t, FixedTerm):
                 currents.append(t.src)
                 continue
             self.current_node = t.origin or reader
-            mult = self._channel_mult(t, t.unit / U)
-            if t.kind == "matmul":
-                w = int(self._rounded(mult))
+            w, err = self._term_weights(t, U)
+            error = error + err
+            if isinstance(t, ProductTerm):
                 if w == 0:
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "an activation product "
                                                 "vanishes at this precision; raise --frac-bits")])
                 node = self.add(f"{base}_matmul", SpikeMatMul(w), [t.src, t.src2])
-            elif t.kind == "diag":
+            elif isinstance(t, DiagTerm):
                 in_shape = self.net.info(t.src).shape
-                w = self._rounded(mult)
                 if t.reduce:  # the multiplier is per element of the summed output: repeat it over the summed axes
                     w = np.expand_dims(w, t.reduce)
                 mant, e = split_power_of_two(w)
                 node = self.add(f"{base}_syn", DiagonalSynapse(np.broadcast_to(mant, in_shape), exponent=e), [t.src])
             else:
-                mant, e = self.scaled_weights(t.w_int, mult)
-                op = ConvSynapse(mant, exponent=e, **t.conv) if t.kind == "conv" else DenseSynapse(mant, exponent=e)
+                self.report.weight_error = max(self.report.weight_error, w.relative)
+                if isinstance(t, ConvTerm):
+                    op = t.geometry.synapse(w.mantissa, w.exponent)
+                else:
+                    op = DenseSynapse(w.mantissa, exponent=w.exponent)
                 node = self.add(f"{base}_syn", op, [t.src])
-            if t.reduce:
+            if not isinstance(t, (ProductTerm, ConvTerm)) and t.reduce:
                 node = self.add(f"{base}_sum_over", ReduceSum(t.reduce), [node])
             currents.append(node)
         self.current_node = reader
         node = currents[0] if len(currents) == 1 else self.add(f"{base}_sum", Add(), currents)
-        return node, U
+        return node, FixedTerm(node, U, broadcast.squeeze_constant(np.asarray(error, dtype=np.float64)), site)
 
     def neuron(self, value: Affine, q: QNode) -> Spikes:
         step = float(q.attrs["scale"])
-        node, U = self.materialize(value, q.name, None, step)
+        node, cur = self.materialize(value, q.name, step)
+        U = cur.unit
+        p = neuron_parameters(step, U, value.bias, cur.error, self.T)
         theta_real = step / U
-        theta = np.maximum(np.rint(theta_real), 1).astype(np.int64)
-        self.report.threshold_error = max(self.report.threshold_error, float(np.max(np.abs(theta - theta_real) / theta_real)))
-        b_real = value.bias / U
-        B = np.rint(b_real).astype(np.int64)
-        self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(B - b_real) / theta)))
-        T = self.T
-        b = np.floor_divide(B, T)
-        v0 = theta // 2 + (B - T * b)
+        self.report.threshold_error = max(self.report.threshold_error, float(np.max(np.abs(p.threshold - theta_real) / theta_real)))
+        self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(np.rint(value.bias / U) - value.bias / U) / p.threshold)))
         shape = self.net.info(node).shape
-        full = [np.broadcast_to(broadcast.squeeze_constant(a), shape) for a in (theta, v0, b)]
+        full = [np.broadcast_to(broadcast.squeeze_constant(a), shape) for a in (p.threshold, p.v0, p.bias)]
         nm = self.add(q.name, Neuron(*full, self.delay), [node])
+        self.report.precision.populations[nm] = PopulationError(
+            p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
+            p.weights, p.bias_part, p.threshold_part)
         return Spikes(nm, step)
 
     def as_affine(self, tensor: str, node: QNode) -> Affine | None:
@@ -317,15 +399,16 @@ class Lowering:
         if isinstance(v, Affine):
             return v
         if isinstance(v, Spikes):
-            return Affine([Term("diag", v.node, np.full((1,) * len(shape), v.step))], np.full((1,) * len(shape), v.offset))
+            one = (1,) * len(shape)
+            return Affine((DiagTerm(v.node, np.full(one, v.step), float(self.T)),), np.full(one, v.offset))
         self.fail(node, "its input is not a spike or current tensor csdc can add (quantize it first)")
         return None
 
     def settle(self, tensor: str, value: object) -> object:
         """A current read by several consumers is made into one IR current, shared by all."""
-        if isinstance(value, Affine) and len(self.cons.get(tensor, [])) > 1 and any(t.kind != "fixed" for t in value.terms):
-            node, U = self.materialize(value, tensor, None, self.downstream_step(tensor) if len(value.terms) > 1 else None)
-            return Affine([Term("fixed", node, U)], value.bias)
+        if isinstance(value, Affine) and len(self.cons.get(tensor, [])) > 1 and any(not isinstance(t, FixedTerm) for t in value.terms):
+            _, cur = self.materialize(value, tensor, self.downstream_step(tensor))
+            return Affine((cur,), value.bias)
         return value
 
     # -- ops ------------------------------------------------------------------------------
@@ -337,7 +420,7 @@ class Lowering:
                 return
             lo, hi = a["lo"] - a["zero_point"], a["hi"] - a["zero_point"]
             nm = self.add("input", Encode(self.sample_shape(n.inputs[0]), a["scale"], lo, hi), [])
-            self.vals[n.outputs[0]] = Encoded(nm, a["scale"] / self.T)
+            self.vals[n.outputs[0]] = Encoded(nm, a["scale"] / self.T, float(self.T * max(abs(lo), abs(hi))))
             return
         src = self.vals.get(n.inputs[0])
         if n.outputs[0] == self.g.output and isinstance(src, Affine):
@@ -360,7 +443,7 @@ class Lowering:
             self.fail(n, "its input is not a current csdc can integrate")
             return
         if m:
-            src = Affine(list(src.terms), src.bias + m * float(a["scale"]))
+            src = replace(src, bias=src.bias + m * float(a["scale"]))
         sp = self.neuron(src, n)
         self.vals[n.outputs[0]] = Spikes(sp.node, sp.step, offset)
 
@@ -374,9 +457,9 @@ class Lowering:
         s, L, m = float(a["scale"]), int(a["hi"]) - int(a["lo"]), int(a["zero_point"]) - int(a["lo"])
         shape = self.sample_shape(n.outputs[0])
         if L == self.T:
-            spikes = self.neuron(Affine(list(src.terms), src.bias + m * s), n)
+            spikes = self.neuron(replace(src, bias=src.bias + m * s), n)
             one = (1,) * len(shape)
-            self.vals[n.outputs[0]] = Affine([Term("diag", spikes.node, np.full(one, s))], np.full(one, -m * s))
+            self.vals[n.outputs[0]] = Affine((DiagTerm(spikes.node, np.full(one, s), float(self.T)),), np.full(one, -m * s))
             return
         self.report.warnings.append(
             f"quantizer '{n.name}' on the network output has {L} levels but the network runs T = {self.T} steps: it "
@@ -408,11 +491,11 @@ class Lowering:
             src = self.add(f"{n.name}_positions", Reshape((positions, features)), [src])
         step, offset = p.spikes.step / positions, p.spikes.offset
         if w is None:
-            return Affine([Term("diag", src, np.full(1, step), origin=n.name, reduce=(0,))], np.full(1, offset))
+            return Affine((DiagTerm(src, np.full(1, step), float(self.T), origin=n.name, reduce=(0,)),), np.full(1, offset))
         w_scale = np.asarray(w_scale, dtype=np.float64).reshape(-1)
-        term = Term("dense", src, broadcast.per_axis(step * w_scale, 1, 0), w, origin=n.name, reduce=(0,))
+        term = DenseTerm(src, broadcast.per_axis(step * w_scale, 1, 0), w, float(self.T), origin=n.name, reduce=(0,))
         # the mean of a constant offset is the offset
-        return Affine([term], broadcast.per_axis(bias + offset * w_scale * w.sum(axis=1), 1, 0))
+        return Affine((term,), broadcast.per_axis(bias + offset * w_scale * w.sum(axis=1), 1, 0))
 
     def lower_linear(self, n: QNode) -> None:
         a = n.attrs
@@ -429,27 +512,27 @@ class Lowering:
             return
         offset = 0.0
         if isinstance(src, Spikes):
-            node, in_unit, offset = src.node, src.step, src.offset
+            node, in_unit, offset, count_max = src.node, src.step, src.offset, float(self.T)
         elif isinstance(src, Encoded):
-            node, in_unit = src.node, src.unit
+            node, in_unit, count_max = src.node, src.unit, src.count_max
         else:
             self.fail(n, "consumes a tensor that is not quantized; put an activation quantizer before every linear layer")
             return
         w_scale = np.asarray(a["w_scale"], dtype=np.float64).reshape(-1)
         if a["kind"] == "conv":
             per = lambda v: broadcast.per_axis(v, 3, 0)  # noqa: E731
-            conv = {"stride": a["strides"], "padding": a["pads"], "dilation": a["dilations"], "groups": a["group"]}
-            term = Term("conv", node, per(in_unit * w_scale), a["w_int"], conv, origin=n.name)
+            geometry = ConvGeometry(tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]), int(a["group"]))
+            term: FreeTerm = ConvTerm(node, per(in_unit * w_scale), a["w_int"], geometry, count_max, origin=n.name)
             bias = per(a["bias"])
             if offset:  # sum of the weights over each window's in-image taps (zero padding adds no offset)
                 ones = np.ones((1, *self.sample_shape(n.inputs[0])), dtype=np.int64)
-                taps = conv_counts(ConvSynapse(a["w_int"], **conv), ones)[0]
+                taps = conv_counts(geometry.synapse(a["w_int"]), ones)[0]
                 bias = broadcast.squeeze_constant(bias + offset * per(w_scale) * taps)
         else:
             per = lambda v: broadcast.per_axis(v, len(out_shape), len(out_shape) - 1)  # noqa: E731
-            term = Term("dense", node, per(in_unit * w_scale), a["w_int"], origin=n.name)
+            term = DenseTerm(node, per(in_unit * w_scale), a["w_int"], count_max, origin=n.name)
             bias = per(a["bias"] + offset * w_scale * a["w_int"].sum(axis=1))
-        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], bias))
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine((term,), bias))
 
     def lower_add_mul(self, n: QNode) -> None:
         a, b = n.inputs
@@ -478,13 +561,13 @@ class Lowering:
         if v is None:
             return
         if n.op_type == "Add":
-            out = Affine(list(v.terms), v.bias + c)
+            out = replace(v, bias=v.bias + c)
         else:
             f = c if n.op_type == "Mul" else 1.0 / c
-            if any(t.kind == "fixed" for t in v.terms) and not np.all(f == 1):
+            if any(isinstance(t, FixedTerm) for t in v.terms) and not np.all(f == 1):
                 self.fail(n, "scales a shared residual stream; fold the constant into the layers that produce it")
                 return
-            out = Affine([Term(t.kind, t.src, t.unit * f, t.w_int, t.conv, t.src2, t.origin) for t in v.terms], v.bias * f)
+            out = Affine(tuple(replace(t, unit=t.unit * f) for t in v.terms), v.bias * f)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], out)
 
     def lower_matmul(self, n: QNode) -> None:
@@ -506,8 +589,8 @@ class Lowering:
             return
         out_shape = self.sample_shape(n.outputs[0])
         one = (1,) * len(out_shape)
-        term = Term("matmul", a.node, np.full(one, a.step * b.step), src2=b.node, origin=n.name)
-        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine([term], np.zeros(one)))
+        term = ProductTerm(a.node, b.node, np.full(one, a.step * b.step), float(sa[-1] * self.T * self.T), origin=n.name)
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine((term,), np.zeros(one)))
 
     def lower_maxpool(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
@@ -551,12 +634,13 @@ class Lowering:
             if any(pads) and not a.get("count_include_pad", 0):
                 cnt = sum_pool(SumPool((kh, kw), tuple(a.get("strides", [1, 1])), pads), np.ones((1, *shape), np.int64))[0]
                 div = broadcast.squeeze_constant(cnt.astype(np.float64))
-            conv = {"stride": tuple(a.get("strides", [1, 1])), "padding": pads, "dilation": (1, 1), "groups": C}
+            geometry = ConvGeometry(tuple(a.get("strides", [1, 1])), pads, (1, 1), C)
             bias = np.zeros((1, 1, 1))
             if src.offset:
-                taps = conv_counts(ConvSynapse(ones, **conv), np.ones((1, *shape), np.int64))[0]
+                taps = conv_counts(geometry.synapse(ones), np.ones((1, *shape), np.int64))[0]
                 bias = broadcast.squeeze_constant(src.offset * taps / div)
-            self.vals[n.outputs[0]] = Affine([Term("conv", src.node, src.step / div, ones, conv, origin=n.name)], bias)
+            term = ConvTerm(src.node, src.step / div, ones, geometry, float(self.T), origin=n.name)
+            self.vals[n.outputs[0]] = Affine((term,), bias)
             return
         if len(axes) == len(shape):
             self.fail(n, "averages every axis of a sample into one number; keep the channel or feature axis")
@@ -580,16 +664,17 @@ class Lowering:
         if isinstance(src, Spikes):
             self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step, src.offset)
         elif isinstance(src, Encoded):
-            self.vals[n.outputs[0]] = Encoded(self.add(n.name, op, [src.node]), src.unit)
+            self.vals[n.outputs[0]] = Encoded(self.add(n.name, op, [src.node]), src.unit, src.count_max)
         elif isinstance(src, Affine):
-            node, U = self.materialize(src, n.name, None, None)
+            node, cur = self.materialize(src, n.name, self.downstream_step(n.outputs[0]))
             routed = self.add(n.name, op, [node])
+            in_shape = self.sample_shape(n.inputs[0])
             if isinstance(op, Transpose):
-                U, bias = np.transpose(U, op.perm), np.transpose(src.bias, op.perm)
+                move = lambda v: np.transpose(np.reshape(v, (1,) * (len(in_shape) - np.ndim(v)) + np.shape(v)), op.perm)  # noqa: E731
             else:
-                in_shape = self.sample_shape(n.inputs[0])
-                U, bias = broadcast.reshape(U, in_shape, out_shape), broadcast.reshape(src.bias, in_shape, out_shape)
-            self.vals[n.outputs[0]] = Affine([Term("fixed", routed, U)], bias)
+                move = lambda v: broadcast.reshape(np.reshape(v, (1,) * (len(in_shape) - np.ndim(v)) + np.shape(v)),  # noqa: E731
+                                                   in_shape, out_shape)
+            self.vals[n.outputs[0]] = Affine((FixedTerm(routed, move(cur.unit), move(cur.error), cur.site),), move(src.bias))
         else:
             self.fail(n, "routes a tensor csdc cannot represent")
 
@@ -599,31 +684,35 @@ class Lowering:
         self.current_node = "<output>"
         if isinstance(v, Spikes):
             one = (1,) * len(self.net.info(v.node).shape)
-            v = Affine([Term("diag", v.node, np.full(one, v.step))], np.full(one, v.offset))
+            v = Affine((DiagTerm(v.node, np.full(one, v.step), float(self.T)),), np.full(one, v.offset))
         if isinstance(v, Pooled):
             v = self.pooled_dense(v, None, None, None, QNode("<output>", "-", (), ()))
         if not isinstance(v, Affine):
             raise UnsupportedModelError(self.g.path, [(out, "-", "the network output could not be lowered")])
         if len(self.sample_shape(out)) != 1:
             raise UnsupportedModelError(self.g.path, [(out, "-", f"the output must be a vector of class scores per sample, got shape {self.g.shapes[out]}")])
-        # a single synapse group is exact with k = 0; sums of groups get frac_bits of headroom
-        k = 0 if len(v.terms) == 1 and v.terms[0].kind != "fixed" else None
-        node, U = self.materialize(v, "logits", k, None)
+        # a single synapse group is exact with k = 0; a sum of groups gets the precision policy's unit
+        k = 0 if len(v.terms) == 1 and not isinstance(v.terms[0], FixedTerm) else None
+        node, cur = self.materialize(v, "logits", None, k)
         shape = self.net.info(node).shape
-        self.add("readout", Readout(np.broadcast_to(U, shape), np.broadcast_to(v.bias, shape)), [node])
+        nm = self.add("readout", Readout(np.broadcast_to(cur.unit, shape), np.broadcast_to(v.bias, shape)), [node])
+        bound = float(np.max(cur.error * cur.unit))  # no quantizer: the worst absolute error of a logit
+        self.report.precision.populations[nm] = PopulationError(bound, cur.site, self.report.precision.sites[cur.site],
+                                                                weights=bound, readout=True)
+
+    HANDLERS = {"Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+                "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
+                "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
+                "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
 
     def run(self) -> tuple[Network, LoweringReport]:
-        handlers = {"Quant": self.lower_quant, "Linear": self.lower_linear, "MatMul": self.lower_matmul, "Add": self.lower_add_mul, "Mul": self.lower_add_mul,
-                    "Div": self.lower_add_mul, "MaxPool": self.lower_maxpool, "AveragePool": self.lower_avgpool,
-                    "GlobalAveragePool": self.lower_avgpool, "ReduceMean": self.lower_avgpool, "Flatten": self.lower_route,
-                    "Reshape": self.lower_route, "Transpose": self.lower_route, "Squeeze": self.lower_route, "Unsqueeze": self.lower_route}
         for c in self.cons.get(self.g.input, []):
             if c.op_type != "Quant":
                 self.fail(c, "reads the model input directly; the input must go through a quantizer "
                              "(QuantizeLinear -> DequantizeLinear) that defines the integer pixel levels")
         for n in self.g.nodes:
             self.current_node = n.name
-            h = handlers.get(n.op_type)
+            h = self.HANDLERS.get(n.op_type)
             if h is None:
                 hint = ("ReLU is only supported right before an activation quantizer" if n.op_type == "Relu"
                         else "no spike-driven lowering in this position")
@@ -631,7 +720,7 @@ class Lowering:
                 continue
             if any(i and i not in self.vals and not self.g.is_const(i) and i != self.g.input for i in n.inputs):
                 continue  # an upstream problem was already reported
-            h(n)
+            getattr(self, h)(n)
         if self.problems:
             raise UnsupportedModelError(self.g.path, self.problems)
         self.lower_output()
@@ -639,13 +728,7 @@ class Lowering:
         return self.net, self.report
 
 
-def split_power_of_two(w: np.ndarray) -> tuple[np.ndarray, int]:
-    """(mantissa in the narrowest integer dtype, exponent) with ``w == mantissa * 2**exponent`` and the
-    exponent as large as possible (the weights' common power of two)."""
-    e = power_of_two_exponent(w)
-    return narrowest(w >> e if e else w), e
-
-
-def lower(graph: QGraph, frac_bits: int = 8, delay: int | None = None) -> tuple[Network, LoweringReport]:
-    """Lower a canonical QGraph (after the canonicalization passes) to a spiking Network."""
-    return Lowering(graph, frac_bits, delay).run()
+def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None) -> tuple[Network, LoweringReport]:
+    """Lower a canonical QGraph (after the canonicalization passes) to a spiking Network under one
+    precision policy (default: the generic profile's budget and the error target)."""
+    return Lowering(graph, precision or Precision(PROFILES["generic"]), delay).run()

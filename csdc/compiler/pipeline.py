@@ -13,6 +13,7 @@ import numpy as np
 from csdc import __version__
 from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
 from csdc.compiler.frontend import load_qgraph
+from csdc.compiler.integerize import integerize, split_wide_synapses
 from csdc.compiler.lower import lower
 from csdc.compiler.passes import PassManager
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
@@ -35,14 +36,14 @@ from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
 @dataclass(frozen=True)
 class CompileOptions:
     delay: int | None = None  # None: D = T (exact)
-    frac_bits: int = 16  # thresholds carry at least this many significant bits
+    frac_bits: int | None = None  # None: chosen per population (integerize); else thresholds of this many significant bits
     weight_bits: int = 8  # for float weights that csdc quantizes itself
     profile: str = "generic"
 
     def __post_init__(self) -> None:
         if self.delay is not None and self.delay < 0:
             raise CsdcError(f"--delay must be >= 0, got {self.delay}")
-        if not 0 <= self.frac_bits <= 24:
+        if self.frac_bits is not None and not 0 <= self.frac_bits <= 24:
             raise CsdcError(f"--frac-bits must be in 0..24, got {self.frac_bits}")
         if not 2 <= self.weight_bits <= 16:
             raise CsdcError(f"--weight-bits must be in 2..16, got {self.weight_bits}")
@@ -63,6 +64,10 @@ class CompileReport:
     weight_error: float
     bias_error: float
     float_weight_error: float
+    error_bound: float  # worst-case integerization error of any population, in quantization levels
+    error_population: str  # the population with that error
+    precision: dict  # per population: bound, site, k, ... (integerize.PrecisionReport.to_dict)
+    synapses_before_split: int
     bits: dict
     seconds: float
     warnings: list[str] = field(default_factory=list)
@@ -153,18 +158,29 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
     t0 = time.perf_counter()
     source = load_qgraph(path)
     graph = canonicalize(source, options)
-    net, low = lower(graph, options.frac_bits, options.delay)
-    net = cleanup_routing(net)
+    profile = PROFILES[options.profile]
+
+    def lower_round(precision):
+        net, low = lower(graph, precision, options.delay)
+        return cleanup_routing(net), low
+
+    net, low = integerize(lower_round, profile, options.frac_bits)
+    before = count_synapses(net)
+    net, split = split_wide_synapses(net, profile.weight_bits)
+    low.precision.split_synapses, low.precision.synapses_before_split = split, before
     net.verify()
-    bits = analyze_bitwidth(net, options.profile)
+    bits = analyze_bitwidth(net, profile)
+    worst_pop, worst = low.precision.worst
     neurons = [n for n in net.neurons()]
     D = options.delay if options.delay is not None else net.T
     report = CompileReport(
         source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=net.T + depth(net) * D,
         populations=len(neurons), neurons=int(sum(np.prod(net.info(n).shape) for n in neurons)),
         synapses=count_synapses(net), threshold_error=low.threshold_error, weight_error=low.weight_error,
-        bias_error=low.bias_error, float_weight_error=low.float_weight_error, bits=bits.to_dict(),
-        seconds=time.perf_counter() - t0, warnings=graph.warnings + low.warnings, explain=explain_sources(source, graph, low.explain))
+        bias_error=low.bias_error, float_weight_error=low.float_weight_error, error_bound=worst, error_population=worst_pop,
+        precision=low.precision.to_dict(), synapses_before_split=before, bits=bits.to_dict(),
+        seconds=time.perf_counter() - t0, warnings=graph.warnings + low.warnings + low.precision.warnings,
+        explain=explain_sources(source, graph, low.explain))
     net.metadata.update({"csdc_version": __version__, "compile": report.to_dict(),
                          "options": asdict(options)})
     return net, report

@@ -83,7 +83,8 @@ def test_residual_avgpool_gap(tmp_path):
     net, rep, ref, res = _compile_and_compare(tmp_path, residual_cnn())
     assert np.mean(ref.argmax(1) == res.logits.argmax(1)) >= 0.99
     assert np.abs(ref - res.logits).mean() < 0.02 * np.abs(ref).mean()
-    assert rep.weight_error < 2 ** -7
+    # the rescaled residual branch is worth less than 2^-8 of a level in every population, worst case
+    assert 0 < rep.error_bound < 2 ** -8
 
 
 def test_tokens_matmul_bias_mul_reducemean(tmp_path):

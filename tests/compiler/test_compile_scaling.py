@@ -76,7 +76,7 @@ def test_quantized_weights_keep_their_integers(tmp_path) -> None:
     path = tmp_path / "cnn.onnx"
     onnx.save(digits_like_cnn(seed=2), path)
     graph = canonicalize(load_qgraph(path), CompileOptions())
-    net, _ = lower(graph, frac_bits=16)
+    net, _ = lower(graph)
     model_ints = [n.attrs["w_int"] for n in graph.nodes if n.op_type == "Linear"]
     synapses = [op for _, op in net.nodes() if isinstance(op, (ConvSynapse, DenseSynapse))]
     for op in synapses:

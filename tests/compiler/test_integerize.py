@@ -1,0 +1,138 @@
+"""The precision policy, its error bound, weight splitting and refusals (csdc.compiler.integerize)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx_build import Builder, residual_cnn
+
+from csdc.compiler.bitwidth import PROFILES, HardwareProfile, analyze_bitwidth
+from csdc.compiler.frontend import load_qgraph
+from csdc.compiler.integerize import (TARGET_LEVELS, Precision, integerize, mantissa_bits, neuron_parameters,
+                                      split_mantissa, split_wide_synapses)
+from csdc.compiler.lower import lower
+from csdc.compiler.pipeline import CompileOptions, canonicalize, compile_onnx
+from csdc.errors import BudgetError
+from csdc.ir import semantics
+from csdc.ir.graph import Network
+from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2 ** 40), 2 ** 40), min_size=1, max_size=30), st.integers(0, 5), st.integers(2, 12))
+def test_split_mantissa_is_exact_and_narrow(values, exponent, bits):
+    w = np.array(values, np.int64)
+    parts = split_mantissa(w, exponent, bits)
+    total = sum((m.astype(np.int64) << e for m, e in parts), np.zeros_like(w))
+    assert np.array_equal(total, w << exponent)
+    for m, _ in parts:
+        assert mantissa_bits(m) <= bits
+        assert np.all(m.astype(np.int64) * np.sign(w) >= 0)  # every part has the sign of its weight
+
+
+def _wide_net(rng) -> Network:
+    net = Network(4)
+    net.add("in", Encode((2, 6, 6), 1 / 16, 0, 16))
+    net.add("conv", ConvSynapse(rng.integers(-3000, 3000, (3, 2, 3, 3)), padding=(1, 1, 1, 1), exponent=2), ["in"])
+    net.add("n1", Neuron(np.full((3, 6, 6), 40000), np.full((3, 6, 6), 20000), np.zeros((3, 6, 6), np.int64), 4), ["conv"])
+    net.add("flat", __import__("csdc.ir.ops", fromlist=["Reshape"]).Reshape((108,)), ["n1"])
+    net.add("fc", DenseSynapse(rng.integers(-70000, 70000, (5, 108))), ["flat"])
+    net.add("out", Readout(np.full(5, 0.01), np.zeros(5)), ["fc"])
+    return net
+
+
+def test_split_wide_synapses_keeps_every_current():
+    rng = np.random.default_rng(0)
+    net = _wide_net(rng)
+    split, groups = split_wide_synapses(net, 8)
+    assert set(groups) == {"conv", "fc"} and all(g >= 2 for g in groups.values())
+    assert isinstance(split.op("conv"), Add) and isinstance(split.op("fc"), Add)
+    assert analyze_bitwidth(split, HardwareProfile("w8", 8, 24, 40)).weight_bits <= 8
+    x = rng.random((8, 2, 6, 6)).astype(np.float32)
+    a, b = semantics.run_steps(net, x), semantics.run_steps(split, x)
+    assert np.array_equal(a.readout, b.readout)
+    assert np.array_equal(a.trains["n1"], b.trains["n1"])
+    # bounds of the parts add up to the original's (parts carry the weight's sign): same membrane
+    prof = HardwareProfile("wide", 24, 24, 40)
+    assert analyze_bitwidth(net, prof).per_node["n1"] == analyze_bitwidth(split, prof).per_node["n1"]
+
+
+def test_neuron_bound_covers_the_rounding():
+    """The bound in levels dominates the actual deviation of V / Theta from x / s for random currents."""
+    rng = np.random.default_rng(1)
+    step, U, T = 0.3, np.full(1, 0.3 / 37.4), 7
+    bias = np.array([0.11])
+    p = neuron_parameters(step, U, bias, np.zeros(1), T)
+    for _ in range(200):
+        V = rng.integers(0, 7 * 40, 50)  # integer currents (exact weights)
+        x_over_s = (V * U + bias) / step
+        count = np.clip(np.floor_divide(V + T * p.bias + p.v0, p.threshold), 0, T)
+        # a count can differ from round(x/s) only within the bound of a tie
+        exact = np.clip(np.floor(x_over_s + 0.5), 0, T)
+        near_tie = np.abs(x_over_s - np.floor(x_over_s) - 0.5) <= p.bound
+        assert np.all((count == exact) | near_tie)
+    assert p.bound == pytest.approx(p.weights + p.bias_part + p.threshold_part, rel=1e-9, abs=1e-12) or p.bound <= (
+        p.weights + p.bias_part + p.threshold_part)
+
+
+def test_chosen_precision_meets_the_target_and_reports_it(tmp_path):
+    path = tmp_path / "r.onnx"
+    onnx.save(residual_cnn(), path)
+    net, rep = compile_onnx(path)
+    pops = rep.precision["populations"]
+    assert set(net.neurons()) <= set(pops)
+    assert all(p["bound"] < TARGET_LEVELS for p in pops.values() if not p["readout"])
+    assert rep.error_bound == max(p["bound"] for p in pops.values() if not p["readout"]) and rep.error_population in pops
+    # a residual sum reads a rescaled branch: its weights add error, and the bound says how much
+    assert any(p["weights"] > 0 for p in pops.values())
+    # an explicit --frac-bits is the fixed rule of old: thresholds of at least F significant bits
+    net8, rep8 = compile_onnx(path, CompileOptions(frac_bits=8))
+    assert min(int(net8.op(n).threshold.min()) for n in net8.neurons()) >= 2 ** 7
+    assert rep8.error_bound > rep.error_bound
+
+
+def test_membrane_budget_lowers_the_exponent(tmp_path):
+    path = tmp_path / "r.onnx"
+    onnx.save(residual_cnn(), path)
+    graph = canonicalize(load_qgraph(path), CompileOptions())
+    wide, _ = integerize(lambda p: lower(graph, p), PROFILES["int64"])
+    narrow_profile = HardwareProfile("narrow", 24, 24, 18)
+    narrow, low = integerize(lambda p: lower(graph, p), narrow_profile)
+    assert analyze_bitwidth(narrow, narrow_profile).membrane_bits <= 18
+    assert analyze_bitwidth(wide, "int64").membrane_bits > 18
+    assert all(p.bound < 0.5 for p in low.precision.populations.values())
+
+
+def test_refused_when_half_a_level_does_not_fit(tmp_path):
+    path = tmp_path / "r.onnx"
+    onnx.save(residual_cnn(), path)
+    graph = canonicalize(load_qgraph(path), CompileOptions())
+    tiny = HardwareProfile("tiny", 24, 4, 8)
+    with pytest.raises(BudgetError, match=r"population '.+' needs \d+-bit thresholds and a \d+-bit membrane .*half"):
+        integerize(lambda p: lower(graph, p), tiny)
+
+
+def test_choose_k_stops_at_the_threshold_budget():
+    prec = Precision(HardwareProfile("p", 24, 12, 32))
+    k = prec.choose_k("s", (3.0, 5.0), lambda kk: 2.0 ** -kk)
+    assert 5 * 2 ** k < 2 ** 12  # the largest threshold keeps within 12 bits
+    assert prec.choose_k("s", (3.0, 5.0), lambda kk: 0.0) == 0  # no error: the narrowest unit
+    assert Precision(PROFILES["generic"], frac_bits=10).choose_k("s", (4.0, 4.0), lambda kk: 1.0) == math.ceil(10 - 2)
+
+
+def test_sum_of_two_heads_bound_in_report(tmp_path):
+    b = Builder((1, 1, 8, 8), seed=2)
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.25, 7)
+    f = b.node("Flatten", [h], axis=1)
+    onnx.save(b.model(b.node("Add", [b.gemm(f, 256, 10), b.gemm(f, 256, 10)]), (1, 10)), tmp_path / "m.onnx")
+    net, rep = compile_onnx(tmp_path / "m.onnx")
+    readout = rep.precision["populations"]["readout"]
+    assert readout["readout"] and 0 < readout["bound"] < 1e-3  # absolute logit error of the rescaled head
+    assert rep.error_population != "readout" and rep.error_bound < TARGET_LEVELS
+    assert not rep.warnings
