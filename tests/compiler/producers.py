@@ -560,7 +560,8 @@ def evaluate_route(path: str, limit: int | None = None, numba_vs_reference: bool
     r = {"T": net.T, "snn_acc": float(np.mean(out.logits.argmax(1) == y)), "ref_acc": float(np.mean(ref.argmax(1) == y)),
          "agreement": float(np.mean(out.logits.argmax(1) == ref.argmax(1))),
          "max_logit_diff": float(np.max(np.abs(out.logits - ref))), "warnings": rep.warnings,
-         "misses": np.flatnonzero(out.logits.argmax(1) != ref.argmax(1)).tolist()}
+         "misses": np.flatnonzero(out.logits.argmax(1) != ref.argmax(1)).tolist(),
+         "error_bound": float(getattr(rep, "error_bound", float("nan")))}  # worst population, in levels
     if numba_vs_reference:  # the count-domain reference backend on the same images: bit-exact readouts
         from csdc.backends.reference import ReferenceBackend
 
@@ -801,11 +802,11 @@ def corpus_row(route: str, tmp: str) -> str:
     try:
         path = build_corpus_route(route, tmp)
     except Exception as exc:  # noqa: BLE001
-        return f"| {route} | {model} | - | - | - | export fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | |"
+        return f"| {route} | {model} | - | - | - | export fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |"
     try:
         r = evaluate_route(path, numba_vs_reference=True)
     except Exception as exc:  # noqa: BLE001
-        return f"| {route} | {model} | - | - | - | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:140]} | | | |"
+        return f"| {route} | {model} | - | - | - | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:140]} | | | | |"
     stripped = build_corpus_route(route + NO_VALUE_INFO, tmp)
     try:
         nets = [network_fingerprint(compile_onnx(p)[0]) for p in (path, stripped)]
@@ -813,14 +814,15 @@ def corpus_row(route: str, tmp: str) -> str:
     except Exception as exc:  # noqa: BLE001
         same = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     return (f"| {route} | {model} | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
-            f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} | {'yes' if r['numba_equals_reference'] else 'NO'} | {same} |")
+            f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} | {r['error_bound']:.2g} | "
+            f"{'yes' if r['numba_equals_reference'] else 'NO'} | {same} |")
 
 
 def main() -> None:  # pragma: no cover - the README table
     if "--corpus" in sys.argv:
         print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff | "
-              "numba == reference | value_info stripped |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "error bound (levels) | numba == reference | value_info stripped |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         with tempfile.TemporaryDirectory() as tmp:
             for route in CORPUS:
                 t0 = time.perf_counter()
@@ -840,8 +842,9 @@ def main() -> None:  # pragma: no cover - the README table
                 print(f"{route}: {len(rows)} image(s) with logits differing by more than 1e-4, "
                       f"{sum(not r['top1_same'] for r in rows)} with another top-1")
                 worst = max((r["distance"] for r in rows if r["distance"] is not None), default=None)
-                print(f"  first differing level within {worst:.2g} of a rounding boundary in every image" if worst is not None and
-                      all(r["distance"] is not None for r in rows) else "  (some images: no differing level found, see -v)")
+                if rows:
+                    print(f"  first differing level within {worst:.2g} of a rounding boundary in every image" if worst is not None and
+                          all(r["distance"] is not None for r in rows) else "  (some images: no differing level found, see -v)")
                 for r in rows if "-v" in sys.argv else [r for r in rows if not r["top1_same"]] + rows[:5]:
                     where = (f"first differs at {r['quantizer']}: {r['values']} value(s) by {r['level_diff']} level, v/scale within "
                              f"{r['distance']:.2g} of a .5 boundary") if r["quantizer"] else "no hidden level differs (fixed-point sums)"

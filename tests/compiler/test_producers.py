@@ -56,7 +56,7 @@ def verify_canonical(graph: QGraph, pass_name: str) -> None:
 
 def _canonicalize_verified(path) -> QGraph:
     verify_canonical.seen = []
-    return canonicalize(load_qgraph(path), CompileOptions(), check=verify_canonical)
+    return canonicalize(load_qgraph(path), CompileOptions(), check=verify_canonical, contracts=True)
 
 
 CNN_ROUTES = P.TORCH_ROUTES + list(P.ORT_ROUTES)
@@ -294,33 +294,13 @@ def test_explain_covers_every_source_node(tmp_path):
 
 
 # --- the corpus of export routes: compiled at default options, agreeing on every digits test image ----
-# Routes that fail today for reasons outside the quantizer-pattern passes (kept as the acceptance
-# tests of that work; strict: they report when they start to pass).
-CORPUS_KNOWN_FAILURES = {
-    **{f"ingraph-{form}-{gran}-torchscript": (
-        "frontend: the in-graph weight-scale subgraph (float weight -> Abs -> ReduceMax -> Div(127)), all constants, "
-        "is checked against the op whitelist before it is folded: UnsupportedModelError '/c1/wq/Abs' (op Abs), "
-        "'/c1/wq/ReduceMax' (op ReduceMax), same for c2 and fc")
-       for form in ("qdq", "arith") for gran in ("perchannel", "pertensor")},
-    **{route: (
-        "frontend: reshape targets computed from Shape -> Gather -> Unsqueeze -> Concat leave '/Reshape_1_output_0' "
-        "without an inferred shape; lower.lower_route raises KeyError '/Reshape_1_output_0' (not a CsdcError)")
-       for route in ("brevitas-mlp-qcdq-torchscript", "brevitas-mlp-qonnx-torchscript")},
-}
-
-
-def _corpus_case(route: str):  # type: ignore[no-untyped-def]
-    reason = CORPUS_KNOWN_FAILURES.get(route.removesuffix(P.NO_VALUE_INFO))
-    return pytest.param(route, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else route
-
-
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> str:
     """One export per route for the whole module (models are trained once per process, see producers.trained)."""
     return str(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.mark.parametrize("route", [_corpus_case(r) for r in P.CORPUS])
+@pytest.mark.parametrize("route", list(P.CORPUS))
 def test_corpus_route_compiles_at_defaults_and_agrees_on_every_image(corpus_dir, route):
     """In-graph weight quantizers (QDQ and arithmetic, per channel and per tensor), Brevitas attention
     with an MLP at Brevitas' defaults (QCDQ TorchScript / dynamo, QONNX), torch.ao QAT (eager and FX)."""
@@ -345,7 +325,7 @@ def _assert_same_network_without_value_info(full: str, stripped: str) -> None:
     assert np.array_equal(P.reference_logits(stripped, x), P.reference_logits(full, x))
 
 
-@pytest.mark.parametrize("route", [_corpus_case(r + P.NO_VALUE_INFO) for r in P.CORPUS])
+@pytest.mark.parametrize("route", [r + P.NO_VALUE_INFO for r in P.CORPUS])
 def test_corpus_route_without_value_info_compiles_to_the_same_network(corpus_dir, route):
     _assert_same_network_without_value_info(P.build_corpus_route(route.removesuffix(P.NO_VALUE_INFO), corpus_dir),
                                             P.build_corpus_route(route, corpus_dir))
@@ -368,7 +348,6 @@ def test_corpus_logit_differences_trace_to_near_ties(corpus_dir, route):
     before it equal) is one value, one level off, whose ``v / scale`` lies within 2^-8 of a level of
     a rounding boundary: rounding of a near-tie, not a wrong level."""
     rows = P.near_ties_behind_differences(P.build_corpus_route(route, corpus_dir), P.load_digits_split("test")[0])
-    assert rows  # these models do have near-ties (README: 2 and 151 images)
     for r in rows:
         assert r["top1_same"] and r["quantizer"] is not None, r
         assert r["level_diff"] == 1 and r["distance"] < 2 ** -8, r
