@@ -30,7 +30,7 @@ several synapse nodes with the same connectivity, ``w = sum_i m_i 2^(e + i b)`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -42,7 +42,7 @@ from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, compac
                          power_of_two_exponent)
 
 TARGET_LEVELS = 2.0 ** -8  # worst-case integerization error guaranteed where the budget allows, in quantization levels
-AIM_LEVELS = 2.0 ** -16  # aimed at where the budget allows it: below onnxruntime's own float32 noise
+AIM_LEVELS = 2.0 ** -30  # aimed at where the budget allows it: as exact as the thresholds and membranes permit
 REFUSE_LEVELS = 0.5  # beyond this the rounding can change a count: the model is refused
 MAX_K = 62  # weight exponents of the IR
 
@@ -318,13 +318,24 @@ def integerize(lower_round: Callable[[Precision], tuple[Network, object]], profi
 
 
 def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
-    """Correct the sites' exponents from one lowering's errors and bit widths; True if any changed."""
+    """Correct the sites' exponents from one lowering's errors and bit widths; True if any changed.
+
+    On a 32-bit membrane the policy also keeps ``v`` and ``v - Theta`` inside int32 lanes (31 bits,
+    the simulator's fast path) where the error target still holds at the lower exponent."""
     widths = bit_widths(net, precision.profile).per_node
+    lane = replace(precision.profile, membrane_bits=31) if precision.profile.membrane_bits == 32 else None
+    worst: dict[str, float] = {}
+    for pe in rep.populations.values():
+        worst[pe.site] = max(worst.get(pe.site, 0.0), pe.bound)
     changed = False
     want: dict[str, int] = {}
     for pop, pe in rep.populations.items():
         over = budget_excess(widths.get(pop, {}), precision.profile)
         excess = max((v for q, v in over.items() if q != "weight_bits"), default=0)
+        if excess <= 0 and lane is not None:
+            spare = budget_excess(widths.get(pop, {}), lane).get("membrane_bits", 0)
+            if spare > 0 and worst[pe.site] * 2.0 ** spare <= precision.target:
+                excess = spare
         if excess > 0 and pe.k > 0:
             cap = max(0, pe.k - excess)
             if cap < precision.cap.get(pe.site, MAX_K):
