@@ -99,24 +99,27 @@ class Precision:
 
     def choose_k(self, site: str, theta: tuple[float, float] | None, bound_at: Callable[[int], float]) -> int:
         """The exponent of a site: the smallest ``k >= 0`` whose ``bound_at(k)`` (in levels) meets the
-        target, within the threshold budget; ``theta``: (min, max) of ``step / |u_anchor|`` over the
-        readers' elements (None: no quantizer reads the sum)."""
+        aim, within the threshold budget and the cap learned from the membrane budget; ``theta``:
+        (min, max) of ``step / |u_anchor|`` over the readers' elements (None: no quantizer reads the
+        sum). When even ``k = 0`` exceeds the budget, ``k < 0``: a unit coarser than the anchor's own,
+        whose weights are then rounded too (counted in the bound)."""
         if self.frac_bits is not None:
             if theta is None:
                 return self.frac_bits
             return max(0, math.ceil(self.frac_bits - math.log2(theta[0])))
         k_max = min(MAX_K, self.cap.get(site, MAX_K))
-        k = 0
+        k = k_min = min(0, k_max)
         if theta is not None:  # the largest threshold keeps within the profile's threshold bits
             lo, hi = (math.log2(max(t, 2.0 ** -60)) for t in theta)
-            k_max = max(0, min(k_max, self.profile.threshold_bits - 1 - math.ceil(hi)))
-            k = max(0, min(k_max, math.floor(-lo)))  # thresholds of at least 1
+            k_max = max(-MAX_K, min(k_max, self.profile.threshold_bits - 1 - math.ceil(hi)))
+            k_min = min(0, k_max)
+            k = max(k_min, min(k_max, math.floor(-lo)))  # thresholds of at least 1
         for _ in range(8):  # each step adds the bits the bound lacks: error ~ 2^-k, 1-2 steps suffice
             b = bound_at(k)
             if b <= self.aim or k >= k_max:
                 break
             k = min(k_max, k + max(1, math.ceil(math.log2(b / self.aim))))
-        return min(k_max, max(0, k + self.extra.get(site, 0)))
+        return min(k_max, max(k_min, k + self.extra.get(site, 0)))
 
 
 def rounded_with_residual(exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,8 +339,8 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
             spare = budget_excess(widths.get(pop, {}), lane).get("membrane_bits", 0)
             if spare > 0 and worst[pe.site] * 2.0 ** spare <= precision.target:
                 excess = spare
-        if excess > 0 and pe.k > 0:
-            cap = max(0, pe.k - excess)
+        if excess > 0 and pe.k > -MAX_K:
+            cap = max(-MAX_K, pe.k - excess)
             if cap < precision.cap.get(pe.site, MAX_K):
                 precision.cap[pe.site] = cap
                 changed = True

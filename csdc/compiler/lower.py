@@ -18,12 +18,10 @@ memory in proportion to the parameters, not to the activation sizes.
 Materializing an :class:`Affine` into integer currents picks one unit ``U`` per element
 (SPEC 2.3) from the *anchor* group, the one with the most weights: ``U = |unit| / 2^k``, so its
 weights are ``w_int * sign`` with exponent ``k`` (exact, and as narrow as the source's). Every
-other group (a residual branch of a sum) gets weights ``round(w_int * unit_g / U)``. ``k`` is
-chosen so that the reader's threshold ``step / U`` has at least ``frac_bits`` significant bits,
-so each rounding is worth at most ``2^-(frac_bits + 1)`` of a quantization level (reported).
-A quantizer consuming it becomes a
-:class:`Neuron` with ``threshold = round(step / U)`` (``k`` chosen so that every threshold has at
-least ``frac_bits`` significant bits), bias total ``B = round(bias / U)`` delivered as
+other group (a residual branch of a sum) gets weights ``round(w_int * unit_g / U)``. The exponent
+``k`` of each sum is the precision policy's (:mod:`csdc.compiler.integerize`, docs/precision.md),
+which also bounds the worst-case error of every population. A quantizer consuming a sum becomes a
+:class:`Neuron` with ``threshold = round(step / U)``, bias total ``B = round(bias / U)`` delivered as
 ``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``. Ties round
 half up (ONNX rounds half to even; exact ties are rare once thresholds are not powers of two).
 """

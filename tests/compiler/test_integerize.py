@@ -20,7 +20,7 @@ from csdc.compiler.pipeline import CompileOptions, canonicalize, compile_onnx
 from csdc.errors import BudgetError
 from csdc.ir import semantics
 from csdc.ir.graph import Network
-from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout
+from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout, Reshape
 
 
 @settings(max_examples=60, deadline=None)
@@ -40,7 +40,7 @@ def _wide_net(rng) -> Network:
     net.add("in", Encode((2, 6, 6), 1 / 16, 0, 16))
     net.add("conv", ConvSynapse(rng.integers(-3000, 3000, (3, 2, 3, 3)), padding=(1, 1, 1, 1), exponent=2), ["in"])
     net.add("n1", Neuron(np.full((3, 6, 6), 40000), np.full((3, 6, 6), 20000), np.zeros((3, 6, 6), np.int64), 4), ["conv"])
-    net.add("flat", __import__("csdc.ir.ops", fromlist=["Reshape"]).Reshape((108,)), ["n1"])
+    net.add("flat", Reshape((108,)), ["n1"])
     net.add("fc", DenseSynapse(rng.integers(-70000, 70000, (5, 108))), ["flat"])
     net.add("out", Readout(np.full(5, 0.01), np.zeros(5)), ["fc"])
     return net
@@ -173,3 +173,24 @@ def test_cli_reports_the_bounds(tmp_path, capsys):
     assert main(["compile", str(path), "-o", str(tmp_path / "r.sir"), "--explain"]) == 0
     out = capsys.readouterr().out
     assert "integerization error" in out and "population -> worst-case integerization error" in out
+
+
+def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path):
+    """A quantizer whose step is 2^25 anchor units needs a 26-bit threshold even at k = 0 (this was
+    refused against the generic 24-bit budget): the unit becomes coarser than the anchor's own, the
+    anchor's weights are rounded as well, and the bound says what that costs."""
+    b = Builder((1, 1, 8, 8), seed=1)
+    x = b.quant("x", 1 / 16, 16)
+    w = b.node("DequantizeLinear", [b.const(b.rng.integers(-100, 101, (4, 1, 3, 3)).astype(np.int8)),
+                                    b.const(np.float32(2.0 ** -16))])
+    h = b.quant(b.node("Conv", [x, w], pads=[1, 1, 1, 1], kernel_shape=[3, 3]), 2.0 ** 9 / 240 * 1.1, 15)
+    onnx.save(b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
+    net, rep = compile_onnx(tmp_path / "m.onnx")
+    pop = rep.precision["populations"][net.neurons()[0]]
+    assert pop["k"] < 0 and pop["weights"] > 0 and pop["bound"] < TARGET_LEVELS
+    assert rep.bits["threshold_bits"] <= 24
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 17, (100, 1, 8, 8)) / 16).astype(np.float32)
+    from csdc.runtime.evaluate import onnx_logits
+
+    assert np.mean(onnx_logits(tmp_path / "m.onnx", x).argmax(1) == semantics.run_counts(net, x).logits.argmax(1)) >= 0.97
