@@ -56,7 +56,7 @@ def verify_canonical(graph: QGraph, pass_name: str) -> None:
 
 def _canonicalize_verified(path) -> QGraph:
     verify_canonical.seen = []
-    return canonicalize(load_qgraph(path), CompileOptions(), check=verify_canonical)
+    return canonicalize(load_qgraph(path), CompileOptions(), check=verify_canonical, contracts=True)
 
 
 CNN_ROUTES = P.TORCH_ROUTES + list(P.ORT_ROUTES)
@@ -77,8 +77,8 @@ def test_cnn_route_agrees(tmp_path, route):
 def test_attention_route_agrees(tmp_path, route):
     path = P.build_route(route, "attention", str(tmp_path))
     _canonicalize_verified(path)
-    r = P.evaluate_route(path)
-    assert r["T"] == 15
+    r = P.evaluate_route(path, numba_vs_reference=True)
+    assert r["T"] == 15 and r["numba_equals_reference"]
     assert r["agreement"] >= 0.99, r
     assert r["snn_acc"] >= 0.9, r
 
@@ -89,8 +89,8 @@ def test_onnxruntime_attention_applies_signed_current_quantizers(tmp_path, route
     becomes a neuron population in the offset form and the BN a per-channel scale; exact."""
     path = P.build_route(route, "attention", str(tmp_path))
     _canonicalize_verified(path)
-    r = P.evaluate_route(path)
-    assert r["T"] == (255 if "8" in route else 15)
+    r = P.evaluate_route(path, numba_vs_reference=True)
+    assert r["T"] == (255 if "8" in route else 15) and r["numba_equals_reference"]
     assert not r["warnings"]
     assert r["agreement"] >= 0.99, r
 
@@ -291,3 +291,113 @@ def test_explain_covers_every_source_node(tmp_path):
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(onnx.load(path).graph.node)]
     assert set(names) <= set(rep.explain)
     assert all(rep.explain[n] for n in names)
+
+
+# --- the corpus of export routes: compiled at default options, agreeing on every digits test image ----
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> str:
+    """One export per route for the whole module (models are trained once per process, see producers.trained)."""
+    return str(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize("route", list(P.CORPUS))
+def test_corpus_route_compiles_at_defaults_and_agrees_on_every_image(corpus_dir, route):
+    """In-graph weight quantizers (QDQ and arithmetic, per channel and per tensor), Brevitas attention
+    with an MLP at Brevitas' defaults (QCDQ TorchScript / dynamo, QONNX), torch.ao QAT (eager and FX)."""
+    path = P.build_corpus_route(route, corpus_dir)
+    _canonicalize_verified(path)
+    r = P.evaluate_route(path, numba_vs_reference=True)
+    assert r["numba_equals_reference"], route
+    assert r["misses"] == [], r
+    assert r["snn_acc"] >= 0.9, r
+
+
+def _assert_same_network_without_value_info(full: str, stripped: str) -> None:
+    """Shapes stripped from the file (``graph.value_info``; initializers untouched): the compiler finds
+    them itself and builds the identical network, so agreement is the full file's."""
+    assert not onnx.load(stripped).graph.value_info  # (torch.ao's TorchScript exports have none to begin with)
+    nets = []
+    for path in (stripped, full):
+        net, _ = compile_onnx(path)
+        nets.append(P.network_fingerprint(net))
+    assert nets[0] == nets[1]
+    x = P.load_digits_split("test")[0][:50]
+    assert np.array_equal(P.reference_logits(stripped, x), P.reference_logits(full, x))
+
+
+@pytest.mark.parametrize("route", [r + P.NO_VALUE_INFO for r in P.CORPUS])
+def test_corpus_route_without_value_info_compiles_to_the_same_network(corpus_dir, route):
+    _assert_same_network_without_value_info(P.build_corpus_route(route.removesuffix(P.NO_VALUE_INFO), corpus_dir),
+                                            P.build_corpus_route(route, corpus_dir))
+
+
+@pytest.mark.parametrize("route", ["brevitas-qcdq-dynamo", "brevitas-qonnx", "ort-uint8-perchannel"])
+def test_attention_route_without_value_info_compiles_to_the_same_network(corpus_dir, route):
+    """The attention routes above: Brevitas dynamo QCDQ and QONNX, onnxruntime quantize_static."""
+    import os
+
+    full = os.path.join(corpus_dir, f"{route}-attention.onnx")
+    if not os.path.exists(full):
+        P.build_route(route, "attention", corpus_dir)
+    _assert_same_network_without_value_info(full, P.strip_value_info(full, full.replace(".onnx", "-no-value-info.onnx")))
+
+
+@pytest.mark.parametrize("route", ["torchao-eager-torchscript", "brevitas-mlp-qcdq-dynamo"])
+def test_corpus_logit_differences_trace_to_near_ties(corpus_dir, route):
+    """Where logits differ from onnxruntime's at all, the first hidden level that differs (all levels
+    before it equal) is one value, one level off, whose ``v / scale`` lies within 2^-8 of a level of
+    a rounding boundary: rounding of a near-tie, not a wrong level."""
+    rows = P.near_ties_behind_differences(P.build_corpus_route(route, corpus_dir), P.load_digits_split("test")[0])
+    for r in rows:
+        assert r["top1_same"] and r["quantizer"] is not None, r
+        assert r["level_diff"] == 1 and r["distance"] < 2 ** -8, r
+
+
+def test_torch_ao_unfused_qat_is_refused_naming_the_relus(corpus_dir):
+    """Without conv-BN-ReLU fusion torch.ao quantizes the BatchNorm output with a zero point and applies
+    the ReLU after it (``BN -> QDQ -> Relu -> MaxPool -> Conv``): a quantizer with fewer levels than T
+    in effect, which one time window cannot hold. Refused, naming every such ReLU (fuse conv-BN-ReLU
+    before prepare_qat, as torch.ao's tutorial does, and it compiles: torchao-eager-torchscript)."""
+    import os
+
+    path = os.path.join(corpus_dir, "torchao-eager-unfused-torchscript.onnx")
+    P.export(P.trained("torchao_eager_unfused_cnn"), "torch-torchscript", path)
+    with pytest.raises(UnsupportedModelError) as exc:
+        compile_onnx(path)
+    assert sorted(p[0] for p in exc.value.problems) == ["/r1/Relu", "/r2/Relu"]
+    assert "right before an activation quantizer" in str(exc.value)
+
+
+def test_torch_ao_fx_requantizers_are_removed(corpus_dir):
+    """torch.ao FX QAT re-applies a shared FakeQuantize after MaxPool and Flatten and twice on the
+    logits: those quantizers are identities and leave no population (one per ReLU, input, logits)."""
+    g = _canonicalize_verified(P.build_corpus_route("torchao-fx-torchscript", corpus_dir))
+    assert sum(n.op_type == "Quant" for n in g.nodes) == 4
+
+
+def _requantized_model(narrow: bool) -> onnx.ModelProto:
+    b = Builder((1, 1, 8, 8))
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.25, 15)
+    h = b.quant(b.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2]), 0.25, 15)  # identity: removed
+    h = b.node("Flatten", [h], axis=1)
+    if narrow:
+        h = b.quant(h, 0.25, 7)  # a narrower range clips: kept
+    h = b.quant(h, 0.2437, 15)  # another step (not commensurate: no rounding ties): kept
+    y = b.gemm(h, 64, 10)
+    return b.model(b.quant(b.quant(y, 0.4123, 15), 0.4123, 15), (1, 10))  # twice on the logits: the second removed
+
+
+def test_requantizer_removed_only_when_it_is_an_identity(tmp_path):
+    """Q -> MaxPool -> Flatten -> Q (same step and zero point, containing range) is removed, also on the
+    graph output; a different step or a narrower range is a real quantizer and stays."""
+    onnx.save(_requantized_model(narrow=True), tmp_path / "narrow.onnx")
+    g = _canonicalize_verified(tmp_path / "narrow.onnx")
+    quants = [(n.attrs["scale"], n.attrs["hi"]) for n in g.nodes if n.op_type == "Quant"]
+    assert quants == [(1 / 16, 16), (0.25, 15), (0.25, 7), (pytest.approx(0.2437), 15), (pytest.approx(0.4123), 15)]
+    model = _requantized_model(narrow=False)
+    onnx.save(model, tmp_path / "m.onnx")
+    g = _canonicalize_verified(tmp_path / "m.onnx")
+    assert sum(n.op_type == "Quant" for n in g.nodes) == 4 and g.output == model.graph.output[0].name
+    net, rep, ref, snn = _compare(tmp_path, model)
+    assert np.all(np.isclose(ref, snn, atol=1e-5).all(1).mean() >= 0.99)

@@ -5,7 +5,14 @@ Patterns: ``QuantizeLinear -> DequantizeLinear`` (QDQ) and ``QuantizeLinear -> C
 The ``Quant`` node computes ``scale * (clip(round(x / scale) + zero_point, lo, hi) - zero_point)``,
 ``[lo, hi]`` being the storage type's range intersected with the Clip bounds.
 
-Invariant established: no QuantizeLinear, DequantizeLinear or quantizer Clip remains. A lone
+A quantizer that re-quantizes the levels of an identical quantizer (same step and zero point, a
+range that contains the first one's) reached only through value-preserving routing (MaxPool,
+Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Identity, Dropout) computes the identity and is
+removed: torch.ao's FX-mode QAT shares one FakeQuantize between an op's input and output (after a
+max-pool, a flatten) and applies the output's twice, e.g. ``Gemm -> QDQ -> QDQ``.
+
+Invariant established: no QuantizeLinear, DequantizeLinear or quantizer Clip remains, and no
+``Quant`` reads (through routing) the levels of a quantizer with its step, zero point and range. A lone
 QuantizeLinear / DequantizeLinear on an activation, a per-channel activation quantizer, or a
 quantizer whose intermediate tensor has other consumers is reported (all at once) by name.
 """
@@ -130,10 +137,67 @@ def canonicalize_quant(graph: QGraph) -> QGraph:
     for n in graph.nodes:
         if n.name in dropped and n.op_type == "Clip":
             new.provenance[n.name] = "part of a quantizer (its clip range)"
-    return new
+    return _drop_requantizers(new)
+
+
+# ops whose every output value is one of their input values (a quantizer's levels pass unchanged)
+VALUE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+
+
+def _levels_source(tensor: str, prod: dict[str, QNode]) -> QNode | None:
+    """The ``Quant`` whose output reaches ``tensor`` through value-preserving routing only, if any."""
+    p = prod.get(tensor)
+    while p is not None and p.op_type in VALUE_PRESERVING:
+        p = prod.get(p.inputs[0])
+    return p if p is not None and p.op_type == "Quant" and not p.domain else None
+
+
+def _is_identity_on(q: QNode, src: QNode) -> bool:
+    """``q`` maps every level of ``src`` to itself: ``round(s (k - z) / s') + z' == k`` within ``q``'s clip."""
+    a, b = src.attrs, q.attrs
+    if a["zero_point"] != b["zero_point"] or not (b["lo"] <= a["lo"] and a["hi"] <= b["hi"]):
+        return False
+    # equal steps (as the Q/DQ pair match: relative 1e-6, float32 storage of one step); the difference
+    # moves level k by k * e, which must stay far below half a level for round() to return k
+    e = abs(b["scale"] / a["scale"] - 1)
+    reach = max(abs(a["lo"] - a["zero_point"]), abs(a["hi"] - a["zero_point"]), 1)
+    return e <= 1e-6 and e * reach < 0.25
+
+
+def _drop_requantizers(graph: QGraph) -> QGraph:
+    """Remove quantizers that re-quantize an identical quantizer's levels (see module docstring)."""
+    prod = graph.producers()
+    rename: dict[str, str] = {}
+    kept: list[QNode] = []
+    for n in graph.nodes:
+        n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
+        src = _levels_source(n.inputs[0], prod) if n.op_type == "Quant" and not n.domain else None
+        if src is not None and _is_identity_on(n, src):
+            rename[n.outputs[0]] = n.inputs[0]
+            graph.provenance[n.name] = f"removed: re-quantizes the levels of quantizer {src.name} (no effect)"
+            continue
+        kept.append(n)
+    out_alias = rename.get(graph.output)
+    if out_alias is not None:  # the graph output was a removed re-quantizer: its source now writes the output
+        while out_alias in rename:
+            out_alias = rename[out_alias]
+        kept = [n.with_(inputs=tuple(graph.output if i == out_alias else i for i in n.inputs),
+                        outputs=tuple(graph.output if o == out_alias else o for o in n.outputs)) for n in kept]
+    return graph.with_nodes(kept)
+
+
+def _no_requantizers(graph: QGraph) -> str | None:
+    """No ``Quant`` re-quantizes, through value-preserving routing, the levels of an identical quantizer."""
+    prod = graph.producers()
+    for n in graph.nodes:
+        src = _levels_source(n.inputs[0], prod) if n.op_type == "Quant" and not n.domain else None
+        if src is not None and _is_identity_on(n, src):
+            return f"quantizer '{n.name}' re-quantizes the levels of quantizer '{src.name}'"
+    return None
 
 
 # contract (see csdc.compiler.passes)
 from csdc.compiler.passes import declare, no_foreign_domains, no_ops  # noqa: E402
 
-declare(canonicalize_quant, requires=[no_foreign_domains], ensures=[no_ops("QuantizeLinear", "DequantizeLinear")])
+declare(canonicalize_quant, requires=[no_foreign_domains],
+        ensures=[no_ops("QuantizeLinear", "DequantizeLinear"), _no_requantizers])
