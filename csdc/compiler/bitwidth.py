@@ -130,41 +130,45 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-step (lo, hi) bounds of every node's output: broadcast arrays (per element in meaning)."""
     b: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, op in net.nodes():
-        ins = [b[s] for s in net.inputs(name)]
-        shape = net.info(name).shape
-        one = (1,) * len(shape)
-        if isinstance(op, Encode):
-            b[name] = (np.full(one, op.lo, np.int64), np.full(one, op.hi, np.int64))
-        elif isinstance(op, TernaryNeuron):
-            b[name] = (-np.ones(one, np.int64), np.ones(one, np.int64))
-        elif isinstance(op, (Neuron, SpikeMaxPool)):
-            b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
-        elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
-            b[name] = _synapse_bounds(op, *ins[0], net.info(net.inputs(name)[0]).shape)
-        elif isinstance(op, SpikeMatMul):
-            # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
-            k = net.info(net.inputs(name)[0]).shape[-1]
-            reach = np.full(one, 2 * k * net.T * abs(op.weight), np.int64)
-            signed = op.weight < 0 or any(net.info(s).kind == TERNARY for s in net.inputs(name))
-            b[name] = (-reach, reach) if signed else (np.zeros(one, np.int64), reach)
-        elif isinstance(op, Add):
-            b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
-        elif isinstance(op, SumPool):
-            area = op.kernel[0] * op.kernel[1]
-            lo, hi = _channel_extremes(*ins[0], shape[0], any(op.padding))
-            b[name] = (area * lo.reshape(-1, 1, 1), area * hi.reshape(-1, 1, 1))
-        elif isinstance(op, ReduceSum):
-            in_shape = net.info(net.inputs(name)[0]).shape
-            b[name] = tuple(broadcast.reduce_sum(v, in_shape, op.axes) for v in ins[0])  # type: ignore[assignment]
-        elif isinstance(op, Reshape):
-            in_shape = net.info(net.inputs(name)[0]).shape
-            b[name] = tuple(broadcast.reshape(v, in_shape, shape) for v in ins[0])  # type: ignore[assignment]
-        elif isinstance(op, Transpose):
-            b[name] = tuple(np.transpose(v, op.perm) for v in ins[0])  # type: ignore[assignment]
-        elif isinstance(op, Readout):
-            b[name] = ins[0]
-        else:
-            raise BudgetError(f"bit-width analysis does not know op {type(op).__name__}")
+        try:
+            ins = [b[s] for s in net.inputs(name)]
+            shape = net.info(name).shape
+            one = (1,) * len(shape)
+            if isinstance(op, Encode):
+                b[name] = (np.full(one, op.lo, np.int64), np.full(one, op.hi, np.int64))
+            elif isinstance(op, TernaryNeuron):
+                b[name] = (-np.ones(one, np.int64), np.ones(one, np.int64))
+            elif isinstance(op, (Neuron, SpikeMaxPool)):
+                b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
+            elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+                b[name] = _synapse_bounds(op, *ins[0], net.info(net.inputs(name)[0]).shape)
+            elif isinstance(op, SpikeMatMul):
+                # per step, each output gets at most K count-gated adds of each of two kinds, counts <= T
+                k = net.info(net.inputs(name)[0]).shape[-1]
+                reach = np.full(one, 2 * k * net.T * abs(op.weight), np.int64)
+                signed = op.weight < 0 or any(net.info(s).kind == TERNARY for s in net.inputs(name))
+                b[name] = (-reach, reach) if signed else (np.zeros(one, np.int64), reach)
+            elif isinstance(op, Add):
+                b[name] = (sum(i[0] for i in ins), sum(i[1] for i in ins))
+            elif isinstance(op, SumPool):
+                area = op.kernel[0] * op.kernel[1]
+                lo, hi = _channel_extremes(*ins[0], shape[0], any(op.padding))
+                b[name] = (area * lo.reshape(-1, 1, 1), area * hi.reshape(-1, 1, 1))
+            elif isinstance(op, ReduceSum):
+                in_shape = net.info(net.inputs(name)[0]).shape
+                b[name] = tuple(broadcast.reduce_sum(v, in_shape, op.axes) for v in ins[0])  # type: ignore[assignment]
+            elif isinstance(op, Reshape):
+                in_shape = net.info(net.inputs(name)[0]).shape
+                b[name] = tuple(broadcast.reshape(v, in_shape, shape) for v in ins[0])  # type: ignore[assignment]
+            elif isinstance(op, Transpose):
+                b[name] = tuple(np.transpose(v, op.perm) for v in ins[0])  # type: ignore[assignment]
+            elif isinstance(op, Readout):
+                b[name] = ins[0]
+            else:
+                raise BudgetError(f"bit-width analysis does not know op {type(op).__name__}")
+        except OverflowError:  # a bound that no integer type holds (int64 arithmetic would wrap)
+            raise BudgetError(f"node '{name}' ({type(op).__name__}): its per-step current bound exceeds 64-bit "
+                              "integers; the model's scales or weights are out of range") from None
     return b
 
 

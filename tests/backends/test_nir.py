@@ -183,7 +183,7 @@ def test_cli_export_to_nir(tmp_path, capsys):
     assert "NIR" in capsys.readouterr().out
     assert set(nir.read(out).nodes) == set(to_nir(serialize.load(str(sir))).nodes)
     assert main(["export", str(sir), "--to", "nir", "-o", str(tmp_path)]) == 2
-    assert "is a folder" in capsys.readouterr().err
+    assert "is a directory; give the file to write" in capsys.readouterr().err
 
 
 def test_delay_above_zero_refused_with_the_fix(tmp_path, capsys):

@@ -53,6 +53,7 @@ from csdc.ir.ops import (
     SpikeMatMul,
     SpikeMaxPool,
     SumPool,
+    TernaryNeuron,
     Transpose,
     compact,
 )
@@ -105,6 +106,8 @@ NOT_EXPRESSIBLE: dict[type[Op], str] = {
     SpikeMatMul: "NIR has no product of two spike tensors (attention's Q K^T, A V); only networks without "
                  "activation products (CNNs) can be exported",
     Transpose: "NIR has no axis permutation node",
+    TernaryNeuron: "NIR's neurons emit binary spikes; a ternary population's -1 spikes (signed quantizers) have no "
+                   "NIR equivalent",
     ReduceSum: "NIR has no sum over axes (a global average pool before a linear layer); use Flatten + Linear "
                "in the model instead",
 }
