@@ -132,3 +132,17 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable) -> None:
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise CsdcError(f"cannot write '{os.fspath(path)}': {exc.strerror or exc}") from None
+
+
+def read_npy_header(fh) -> tuple[tuple[int, ...], bool, "np.dtype"]:
+    """(shape, Fortran order, dtype) from the header of an .npy stream positioned at its start; the
+    stream is left at the first data byte. Reads the header only: nothing is allocated for the data.
+    An unknown format version is a ValueError."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f".npy format version {version} is not supported")

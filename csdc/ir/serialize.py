@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from csdc.errors import CsdcError, IRError, SirFormatError
-from csdc.files import write_atomic  # noqa: F401 - the atomic writer, also used through this module
+from csdc.files import read_npy_header, write_atomic  # noqa: F401 - the atomic writer, also used through this module
 from csdc.ir.graph import Network
 from csdc.ir.ops import DIM_MAX, ELEMENTS_MAX, RANK_MAX, compact, elements, narrowest, op_from_dict
 from csdc.limits import check_budget
@@ -173,13 +173,7 @@ def _check_header(header: dict) -> None:
 def _read_npy(blob: bytes, desc: dict) -> np.ndarray:
     """The array of an .npy entry, checked against its header description before anything is allocated."""
     fh = io.BytesIO(blob)
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    else:
-        raise ValueError(f".npy format version {version} is not supported")
+    shape, fortran, dtype = read_npy_header(fh)
     if dtype.kind not in "iuf" or dtype.itemsize > 8 or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"stored dtype {dtype} is not a plain integer or float type")
     if list(shape) != list(desc["shape"]):

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from csdc.errors import DataError
+from csdc.files import read_npy_header
 from csdc.limits import check_budget
 
 #: Fraction of the digits set held out as the test split, and the split's seed.
@@ -78,13 +79,7 @@ def _member_layout(path: str, zf: zipfile.ZipFile, key: str) -> tuple[zipfile.Zi
     .npy header alone; the declared size is checked against the entry's, so nothing is allocated yet."""
     info = zf.getinfo(key + ".npy")
     with zf.open(info) as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f".npy format version {version}")
+        shape, fortran, dtype = read_npy_header(fh)
         offset = fh.tell()
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise DataError(f"{path}: '{key}' holds Python objects or records (dtype {dtype}), which csdc does not load "
