@@ -120,6 +120,37 @@ def rate_plot(per_population: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
+def levels_plot(rows: list[tuple[int, float, float, float, int]], path: str) -> None:
+    """SNN accuracy, energy and latency against the number of levels L (= T); rows are
+    (L, accuracy, agreement, energy uJ, latency steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = [r[0] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    a1.plot(L, [100 * r[1] for r in rows], "o-", label="SNN accuracy")
+    a1.plot(L, [100 * r[2] for r in rows], "s--", label="agreement with onnxruntime")
+    a1.set_xlabel("levels L = time steps T")
+    a1.set_ylabel("%")
+    a1.set_xticks(L)
+    a1.grid(alpha=0.3)
+    a1.legend(loc="lower right", fontsize=8)
+    a2.plot(L, [r[3] for r in rows], "o-", color="tab:red", label="energy per image (uJ)")
+    a2.set_xlabel("levels L = time steps T")
+    a2.set_ylabel("uJ per image", color="tab:red")
+    a2.set_xticks(L)
+    twin = a2.twinx()
+    twin.plot(L, [r[4] for r in rows], "s--", color="tab:gray")
+    twin.set_ylabel("latency (steps, D = T)", color="tab:gray")
+    a2.grid(alpha=0.3)
+    fig.suptitle("Fashion-MNIST CSDformer-2-64: levels L (T = L, D = T)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true", help="train the models that are missing")
@@ -150,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
              "options). Models: `csdc train --dataset fashion-mnist --levels L --epochs "
              f"{EPOCHS} --batch-size {BATCH}` (CSDformer-2-64, 4 heads, 4-bit weights).\n",
              "## Levels L (T = L), D = T\n",
-             "| L = T | ONNX accuracy | SNN accuracy | agreement | max abs logit diff | spikes / image | "
+             "| L = T | QAT accuracy (ONNX) | SNN accuracy | agreement | max abs logit diff | spikes / image | "
              "energy / image | latency (steps) | images/s |", "|---|---|---|---|---|---|---|---|---|"]
-    reference = None
+    reference, level_rows = None, []
     for L in args.levels:
         path = model_path(L)
         net, _ = compile_onnx(path)
@@ -164,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"| {L} | {100 * c.onnx_accuracy:.2f} % | {100 * s.accuracy:.2f} % | {100 * c.agreement:.2f} % | "
                      f"{c.max_abs_logit_diff:.3g} | {s.spikes / s.samples / 1e3:.1f} k | "
                      f"{s.energy_uj_per_sample:.2f} uJ | {s.latency_steps} | {len(x) / wall:.0f} |")
+        level_rows.append((L, s.accuracy, c.agreement, s.energy_uj_per_sample, s.latency_steps))
         print(f"L = {L}: done", file=sys.stderr)
         if L == 4:
             reference = (path, net, s)
+    if len(level_rows) > 1:
+        levels_plot(level_rows, os.path.join(DOCS, "fashion_levels.png"))
+        parts.append("\n![levels study](fashion_levels.png)\n")
     if reference is not None:
         path, net, s = reference
         rows = sweep_delays(net, backend, list(range(net.T + 1)), x, y, compare=path, batch=128, progress=False)

@@ -30,7 +30,8 @@ def test_raster_and_rates(tmp_path):
     x, _ = load_digits_split("test")
     fs.raster(net, x[:1], str(tmp_path / "raster.png"))
     fs.rate_plot({"a": {"neurons": 4, "rate": 0.25}, "b": {"neurons": 0, "rate": 0.0}}, str(tmp_path / "rates.png"))
-    for png in ("raster.png", "rates.png"):
+    fs.levels_plot([(2, 0.9, 1.0, 5.8, 38), (4, 0.92, 1.0, 10.1, 76)], str(tmp_path / "levels.png"))
+    for png in ("raster.png", "rates.png", "levels.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
