@@ -490,6 +490,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_DATA_DIR_HELP = "folder of the fashion-mnist idx files (default /usr/share/datasets/fashion-mnist)"
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of every command that runs a network on data (run, sweep)."""
     p.add_argument("sir", help="the compiled network (.sir)")
@@ -499,8 +502,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's digits test split), 'fashion-mnist' (its 10,000 test images, from "
                         "Debian's dataset-fashion-mnist package) or a .npz with x (N,C,H,W float32) and optional y")
-    p.add_argument("--data-dir", metavar="DIR", default=None,
-                   help="folder of the fashion-mnist idx files (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
@@ -620,11 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a2os2a: the tailored transformer with A2OS2A attention (unsigned Q, K; signed V; no scaling, no "
                         "softmax; docs/signed_spikes.md)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"),
+    src.add_argument("--dataset", default="digits", choices=BUILTIN_SETS,
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
                           "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package")
-    t.add_argument("--data-dir", metavar="DIR", default=None,
-                   help="folder of the fashion-mnist idx files (default /usr/share/datasets/fashion-mnist)")
+    t.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     src.add_argument("--data", metavar="FILE.npz", default=None,
                      help="your own data instead: x (N,C,H,W float32 in [0, 1], square images) and y (N int labels); "
                           "a fixed 20%% (seed 0) is held out for testing")

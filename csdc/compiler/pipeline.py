@@ -85,7 +85,9 @@ def canonical_passes(options: CompileOptions) -> list:
     op (weights become integer constants) before any structural pass; then zero points are
     normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded (the
     frontend has already folded every constant subgraph; ``fold_constants`` runs again after the
-    quantizer passes have turned QONNX / LSQ weight quantizers into constants)."""
+    quantizer passes have turned QONNX / LSQ weight quantizers into constants). ``validate_numbers``
+    runs in the frontend on the constants as loaded and here again on the values folding computed
+    (a weight step the model derives in-graph from its weights is a constant only after folding)."""
     return [validate_numbers, remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
             canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]

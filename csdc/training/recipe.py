@@ -129,6 +129,10 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return x[tr], y[tr], x[te], y[te]
 
 
+#: How the built-in sets are described in the training summary.
+_BUILTIN_NAMES = {"digits": "digits (scikit-learn, 8x8)", "fashion-mnist": "Fashion-MNIST (28x28)"}
+
+
 def load_training_data(
     data: str, data_dir: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
@@ -141,16 +145,10 @@ def load_training_data(
     """
     from csdc.runtime.datasets import load_builtin, load_npz
 
-    if data == "digits":
-        x_tr, y_tr = load_builtin("digits", "train")
-        x_te, y_te = load_builtin("digits", "test")
-        return x_tr, y_tr, x_te, y_te, (
-            f"digits (scikit-learn, 8x8): {len(x_tr)} train / {len(x_te)} test images")
-    if data == "fashion-mnist":
-        x_tr, y_tr = load_builtin("fashion-mnist", "train", data_dir)
-        x_te, y_te = load_builtin("fashion-mnist", "test", data_dir)
-        return x_tr, y_tr, x_te, y_te, (
-            f"Fashion-MNIST (28x28): {len(x_tr)} train / {len(x_te)} test images")
+    if data in _BUILTIN_NAMES:
+        x_tr, y_tr = load_builtin(data, "train", data_dir)
+        x_te, y_te = load_builtin(data, "test", data_dir)
+        return x_tr, y_tr, x_te, y_te, f"{_BUILTIN_NAMES[data]}: {len(x_tr)} train / {len(x_te)} test images"
     x, y = load_npz(data)
     if y is None:
         raise DataError(f"{data}: no labels 'y' in the file; training needs them: "
