@@ -79,9 +79,12 @@ def assert_same(a: RunOutput, b: RunOutput) -> None:
 @pytest.mark.parametrize("shards", ["path", "scatter"])
 def test_digits_csdformer_identical_to_local_run(cluster, digits, shards):
     net, x, y, path, local = digits
+    warm = []
     # shards of 24 samples, while the local run used batches of 64: the merge does not depend on the partition
-    out, report = run_on_cluster(net, "numba", x, y, _opts(cluster, shards), data_path=path, batch=24, progress=False)
+    out, report = run_on_cluster(net, "numba", x, y, _opts(cluster, shards), data_path=path, batch=24, progress=False,
+                                 on_shard=lambda res: warm.append(res.warm))
     assert_same(out, local)
+    assert warm == [True] * 19  # every shard ran in a thread that had run the warm-up shard (its heap grown)
     assert report.shard_source == shards and report.shards == 19
     assert sum(w.samples for w in report.per_worker.values()) == len(x)
     assert len(report.per_worker) == 2  # both workers ran shards
