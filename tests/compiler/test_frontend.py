@@ -1,10 +1,11 @@
 """The frontend folds constant subgraphs before judging ops, and gives every tensor a shape.
 
 Models are exported by torch.onnx.export (TorchScript and dynamo) and Brevitas from hand-written
-modules, as a user would: a weight fake-quantizer computed inside the graph (per channel and per
-tensor; QDQ through ``torch.fake_quantize_per_*_affine`` and arithmetic ``Div -> Round -> Clip ->
-Mul``), and a Brevitas QCDQ attention block whose shapes onnx shape inference cannot follow. Each is
-compiled and run on the digits test split and compared with onnxruntime.
+modules, as a user would: the producer corpus's weight fake-quantizers computed inside the graph
+(per channel and per tensor; QDQ through ``torch.fake_quantize_per_*_affine`` and arithmetic
+``Div -> Round -> Clip -> Mul``; tests/compiler/producers.py), and a Brevitas QCDQ attention block
+whose shapes onnx shape inference cannot follow, compiled and run on the digits test split and
+compared with onnxruntime.
 """
 
 from __future__ import annotations
@@ -27,75 +28,6 @@ from csdc.runtime.datasets import load_digits_split
 from csdc.runtime.evaluate import onnx_logits
 
 
-# ------------------------------------------------------------------------------ weight fake-quant
-class FakeQuantWeight(nn.Module):
-    """Symmetric int8 weight fake-quantizer with the step computed from the weight in forward."""
-
-    def __init__(self, per_channel: bool, form: str) -> None:
-        super().__init__()
-        self.per_channel, self.form = per_channel, form
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.per_channel:
-            s = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
-        else:
-            s = w.abs().max() / 127
-        if self.form == "arith":
-            return torch.clamp(torch.round(w / s), -127, 127) * s
-        s = s.detach()  # the quantization parameters of torch.fake_quantize_* take no gradient
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, s.reshape(-1), torch.zeros(w.shape[0], dtype=torch.int32),
-                                                          0, -128, 127)
-        return torch.fake_quantize_per_tensor_affine(w, s, torch.zeros((), dtype=torch.int32), -128, 127)
-
-
-class FQConv(nn.Conv2d):
-    def __init__(self, *a, per_channel: bool = True, form: str = "arith", **k) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*a, **k)
-        self.wq = FakeQuantWeight(per_channel, form)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.wq(self.weight), self.bias)
-
-
-class FQLinear(nn.Linear):
-    def __init__(self, *a, per_channel: bool = True, form: str = "arith", **k) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*a, **k)
-        self.wq = FakeQuantWeight(per_channel, form)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.wq(self.weight), self.bias)
-
-
-class FakeQuantCNN(nn.Module):
-    def __init__(self, per_channel: bool, form: str) -> None:
-        super().__init__()
-        kw = {"per_channel": per_channel, "form": form}
-        self.inq = P.LSQAct(16, 1 / 16, learn=False)
-        self.c1, self.bn1, self.r1 = FQConv(1, 16, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(16), P.LSQAct()
-        self.c2, self.r2 = FQConv(16, 16, 3, padding=1, **kw), P.LSQAct()
-        self.fc = FQLinear(16 * 4, 10, **kw)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.r1(self.bn1(self.c1(self.inq(x)))))
-        x = self.pool(self.r2(self.c2(x)))
-        return self.fc(torch.flatten(x, 1))
-
-
-def _export(model: nn.Module, path: str, exporter: str, opset: int = 17) -> str:
-    from torch.export import Dim
-
-    x = torch.from_numpy(load_digits_split("test")[0][:4])
-    if exporter == "dynamo":
-        P._quiet_export(torch.onnx.export, model, (x,), path, dynamo=True, input_names=["x"],
-                        dynamic_shapes={"x": {0: Dim("batch")}})
-    else:
-        P._quiet_export(torch.onnx.export, model, (x,), path, dynamo=False, input_names=["x"], opset_version=opset,
-                        dynamic_axes={"x": {0: "batch"}})
-    return path
-
-
 def _agreement(path: str) -> tuple[float, float, object]:
     """Compile, run the reference semantics on every digits test image, compare with onnxruntime:
     (argmax agreement, median |logit difference|, report). A float32 executor and the exact integer
@@ -107,35 +39,32 @@ def _agreement(path: str) -> tuple[float, float, object]:
     return float(np.mean(got.argmax(1) == ref.argmax(1))), float(np.median(np.abs(got - ref))), rep
 
 
-def _strip_value_info(path: str, out: str) -> str:
-    m = onnx.load(path)
-    del m.graph.value_info[:]
-    onnx.save(m, out)
-    return out
+# ------------------------------------------------------------------------------ weight fake-quant
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("form", ["arith", "qdq"])
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
-def test_weight_quantizer_computed_in_the_graph_compiles_exactly(tmp_path, per_channel, form, exporter):
-    torch.manual_seed(0)
-    path = _export(FakeQuantCNN(per_channel, form).eval(), str(tmp_path / "fq.onnx"), exporter)
+@pytest.mark.parametrize("route", [r for r in P.CORPUS if r.startswith("ingraph-")])
+def test_weight_quantizer_computed_in_the_graph_keeps_its_integers(corpus_dir, route):
+    """The in-graph weight quantizers of the producer corpus (whose agreement with onnxruntime
+    tests/compiler/test_producers.py checks on every image): TorchScript leaves the step's
+    computation from the float weight in the graph (``Abs -> ReduceMax -> Div``), which is folded
+    so that the canonical Linear nodes carry the model's own integers; dynamo folds the quantizer
+    into float weights at export, whose integer grid is recovered exactly."""
+    path = P.build_corpus_route(route, corpus_dir)
     ops = {n.op_type for n in onnx.load(path).graph.node}
-    if exporter == "torchscript":  # the step is computed in the graph (dynamo folds part of it at export)
+    torchscript = route.endswith("-torchscript")
+    if torchscript:
         assert "Abs" in ops and ops & {"ReduceMax", "Max"}
     graph = canonicalize(load_qgraph(path), CompileOptions(), contracts=True)
     linears = [n for n in graph.nodes if n.op_type == "Linear"]
     assert len(linears) == 3
-    if exporter == "torchscript":  # the integers of the model's own quantizer
+    if torchscript:
         assert not any(n.attrs["weights_quantized_by_csdc"] for n in linears)
-    else:  # dynamo folded the quantizer into float weights: their grid is recovered
+    else:
         assert all(n.attrs["weight_error"] < 1e-6 for n in linears)
     assert all(np.abs(n.attrs["w_int"]).max() <= 128 for n in linears)
-    agree, diff, _ = _agreement(path)
-    assert agree >= 0.99 and diff < 1e-4
-    if exporter == "dynamo":  # dynamo writes value_info: the same model without it
-        agree2, diff2, _ = _agreement(_strip_value_info(path, str(tmp_path / "stripped.onnx")))
-        assert agree2 >= 0.99 and diff2 < 1e-4
 
 
 def test_unsupported_op_on_constants_is_folded_but_on_data_is_refused(tmp_path):
@@ -233,7 +162,7 @@ def test_producer_attention_without_value_info_agrees(tmp_path, route):
     pytest.importorskip("brevitas")
     path = P.build_route(route, "attention", str(tmp_path))
     assert len(onnx.load(path).graph.value_info) > 0
-    stripped = _strip_value_info(path, str(tmp_path / "stripped.onnx"))
+    stripped = P.strip_value_info(path, str(tmp_path / "stripped.onnx"))
     x, _ = load_digits_split("test")
     net, _ = compile_onnx(stripped)
     got = semantics.run_counts(net, x).logits
