@@ -630,8 +630,9 @@ class Lowering:
             return
         if a.offset or b.offset:
             self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
-                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
-                         "it unsigned")
+                         "point) in the offset form; the spike product needs counts without offset: put a ReLU before "
+                         "that quantizer, make it unsigned, or make it symmetric with as many levels either side as the "
+                         "others have (a ternary population, docs/signed_spikes.md)")
             return
         sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
         if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
