@@ -106,6 +106,19 @@ class BrevitasAttention(nn.Module):
         return attention_forward(self, x)
 
 
+class BrevitasSignedAttention(BrevitasAttention):
+    """The Brevitas attention with symmetric Q, K, V and A V: signed 4-bit narrow-range ``QuantIdentity``
+    ([-7, 7], zero point 0, no ReLU), and 3-bit ``QuantReLU`` elsewhere ([0, 7]): one window T = 7, the
+    signed quantizers ternary populations (docs/signed_spikes.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        qnn = _brevitas()[0]
+        self.rq, self.rk, self.rv, self.ro = (qnn.QuantIdentity(bit_width=4, narrow_range=True) for _ in range(4))
+        self.r0, self.rh = qnn.QuantReLU(bit_width=3), qnn.QuantReLU(bit_width=3)
+        self.ra = qnn.QuantReLU(bit_width=3, max_val=0.3)
+
+
 def attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d, h, n = DIM, HEADS, N_TOK
     dk = d // h
@@ -409,7 +422,7 @@ _TRAINED: dict[str, nn.Module] = {}
 
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
 RECIPES = {"ingraph_cnn_perchannel": (3, 3e-3), "ingraph_cnn_pertensor": (3, 3e-3), "brevitas_attention_mlp": (4, 1e-2),
-           "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
+           "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "brevitas_signed_attention": (4, 1e-2), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
            "float_attention": (4, 5e-3)}
 
 
@@ -421,7 +434,7 @@ def trained(kind: str) -> nn.Module:
 
         factory = {"ingraph_cnn_perchannel": lambda: InGraphCNN(True), "ingraph_cnn_pertensor": lambda: InGraphCNN(False),
                    "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat, "torchao_eager_unfused_cnn": torch_ao_eager_qat_unfused,
-                   "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
+                   "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_signed_attention": BrevitasSignedAttention, "brevitas_attention": BrevitasAttention,
                    "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
         x, y = load_digits_split("train")
         with warnings.catch_warnings():
@@ -660,9 +673,9 @@ def build_corpus_route(route: str, tmp: str) -> str:
     return path
 
 
-def build_signed_route(route: str, tmp: str) -> str:
-    """The signed-activation Brevitas CNN exported through ``route`` (a Brevitas route)."""
-    return export(trained("brevitas_signed_cnn"), route, os.path.join(tmp, f"{route}-signed-cnn.onnx"))
+def build_signed_route(route: str, tmp: str, arch: str = "cnn") -> str:
+    """The signed-activation Brevitas CNN (or attention with symmetric Q/K/V/AV) exported through ``route``."""
+    return export(trained(f"brevitas_signed_{arch}"), route, os.path.join(tmp, f"{route}-signed-{arch}.onnx"))
 
 
 def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict, dict]:
@@ -917,6 +930,10 @@ def main() -> None:  # pragma: no cover - the README table
             r = evaluate_route(build_signed_route(route, tmp))
             rows.append(f"| {route} | cnn, signed 2nd stage | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
                         f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
+        for route in ("brevitas-qcdq-torchscript", "brevitas-qonnx"):
+            r = evaluate_route(build_signed_route(route, tmp, "attention"))
+            rows.append(f"| {route} | attention, symmetric Q/K/V/AV (ternary) | {r['T']} | {100 * r['ref_acc']:.2f} % | "
+                        f"{100 * r['snn_acc']:.2f} % | {100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
     print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
