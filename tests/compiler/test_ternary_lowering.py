@@ -155,7 +155,7 @@ def _layer(scale: float, L: int, zp: int, w: np.ndarray, w_scale: float, bias: n
     return full, probe
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scale=st.floats(0.01, 2.0), L=st.integers(1, 60), zp=st.integers(-60, 60), seed=st.integers(0, 2**31 - 1),
        w_scale=st.floats(0.01, 0.5))
 def test_ternary_population_equals_quantizelinear_except_exact_ties(tmp_path, scale, L, zp, seed, w_scale):
@@ -182,7 +182,9 @@ def test_ternary_population_equals_quantizelinear_except_exact_ties(tmp_path, sc
     distance = np.abs(np.abs(r - np.floor(r)) - 0.5)  # to the nearest rounding tie, in levels
     # away from ties the counts are onnxruntime's; within the compile's error bound of a tie they may round
     # the other way (half up at exact ties: +k.5 -> k+1 where ONNX takes the even neighbour)
-    near = (distance <= rep.error_bound + 1e-5 * np.maximum(1.0, np.abs(r))) & (np.abs(r) < L + 0.5)
+    # onnxruntime's float32 Gemm is off the real value by a few ulps of the magnitudes it adds up
+    magnitude = (np.abs(x) @ np.abs(w * w_scale).T + np.abs(bias)) / scale + np.abs(r)
+    near = (distance <= rep.error_bound + 1e-6 * magnitude) & (np.abs(r) < L + 0.5)
     differ = counts != expect
     assert not np.any(differ & ~near), (counts[differ & ~near], expect[differ & ~near], r[differ & ~near])
     assert np.all(np.abs(counts - expect) <= 1)
