@@ -3,7 +3,9 @@
 Each ONNX tensor is tracked as one of:
 
 - :class:`Spikes`: ``real = step * count + offset`` of a spiking IR node (a quantizer's output; the
-  offset ``step * (lo - zero_point)`` is non-zero for a signed quantizer, whose lowest level is count 0);
+  offset ``step * (lo - zero_point)`` is non-zero for a signed quantizer in the *offset form*, whose
+  lowest level is count 0; a *symmetric* quantizer ``s * clip(round(x/s), -L, L)`` becomes a
+  :class:`TernaryNeuron` population whose signed count is the level itself, offset 0);
 - :class:`Encoded`: the input levels ``q`` delivered every step; ``real = unit * total`` with
   ``total = T * q`` and ``unit = scale / T``;
 - :class:`Affine`: ``real = sum_t unit_t * I_t + bias`` (per element), a sum of *terms*: pending
@@ -22,8 +24,10 @@ other group (a residual branch of a sum) gets weights ``round(w_int * unit_g / U
 ``k`` of each sum is the precision policy's (:mod:`csdc.compiler.integerize`, docs/precision.md),
 which also bounds the worst-case error of every population. A quantizer consuming a sum becomes a
 :class:`Neuron` with ``threshold = round(step / U)``, bias total ``B = round(bias / U)`` delivered as
-``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``. Ties round
-half up (ONNX rounds half to even; exact ties are rare once thresholds are not powers of two).
+``floor(B / T)`` per step with the remainder in ``v0 = floor(threshold / 2) + rem``; a symmetric
+quantizer's :class:`TernaryNeuron` gets the same parameters (its signed count is the same
+``floor((V + B + floor(threshold/2)) / threshold)``, clipped to ``[-T, T]``). Ties round half up
+(ONNX rounds half to even; exact ties are rare once thresholds are not powers of two).
 """
 
 from __future__ import annotations
@@ -40,10 +44,19 @@ from csdc.compiler.integerize import (PopulationError, Precision, PrecisionRepor
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
-from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
-                         SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
+from csdc.ir.ops import (TERNARY, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum,
+                         Reshape, SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose)
 from csdc.ir.semantics import conv as conv_counts
 from csdc.ir.semantics import sum_pool
+
+
+def symmetric(attrs: dict) -> bool:
+    """A symmetric quantizer ``s * clip(round(x / s), -L, L)``, L >= 1 (canonicalize_zero_point centres its zero point)."""
+    return attrs["zero_point"] == 0 and attrs["lo"] == -attrs["hi"] < 0
+
+
+# ops through which a quantizer's spikes reach a MaxPool unchanged in sign (routing, scaling by a constant)
+SPIKE_ROUTES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Mul", "Div")
 
 
 @dataclass(frozen=True)
@@ -187,14 +200,49 @@ class Lowering:
         if not hidden:
             raise UnsupportedModelError(self.g.path, [("<graph>", "-", "the model has no activation quantizers between layers "
                                         "(a float model); quantize it first (QAT with LSQ, Brevitas, or onnxruntime quantize_static)")])
+        # a symmetric quantizer's population counts L levels (ternary) or 2L (offset form, kept where a MaxPool reads it
+        # or where the other quantizers need T = 2L); every other quantizer fixes T to its offset form's levels
+        offset_form = {self.offset_levels(n) for n in hidden if not symmetric(n.attrs) or self.max_pooled(n)}
+        T = next(iter(offset_form)) if len(offset_form) == 1 else max(int(n.attrs["hi"]) for n in hidden)
         levels: dict[int, list[str]] = {}
         for n in hidden:
-            levels.setdefault(n.attrs["hi"] - min(n.attrs["lo"], n.attrs["zero_point"]), []).append(n.name)
+            if symmetric(n.attrs) and not self.max_pooled(n):
+                L = int(n.attrs["hi"])
+                levels.setdefault(T if T in (L, 2 * L) else L, []).append(n.name)
+            else:
+                levels.setdefault(self.offset_levels(n), []).append(n.name)
         if len(levels) > 1:
             desc = "; ".join(f"{L} levels: {', '.join(ns[:3])}{'...' if len(ns) > 3 else ''}" for L, ns in sorted(levels.items()))
+            pooled = [f"'{n.name}' feeds MaxPool '{mp}'" for n in hidden if symmetric(n.attrs) and (mp := self.max_pooled(n))]
+            why = ("; symmetric quantizers whose output is max-pooled count 2L levels in the offset form (the spiking max-pool "
+                   f"needs non-negative counts, not ternary spikes): {', '.join(pooled[:3])}; max-pool an unsigned quantizer's "
+                   "output instead") if pooled else ""
             raise UnsupportedModelError(self.g.path, [("<graph>", "Quant", "activation quantizers must share one number of "
-                                        f"levels (= time steps T), found {desc}")])
-        return next(iter(levels))
+                                        f"levels (= time steps T), found {desc}{why}")])
+        return T
+
+    def max_pooled(self, q: QNode) -> str:
+        """The MaxPool that reads quantizer ``q``'s output through routing or constant scaling, or ''."""
+        todo, seen = [q.outputs[0]], set()
+        while todo:
+            for c in self.cons.get(todo.pop(), []):
+                if c.op_type == "MaxPool":
+                    return c.name
+                if c.op_type in SPIKE_ROUTES and c.name not in seen:
+                    seen.add(c.name)
+                    todo.append(c.outputs[0])
+        return ""
+
+    def ternary(self, q: QNode) -> bool:
+        """Quantizer ``q`` becomes a TernaryNeuron population: it is symmetric with L = T levels either side and no
+        MaxPool reads it (the spiking max-pool takes non-negative counts only). Otherwise it keeps the offset form."""
+        return symmetric(q.attrs) and int(q.attrs["hi"]) == self.T and not self.max_pooled(q)
+
+    @staticmethod
+    def offset_levels(q: QNode) -> int:
+        """Largest spike count of ``q``'s population in the offset form (counting ``level - lo``)."""
+        a = q.attrs
+        return int(a["hi"]) - min(int(a["lo"]), int(a["zero_point"]))
 
     def name(self, base: str) -> str:
         # '/blocks.0/attn/q_q/QuantizeLinear' -> 'blocks.0/attn/q_q': keep the module path, drop the op suffix
@@ -385,7 +433,7 @@ class Lowering:
         self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(np.rint(value.bias / U) - value.bias / U) / p.threshold)))
         shape = self.net.info(node).shape
         full = [np.broadcast_to(broadcast.squeeze_constant(a), shape) for a in (p.threshold, p.v0, p.bias)]
-        nm = self.add(q.name, Neuron(*full, self.delay), [node])
+        nm = self.add(q.name, (TernaryNeuron if self.ternary(q) else Neuron)(*full, self.delay), [node])
         self.report.precision.populations[nm] = PopulationError(
             p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
             p.weights, p.bias_part, p.threshold_part)
@@ -424,12 +472,15 @@ class Lowering:
         if n.outputs[0] == self.g.output and isinstance(src, Affine):
             self.lower_output_quant(n, src)
             return
-        # levels below the zero point: the neuron counts c = level - lo in 0..hi-lo; the input gets +m*step
-        # (round(x/s) + z - lo == round(x/s + m), m integer) and the value is step * c - m * step
-        m = int(a["zero_point"]) - int(a["lo"])
+        # levels below the zero point (offset form): the neuron counts c = level - lo in 0..hi-lo; the input gets
+        # +m*step (round(x/s) + z - lo == round(x/s + m), m integer) and the value is step * c - m * step.
+        # A symmetric quantizer needs no offset: its ternary population's signed count is the level.
+        ternary = self.ternary(n)
+        m = 0 if ternary else int(a["zero_point"]) - int(a["lo"])
         offset = -m * float(a["scale"])
         if isinstance(src, Spikes):
-            if math.isclose(src.step, a["scale"], rel_tol=1e-6) and math.isclose(src.offset, offset, rel_tol=1e-9, abs_tol=1e-12):
+            same_range = ternary or self.net.info(src.node).kind != TERNARY  # signed spikes re-quantized unsigned: clip
+            if same_range and math.isclose(src.step, a["scale"], rel_tol=1e-6) and math.isclose(src.offset, offset, rel_tol=1e-9, abs_tol=1e-12):
                 self.vals[n.outputs[0]] = src  # requantizing spikes on the same grid changes nothing
                 return
             src = self.as_affine(n.inputs[0], n)  # a new grid: one-to-one synapses into a new population
@@ -453,6 +504,8 @@ class Lowering:
         Otherwise the logits are read out unquantized and the error is reported."""
         a = n.attrs
         s, L, m = float(a["scale"]), int(a["hi"]) - int(a["lo"]), int(a["zero_point"]) - int(a["lo"])
+        if self.ternary(n):  # symmetric with L = T: a ternary population, no offset
+            L, m = int(a["hi"]), 0
         shape = self.sample_shape(n.outputs[0])
         if L == self.T:
             spikes = self.neuron(replace(src, bias=src.bias + m * s), n)
@@ -577,8 +630,9 @@ class Lowering:
             return
         if a.offset or b.offset:
             self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
-                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
-                         "it unsigned")
+                         "point) in the offset form; the spike product needs counts without offset: put a ReLU before "
+                         "that quantizer, make it unsigned, or make it symmetric with as many levels either side as the "
+                         "others have (a ternary population, docs/signed_spikes.md)")
             return
         sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
         if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
@@ -595,6 +649,10 @@ class Lowering:
         a = n.attrs
         if not isinstance(src, Spikes):
             self.fail(n, "max pooling must act on a quantized tensor: place it directly before or after an activation quantizer")
+            return
+        if self.net.info(src.node).kind == TERNARY:
+            self.fail(n, f"max-pools the signed (ternary) spikes of '{src.node}'; the spiking max-pool needs non-negative "
+                         "counts: max-pool an unsigned quantizer's output instead")
             return
         if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1, 1])) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             self.fail(n, "MaxPool with ceil_mode, dilation or auto_pad SAME is not supported")

@@ -564,6 +564,26 @@ def test_digits_csdformer_equals_numba(delay) -> None:
     assert_same(NumbaBackend().run(net, x, keep_trains=True), BACKEND.run(net, x, keep_trains=True))
 
 
+@pytest.mark.parametrize("delay", ["T", 1])
+def test_ternary_lowered_attention_equals_numba(tmp_path: Path, delay) -> None:
+    """A QCDQ attention whose symmetric Q, K, V and A V quantizers the compiler lowers to ternary
+    populations (signed SpikeMatMul operands on both sides): Lava == numba spike for spike."""
+    import onnx
+
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.ir.ops import TernaryNeuron
+    from tests.compiler.onnx_build import signed_attention_model
+
+    onnx.save(signed_attention_model(L=3), tmp_path / "m.onnx")
+    net, _ = compile_onnx(tmp_path / "m.onnx")
+    assert sum(isinstance(net.op(n), TernaryNeuron) for n in net.neurons()) == 4
+    net = net.with_delay(net.T if delay == "T" else delay)
+    x = (np.random.default_rng(5).integers(0, 17, (6, 1, 8, 8)) / 16).astype(np.float32)
+    ref = NumbaBackend().run(net, x, keep_trains=True)
+    assert_same(ref, BACKEND.run(net, x, keep_trains=True))
+    assert sum(s.negative_spikes for s in ref.stats.values()) > 0
+
+
 # -- deployment bundle ----------------------------------------------------------------------
 def test_bundle_runs_by_hand_in_the_lava_env(tmp_path: Path) -> None:
     """The exported bundle runs with the Lava environment's Python (lava-nc's own pins, no csdc

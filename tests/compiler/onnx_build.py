@@ -171,3 +171,40 @@ def attention_model(levels: int = 4, seed: int = 0, heads: int = 2, softmax: boo
     hq = b.quant(z1, 0.4, levels)
     m = b.node("ReduceMean", [hq], axes=[1], keepdims=0)
     return b.model(b.gemm(m, d, 10), (1, 10))
+
+
+def signed_quant(b: Builder, x: str, scale: float, lo: int, hi: int, zp: int = 0, dtype=np.int8) -> str:
+    """QuantizeLinear(zero point ``zp`` of ``dtype``) -> Clip(lo, hi) -> DequantizeLinear."""
+    s, z = b.const(np.float32(scale)), b.const(np.array(zp, dtype))
+    q = b.node("Clip", [b.node("QuantizeLinear", [x, s, z]), b.const(np.array(lo, dtype)), b.const(np.array(hi, dtype))])
+    return b.node("DequantizeLinear", [q, s, z])
+
+
+def signed_attention_model(L: int = 7, seed: int = 0) -> onnx.ModelProto:
+    """Unsigned [0, L] tokenizer, symmetric [-L, L] Q, K and V (int8, zero point 0, Clip), NReLU
+    attention map q(ReLU(Q K^T / sqrt(dk)) / N) in [0, L], symmetric A V, residual, mean, linear."""
+    b = Builder((1, 1, 8, 8), seed=seed)
+    d, N, heads = 8, 16, 2
+    dk = d // heads
+    x = b.quant("x", 1 / 16, 16)
+    f = b.quant(b.bn(b.conv(x, 1, d), d, negative=False), 0.3, L)
+    f = b.node("MaxPool", [f], kernel_shape=[2, 2], strides=[2, 2])
+    z0 = b.node("Transpose", [b.node("Reshape", [f, b.const(np.array([0, d, N], np.int64))])], perm=[0, 2, 1])
+
+    def proj(inp):
+        h = b.node("MatMul", [inp, b.qweight((d, d), axis=1)])
+        return b.node("Transpose", [b.bn(b.node("Transpose", [h], perm=[0, 2, 1]), d)], perm=[0, 2, 1])
+
+    def heads_of(t, perm):
+        return b.node("Transpose", [b.node("Reshape", [t, b.const(np.array([0, N, heads, dk], np.int64))])], perm=perm)
+
+    q = heads_of(signed_quant(b, proj(z0), 0.31, -L, L), [0, 2, 1, 3])
+    kt = heads_of(signed_quant(b, proj(z0), 0.29, -L, L), [0, 2, 3, 1])
+    v = heads_of(signed_quant(b, proj(z0), 0.33, -L, L), [0, 2, 1, 3])
+    s = b.node("Mul", [b.node("MatMul", [q, kt]), b.const(np.float32(1 / np.sqrt(dk)))])
+    a = b.quant(b.node("Div", [b.node("Relu", [s]), b.const(np.float32(N))]), 0.021, L)
+    o = signed_quant(b, b.node("MatMul", [a, v]), 0.047, -L, L)
+    o = b.node("Reshape", [b.node("Transpose", [o], perm=[0, 2, 1, 3]), b.const(np.array([0, N, d], np.int64))])
+    z1 = b.node("Add", [z0, proj(o)])
+    m = b.node("ReduceMean", [b.quant(z1, 0.4, L)], axes=[1], keepdims=0)
+    return b.model(b.gemm(m, d, 10), (1, 10))

@@ -106,6 +106,19 @@ class BrevitasAttention(nn.Module):
         return attention_forward(self, x)
 
 
+class BrevitasSignedAttention(BrevitasAttention):
+    """The Brevitas attention with symmetric Q, K, V and A V: signed 4-bit narrow-range ``QuantIdentity``
+    ([-7, 7], zero point 0, no ReLU), and 3-bit ``QuantReLU`` elsewhere ([0, 7]): one window T = 7, the
+    signed quantizers ternary populations (docs/signed_spikes.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        qnn = _brevitas()[0]
+        self.rq, self.rk, self.rv, self.ro = (qnn.QuantIdentity(bit_width=4, narrow_range=True) for _ in range(4))
+        self.r0, self.rh = qnn.QuantReLU(bit_width=3), qnn.QuantReLU(bit_width=3)
+        self.ra = qnn.QuantReLU(bit_width=3, max_val=0.3)
+
+
 def attention_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d, h, n = DIM, HEADS, N_TOK
     dk = d // h
@@ -409,7 +422,7 @@ _TRAINED: dict[str, nn.Module] = {}
 
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
 RECIPES = {"ingraph_cnn_perchannel": (3, 3e-3), "ingraph_cnn_pertensor": (3, 3e-3), "brevitas_attention_mlp": (4, 1e-2),
-           "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
+           "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "brevitas_signed_attention": (4, 1e-2), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
            "float_attention": (4, 5e-3)}
 
 
@@ -421,7 +434,7 @@ def trained(kind: str) -> nn.Module:
 
         factory = {"ingraph_cnn_perchannel": lambda: InGraphCNN(True), "ingraph_cnn_pertensor": lambda: InGraphCNN(False),
                    "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat, "torchao_eager_unfused_cnn": torch_ao_eager_qat_unfused,
-                   "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_attention": BrevitasAttention,
+                   "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_signed_attention": BrevitasSignedAttention, "brevitas_attention": BrevitasAttention,
                    "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
         x, y = load_digits_split("train")
         with warnings.catch_warnings():
@@ -488,7 +501,11 @@ ORT_ROUTES = {
 }
 
 
-def ort_quantize(route: str, float_path: str, path: str, calib: np.ndarray) -> str:
+# variants of a route of ORT_ROUTES with quantize_static's extra_options (not in the agreement table)
+ORT_VARIANTS = {"ort-int8-symmetric": ("ort-int8-activations", {"ActivationSymmetric": True})}
+
+
+def ort_quantize(route: str, float_path: str, path: str, calib: np.ndarray, extra_options: dict | None = None) -> str:
     """onnxruntime quantize_static (QDQ, MinMax calibration) of a float model."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -515,7 +532,7 @@ def ort_quantize(route: str, float_path: str, path: str, calib: np.ndarray) -> s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(pre, path, Reader(), quant_format=QuantFormat.QDQ, activation_type=getattr(QuantType, act),
-                            weight_type=getattr(QuantType, wt), per_channel=per_channel)
+                            weight_type=getattr(QuantType, wt), per_channel=per_channel, extra_options=extra_options)
     return path
 
 
@@ -588,7 +605,8 @@ def build_route(route: str, arch: str, tmp: str) -> str:
                 x = torch.from_numpy(load_digits_split("test")[0][:4])
                 _quiet_export(torch.onnx.export, trained("float_attention"), (x,), src, dynamo=False, input_names=["x"],
                               output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-        return ort_quantize(route, src, path, load_digits_split("train")[0])
+        base, extra = ORT_VARIANTS.get(route, (route, None))
+        return ort_quantize(base, src, path, load_digits_split("train")[0], extra)
     kind = ("brevitas_" if route.startswith("brevitas") else "lsq_") + arch
     return export(trained(kind), route, path)
 
@@ -655,9 +673,9 @@ def build_corpus_route(route: str, tmp: str) -> str:
     return path
 
 
-def build_signed_route(route: str, tmp: str) -> str:
-    """The signed-activation Brevitas CNN exported through ``route`` (a Brevitas route)."""
-    return export(trained("brevitas_signed_cnn"), route, os.path.join(tmp, f"{route}-signed-cnn.onnx"))
+def build_signed_route(route: str, tmp: str, arch: str = "cnn") -> str:
+    """The signed-activation Brevitas CNN (or attention with symmetric Q/K/V/AV) exported through ``route``."""
+    return export(trained(f"brevitas_signed_{arch}"), route, os.path.join(tmp, f"{route}-signed-{arch}.onnx"))
 
 
 def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict, dict]:
@@ -734,8 +752,9 @@ def near_ties_behind_differences(path: str, x: np.ndarray) -> list[dict]:
         if counts.size != r.size:
             continue
         lvl = np.clip(np.rint(r).astype(np.int64) + zp, lo, hi)
-        lvl = lvl - (lo if lo < zp else zp)  # the neuron counts level - lo in the offset form, else level - zp
-        if lvl.min() < 0:  # a signed quantizer after a ReLU: canonicalize_zero_point made it unsigned
+        ternary = type(net.op(pops[0])).__name__ == "TernaryNeuron"  # a symmetric quantizer: signed count level - zp
+        lvl = lvl - (lo if lo < zp and not ternary else zp)  # the neuron counts level - lo in the offset form, else level - zp
+        if lvl.min() < 0 and not ternary:  # a signed quantizer after a ReLU: canonicalize_zero_point made it unsigned
             lvl = np.clip(lvl - lvl.min(), 0, None)
         levels.append((q.name, lvl.reshape(len(x), -1), r.reshape(len(x), -1), counts.reshape(len(x), -1)))
     rows = []
@@ -818,6 +837,32 @@ def corpus_row(route: str, tmp: str) -> str:
             f"{'yes' if r['numba_equals_reference'] else 'NO'} | {same} |")
 
 
+def route_costs(path: str) -> dict:
+    """What the compiled network of ``path`` costs (default options, numba, D = T, digits test split):
+    populations (ternary ones apart), neurons, T, latency, spikes and -1 spikes per image, energy per
+    image, agreement with the producer's executor; and the model's activation quantizers after
+    canonicalization by form (symmetric, unsigned, other signed)."""
+    from csdc.backends.numba import NumbaBackend
+    from csdc.compiler.frontend import load_qgraph
+    from csdc.compiler.pipeline import CompileOptions, canonicalize, compile_onnx
+    from csdc.ir.ops import TernaryNeuron
+    from csdc.runtime.evaluate import run_dataset
+
+    x, y = load_digits_split("test")
+    quants = [n.attrs for n in canonicalize(load_qgraph(path), CompileOptions()).nodes if n.op_type == "Quant"]
+    forms = {"symmetric": sum(a["zero_point"] == 0 and a["lo"] == -a["hi"] < 0 for a in quants),
+             "unsigned": sum(a["lo"] == a["zero_point"] == 0 for a in quants)}
+    forms["other signed"] = len(quants) - forms["symmetric"] - forms["unsigned"]
+    net, rep = compile_onnx(path)
+    out = run_dataset(net, NumbaBackend(), x, y, batch=150, progress=False)
+    ref = reference_logits(path, x)
+    s, n = out.summary, len(x)
+    return {"quantizers": forms, "populations": rep.populations, "neurons": rep.neurons, "T": net.T, "latency": rep.latency,
+            "ternary": sum(isinstance(net.op(p), TernaryNeuron) for p in net.neurons()),
+            "spikes": s.spikes / n, "negative_spikes": s.negative_spikes / n, "energy_uj": s.energy_uj_per_sample,
+            "snn_acc": float(np.mean(out.logits.argmax(1) == y)), "agreement": float(np.mean(out.logits.argmax(1) == ref.argmax(1)))}
+
+
 def main() -> None:  # pragma: no cover - the README table
     if "--corpus" in sys.argv:
         print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff | "
@@ -850,6 +895,15 @@ def main() -> None:  # pragma: no cover - the README table
                              f"{r['distance']:.2g} of a .5 boundary") if r["quantizer"] else "no hidden level differs (fixed-point sums)"
                     print(f"  image {r['image']}: max logit diff {r['logit_diff']:.3g}, top-1 {'same' if r['top1_same'] else 'CHANGED'}; {where}")
         return
+    if "--costs" in sys.argv:  # e.g. --costs ort-int8-activations:attention ort-int8-symmetric:attention
+        with tempfile.TemporaryDirectory() as tmp:
+            for route in [a for a in sys.argv[1:] if not a.startswith("-")]:
+                r = route_costs(build_route(*route.split(":"), tmp))
+                print(f"{route}: quantizers {r['quantizers']}; T = {r['T']}, {r['populations']} populations ({r['ternary']} "
+                      f"ternary), {r['neurons']} neurons, latency {r['latency']} steps; {r['spikes']:.0f} spikes per image "
+                      f"({r['negative_spikes']:.0f} of them -1), {r['energy_uj']:.3f} uJ per image; SNN {100 * r['snn_acc']:.2f} %, "
+                      f"agreement {100 * r['agreement']:.2f} %", flush=True)
+        return
     if "--ties" in sys.argv:
         x, _ = load_digits_split("test")
         root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
@@ -876,6 +930,10 @@ def main() -> None:  # pragma: no cover - the README table
             r = evaluate_route(build_signed_route(route, tmp))
             rows.append(f"| {route} | cnn, signed 2nd stage | {r['T']} | {100 * r['ref_acc']:.2f} % | {100 * r['snn_acc']:.2f} % | "
                         f"{100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
+        for route in ("brevitas-qcdq-torchscript", "brevitas-qonnx"):
+            r = evaluate_route(build_signed_route(route, tmp, "attention"))
+            rows.append(f"| {route} | attention, symmetric Q/K/V/AV (ternary) | {r['T']} | {100 * r['ref_acc']:.2f} % | "
+                        f"{100 * r['snn_acc']:.2f} % | {100 * r['agreement']:.2f} % | {r['max_logit_diff']:.2g} |")
     print("| route | model | T | reference acc. | SNN acc. (numba) | top-1 agreement | max abs logit diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -105,6 +105,23 @@ def test_brevitas_signed_activations_offset_form(tmp_path, route):
     assert r["T"] == 15 and r["agreement"] >= 0.99, r
 
 
+@pytest.mark.parametrize("route", ["brevitas-qcdq-torchscript", "brevitas-qonnx"])
+def test_brevitas_signed_narrow_range_attention_is_ternary(tmp_path, route):
+    """Brevitas signed narrow-range QuantIdentity ([-7, 7]) on Q, K, V and A V with 3-bit QuantReLUs ([0, 7])
+    elsewhere, exported as QCDQ (Clip(-7, 7)) and QONNX (signed, narrow): one window T = 7, the four signed
+    quantizers ternary populations, agreement with the producer's executor, numba == reference."""
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.ir.ops import TernaryNeuron
+
+    path = P.build_signed_route(route, str(tmp_path), "attention")
+    _canonicalize_verified(path)
+    net, _ = compile_onnx(path)
+    assert sum(isinstance(net.op(n), TernaryNeuron) for n in net.neurons()) == 4
+    r = P.evaluate_route(path, numba_vs_reference=True)
+    assert r["T"] == 7 and r["numba_equals_reference"] and not r["warnings"]
+    assert r["agreement"] >= 0.99, r
+
+
 def test_lsq_arithmetic_keeps_trained_integer_weights(tmp_path):
     """The folded Round(w/s) -> Clip -> Mul(s) weights stay the 4-bit integers LSQ trained."""
     path = P.build_route("torch-lsq-torchscript", "cnn", str(tmp_path))

@@ -1,4 +1,5 @@
 """canonicalize_zero_point: a quantizer whose lower clip equals its zero point is an unsigned
+quantizer with zero point 0; one whose zero point is the middle of its clip range is a symmetric
 quantizer with zero point 0.
 
 ``Quant`` computes ``s * (clip(round(x/s) + z, lo, hi) - z)``. Two exact rewrites:
@@ -11,12 +12,18 @@ quantizer with zero point 0.
    ``s * clip(round(x/s), 0, hi - z)``: set ``zero_point = 0, lo = 0, hi = hi - z``. This is how
    an int8 quantizer with zero point -128 (onnxruntime, asymmetric int8 activations after a ReLU
    it removed) becomes the 255-level unsigned quantizer that a spiking neuron computes.
+3. Centring: with ``z - lo == hi - z = L > 0`` the quantizer equals ``s * clip(round(x/s), -L, L)``:
+   set ``zero_point = 0, lo = -L, hi = L``. Lowering makes such a *symmetric* quantizer a ternary
+   population (docs/signed_spikes.md). int8's full range ``[-128, 127]`` is not symmetric (it
+   keeps its form) unless a Clip narrows it, e.g. QCDQ ``Clip(-127, 127)`` or Brevitas / QONNX
+   signed narrow-range quantizers.
 
-A quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering gives it the
+Any other quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering gives it the
 offset form (the neuron counts ``level - lo``, the offset moves into its bias and into the biases
 of its readers), or refuses it where that is impossible (an operand of an activation product).
 
-Invariant established: every ``Quant`` with ``lo == zero_point`` has ``zero_point == lo == 0``.
+Invariant established: every ``Quant`` with ``lo == zero_point`` or ``zero_point - lo == hi - zero_point``
+has ``zero_point == 0``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ def canonicalize_zero_point(graph: QGraph) -> QGraph:
             a["lo"] = z
         if a["lo"] == z and z != 0:
             a.update(zero_point=0, lo=0, hi=int(a["hi"]) - z)
+        elif z - a["lo"] == a["hi"] - z > 0 and z != 0:
+            a.update(zero_point=0, lo=int(a["lo"]) - z, hi=int(a["hi"]) - z)
         out.append(n.with_(attrs=a) if a != n.attrs else n)
     return graph.with_nodes(out)
 
@@ -54,7 +63,8 @@ from csdc.compiler.passes import declare  # noqa: E402
 
 
 def _offsets_normalized(graph: QGraph) -> str | None:
-    bad = [n for n in graph.nodes if n.op_type == "Quant" and n.attrs["lo"] == n.attrs["zero_point"] != 0]
+    bad = [n for n in graph.nodes if n.op_type == "Quant" and n.attrs["zero_point"] != 0
+           and (n.attrs["lo"] == n.attrs["zero_point"] or n.attrs["zero_point"] - n.attrs["lo"] == n.attrs["hi"] - n.attrs["zero_point"])]
     return f"quantizer '{bad[0].name}' keeps zero point {bad[0].attrs['zero_point']} == lo" if bad else None
 
 
