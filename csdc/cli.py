@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from csdc import __version__
-from csdc.errors import CsdcError, DataError, in_model
+from csdc.errors import CsdcError, DataError
 from csdc.files import check_output_file, check_output_folder
 from csdc.runtime.datasets import BUILTIN_SETS
 
@@ -40,11 +40,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, "-o")  # before any work
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    try:
-        net, rep = compile_onnx(args.model, opts)
-        net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
-    except CsdcError as exc:
-        raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
+    net, rep = compile_onnx(args.model, opts)  # its errors name the model and the ONNX node where known
     serialize.save(net, args.output)
     if args.json:
         print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
