@@ -545,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-bits", type=int, default=8, metavar="B",
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
-                   help="hardware bit budget checked by the bit-width analysis (default generic: a 32-bit datapath with "
-                        "24-bit weight mantissas, 24-bit thresholds, 32-bit membrane; loihi2: 8-bit weights, 24-bit membrane)")
+                   help="hardware bit budget checked by the bit-width analysis (default generic: the simulators' 64-bit "
+                        "datapath, int32 lanes kept where exact enough; loihi2: 8-bit weights, 24-bit membrane; int64: "
+                        "64-bit everywhere)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)

@@ -314,6 +314,7 @@ def integerize(lower_round: Callable[[Precision], tuple[Network, object]], profi
     net, report = lower_round(precision)
     seen = [dict(report.precision.sites)]  # type: ignore[attr-defined]
     while frac_bits is None and len(seen) < ROUNDS and _adjust(precision, net, report.precision):  # type: ignore[attr-defined]
+        del net  # the next lowering replaces it: never two networks at the peak
         net, report = lower_round(precision)
         sites = dict(report.precision.sites)  # type: ignore[attr-defined]
         if sites in seen:
