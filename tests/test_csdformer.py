@@ -82,7 +82,7 @@ def test_cifar_size_csdformer_exact_at_defaults(cifar):
     2^-8 of a level, and the network agrees with onnxruntime on 64 of 64 random images. Before the
     residual stream got wide membranes (bound 2.5e-3 of a level there) images 0, 5, 7 and 57 were
     missed, each at one neuron reading the stream whose exact x/s lies 5.8e-7..6.9e-6 above a rounding
-    tie (docs/precision.md); the stream now gets 64-bit membranes and bounds of 9.8e-07..2.4e-06."""
+    tie (docs/precision.md); the stream now gets int64 membranes and bounds of 9.8e-07..2.4e-06."""
     from csdc.compiler.integerize import LANE_LEVELS, TARGET_LEVELS
     from csdc.runtime.evaluate import onnx_logits
 
