@@ -6,7 +6,10 @@ precision policy must not cost speed).
 Both networks run on the same random batch (CIFAR-like images for a 3x32x32 input, the digits
 test set otherwise) with the numba backend (``benchmarks/run.py``'s ``bench_numba``: warm-up,
 then the median of timed runs), alternating old and new for ``--rounds`` rounds so that machine
-load hits both alike. Prints images/s of each and the ratio new/old (median over rounds).
+load hits both alike. Prints images/s of each and the ratio new/old (median over rounds). With
+``--interleave N`` it then runs N more old/new pairs, one batch each, and reports the medians of both the
+wall time and the process's CPU time (all threads) per batch: on a machine shared with other jobs the CPU
+time is the steadier measure of the work, the wall time includes waiting for a core.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--interleave", type=int, default=0, help="old/new batch pairs timed by wall and CPU time")
     args = p.parse_args()
     from csdc.ir.serialize import load
 
@@ -55,6 +59,23 @@ def main() -> int:
         print(f"{label}: {statistics.median(speed[label]):.1f} images/s (rounds: "
               f"{', '.join(f'{v:.1f}' for v in speed[label])})")
     print(f"new / old: {statistics.median(ratios):.3f} (median of {args.rounds} rounds)")
+    if args.interleave:
+        import time
+
+        from csdc.backends.numba import NumbaBackend
+
+        be = NumbaBackend()
+        times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in ("old", "new")}
+        for _ in range(args.interleave):
+            for label, net in (("old", old), ("new", new)):
+                w0, c0 = time.perf_counter(), time.process_time()
+                be.run(net, x)
+                times[label]["wall"].append(time.perf_counter() - w0)
+                times[label]["cpu"].append(time.process_time() - c0)
+        for kind in ("wall", "cpu"):
+            o, n = (statistics.median(times[k][kind]) for k in ("old", "new"))
+            print(f"interleaved {args.interleave} pairs, {kind} time per batch: old {o:.3f} s, new {n:.3f} s, "
+                  f"speed new / old {o / n:.3f}")
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from csdc import __version__
-from csdc.errors import CsdcError, DataError, in_model
+from csdc.errors import CsdcError, DataError
 from csdc.files import check_output_file, check_output_folder
 from csdc.runtime.datasets import BUILTIN_SETS
 
@@ -40,11 +40,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, "-o")  # before any work
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    try:
-        net, rep = compile_onnx(args.model, opts)
-        net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
-    except CsdcError as exc:
-        raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
+    net, rep = compile_onnx(args.model, opts)  # its errors name the model and the ONNX node where known
     serialize.save(net, args.output)
     if args.json:
         print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
@@ -549,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-bits", type=int, default=8, metavar="B",
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
-                   help="hardware bit budget checked by the bit-width analysis (default generic: a 32-bit datapath with "
-                        "24-bit weight mantissas, 24-bit thresholds, 32-bit membrane; loihi2: 8-bit weights, 24-bit membrane)")
+                   help="hardware bit budget checked by the bit-width analysis (default generic: the simulators' 64-bit "
+                        "datapath, int32 lanes kept where exact enough; loihi2: 8-bit weights, 24-bit membrane; int64: "
+                        "64-bit everywhere)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)

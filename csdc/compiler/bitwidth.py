@@ -37,11 +37,13 @@ class HardwareProfile:
     weight_bits: int
     threshold_bits: int
     membrane_bits: int
+    lane_bits: int = 0  # membrane width of the simulator's fast path (int32 lanes: 31), preferred where exact enough; 0: none
 
 
 PROFILES = {
-    # a 32-bit integer datapath: 24-bit weight mantissas, 24-bit thresholds, 32-bit membrane
-    "generic": HardwareProfile("generic", weight_bits=24, threshold_bits=24, membrane_bits=32),
+    # the simulators' 64-bit integer datapath, staying in int32 lanes (31-bit membranes) wherever the
+    # error stays below integerize.LANE_LEVELS: wide only where a sum of rescaled groups needs it
+    "generic": HardwareProfile("generic", weight_bits=32, threshold_bits=48, membrane_bits=64, lane_bits=31),
     "loihi2": HardwareProfile("loihi2", weight_bits=8, threshold_bits=24, membrane_bits=24),
     "int64": HardwareProfile("int64", weight_bits=32, threshold_bits=48, membrane_bits=64),
 }

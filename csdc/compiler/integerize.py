@@ -16,10 +16,11 @@ differs from the exact ``floor(x / s + 1/2)`` by at most::
 with ``E_w = sum_j |w_j - w_j_exact| * c_j`` over the rounded weights of each neuron (``c_j`` the
 largest count input ``j`` can deliver in a window, ``K T^2`` for an activation product) plus the
 error carried by an already materialized current (a residual stream). ``k`` is the smallest
-exponent that brings ``bound`` below :data:`TARGET_LEVELS` (narrow mantissas, small membranes),
-raised further when a later residual branch adds error to the same stream and lowered when the
-profile's threshold or membrane budget does not allow it; a model is refused only when even a
-bound of :data:`REFUSE_LEVELS` needs more bits than the profile has.
+exponent that brings ``bound`` below :data:`AIM_LEVELS`, raised further when a later residual branch
+adds error to the same stream, lowered when the profile's threshold or membrane budget does not allow
+it, and lowered into the profile's fast lanes (int32 membranes and weights) where the bound there stays
+below :data:`LANE_LEVELS`; :data:`TARGET_LEVELS` is the guarantee, a warning above it, and a model is
+refused only when even a bound of :data:`REFUSE_LEVELS` needs more bits than the profile has.
 
 *Weight splitting.* A synapse whose mantissa is wider than the profile's weight budget becomes
 several synapse nodes with the same connectivity, ``w = sum_i m_i 2^(e + i b)`` with
@@ -42,7 +43,8 @@ from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, compac
                          power_of_two_exponent)
 
 TARGET_LEVELS = 2.0 ** -8  # worst-case integerization error guaranteed where the budget allows, in quantization levels
-AIM_LEVELS = 2.0 ** -30  # aimed at where the budget allows it: as exact as the thresholds and membranes permit
+LANE_LEVELS = 2.0 ** -16  # a profile's fast lanes are kept where the bound stays below this (docs/precision.md)
+AIM_LEVELS = 2.0 ** -24  # aimed at where the budget allows it: below onnxruntime's own float32 noise (~1e-7 of a level)
 REFUSE_LEVELS = 0.5  # beyond this the rounding can change a count: the model is refused
 MAX_K = 62  # weight exponents of the IR
 
@@ -66,6 +68,7 @@ class PrecisionReport:
     target: float = TARGET_LEVELS
     populations: dict[str, PopulationError] = field(default_factory=dict)
     sites: dict[str, int] = field(default_factory=dict)  # site -> chosen k
+    synapse_sites: dict[str, str] = field(default_factory=dict)  # synapse node -> the site whose unit scaled its weights
     split_synapses: dict[str, int] = field(default_factory=dict)  # split node -> groups
     synapses_before_split: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -311,6 +314,7 @@ def integerize(lower_round: Callable[[Precision], tuple[Network, object]], profi
     net, report = lower_round(precision)
     seen = [dict(report.precision.sites)]  # type: ignore[attr-defined]
     while frac_bits is None and len(seen) < ROUNDS and _adjust(precision, net, report.precision):  # type: ignore[attr-defined]
+        del net  # the next lowering replaces it: never two networks at the peak
         net, report = lower_round(precision)
         sites = dict(report.precision.sites)  # type: ignore[attr-defined]
         if sites in seen:
@@ -323,10 +327,11 @@ def integerize(lower_round: Callable[[Precision], tuple[Network, object]], profi
 def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
     """Correct the sites' exponents from one lowering's errors and bit widths; True if any changed.
 
-    On a 32-bit membrane the policy also keeps ``v`` and ``v - Theta`` inside int32 lanes (31 bits,
-    the simulator's fast path) where the error target still holds at the lower exponent."""
+    On a profile with fast lanes (``lane_bits``: int32 in the simulators) the policy keeps ``v`` and
+    ``v - Theta`` inside them where the bound at the lower exponent stays below :data:`LANE_LEVELS`:
+    speed where it costs no exactness, wide membranes only for the sums that need them."""
     widths = bit_widths(net, precision.profile).per_node
-    lane = replace(precision.profile, membrane_bits=31) if precision.profile.membrane_bits == 32 else None
+    lane = replace(precision.profile, membrane_bits=precision.profile.lane_bits) if precision.profile.lane_bits else None
     worst: dict[str, float] = {}
     for pe in rep.populations.values():
         worst[pe.site] = max(worst.get(pe.site, 0.0), pe.bound)
@@ -337,7 +342,7 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
         excess = max((v for q, v in over.items() if q != "weight_bits"), default=0)
         if excess <= 0 and lane is not None:
             spare = budget_excess(widths.get(pop, {}), lane).get("membrane_bits", 0)
-            if spare > 0 and worst[pe.site] * 2.0 ** spare <= precision.target:
+            if spare > 0 and worst[pe.site] * 2.0 ** spare <= LANE_LEVELS:
                 excess = spare
         if excess > 0 and pe.k > -MAX_K:
             cap = max(-MAX_K, pe.k - excess)
@@ -346,6 +351,13 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
                 changed = True
         elif pe.bound > precision.aim and not pe.readout:
             want[pe.site] = max(want.get(pe.site, 0), math.ceil(math.log2(pe.bound / precision.aim)))
+    for syn, site in rep.synapse_sites.items():  # rescaled weights wider than the profile would be split: fewer bits if exact enough
+        excess = budget_excess(widths.get(syn, {}), precision.profile).get("weight_bits", 0)
+        if lane is not None and excess > 0 and worst.get(site, 0.0) * 2.0 ** excess <= LANE_LEVELS:
+            cap = rep.sites.get(site, MAX_K) - excess
+            if cap < precision.cap.get(site, MAX_K):
+                precision.cap[site] = cap
+                changed = True
     for site, bits in want.items():
         if rep.sites.get(site, 0) < precision.cap.get(site, MAX_K):
             precision.extra[site] = precision.extra.get(site, 0) + bits

@@ -416,6 +416,7 @@ class Lowering:
                 else:
                     op = DenseSynapse(w.mantissa, exponent=w.exponent)
                 node = self.add(f"{base}_syn", op, [t.src])
+            self.report.precision.synapse_sites[node] = site
             if not isinstance(t, (ProductTerm, ConvTerm)) and t.reduce:
                 node = self.add(f"{base}_sum_over", ReduceSum(t.reduce), [node])
             currents.append(node)

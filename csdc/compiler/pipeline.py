@@ -29,7 +29,7 @@ from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
 from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph
-from csdc.errors import CsdcError
+from csdc.errors import CsdcError, in_model
 from csdc.ir.graph import Network
 from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
 
@@ -139,14 +139,18 @@ def explain_sources(source: QGraph, graph: QGraph, lowered: dict[str, list[str]]
 
 
 def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
-    """Last line of defence: an exception that no check turned into a CsdcError becomes one naming the
-    model and where it happened (passes name themselves through PassManager)."""
+    """Every error names the model once, and the ONNX node being lowered where known (``errors.in_model``:
+    the library and ``csdc compile`` say the same); an exception that no check turned into a CsdcError
+    becomes one naming the model and where it happened (passes name themselves through PassManager)."""
     @functools.wraps(fn)
     def wrapped(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         try:
             return fn(path, *args, **kwargs)
-        except CsdcError:
-            raise
+        except CsdcError as exc:
+            named = in_model(exc, os.fspath(path))
+            if named is exc:
+                raise
+            raise named from exc
         except Exception as exc:
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}csdc{os.sep}" in f.filename]
             where = f" in {os.path.basename(frames[-1].filename)}:{frames[-1].name}" if frames else ""
@@ -172,6 +176,7 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
     net, split = split_wide_synapses(net, profile.weight_bits)
     low.precision.split_synapses, low.precision.synapses_before_split = split, before
     net.verify()
+    net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
     bits = analyze_bitwidth(net, profile)
     worst_pop, worst = low.precision.worst
     neurons = [n for n in net.neurons()]

@@ -177,15 +177,15 @@ def test_cli_reports_the_bounds(tmp_path, capsys):
 
 def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path):
     """A quantizer whose step is 2^25 anchor units needs a 26-bit threshold even at k = 0 (this was
-    refused against the generic 24-bit budget): the unit becomes coarser than the anchor's own, the
-    anchor's weights are rounded as well, and the bound says what that costs."""
+    refused against a 24-bit threshold budget, loihi2's): the unit becomes coarser than the anchor's
+    own, the anchor's weights are rounded as well, and the bound says what that costs."""
     b = Builder((1, 1, 8, 8), seed=1)
     x = b.quant("x", 1 / 16, 16)
     w = b.node("DequantizeLinear", [b.const(b.rng.integers(-100, 101, (4, 1, 3, 3)).astype(np.int8)),
                                     b.const(np.float32(2.0 ** -16))])
     h = b.quant(b.node("Conv", [x, w], pads=[1, 1, 1, 1], kernel_shape=[3, 3]), 2.0 ** 9 / 240 * 1.1, 15)
     onnx.save(b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
-    net, rep = compile_onnx(tmp_path / "m.onnx")
+    net, rep = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="loihi2"))
     pop = rep.precision["populations"][net.neurons()[0]]
     assert pop["k"] < 0 and pop["weights"] > 0 and pop["bound"] < TARGET_LEVELS
     assert rep.bits["threshold_bits"] <= 24
@@ -194,3 +194,19 @@ def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path):
     from csdc.runtime.evaluate import onnx_logits
 
     assert np.mean(onnx_logits(tmp_path / "m.onnx", x).argmax(1) == semantics.run_counts(net, x).logits.argmax(1)) >= 0.97
+
+
+def test_generic_keeps_int32_lanes_where_exact_enough(tmp_path):
+    """The default profile is a 64-bit datapath with int32 lanes: a population stays within a 31-bit
+    membrane where its bound there is below LANE_LEVELS, while int64 (no lanes) goes as far as the aim."""
+    from csdc.compiler.integerize import LANE_LEVELS
+
+    path = tmp_path / "r.onnx"
+    onnx.save(residual_cnn(), path)
+    _, gen = compile_onnx(path)
+    _, wide = compile_onnx(path, CompileOptions(profile="int64"))
+    pops = [n for n, p in gen.precision["populations"].items() if not p["readout"]]
+    assert all(gen.bits["per_node"][n]["membrane_bits"] <= 31 for n in pops)
+    assert all(gen.precision["populations"][n]["bound"] < LANE_LEVELS for n in pops)
+    assert max(wide.bits["per_node"][n]["membrane_bits"] for n in pops) > 31
+    assert wide.error_bound < gen.error_bound

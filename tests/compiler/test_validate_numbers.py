@@ -163,6 +163,27 @@ def test_14_lowering_errors_name_the_model_and_the_onnx_node(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert f"{p}: node '/conv1/Conv'" in err and "2**62 does not fit int64" in err, err
     assert not (tmp_path / "t.sir").exists()
+    assert err.count(p) == 1, err  # the model is named once
+
+
+def test_14_library_compile_names_the_model_and_node_once(tmp_path) -> None:
+    """compile_onnx says what 'csdc compile' says: the model and the ONNX node, each once."""
+    p = mutate(QCDQ, tmp_path / "tiny.onnx", {"q1.step": at(0, 1e-30)})
+    with pytest.raises(CsdcError) as info:
+        compile_onnx(p)
+    msg = str(info.value)
+    assert msg.startswith(f"{p}: node '/conv1/Conv': ") and "2**62 does not fit int64" in msg, msg
+    assert msg.count(p) == 1 and msg.count("/conv1/Conv") == 1, msg
+
+
+def test_int32_bias_offset_outside_int32_is_refused(tmp_path) -> None:
+    """A bias zero point whose subtraction leaves int32 (onnxruntime wraps around, the ONNX definition does
+    not): refused naming the node and both tensors, instead of a network that disagrees with onnxruntime."""
+    p = mutate(QDQ, tmp_path / "zp.onnx", {"conv2.Conv.B_quantized_zero_point": at(0, 2**31 - 1)})
+    with pytest.raises(UnsupportedModelError) as info:
+        compile_onnx(p)
+    msg = str(info.value)
+    assert "conv2.Conv.B_quantized_zero_point" in msg and "leaves int32" in msg and "DequantizeLinear" in msg, msg
 
 
 # ------------------------------------------------------------- seeded mutation fuzz against onnxruntime

@@ -12,6 +12,8 @@ axis that does not match its per-channel scale a silent broadcast). Checked, per
   ordered (``min < max``) and containing the zero point. A range above the zero point makes the
   quantizer's lowest value non-zero with ``hi - zero_point`` levels but only ``hi - lo`` counts, which
   the spiking neuron does not reproduce; such a model is refused rather than approximated;
+- DequantizeLinear of int32 constants (biases): ``x - zero_point`` inside int32, where executors agree
+  (onnxruntime computes it in int32 and wraps around, the ONNX definition does not);
 - BatchNormalization: ``running_var + epsilon > 0`` and a finite epsilon;
 - Conv / Gemm: a bias with one entry per output channel (Gemm: or a single value).
 
@@ -133,6 +135,27 @@ def _check_batchnorm(graph: QGraph, n: QNode, problems: list) -> None:
         problems.append((n.name, n.op_type, f"scale, bias, mean and variance have different lengths {shapes}"))
 
 
+def _check_int32_offset(graph: QGraph, n: QNode, problems: list) -> None:
+    if len(n.inputs) < 3 or not n.inputs[2] or n.inputs[0] not in graph.constants or n.inputs[2] not in graph.constants:
+        return
+    x, zp = graph.constants[n.inputs[0]], graph.constants[n.inputs[2]]
+    if isinstance(x, Dequantized) or np.asarray(x).dtype != np.int32:
+        return
+    x, zp = np.asarray(x, dtype=np.int64), np.asarray(zp, dtype=np.int64)
+    if zp.ndim == 1 and x.ndim > 1 and zp.size == x.shape[int(n.attrs.get("axis", 1)) % x.ndim]:
+        zp = zp.reshape([zp.size if d == int(n.attrs.get("axis", 1)) % x.ndim else 1 for d in range(x.ndim)])
+    try:
+        diff = x - zp
+    except ValueError:
+        return  # a shape mismatch: _check_quantize_axis names it
+    bad = (diff < np.iinfo(np.int32).min) | (diff > np.iinfo(np.int32).max)
+    if np.any(bad):
+        first = np.argwhere(bad)[0].tolist() if bad.ndim else []
+        problems.append((n.name, n.op_type, f"'{n.inputs[0]}' - zero point '{n.inputs[2]}' leaves int32 "
+                         f"({int(diff[tuple(first)]) if diff.ndim else int(diff)} at index {first}): executors "
+                         "disagree on it (onnxruntime wraps around); export the model again"))
+
+
 def _check_bias(graph: QGraph, n: QNode, problems: list) -> None:
     if len(n.inputs) < 3 or not n.inputs[2]:
         return
@@ -162,6 +185,8 @@ def validate_numbers(graph: QGraph) -> QGraph:
         _check_finite(graph, n, problems)
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             _check_quantize_axis(graph, n, problems)
+            if n.op_type == "DequantizeLinear":
+                _check_int32_offset(graph, n, problems)
         elif n.op_type == "Clip":
             src = prod.get(n.inputs[0])
             if src is not None and src.op_type == "QuantizeLinear":
