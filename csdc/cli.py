@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -40,16 +41,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, "-o")  # before any work
     opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    try:
-        net, rep = compile_onnx(args.model, opts)
-        net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
-    except CsdcError as exc:
-        raise in_model(exc, args.model) from None  # name the model and the ONNX node where they are known
+    with tempfile.TemporaryDirectory() as tmp:
+        source, calibration = _calibrated_source(args, tmp)
+        try:
+            net, rep = compile_onnx(source, opts)
+            net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
+        except CsdcError as exc:
+            named = in_model(exc, source)  # name the model and the ONNX node where they are known
+            if calibration:  # not the temporary file: the user's model, as quantized
+                named = CsdcError(str(named).replace(source, f"{args.model} (quantized by --calibrate)"))
+                named.exit_code = exc.exit_code
+            raise named from None
+        if calibration:  # the QDQ model is kept only once the network compiled
+            from csdc.files import write_atomic
+
+            write_atomic(calibration["qdq_model"], Path(source).read_bytes())
     serialize.save(net, args.output)
     if args.json:
-        print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
+        print(json.dumps({"output": args.output, **({"calibration": calibration} if calibration else {}), **rep.to_dict()},
+                         indent=1))
         return 0
-    print(f"compiled {args.model} -> {args.output} in {rep.seconds:.2f} s")
+    if calibration:
+        print(f"quantized {args.model} -> {calibration['qdq_model']} (onnxruntime quantize_static, QDQ: "
+              f"{calibration['activations']} activations, {calibration['weights']} weights, MinMax calibration on "
+              f"{calibration['images']} images of {args.calibrate})")
+    print(f"compiled {source if not calibration else calibration['qdq_model']} -> {args.output} in {rep.seconds:.2f} s")
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
     print(f"  latency               {rep.latency} steps (T + depth x D)")
@@ -87,6 +103,33 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"  {pop:<40} {pe['bound']:.2e}  (weights {pe['weights']:.1e}, bias {pe['bias']:.1e}, threshold "
                   f"{pe['threshold']:.1e})  k={pe['k']} from {pe['site']}, {pe['threshold_bits']}-bit threshold")
     return 0
+
+
+def _calibrated_source(args: argparse.Namespace, tmp: str) -> tuple[str, dict | None]:
+    """The model to compile: ``args.model`` itself, or with ``--calibrate`` its QDQ model made by
+    onnxruntime's quantize_static in ``tmp`` (named as the file it becomes), and what was done. A float model
+    without ``--calibrate``, or ``--calibrate`` with a quantized model, is an error."""
+    from csdc.compiler.calibrate import calibration_images, is_float_model, qdq_path, quantize_static_qdq
+    from csdc.compiler.frontend import load_model
+
+    model = load_model(args.model)  # names the file when it is missing or not ONNX
+    floating = is_float_model(model)
+    if args.calibrate is None:
+        if floating:
+            raise CsdcError(f"{args.model}: a float model (no QuantizeLinear / DequantizeLinear or other quantizer); "
+                            "csdc compiles quantized models: pass --calibrate DATA (a .npz of inputs, or a built-in set "
+                            "such as digits) and csdc quantizes it first with onnxruntime's quantize_static")
+        return args.model, None
+    if not floating:
+        raise CsdcError(f"{args.model}: already quantized (it has quantizer nodes); --calibrate quantizes a float "
+                        "model: compile this one without --calibrate")
+    target = check_output_file(qdq_path(args.output), "-o")  # the QDQ model goes next to the network
+    x = calibration_images(args.calibrate, model)
+    del model
+    source = os.path.join(tmp, os.path.basename(target))
+    quantize_static_qdq(args.model, x, source)
+    return source, {"qdq_model": target, "data": args.calibrate, "images": len(x), "method": "MinMax",
+                    "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel"}
 
 
 # -- run -------------------------------------------------------------------------------------
@@ -468,15 +511,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in _CSDFORMER_ONLY if getattr(args, k) is not None]
         if given:
             raise CsdcError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --model csdformer only")
+    if args.model == "vit" and args.input_levels is not None:
+        raise CsdcError("--input-levels does not apply to --model vit: it is trained in float")
+    if args.model != "vit" and args.opset is not None:
+        raise CsdcError("--opset applies to --model vit only (the quantized models are exported at opset 17)")
     check_output_file(args.output, "-o")
-    overrides = {k: getattr(args, k) for k in _CSDFORMER_ONLY if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*_CSDFORMER_ONLY, "opset") if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data if args.data is not None else args.dataset,
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, **overrides)
     c = config.resolved()
-    arch = (f"{'CSDformer' if c.model == 'csdformer' else 'A2OS2A'}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio "
-            f"{c.mlp_ratio:g})" if c.model != "cnn" else "digits CNN")
-    print(f"training {arch}, L = {c.levels} levels, {c.weight_bits}-bit weights, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
+    name = {"csdformer": "CSDformer", "a2os2a": "A2OS2A", "vit": "ViT"}.get(c.model)
+    arch = f"{name}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if name else "digits CNN"
+    precision = ("float (quantized at compile time)" if c.levels is None
+                 else f"L = {c.levels} levels, {c.weight_bits}-bit weights")
+    print(f"training {arch}, {precision}, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
           f"Adam lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}")
     r = train_and_export(config, args.output, progress=not args.no_progress)
     print(f"data                       {r.data_description}")
@@ -485,6 +534,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"PyTorch eval accuracy      {100 * r.acc_torch:.2f} %  ({r.n_test} test images)")
     print(f"ONNX accuracy              {100 * r.acc_onnx:.2f} %  (onnxruntime)")
     print(f"top-1 agreement            {100 * r.agreement:.2f} %  (max |logit difference| {r.max_logit_diff:.3g})")
+    if c.levels is None:  # a float model: calibrated and quantized by csdc compile
+        print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB, float, opset {c.opset}, "
+              f"{len(r.ops)} nodes); compile it with: csdc compile {args.output} --calibrate "
+              f"{args.data if args.data is not None else args.dataset} --nonlinear mbe -o net.sir")
+        return 0
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB, QCDQ, {len(r.ops)} nodes); "
           f"compile it with: csdc compile {args.output} -o net.sir")
     return 0
@@ -551,6 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
                    help="hardware bit budget checked by the bit-width analysis (default generic: a 32-bit datapath with "
                         "24-bit weight mantissas, 24-bit thresholds, 32-bit membrane; loihi2: 8-bit weights, 24-bit membrane)")
+    c.add_argument("--calibrate", metavar="DATA", default=None,
+                   help="the model is float: quantize it first with onnxruntime's quantize_static (QDQ, MinMax "
+                        "calibration, uint8 activations, int8 symmetric per-channel weights) on DATA, a .npz with x laid out "
+                        "as the model's input or a built-in set (its training split); the QDQ model is written next to "
+                        "the output (net.sir -> net.qdq.onnx) for csdc run --compare (docs/vit.md)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)
@@ -617,10 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
                     "agreement on the test split. Deterministic: the same options give a byte-identical file. "
                     "Needs PyTorch: pip install csdc[torch].")
-    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a"),
+    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a", "vit"),
                    help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear); "
                         "a2os2a: the tailored transformer with A2OS2A attention (unsigned Q, K; signed V; no scaling, no "
-                        "softmax; docs/signed_spikes.md)")
+                        "softmax; docs/signed_spikes.md); vit: a standard pre-LN ViT (softmax, LayerNorm, GELU) trained in "
+                        "float, exported as float ONNX for csdc compile --calibrate (docs/vit.md)")
+    t.add_argument("--opset", type=int, default=None, choices=range(16, 22), metavar="{16..21}",
+                   help="vit: ONNX opset of the float export (default 17: LayerNormalization single ops, GELU as Erf; "
+                        "20 and 21: Gelu single ops; 16: LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="digits", choices=BUILTIN_SETS,
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "

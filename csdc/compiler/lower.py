@@ -186,7 +186,7 @@ class Lowering:
         hidden = [n for n in self.g.nodes if n.op_type == "Quant" and n.inputs[0] != self.g.input and n.outputs[0] != self.g.output]
         if not hidden:
             raise UnsupportedModelError(self.g.path, [("<graph>", "-", "the model has no activation quantizers between layers "
-                                        "(a float model); quantize it first (QAT with LSQ, Brevitas, or onnxruntime quantize_static)")])
+                                        "(a float model); quantize it first: csdc compile --calibrate data.npz (onnxruntime quantize_static), or QAT with LSQ or Brevitas")])
         levels: dict[int, list[str]] = {}
         for n in hidden:
             levels.setdefault(n.attrs["hi"] - min(n.attrs["lo"], n.attrs["zero_point"]), []).append(n.name)
