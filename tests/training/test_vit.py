@@ -147,3 +147,32 @@ def test_cli_train_opset_is_for_vit_only(tmp_path, capsys) -> None:
     out = tmp_path / "m.onnx"
     assert main(["train", "--model", "csdformer", "--opset", "20", "-o", str(out)]) == 2
     assert "--opset applies to --model vit only" in capsys.readouterr().err and not out.exists()
+
+
+def _studies():
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("vit_studies", os.path.join(root, "scripts", "vit_studies.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("opset,loose", [(17, {"Div", "Erf"}), (20, set()),
+                                         (16, {"ReduceMean", "Sub", "Pow", "Sqrt", "Div", "Erf"})])
+def test_studies_find_what_quantize_static_leaves_in_float(tiny_vit, digits, tmp_path, opset, loose) -> None:
+    """docs/vit.md: onnxruntime leaves GELU's Div -> Erf (opset 17) and the decomposed LayerNorm (opset 16) in
+    float between its quantizers; at opset 20 every op reads a DequantizeLinear and feeds a QuantizeLinear."""
+    studies = _studies()
+    src = tmp_path / f"vit{opset}.onnx"
+    export_vit_onnx(tiny_vit, src, opset=opset)
+    q = quantize_static_qdq(src, digits[0][:256])
+    census, paths = studies.float_paths(q)
+    assert {p.rsplit("(", 1)[1].rstrip(")") for p in paths} == loose
+    assert census.get("Softmax") == 1 and (census.get("LayerNormalization") == 3) == (opset >= 17)
+    row = {"set": "digits", "export": f"opset{opset}", "float_acc": 0.9, "qdq_acc": 0.9, "float_qdq_agreement": 1.0,
+           "nonlinear": census, "snn": {"None": {"refused": "m.onnx: 1 node(s) cannot be converted to a spiking "
+                                                            "network:\n  - node 'a' (op Softmax): why"}}}
+    assert studies.markdown([row]).splitlines()[-1].endswith("| refused: Softmax |")
