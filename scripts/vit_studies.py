@@ -2,7 +2,7 @@
 
 For the digits ViT and the MNIST-5k ViT (``csdc train --model vit``, float), this script
 
-1. trains the model (or reuses it from ``--out``) and exports it at opset 17 (LayerNormalization,
+1. trains the model (or reuses the shipped one from ``--models``, examples/vit) and exports it at opset 17 (LayerNormalization,
    erf GELU), opset 20 (Gelu) and opset 16 (LayerNorm decomposed), TorchScript exporter;
 2. quantizes each export with onnxruntime's quantize_static exactly as ``csdc compile --calibrate``
    does (csdc.compiler.calibrate: training split, MinMax, uint8 activations, int8 symmetric
@@ -15,7 +15,7 @@ For the digits ViT and the MNIST-5k ViT (``csdc train --model vit``, float), thi
    image) and writes the accuracy-latency plot. When the compiler refuses a model, the refused nodes
    are the result for that model (printed and written to the table).
 
-    python scripts/vit_studies.py [--out out/vit] [--sets digits,mnist5k] [--markdown table.md]
+    python scripts/vit_studies.py [--models examples/vit] [--out out/vit] [--sets digits,mnist5k] [--markdown table.md]
 
 Deterministic for the fixed seed (training runs one thread).
 """
@@ -47,9 +47,9 @@ BASES = (2, 4, 6, 8)
 NONLINEAR = {"Softmax", "LayerNormalization", "Gelu", "Erf", "ReduceMean", "Sub", "Pow", "Sqrt", "Div", "Reciprocal"}
 
 
-def train_models(name: str, out: str) -> dict[str, str]:
-    """The float exports of the ``name`` ViT (trained once; reused when all files exist)."""
-    paths = {label: os.path.join(out, f"{name}_vit_{label}.onnx") for label, _ in OPSETS}
+def train_models(name: str, models: str) -> dict[str, str]:
+    """The float exports of the ``name`` ViT in folder ``models`` (trained once; reused when all files exist)."""
+    paths = {label: os.path.join(models, f"{name}_vit_{label}.onnx") for label, _ in OPSETS}
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     from csdc.training.recipe import TrainConfig, train_and_export
@@ -126,15 +126,14 @@ def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, t
             "energy_uj": run.get("energy_uj_per_sample"), "report": rep}
 
 
-def study(name: str, out: str) -> list[dict]:
-    paths = train_models(name, out)
+def study(name: str, models: str, out: str) -> list[dict]:
+    paths = train_models(name, models)
     x_te, y_te = load_builtin(name, "test")
     rows = []
     for label, path in paths.items():
         model = onnx.load(path)
-        qdq = os.path.join(out, f"{name}_vit_{label}.qdq.onnx")
-        if not os.path.exists(qdq):
-            quantize_static_qdq(path, calibration_images(name, model), qdq)
+        qdq = os.path.join(out, f"{name}_vit_{label}.qdq.onnx")  # always made anew: what --calibrate makes here
+        quantize_static_qdq(path, calibration_images(name, model), qdq)
         fl, qd = onnx_logits(path, x_te), onnx_logits(qdq, x_te)
         census, loose = float_paths(onnx.load(qdq))
         row = {"set": name, "export": label, "float_acc": float(np.mean(fl.argmax(1) == y_te)),
@@ -192,13 +191,16 @@ def plot(rows: list[dict], path: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/vit", help="folder for the models, QDQ models and networks (default out/vit)")
+    p.add_argument("--models", default="examples/vit", help="folder of the float models (default examples/vit; "
+                   "missing ones are trained there)")
+    p.add_argument("--out", default="out/vit", help="folder for the QDQ models and networks (default out/vit)")
     p.add_argument("--sets", default="digits,mnist5k", help="comma-separated: digits, mnist5k")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--plot", default="docs/vit_sweep.png", help="the accuracy-latency plot (written only if a model compiles)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    rows = [row for name in args.sets.split(",") for row in study(name, args.out)]
+    os.makedirs(args.models, exist_ok=True)
+    rows = [row for name in args.sets.split(",") for row in study(name, args.models, args.out)]
     table = markdown(rows)
     print("\n" + table)
     if args.markdown:
