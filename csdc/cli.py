@@ -670,10 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     le.set_defaults(func=cmd_lava_env)
 
     t = sub.add_parser(
-        "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX (needs csdc[torch])",
+        "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX, or a float ViT "
+                 "(needs csdc[torch])",
         description="Quantization-aware training (LSQ: learned activation steps, per-channel integer weights) of "
                     "the tailored transformer (CSDformer: conv tokenizer, NReLU attention, BatchNorm, no softmax / "
-                    "LayerNorm / GELU) or the digits CNN, then QCDQ ONNX export that 'csdc compile' takes. Prints one "
+                    "LayerNorm / GELU) or the digits CNN, then QCDQ ONNX export that 'csdc compile' takes; or, with "
+                    "--model vit, float training of a standard ViT and float ONNX export for 'csdc compile --calibrate'. "
+                    "Prints one "
                     "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
                     "agreement on the test split. Deterministic: the same options give a byte-identical file. "
                     "Needs PyTorch: pip install csdc[torch].")

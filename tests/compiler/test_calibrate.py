@@ -106,3 +106,15 @@ def test_quantize_static_failure_is_a_csdc_error(tmp_path) -> None:
 
     with pytest.raises(CsdcError, match="no calibration images"):
         quantize_static_qdq(FLOAT_CNN, np.zeros((0, 1, 8, 8), np.float32))
+
+
+def test_the_network_equals_the_qdq_model_written_next_to_it(tmp_path, capsys) -> None:
+    """The user's check after --calibrate: csdc run --compare net.qdq.onnx (reference backend, exact)."""
+    out = tmp_path / "cnn.sir"
+    assert main(["compile", FLOAT_CNN, "--calibrate", "digits", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "--backend", "reference", "--data", "digits", "--compare",
+                 str(tmp_path / "cnn.qdq.onnx"), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["samples"] == 450 and run["comparison"]["agreement"] == 1.0
+    assert run["accuracy"] == run["comparison"]["onnx_accuracy"] >= 0.95
