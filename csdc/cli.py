@@ -97,9 +97,10 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 def _spiking_nodes(net) -> tuple[int, int]:
     """(neuron populations, spiking max-pools): the rows of the run table, counted alike by compile and run."""
-    from csdc.ir.ops import SpikeMaxPool
+    from csdc.ir.ops import MBENeuron, SpikeMaxPool
 
-    return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
+    mbe = sum(isinstance(op, MBENeuron) for _, op in net.nodes())
+    return len(net.neurons()) + mbe, sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
 
 
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None, num_classes: int | None = None,
@@ -242,7 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         width = max(max(len(k) for k in pops), len(head)) + 2
         print(f"  {head:<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>14}")
         for name, p in pops.items():
-            v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
+            v = ("-" if p["op"] not in ("Neuron", "MBENeuron") else "not measured" if p["max_abs_v"] is None
+                 else p["max_abs_v"])
             print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
     if report is not None:
         print(f"\n{report.line()}")
@@ -313,7 +315,7 @@ def _plot_path(path: str) -> str:
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
-    from csdc.ir.ops import TERNARY, Neuron
+    from csdc.ir.ops import TERNARY, MBENeuron, Neuron
 
     net = serialize.load(args.sir)
     rows = []
@@ -324,6 +326,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if arr.size:
                 params.append(f"{field}{list(arr.shape)} [{arr.min():.6g}, {arr.max():.6g}]")
         attrs = {k: v for k, v in op.attributes().items() if k not in ("shape",)}
+        if isinstance(op, MBENeuron):
+            params.insert(0, f"{op.bases} bas{'is' if op.bases == 1 else 'es'} x {op.steps} steps")
         if attrs:
             params.append(" ".join(f"{k}={v}" for k, v in attrs.items()))
         rows.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name), "kind": info.kind,
@@ -334,8 +338,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     comp = net.metadata.get("compile")
     comp = comp if isinstance(comp, dict) else {}  # metadata is free-form: trust no structure in it
     ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
+    mbe = [n for n, op in net.nodes() if isinstance(op, MBENeuron)]
     print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
-          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
+          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "")
+          + (f", {len(mbe)} MBE population{'s' if len(mbe) > 1 else ''}" if mbe else "") + f", {len(rows)} nodes"
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")

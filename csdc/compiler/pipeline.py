@@ -31,7 +31,7 @@ from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph
 from csdc.errors import CsdcError
 from csdc.ir.graph import Network
-from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
+from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, MBENeuron, Neuron
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,18 @@ def depth(net: Network) -> int:
     return d[net.output_name]
 
 
+def latency(net: Network, delay: int) -> int:
+    """Steps from the input's first step to the readout's last with every neuron population's delay
+    taken as ``delay``: T plus, on the slowest path, D per neuron population and T per MBE population
+    (it integrates its whole window before its first encoding step, whatever D). ``T + depth x D``
+    when there is no MBE population."""
+    d: dict[str, int] = {}
+    for name, op in net.nodes():
+        prev = max((d[s] for s in net.inputs(name)), default=0)
+        d[name] = prev + (delay if isinstance(op, Neuron) else net.T if isinstance(op, MBENeuron) else 0)
+    return net.T + d[net.output_name]
+
+
 def count_synapses(net: Network) -> int:
     total = 0
     for name, op in net.nodes():
@@ -177,7 +189,7 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
     neurons = [n for n in net.neurons()]
     D = options.delay if options.delay is not None else net.T
     report = CompileReport(
-        source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=net.T + depth(net) * D,
+        source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=latency(net, D),
         populations=len(neurons), neurons=int(sum(np.prod(net.info(n).shape) for n in neurons)),
         synapses=count_synapses(net), threshold_error=low.threshold_error, weight_error=low.weight_error,
         bias_error=low.bias_error, float_weight_error=low.float_weight_error, error_bound=worst, error_population=worst_pop,
