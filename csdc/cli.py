@@ -39,7 +39,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
     check_output_file(args.output, "-o")  # before any work
-    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
+    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile,
+                          nonlinear=args.nonlinear, mbe_bases=args.mbe_bases, mbe_steps=args.mbe_steps)
     try:
         net, rep = compile_onnx(args.model, opts)
         net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
@@ -52,7 +53,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiled {args.model} -> {args.output} in {rep.seconds:.2f} s")
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
-    print(f"  latency               {rep.latency} steps (T + depth x D)")
+    print(f"  latency               {rep.latency} steps (T + depth x D" + (" + T per MBE population)" if rep.approximations else ")"))
     pools = _spiking_nodes(net)[1]
     print(f"  populations           {rep.populations} ({rep.neurons} neurons)"
           + (f" + {pools} spiking max-pool{'s' if pools != 1 else ''}: {rep.populations + pools} spiking nodes" if pools else ""))
@@ -75,6 +76,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
     print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
+    for a in rep.approximations:
+        print(f"  approximated          {a['op']} '{a['source']}' by MBE population '{a['mbe_node']}': {a['bases']} bases x "
+              f"{a['steps']} steps (+{a['latency_steps']} steps of latency); error over all {a['levels'][1] + 1} input "
+              f"levels: worst {a['max_abs_error']:.3g}, mean {a['mean_abs_error']:.3g} {a['error_unit']}")
+    if rep.approximations:
+        print("                        (integer ops that are not spike accumulations: none; each MBE spike adds its "
+              "step's output weight, one AC)")
     for w in rep.warnings:
         print(f"  warning: {w}")
     if args.explain:
@@ -557,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
                    help="hardware bit budget checked by the bit-width analysis (default generic: a 32-bit datapath with "
                         "24-bit weight mantissas, 24-bit thresholds, 32-bit membrane; loihi2: 8-bit weights, 24-bit membrane)")
+    c.add_argument("--nonlinear", default="refuse", choices=("refuse", "mbe"),
+                   help="GELU: refuse it (default), or approximate it with MBE neurons fitted at compile time "
+                        "(mbe: approximate, the errors are reported; docs/mbe.md)")
+    c.add_argument("--mbe-bases", type=int, default=None, metavar="K",
+                   help="bases per MBE population (default: the fewest whose worst-case error is within a quarter "
+                        "of the reading quantizer's step)")
+    c.add_argument("--mbe-steps", type=int, default=16, metavar="S",
+                   help="encoding steps per MBE population, at most T (default 16; a fit uses as many as its digits need)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)

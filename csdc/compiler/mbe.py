@@ -20,6 +20,7 @@ function bends (density ~ |f''|^p for a few p), whichever gives the smaller wors
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,7 +112,8 @@ def _sar_tables(knots: np.ndarray, hi: int, steps: int) -> tuple[np.ndarray, np.
         for t in range(min(m, steps)):
             threshold[n, t] = reset[n, t] = 1 << (m - 1 - t)
         used = max(used, min(m, steps))
-    return threshold, reset, -knots.astype(np.int64), used
+    # steps no basis uses are dropped (a shorter table, same spikes)
+    return threshold[:, :used].copy(), reset[:, :used].copy(), -knots.astype(np.int64), used
 
 
 def _knots(lo: int, hi: int, bases: int, y: np.ndarray, power: float) -> np.ndarray:
@@ -190,7 +192,7 @@ def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int,
         features = np.concatenate([spikes, np.ones((len(q), 1))], axis=1)
         coef = _solve(features, y)
         scale = float(2**frac_bits)
-        weight = np.rint(coef[:-1] * scale).astype(np.int64).reshape(steps, len(knots)).T.copy()
+        weight = np.rint(coef[:-1] * scale).astype(np.int64).reshape(used, len(knots)).T.copy()
         weight[reset == 0] = 0  # the steps beyond a basis's digits never fire: no weight
         constant = int(np.rint(coef[-1] * scale))
         got = (mbe_total(MBENeuron(threshold, reset, weight, offset, np.zeros((), np.int64)), q) + constant) / scale
@@ -204,6 +206,17 @@ def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int,
 
 
 BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+#: worst-case error the compiler aims at for an approximated op, in steps of the quantizer that reads it
+MBE_TARGET_LEVELS = 0.25
+
+
+@functools.lru_cache(maxsize=256)
+def fit_gelu_counts(step: float, offset: float, out_step: float, T: int, bases: int | None, steps: int) -> MBEFit:
+    """GELU between two quantizers: input ``x = step * c + offset`` for the spike counts c = 0..T, output in
+    steps of the reading quantizer (``out_step``). Cached: the precision policy lowers a model several times."""
+    target = lambda c: gelu(step * c + offset) / out_step  # noqa: E731
+    return choose("gelu", target, 0, T, max_error=MBE_TARGET_LEVELS, steps=min(steps, T), max_bases=MBE_BASES_MAX,
+                  bases=bases)
 
 
 def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *, max_error: float,
@@ -223,4 +236,5 @@ def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: i
     return best
 
 
-__all__ = ["BASES_CHOICES", "OUTPUT_BITS", "FUNCTIONS", "MBEFit", "choose", "fit", "gelu"]
+__all__ = ["BASES_CHOICES", "FUNCTIONS", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "choose", "fit", "fit_gelu_counts",
+           "gelu"]
