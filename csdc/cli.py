@@ -40,7 +40,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
     check_output_file(args.output, "-o")  # before any work
-    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
+    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile,
+                          nonlinear=args.nonlinear, mbe_bases=args.mbe_bases, mbe_steps=args.mbe_steps)
     with tempfile.TemporaryDirectory() as tmp:
         source, calibration = _calibrated_source(args, tmp)
         try:
@@ -68,7 +69,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiled {source if not calibration else calibration['qdq_model']} -> {args.output} in {rep.seconds:.2f} s")
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
-    print(f"  latency               {rep.latency} steps (T + depth x D)")
+    print(f"  latency               {rep.latency} steps (T + depth x D" + (" + T per MBE population)" if rep.approximations else ")"))
     pools = _spiking_nodes(net)[1]
     print(f"  populations           {rep.populations} ({rep.neurons} neurons)"
           + (f" + {pools} spiking max-pool{'s' if pools != 1 else ''}: {rep.populations + pools} spiking nodes" if pools else ""))
@@ -91,6 +92,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
     print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
+    for a in rep.approximations:
+        print(f"  approximated          {a['op']} '{a['source']}' by MBE population '{a['mbe_node']}': {a['bases']} bases x "
+              f"{a['steps']} steps (+{a['latency_steps']} steps of latency); error over all {a['levels'][1] + 1} input "
+              f"levels: worst {a['max_abs_error']:.3g}, mean {a['mean_abs_error']:.3g} {a['error_unit']}")
+    if rep.approximations:
+        print("                        (integer ops that are not spike accumulations: none; each MBE spike adds its "
+              "step's output weight, one AC)")
     for w in rep.warnings:
         print(f"  warning: {w}")
     if args.explain:
@@ -140,9 +148,10 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 def _spiking_nodes(net) -> tuple[int, int]:
     """(neuron populations, spiking max-pools): the rows of the run table, counted alike by compile and run."""
-    from csdc.ir.ops import SpikeMaxPool
+    from csdc.ir.ops import MBENeuron, SpikeMaxPool
 
-    return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
+    mbe = sum(isinstance(op, MBENeuron) for _, op in net.nodes())
+    return len(net.neurons()) + mbe, sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
 
 
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None, num_classes: int | None = None,
@@ -285,7 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         width = max(max(len(k) for k in pops), len(head)) + 2
         print(f"  {head:<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>14}")
         for name, p in pops.items():
-            v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
+            v = ("-" if p["op"] not in ("Neuron", "MBENeuron") else "not measured" if p["max_abs_v"] is None
+                 else p["max_abs_v"])
             print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
     if report is not None:
         print(f"\n{report.line()}")
@@ -356,7 +366,7 @@ def _plot_path(path: str) -> str:
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
-    from csdc.ir.ops import TERNARY, Neuron
+    from csdc.ir.ops import TERNARY, MBENeuron, Neuron
 
     net = serialize.load(args.sir)
     rows = []
@@ -367,6 +377,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if arr.size:
                 params.append(f"{field}{list(arr.shape)} [{arr.min():.6g}, {arr.max():.6g}]")
         attrs = {k: v for k, v in op.attributes().items() if k not in ("shape",)}
+        if isinstance(op, MBENeuron):
+            params.insert(0, f"{op.bases} bas{'is' if op.bases == 1 else 'es'} x {op.steps} steps")
         if attrs:
             params.append(" ".join(f"{k}={v}" for k, v in attrs.items()))
         rows.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name), "kind": info.kind,
@@ -377,8 +389,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     comp = net.metadata.get("compile")
     comp = comp if isinstance(comp, dict) else {}  # metadata is free-form: trust no structure in it
     ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
+    mbe = [n for n, op in net.nodes() if isinstance(op, MBENeuron)]
     print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
-          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
+          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "")
+          + (f", {len(mbe)} MBE population{'s' if len(mbe) > 1 else ''}" if mbe else "") + f", {len(rows)} nodes"
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
@@ -611,6 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration, uint8 activations, int8 symmetric per-channel weights) on DATA, a .npz with x laid out "
                         "as the model's input or a built-in set (its training split); the QDQ model is written next to "
                         "the output (net.sir -> net.qdq.onnx) for csdc run --compare (docs/vit.md)")
+    c.add_argument("--nonlinear", default="refuse", choices=("refuse", "mbe"),
+                   help="GELU: refuse it (default), or approximate it with MBE neurons fitted at compile time "
+                        "(mbe: approximate, the errors are reported; docs/mbe.md)")
+    c.add_argument("--mbe-bases", type=int, default=None, metavar="K",
+                   help="bases per MBE population (default: the fewest whose worst-case error is within a quarter "
+                        "of the reading quantizer's step)")
+    c.add_argument("--mbe-steps", type=int, default=16, metavar="S",
+                   help="encoding steps per MBE population, at most T (default 16; a fit uses as many as its digits need)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)

@@ -159,6 +159,16 @@ class LoweringReport:
     precision: PrecisionReport = field(default_factory=PrecisionReport)
     warnings: list[str] = field(default_factory=list)
     explain: dict[str, list[str]] = field(default_factory=dict)
+    approximations: list[dict] = field(default_factory=list)  # ops approximated by MBE populations (docs/mbe.md)
+
+
+@dataclass(frozen=True)
+class MBEOptions:
+    """The opt-in approximate mode ``--nonlinear mbe``: bases (None: the fewest meeting the target) and
+    encoding steps of every MBE population."""
+
+    bases: int | None = None
+    steps: int = 16
 
 
 class Lowering:
@@ -167,8 +177,9 @@ class Lowering:
     policy of :mod:`csdc.compiler.integerize`. A handler that cannot lower its node records why
     (:meth:`fail`); all reasons are raised together."""
 
-    def __init__(self, graph: QGraph, precision: Precision, delay: int | None):
+    def __init__(self, graph: QGraph, precision: Precision, delay: int | None, mbe: MBEOptions | None = None):
         self.g = graph
+        self.mbe = mbe
         self.precision = precision
         self.delay_opt = delay
         self.vals: dict[str, object] = {}
@@ -698,7 +709,43 @@ class Lowering:
         self.report.precision.populations[nm] = PopulationError(bound, cur.site, self.report.precision.sites[cur.site],
                                                                 weights=bound, readout=True)
 
-    HANDLERS = {"Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+    def lower_gelu(self, n: QNode) -> None:
+        """GELU between two quantizers (``--nonlinear mbe``, docs/mbe.md): the input spikes' count c
+        (``x = step * c + offset``, c = 0..T) reaches an MBE population through unit synapses, whose
+        decoded current approximates ``GELU(x)`` in the reading quantizer's step times 2^-F; the
+        population behind it is that quantizer's neuron. The fit's worst-case and mean errors over every
+        count are reported."""
+        if self.mbe is None:
+            self.fail(n, "GELU is approximated only in the opt-in mode: csdc compile --nonlinear mbe (docs/mbe.md)")
+            return
+        src = self.vals.get(n.inputs[0])
+        if not isinstance(src, Spikes):
+            self.fail(n, "GELU must read a quantizer's output (DequantizeLinear -> Gelu): its input levels are what "
+                         "the MBE neurons encode")
+            return
+        out_step = self.downstream_step(n.outputs[0])
+        if out_step is None:
+            self.fail(n, "GELU must be read by a quantizer (Gelu -> QuantizeLinear): its step is the unit of the "
+                         "approximation")
+            return
+        from csdc.compiler.mbe import fit_gelu_counts
+
+        f = fit_gelu_counts(float(src.step), float(src.offset), out_step, self.T, self.mbe.bases, self.mbe.steps)
+        shape = self.net.info(src.node).shape
+        syn = self.add(f"{n.name}_in", DiagonalSynapse(np.ones(shape, dtype=np.int8)), [src.node])
+        node = self.add(n.name, f.op(np.zeros(shape, dtype=np.int64)), [syn])
+        one = (1,) * len(shape)
+        U = out_step / float(2**f.frac_bits)
+        self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
+        self.vals[n.outputs[0]] = Affine((FixedTerm(node, np.full(one, U), np.zeros(1), node),), np.full(one, f.constant * U))
+        self.report.approximations.append({
+            "source": n.name, "op": n.op_type, "function": "gelu", "mbe_node": node, "bases": f.bases,
+            "steps": f.steps, "latency_steps": self.T, "levels": [0, self.T],
+            "max_abs_error": f.max_abs_error, "mean_abs_error": f.mean_abs_error,
+            "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
+            "max_abs_error_real": f.max_abs_error * out_step})
+
+    HANDLERS = {"Gelu": "lower_gelu", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
@@ -726,7 +773,9 @@ class Lowering:
         return self.net, self.report
 
 
-def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None) -> tuple[Network, LoweringReport]:
+def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None,
+          mbe: MBEOptions | None = None) -> tuple[Network, LoweringReport]:
     """Lower a canonical QGraph (after the canonicalization passes) to a spiking Network under one
-    precision policy (default: the generic profile's budget and the error target)."""
-    return Lowering(graph, precision or Precision(PROFILES["generic"]), delay).run()
+    precision policy (default: the generic profile's budget and the error target); ``mbe``: the opt-in
+    approximate mode for GELU (docs/mbe.md), None refuses it."""
+    return Lowering(graph, precision or Precision(PROFILES["generic"]), delay, mbe).run()
