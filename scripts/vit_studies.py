@@ -123,7 +123,10 @@ def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, t
     run = json.loads(buf.getvalue())
     return {"T": rep["T"], "latency": run["latency_steps"], "snn_acc": run["accuracy"],
             "agreement": run["comparison"]["agreement"], "spikes": run["spikes"] / run["samples"],
-            "energy_uj": run.get("energy_uj_per_sample"), "report": rep}
+            "energy_uj": run.get("energy_uj_per_sample"), "report": rep,
+            # time steps and error of every approximated op (the compile report's list)
+            "ops": [{k: a.get(k) for k in ("op", "source", "bases", "steps", "latency_steps", "max_abs_error",
+                                           "mean_abs_error")} for a in rep.get("approximations", [])]}
 
 
 def study(name: str, models: str, out: str) -> list[dict]:
@@ -147,7 +150,9 @@ def study(name: str, models: str, out: str) -> list[dict]:
         print(json.dumps({k: v for k, v in row.items() if k != "snn"}), flush=True)
         for bases, r in row["snn"].items():
             print(f"  --mbe-bases {bases}: " + (r["refused"] if "refused" in r else
-                  f"SNN {100 * r['snn_acc']:.2f} %, agreement {100 * r['agreement']:.2f} %, latency {r['latency']}"), flush=True)
+                  f"SNN {100 * r['snn_acc']:.2f} %, agreement {100 * r['agreement']:.2f} %, latency {r['latency']}, "
+                  f"{r['spikes']:.0f} spikes and {r['energy_uj']} uJ per image; "
+                  + ", ".join(f"{o['op']} {o['bases']}x{o['steps']} steps" for o in r["ops"])), flush=True)
     return rows
 
 
