@@ -118,3 +118,17 @@ def test_the_network_equals_the_qdq_model_written_next_to_it(tmp_path, capsys) -
     run = json.loads(capsys.readouterr().out)
     assert run["samples"] == 450 and run["comparison"]["agreement"] == 1.0
     assert run["accuracy"] == run["comparison"]["onnx_accuracy"] >= 0.95
+
+
+def test_without_the_nonlinear_flag_the_vit_refusal_names_it(tmp_path, capsys) -> None:
+    """A standard ViT, quantized by --calibrate, without --nonlinear mbe: every LayerNorm, Softmax and GELU
+    node is refused, each naming the flag; nothing is written."""
+    vit = os.path.join(ROOT, "examples", "vit", "digits_vit_opset20.onnx")
+    out = tmp_path / "vit.sir"
+    assert main(["compile", vit, "--calibrate", "digits", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("  - node")]
+    ops = sorted(ln.split("(op ")[1].split(")")[0] for ln in lines)
+    assert ops == ["Gelu"] * 2 + ["LayerNormalization"] * 5 + ["Softmax"] * 2
+    assert all("--nonlinear mbe" in ln for ln in lines)
+    assert f"{vit} (quantized by --calibrate)" in err and os.listdir(tmp_path) == []
