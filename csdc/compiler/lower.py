@@ -709,28 +709,31 @@ class Lowering:
         self.report.precision.populations[nm] = PopulationError(bound, cur.site, self.report.precision.sites[cur.site],
                                                                 weights=bound, readout=True)
 
-    def lower_gelu(self, n: QNode) -> None:
-        """GELU between two quantizers (``--nonlinear mbe``, docs/mbe.md): the input spikes' count c
-        (``x = step * c + offset``, c = 0..T) reaches an MBE population through unit synapses, whose
-        decoded current approximates ``GELU(x)`` in the reading quantizer's step times 2^-F; the
-        population behind it is that quantizer's neuron. The fit's worst-case and mean errors over every
-        count are reported."""
+    def lower_elementwise(self, n: QNode) -> None:
+        """An elementwise function between two quantizers (``--nonlinear mbe``, docs/mbe.md; made by
+        :mod:`csdc.compiler.passes.fuse_elementwise` from ``Gelu`` or the ``Erf`` form of GELU): the input
+        spikes' count c (``x = step * c + offset``, c = 0..T) reaches an MBE population through unit
+        synapses; its decoded current approximates the function's value in the reading quantizer's step
+        times 2^-F, and the population behind it is that quantizer's neuron. The fit's worst-case and mean
+        errors over every count are reported."""
+        from csdc.compiler.mbe import fit_table
+        from csdc.compiler.passes.fuse_elementwise import evaluate
+
         if self.mbe is None:
-            self.fail(n, "GELU is approximated only in the opt-in mode: csdc compile --nonlinear mbe (docs/mbe.md)")
+            self.fail(n, "elementwise nonlinear functions are approximated only in the opt-in mode: csdc compile "
+                         "--nonlinear mbe (docs/mbe.md)")
             return
         src = self.vals.get(n.inputs[0])
         if not isinstance(src, Spikes):
-            self.fail(n, "GELU must read a quantizer's output (DequantizeLinear -> Gelu): its input levels are what "
-                         "the MBE neurons encode")
+            self.fail(n, "the function must read a quantizer's output: its input levels are what the MBE neurons encode")
             return
         out_step = self.downstream_step(n.outputs[0])
         if out_step is None:
-            self.fail(n, "GELU must be read by a quantizer (Gelu -> QuantizeLinear): its step is the unit of the "
-                         "approximation")
+            self.fail(n, "the function must be read by a quantizer: its step is the unit of the approximation")
             return
-        from csdc.compiler.mbe import fit_gelu_counts
-
-        f = fit_gelu_counts(float(src.step), float(src.offset), out_step, self.T, self.mbe.bases, self.mbe.steps)
+        counts = np.arange(self.T + 1, dtype=np.float64)
+        values = evaluate(n, (src.step * counts + src.offset).astype(np.float32)) / out_step
+        f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps)
         shape = self.net.info(src.node).shape
         syn = self.add(f"{n.name}_in", DiagonalSynapse(np.ones(shape, dtype=np.int8)), [src.node])
         node = self.add(n.name, f.op(np.zeros(shape, dtype=np.int64)), [syn])
@@ -738,14 +741,21 @@ class Lowering:
         U = out_step / float(2**f.frac_bits)
         self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
         self.vals[n.outputs[0]] = Affine((FixedTerm(node, np.full(one, U), np.zeros(1), node),), np.full(one, f.constant * U))
+        for src_name in n.attrs["sources"]:
+            self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
         self.report.approximations.append({
-            "source": n.name, "op": n.op_type, "function": "gelu", "mbe_node": node, "bases": f.bases,
-            "steps": f.steps, "latency_steps": self.T, "levels": [0, self.T],
+            "source": n.name, "op": n.attrs["function"], "nodes": list(n.attrs["sources"]), "mbe_node": node,
+            "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, self.T],
             "max_abs_error": f.max_abs_error, "mean_abs_error": f.mean_abs_error,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
-    HANDLERS = {"Gelu": "lower_gelu", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+    def lower_unfused(self, n: QNode) -> None:
+        where = "--nonlinear mbe approximates" if self.mbe is not None else "csdc compile --nonlinear mbe approximates"
+        self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
+                     "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
+
+    HANDLERS = {"Elementwise": "lower_elementwise", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}

@@ -210,15 +210,6 @@ BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 MBE_TARGET_LEVELS = 0.25
 
 
-@functools.lru_cache(maxsize=256)
-def fit_gelu_counts(step: float, offset: float, out_step: float, T: int, bases: int | None, steps: int) -> MBEFit:
-    """GELU between two quantizers: input ``x = step * c + offset`` for the spike counts c = 0..T, output in
-    steps of the reading quantizer (``out_step``). Cached: the precision policy lowers a model several times."""
-    target = lambda c: gelu(step * c + offset) / out_step  # noqa: E731
-    return choose("gelu", target, 0, T, max_error=MBE_TARGET_LEVELS, steps=min(steps, T), max_bases=MBE_BASES_MAX,
-                  bases=bases)
-
-
 def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *, max_error: float,
            steps: int = 16, max_bases: int = 32, bases: int | None = None, frac_bits: int | None = None) -> MBEFit:
     """The fit with the fewest bases (1, 2, 4, ... up to ``max_bases``) whose worst-case error over
@@ -236,5 +227,21 @@ def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: i
     return best
 
 
-__all__ = ["BASES_CHOICES", "FUNCTIONS", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "choose", "fit", "fit_gelu_counts",
+def fit_table(name: str, values: np.ndarray, *, bases: int | None, steps: int) -> MBEFit:
+    """An MBE fit of a function given by its values at the levels 0..len(values)-1 (e.g. an elementwise
+    subgraph evaluated on every count of its input quantizer), aiming at :data:`MBE_TARGET_LEVELS`. Cached
+    by value: the precision policy lowers a model several times."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    return _fit_table(name, values.tobytes(), bases, min(steps, len(values) - 1) if len(values) > 1 else 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_table(name: str, data: bytes, bases: int | None, steps: int) -> MBEFit:
+    values = np.frombuffer(data, dtype=np.float64)
+    target = lambda q: values[np.asarray(q, dtype=np.int64)]  # noqa: E731
+    return choose(name, target, 0, len(values) - 1, max_error=MBE_TARGET_LEVELS, steps=steps,
+                  max_bases=MBE_BASES_MAX, bases=bases)
+
+
+__all__ = ["BASES_CHOICES", "FUNCTIONS", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "choose", "fit", "fit_table",
            "gelu"]
