@@ -172,6 +172,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_markdown(rows: list[dict]) -> str:
+    """The --mbe-bases sweep of the opset 17 models: accuracy, agreement, latency, spikes, energy ("" if none ran)."""
+    lines = []
+    for r in rows:
+        for bases, v in r["snn"].items():
+            if r["export"] == "opset17" and "snn_acc" in v:
+                steps = ", ".join(sorted({f"{o['op']} {o['bases']}x{o['steps']}" for o in v["ops"]}))
+                lines.append(f"| {r['set']} | {'default' if bases == 'None' else bases} | {100 * v['snn_acc']:.2f} % | "
+                             f"{100 * r['qdq_acc']:.2f} % | {100 * v['agreement']:.2f} % | {v['latency']} | "
+                             f"{v['spikes'] / 1e3:.1f} k | {v['energy_uj']:.3f} uJ | {steps} |")
+    if not lines:
+        return ""
+    return "\n".join(["| set | --mbe-bases | SNN | QDQ ONNX | agreement | latency (steps) | spikes / image | energy / image "
+                      "| MBE ops (bases x steps) |", "|---|---|---|---|---|---|---|---|---|", *lines])
+
+
 def plot(rows: list[dict], path: str) -> bool:
     """Accuracy against latency over the number of bases; False when no model compiled."""
     points = {r["set"]: [(v["latency"], v["snn_acc"], k) for k, v in r["snn"].items() if "snn_acc" in v and k != "None"]
@@ -182,9 +198,11 @@ def plot(rows: list[dict], path: str) -> bool:
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    qdq = {r["set"]: r["qdq_acc"] for r in rows if r["export"] == "opset17"}
     for name, pts in points.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"{name} ViT")
+        line, = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"{name} ViT (SNN)")
+        ax.axhline(100 * qdq[name], color=line.get_color(), ls="--", lw=0.8, label=f"{name} QDQ ONNX")
         for lat, acc, k in pts:
             ax.annotate(f"K={k}", (lat, 100 * acc), fontsize=7)
     ax.set_xlabel("latency (time steps)")
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.models, exist_ok=True)
     rows = [row for name in args.sets.split(",") for row in study(name, args.models, args.out)]
     table = markdown(rows)
+    sweep = sweep_markdown(rows)
+    table += "\n\n" + sweep if sweep else ""
     print("\n" + table)
     if args.markdown:
         with open(args.markdown, "w") as fh:

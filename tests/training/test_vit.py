@@ -176,3 +176,17 @@ def test_studies_find_what_quantize_static_leaves_in_float(tiny_vit, digits, tmp
            "nonlinear": census, "snn": {"None": {"refused": "m.onnx: 1 node(s) cannot be converted to a spiking "
                                                             "network:\n  - node 'a' (op Softmax): why"}}}
     assert studies.markdown([row]).splitlines()[-1].endswith("| refused: Softmax |")
+
+
+def test_studies_tabulate_and_plot_the_bases_sweep(tmp_path) -> None:
+    studies = _studies()
+    run = {"snn_acc": 0.95, "latency": 300, "agreement": 0.99, "spikes": 12345.0, "energy_uj": 1.5,
+           "ops": [{"op": "Gelu", "bases": 4, "steps": 16}]}
+    rows = [{"set": "digits", "export": "opset17", "qdq_acc": 0.96,
+             "snn": {"None": run, "2": dict(run, latency=200, snn_acc=0.9)}},
+            {"set": "digits", "export": "opset20", "qdq_acc": 0.96, "snn": {"None": {"refused": "x"}}}]
+    table = studies.sweep_markdown(rows).splitlines()
+    assert len(table) == 4 and table[3] == ("| digits | 2 | 90.00 % | 96.00 % | 99.00 % | 200 | 12.3 k | 1.500 uJ "
+                                            "| Gelu 4x16 |")
+    assert studies.plot(rows, str(tmp_path / "sweep.png")) and (tmp_path / "sweep.png").stat().st_size > 0
+    assert studies.sweep_markdown(rows[1:]) == "" and not studies.plot(rows[1:], str(tmp_path / "none.png"))
