@@ -132,6 +132,9 @@ def _calibrated_source(args: argparse.Namespace, tmp: str) -> tuple[str, dict | 
         raise CsdcError(f"{args.model}: already quantized (it has quantizer nodes); --calibrate quantizes a float "
                         "model: compile this one without --calibrate")
     target = check_output_file(qdq_path(args.output), "-o")  # the QDQ model goes next to the network
+    if os.path.abspath(target) == os.path.abspath(args.model):
+        raise CsdcError(f"-o {args.output}: the QDQ model would be written to {target}, over the float model; "
+                        "choose another output name")
     x = calibration_images(args.calibrate, model)
     del model
     source = os.path.join(tmp, os.path.basename(target))

@@ -132,3 +132,11 @@ def test_without_the_nonlinear_flag_the_vit_refusal_names_it(tmp_path, capsys) -
     assert ops == ["Gelu"] * 2 + ["LayerNormalization"] * 5 + ["Softmax"] * 2
     assert all("--nonlinear mbe" in ln for ln in lines)
     assert f"{vit} (quantized by --calibrate)" in err and os.listdir(tmp_path) == []
+
+
+def test_the_qdq_model_never_overwrites_the_float_model(tmp_path, capsys) -> None:
+    src = tmp_path / "cnn.qdq.onnx"  # a float model that happens to carry that name
+    src.write_bytes(open(FLOAT_CNN, "rb").read())
+    assert main(["compile", str(src), "--calibrate", "digits", "-o", str(tmp_path / "cnn.sir")]) == 2
+    assert "over the float model" in capsys.readouterr().err
+    assert src.read_bytes() == open(FLOAT_CNN, "rb").read() and sorted(os.listdir(tmp_path)) == ["cnn.qdq.onnx"]
