@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,41 +25,13 @@ from csdc.runtime.evaluate import onnx_logits  # noqa: E402
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[int, Path]:
-    """Conv -> Flatten -> Linear -> GELU -> Linear trained on digits (seed 0), exported by torch.onnx at
-    opset 20 (one Gelu op) and 17 (Div -> Erf -> Add -> Mul -> Mul), each quantized by onnxruntime's
-    quantize_static (QDQ, uint8 activations, int8 weights, MinMax calibration on 256 training images)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """quantize_static QDQ models of a small trained GELU network (tests/compiler/gelu_models.py): opset 20
+    (one Gelu op) and 17 (Div -> Erf -> Add -> Mul -> Mul), uint8 activations."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gelu_models import gelu_qdq_models
 
-    x, y = load_digits_split("train")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 32),
-                                torch.nn.GELU(), torch.nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    xt, yt = torch.tensor(x), torch.tensor(y)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    model.eval()
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x[i:i + 32]} for i in range(0, 256, 32)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    tmp = tmp_path_factory.mktemp("gelu")
-    out = {}
-    for opset in (17, 20):
-        fp = tmp / f"float{opset}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, xt[:1], str(fp), input_names=["input"], output_names=["logits"],
-                              opset_version=opset, dynamo=False, dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
-            quantize_static(str(fp), str(tmp / f"qdq{opset}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        out[opset] = tmp / f"qdq{opset}.onnx"
+    made = gelu_qdq_models(tmp_path_factory.mktemp("gelu"))
+    out = {17: made["17"], 20: made["20"]}
     ops = [n.op_type for n in onnx.load(out[20]).graph.node]
     assert "Gelu" in ops and ops[ops.index("Gelu") - 1] == "DequantizeLinear" and ops[ops.index("Gelu") + 1] == "QuantizeLinear"
     assert "Erf" in [n.op_type for n in onnx.load(out[17]).graph.node]
