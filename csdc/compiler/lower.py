@@ -37,6 +37,8 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (PopulationError, Precision, PrecisionReport, neuron_bound_at, neuron_parameters,
                                       rounded_with_residual, scaled_weights, split_power_of_two)
+from csdc.compiler.mbe import fit_table
+from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
@@ -716,9 +718,6 @@ class Lowering:
         synapses; its decoded current approximates the function's value in the reading quantizer's step
         times 2^-F, and the population behind it is that quantizer's neuron. The fit's worst-case and mean
         errors over every count are reported."""
-        from csdc.compiler.mbe import fit_table
-        from csdc.compiler.passes.fuse_elementwise import evaluate
-
         if self.mbe is None:
             self.fail(n, "elementwise nonlinear functions are approximated only in the opt-in mode: csdc compile "
                          "--nonlinear mbe (docs/mbe.md)")

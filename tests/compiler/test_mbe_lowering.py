@@ -152,3 +152,37 @@ def test_fewer_bases_cost_accuracy_of_the_fit_and_the_cli_reports_it(models, tmp
     assert main(["compile", str(models[20]), "-o", str(sir), "--nonlinear", "mbe"]) == 0
     text = capsys.readouterr().out
     assert "approximated          gelu" in text and "worst" in text and "MBE population" in text
+
+
+def _hand_gelu_model(per_channel: bool = False) -> onnx.ModelProto:
+    """Hand-built QCDQ: conv -> BN -> q(0.25, 7 levels) -> [Mul by a per-channel constant] -> Gelu -> q(0.1, 7) -> Gemm."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from onnx_build import Builder
+
+    b = Builder((1, 1, 8, 8), seed=0, opset=20)
+    x = b.quant("x", 1 / 16, 16)
+    h = b.quant(b.bn(b.conv(x, 1, 4), 4), 0.25, 7)
+    if per_channel:
+        h = b.node("Mul", [h, b.const(np.array([1.0, 0.5, 2.0, 1.5], np.float32).reshape(4, 1, 1))])
+    g = b.quant(b.node("Gelu", [h]), 0.1, 7)
+    return b.model(b.gemm(b.node("Flatten", [g], axis=1), 256, 10), (1, 10))
+
+
+def test_fused_gelu_evaluates_gelu_and_per_channel_constants_are_not_fused(tmp_path: Path) -> None:
+    from csdc.compiler.frontend import load_qgraph
+    from csdc.compiler.passes.fuse_elementwise import evaluate, fuse_elementwise
+    from csdc.compiler.pipeline import canonicalize
+
+    onnx.save(_hand_gelu_model(), tmp_path / "g.onnx")
+    opts = CompileOptions(nonlinear="mbe")
+    graph = fuse_elementwise(canonicalize(load_qgraph(tmp_path / "g.onnx", "mbe"), opts))
+    node = next(n for n in graph.nodes if n.op_type == "Elementwise")
+    assert not any(n.op_type == "Gelu" for n in graph.nodes) and node.attrs["function"] == "gelu"
+    xs = np.linspace(-2, 2, 41, dtype=np.float32)
+    assert np.allclose(evaluate(node, xs), gelu(xs.astype(np.float64)), atol=1e-6)
+    net, rep = compile_onnx(tmp_path / "g.onnx", opts)
+    a = rep.approximations[0]
+    assert net.T == 7 and a["levels"] == [0, 7] and a["max_abs_error"] <= MBE_TARGET_LEVELS
+    onnx.save(_hand_gelu_model(per_channel=True), tmp_path / "pc.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"Gelu.*only between two quantizers"):
+        compile_onnx(tmp_path / "pc.onnx", opts)
