@@ -129,7 +129,7 @@ def test_gelu_becomes_an_mbe_population_equal_to_onnxruntime(models, opset: int)
         own = np.clip(np.rint(exact), 0, 255)
         moved = got != own
         assert np.abs(got - own).max() <= 1
-        assert np.all(np.abs(np.abs(exact[moved] - np.floor(exact[moved])) - 0.5) <= a["max_abs_error"] + 1e-6)
+        assert np.all(np.abs(np.abs(exact[moved] - np.floor(exact[moved])) - 0.5) <= a["max_abs_error"] + 1e-4)  # + float32 evaluation
     # against onnxruntime's levels: the same, plus a rare tie of the quantizer before GELU that onnxruntime's
     # float arithmetic rounds the other way
     want = _gelu_levels(models[opset], x)
