@@ -1,8 +1,8 @@
 """The bases / steps trade-off of --nonlinear mbe on a small GELU network (docs/mbe.md).
 
-Trains Conv -> Flatten -> Linear -> GELU -> Linear on scikit-learn's digits (seed 0, 60 full-batch Adam
-steps), exports it with torch.onnx at opset 20 (one Gelu op) and 17 (the Erf form), quantizes each with
-onnxruntime's quantize_static (QDQ, uint8 activations, int8 weights), compiles with --nonlinear mbe for
+Makes the models of the MBE tests (tests/compiler/gelu_models.py: Conv -> Flatten -> Linear -> GELU ->
+Linear trained on scikit-learn's digits, torch.onnx at opset 20 (one Gelu op) and 17 (the Erf form),
+onnxruntime's quantize_static with uint8 activations and int8 weights), compiles with --nonlinear mbe for
 each number of bases and encoding steps, runs the numba backend on the digits test split and prints a
 markdown table: the fit's worst-case / mean error (steps of the quantizer after GELU), accuracy, top-1
 agreement with onnxruntime, the MBE population's spikes per image and the latency.
@@ -13,49 +13,20 @@ agreement with onnxruntime, the MBE population's spikes per image and the latenc
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 
 def make_models(tmp: Path) -> dict[int, Path]:
-    import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """The models of the MBE tests (tests/compiler/gelu_models.py): one recipe for both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "compiler"))
+    from gelu_models import gelu_qdq_models
 
-    from csdc.runtime.datasets import load_digits_split
-
-    x, y = load_digits_split("train")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 32),
-                                torch.nn.GELU(), torch.nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    xt, yt = torch.tensor(x), torch.tensor(y)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    model.eval()
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x[i:i + 32]} for i in range(0, 256, 32)])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.batches, None)
-
-    out = {}
-    for opset in (20, 17):
-        fp = tmp / f"float{opset}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, xt[:1], str(fp), input_names=["input"], output_names=["logits"],
-                              opset_version=opset, dynamo=False, dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
-            quantize_static(str(fp), str(tmp / f"qdq{opset}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        out[opset] = tmp / f"qdq{opset}.onnx"
-    return out
+    made = gelu_qdq_models(tmp)
+    return {20: made["20"], 17: made["17"]}
 
 
 def main() -> None:

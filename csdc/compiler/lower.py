@@ -37,10 +37,12 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (PopulationError, Precision, PrecisionReport, neuron_bound_at, neuron_parameters,
                                       rounded_with_residual, scaled_weights, split_power_of_two)
+from csdc.compiler.mbe import fit_table
+from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
-from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
+from csdc.ir.ops import (TERNARY, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
                          SpikeMatMul, SpikeMaxPool, SumPool, Transpose)
 from csdc.ir.semantics import conv as conv_counts
 from csdc.ir.semantics import sum_pool
@@ -712,13 +714,11 @@ class Lowering:
     def lower_elementwise(self, n: QNode) -> None:
         """An elementwise function between two quantizers (``--nonlinear mbe``, docs/mbe.md; made by
         :mod:`csdc.compiler.passes.fuse_elementwise` from ``Gelu`` or the ``Erf`` form of GELU): the input
-        spikes' count c (``x = step * c + offset``, c = 0..T) reaches an MBE population through unit
+        spikes' count c (``x = step * c + offset``, c = 0..T, or -T..T from a ternary population) reaches an
+        MBE population (``v0 = -lowest count``) through unit
         synapses; its decoded current approximates the function's value in the reading quantizer's step
         times 2^-F, and the population behind it is that quantizer's neuron. The fit's worst-case and mean
         errors over every count are reported."""
-        from csdc.compiler.mbe import fit_table
-        from csdc.compiler.passes.fuse_elementwise import evaluate
-
         if self.mbe is None:
             self.fail(n, "elementwise nonlinear functions are approximated only in the opt-in mode: csdc compile "
                          "--nonlinear mbe (docs/mbe.md)")
@@ -731,12 +731,14 @@ class Lowering:
         if out_step is None:
             self.fail(n, "the function must be read by a quantizer: its step is the unit of the approximation")
             return
-        counts = np.arange(self.T + 1, dtype=np.float64)
+        # counts 0..T, or -T..T from a ternary population (signed spikes): the MBE input is shifted to start at 0
+        lowest = -self.T if self.net.info(src.node).kind == TERNARY else 0
+        counts = np.arange(lowest, self.T + 1, dtype=np.float64)
         values = evaluate(n, (src.step * counts + src.offset).astype(np.float32)) / out_step
         f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps)
         shape = self.net.info(src.node).shape
         syn = self.add(f"{n.name}_in", DiagonalSynapse(np.ones(shape, dtype=np.int8)), [src.node])
-        node = self.add(n.name, f.op(np.zeros(shape, dtype=np.int64)), [syn])
+        node = self.add(n.name, f.op(np.full(shape, -lowest, dtype=np.int64)), [syn])
         one = (1,) * len(shape)
         U = out_step / float(2**f.frac_bits)
         self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
@@ -745,7 +747,7 @@ class Lowering:
             self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
         self.report.approximations.append({
             "source": n.name, "op": n.attrs["function"], "nodes": list(n.attrs["sources"]), "mbe_node": node,
-            "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, self.T],
+            "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [lowest, self.T],
             "max_abs_error": f.max_abs_error, "mean_abs_error": f.mean_abs_error,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})

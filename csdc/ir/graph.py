@@ -151,6 +151,12 @@ class Network:
                 raise IRError(f"node '{name}' ({type(op).__name__}): {exc}") from None
             if shape != self.info(name).shape:
                 raise IRError(f"node '{name}': recorded shape {self.info(name).shape} != inferred {shape}")
+            if not isinstance(op, (Encode, Readout)):  # the only floats: the input step and the dequantization
+                floats = [k for k, v in {**op.arrays(), **op.attributes()}.items()
+                          if (isinstance(v, np.ndarray) and v.dtype.kind not in "iu") or isinstance(v, float)]
+                if floats:
+                    raise IRError(f"node '{name}' ({type(op).__name__}): {', '.join(floats)} not integer; everything "
+                                  "that runs must be an integer (only Encode and Readout carry floats)")
             if isinstance(op, MBENeuron) and op.steps > self.T:
                 raise IRError(f"node '{name}' (MBENeuron): {op.steps} encoding steps do not fit the network's "
                               f"window T={self.T} (its output is a sequence of T steps)")

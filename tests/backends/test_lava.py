@@ -492,6 +492,26 @@ def test_mbe_populations_equal_run_steps_and_numba(T: int, D: int) -> None:
     assert rows["m"]["lava"] == "CsdcMBENeuron"
 
 
+def test_compiled_gelu_network_equals_numba(tmp_path: Path) -> None:
+    """A quantize_static model with GELU (4-bit activations, T = 15; tests/compiler/gelu_models.py) compiled
+    with --nonlinear mbe: Lava == numba spike for spike, MBE statistics included."""
+    sys.path.insert(0, str(REPO / "tests" / "compiler"))
+    from gelu_models import gelu_qdq_models
+
+    from csdc.compiler.pipeline import CompileOptions, compile_onnx
+    from csdc.runtime.datasets import load_digits_split
+
+    net, rep = compile_onnx(gelu_qdq_models(tmp_path)["20-uint4"], CompileOptions(nonlinear="mbe"))
+    assert net.T == 15 and len(rep.approximations) == 1
+    x = load_digits_split("test")[0][:6]
+    ref = NumbaBackend().run(net, x, keep_trains=True)
+    got = BACKEND.run(net, x, keep_trains=True)
+    assert_same(ref, got)
+    node = rep.approximations[0]["mbe_node"]
+    assert got.stats[node].spikes == ref.stats[node].spikes > 0
+    assert got.stats[node].max_abs_v == ref.stats[node].max_abs_v
+
+
 def test_lava_conv_process_and_all_custom_give_the_same() -> None:
     net = every_op_net(3, 1, seed=5)
     x = batch_for(net, 2, seed=5)

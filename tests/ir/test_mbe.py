@@ -208,3 +208,13 @@ def test_inspect_and_run_report_mbe_populations(tmp_path: Path, capsys) -> None:
     assert s["per_population"]["mbe"]["op"] == "MBENeuron"
     assert s["per_population"]["mbe"]["neurons"] == 5
     assert s["latency_steps"] == 4 + 2 * 4 + 4  # T + depth x D (the largest delay, 4) + T for the MBE population
+
+
+def test_the_verifier_proves_every_running_op_integer() -> None:
+    """Only Encode and Readout carry floats; a float table smuggled into an op is named."""
+    th = sar(3, 3)
+    net = mbe_net(4, MBENeuron(th, th, th, np.zeros(1, np.int64), np.zeros(5, np.int64)))
+    net.verify()
+    object.__setattr__(net.op("mbe"), "weight", th.astype(np.float64))
+    with pytest.raises(IRError, match=r"node 'mbe' \(MBENeuron\): weight not integer"):
+        net.verify()

@@ -10,6 +10,7 @@ Process mapping (see docs/lava.md):
   only where its fixed-point model is exact: Dense and Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
   and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
+- ``MBENeuron`` -> ``CsdcMBENeuron`` (latency T: it integrates the window, then encodes; docs/mbe.md).
 - ``Neuron`` -> ``CsdcNeuron``, ``TernaryNeuron`` -> ``CsdcTernaryNeuron`` (graded spikes -1/0/+1,
   so the synapses it feeds take graded input), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
@@ -20,11 +21,11 @@ Process mapping (see docs/lava.md):
 
 Global clock. Every IR node gets an *offset*: the global step carrying its local step 1.
 ``Encode`` has offset 1; a synapse adds 1 (Lava's Dense t-1 buffer); a neuron adds its delay D;
-max-pool and routing add 0, a SpikeMatMul adds 1. An Add or a SpikeMatMul takes the largest
+max-pool and routing add 0, a SpikeMatMul adds 1, an MBE population T. An Add or a SpikeMatMul takes the largest
 offset of its inputs and delays every earlier input by the difference with a ``CsdcDelay``
 (delay balancing). The readout window
 starts at its input's offset, so the end-to-end latency is ``offset(readout) - 1 + T`` steps.
-Samples are pipelined with ``period = T + max D`` steps.
+Samples are pipelined with ``period = T + max D`` steps (``max D`` at least T with an MBE population).
 """
 
 from __future__ import annotations

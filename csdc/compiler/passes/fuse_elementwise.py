@@ -4,8 +4,8 @@
 A region is seeded by a ``Gelu`` or ``Erf`` node. Its input is the output of one quantizer (``Quant``),
 reached backwards from the seed through ``Div`` / ``Mul`` / ``Add`` / ``Sub`` by constants. The region
 is every node reachable forwards from that input whose op is elementwise (those four, by constants or
-between region tensors, ``Erf``, ``Gelu``, ``Relu``, ``Tanh``, ``Sigmoid``, inner ``Quant`` nodes) and
-whose data inputs all come from the input or the region: e.g. ``0.5 x (1 + Erf(x / sqrt 2))`` as
+between region tensors, ``Erf``, ``Gelu``, ``Relu``, ``Tanh``, ``Sigmoid``, inner ``Quant`` nodes; every
+constant a scalar) and whose data inputs all come from the input or the region: e.g. ``0.5 x (1 + Erf(x / sqrt 2))`` as
 torch.onnx writes GELU before opset 20, with the quantizers onnxruntime's ``quantize_static`` puts
 between its steps. The region must leave through exactly one tensor, the output of a ``Quant`` (the
 quantizer reading the function's value). Since the input is one quantizer's level, the region is a
@@ -49,9 +49,9 @@ def _region_input(graph: QGraph, seed: QNode, prod: dict[str, QNode]) -> str | N
     return None
 
 
-def _region(graph: QGraph, start: str, cons: dict[str, list[QNode]]) -> list[QNode] | None:
-    """The nodes of the region read from ``start`` (in graph order), or None if it does not leave through
-    exactly one quantizer's output."""
+def _region(graph: QGraph, start: str, cons: dict[str, list[QNode]]) -> tuple[list[QNode], QNode] | None:
+    """The nodes of the region read from ``start`` (in graph order) and its final quantizer, or None if it
+    does not leave through exactly one quantizer's output."""
     inside: set[str] = set()
     values = {start}
     changed = True
@@ -73,8 +73,7 @@ def _region(graph: QGraph, start: str, cons: dict[str, list[QNode]]) -> list[QNo
     last = next(n for n in nodes if leaving[0] in n.outputs)
     if last.op_type != "Quant" or not any(n.op_type in SEEDS for n in nodes):
         return None
-    # quantizers inside the region after which the chain stops are the region's own final one only
-    return nodes
+    return nodes, last
 
 
 def fuse_elementwise(graph: QGraph) -> QGraph:
@@ -87,12 +86,14 @@ def fuse_elementwise(graph: QGraph) -> QGraph:
         if seed.op_type not in SEEDS or seed.name in dropped:
             continue
         start = _region_input(graph, seed, prod)
-        nodes = _region(graph, start, cons) if start is not None else None
-        if nodes is None:
+        found = _region(graph, start, cons) if start is not None else None
+        if found is None:
             continue
-        final = nodes[-1] if nodes[-1].op_type == "Quant" else next(n for n in reversed(nodes) if n.op_type == "Quant")
+        nodes, final = found
         inner = [n for n in nodes if n is not final]
         consts = {i: np.asarray(graph.constants[i]) for n in inner for i in n.inputs if i and graph.is_const(i)}
+        if any(c.size != 1 for c in consts.values()):
+            continue  # a per-channel constant: a different function per element, not one of the level
         label = "+".join(n.op_type for n in inner if n.op_type in SEEDS)
         node = QNode(f"{seed.name}", "Elementwise", (start,), (final.inputs[0],),
                      {"nodes": tuple(inner), "constants": consts, "function": label.lower(),
