@@ -10,7 +10,7 @@ calibrator of csdc's own) and the resulting QDQ model is compiled like any other
   images (fed in batches of :data:`BATCH`; at most :data:`CALIBRATION_LIMIT` of them, the first ones),
 - **activations uint8, asymmetric** (``QuantType.QUInt8``, ``ActivationSymmetric=False``): a tensor
   calibrated to [min, max] gets 255 levels; for a non-negative tensor (ReLU, Softmax: onnxruntime
-  fixes the Softmax output to scale 1/256, zero point 0) the zero point is 0. csdc counts
+  fixes the Softmax output range to [0, 1]: scale 1/255) the zero point is 0. csdc counts
   ``level - lo`` spikes, so every hidden quantizer means T = 255 time steps of its population;
 - **weights int8, symmetric, per output channel** (``QuantType.QInt8``, ``WeightSymmetric=True``,
   ``per_channel=True``): zero point 0, levels -127..127 (``reduce_range`` off), so a weight is an
