@@ -744,7 +744,8 @@ class Lowering:
         self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
         self.vals[n.outputs[0]] = Affine((FixedTerm(node, np.full(one, U), np.zeros(1), node),), np.full(one, f.constant * U))
         for src_name in n.attrs["sources"]:
-            self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
+            if src_name != n.name:  # the seed's own entries were made by self.add
+                self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
         self.report.approximations.append({
             "source": n.name, "op": n.attrs["function"], "nodes": list(n.attrs["sources"]), "mbe_node": node,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [lowest, self.T],
