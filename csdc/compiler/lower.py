@@ -744,7 +744,8 @@ class Lowering:
         self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
         self.vals[n.outputs[0]] = Affine((FixedTerm(node, np.full(one, U), np.zeros(1), node),), np.full(one, f.constant * U))
         for src_name in n.attrs["sources"]:
-            self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
+            if src_name != n.name:  # the seed's own entries were made by self.add
+                self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
         self.report.approximations.append({
             "source": n.name, "op": n.attrs["function"], "nodes": list(n.attrs["sources"]), "mbe_node": node,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [lowest, self.T],
@@ -752,13 +753,50 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
+    def lower_mul(self, n: QNode) -> None:
+        """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
+        activations of one shape (:meth:`lower_product`)."""
+        if any(self.g.is_const(i) for i in n.inputs):
+            self.lower_add_mul(n)
+        else:
+            self.lower_product(n)
+
+    def lower_product(self, n: QNode) -> None:
+        """Elementwise product of two quantized activations: a TDEC ``SpikeMatMul`` over the element axes with
+        K = 1 (each operand reshaped to (*shape, 1, 1)), unit ``step_a * step_b``; its current is reshaped back."""
+        a, b = (self.vals.get(i) for i in n.inputs)
+        if not (isinstance(a, Spikes) and isinstance(b, Spikes)):
+            self.fail(n, "a product of two activations needs an activation quantizer on both inputs; quantize the "
+                         "operand(s) first")
+            return
+        if a.offset or b.offset:
+            self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
+                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
+                         "it unsigned")
+            return
+        shape = self.sample_shape(n.outputs[0])
+        if self.net.info(a.node).shape != shape or self.net.info(b.node).shape != shape:
+            self.fail(n, f"operands of shapes {self.net.info(a.node).shape} and {self.net.info(b.node).shape} must both "
+                         f"have the output's shape {shape} (no broadcasting)")
+            return
+        column = (*shape, 1, 1)
+        ra, rb = (self.add(f"{n.name}_{side}", Reshape(column), [v.node]) for side, v in (("a", a), ("b", b)))
+        term = ProductTerm(ra, rb, np.full((1,) * len(column), a.step * b.step), float(self.T * self.T), origin=n.name)
+        node, cur = self.materialize(Affine((term,), np.zeros((1,) * len(column))), n.name, self.downstream_step(n.outputs[0]))
+        flat = self.add(f"{n.name}_out", Reshape(shape), [node])
+        one = (1,) * len(shape)
+        error = np.asarray(cur.error, dtype=np.float64)
+        error = error.reshape(one) if error.size == 1 else error.reshape(shape)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur.unit).reshape(one), error, cur.site),),
+                                         np.zeros(one))
+
     def lower_unfused(self, n: QNode) -> None:
         where = "--nonlinear mbe approximates" if self.mbe is not None else "csdc compile --nonlinear mbe approximates"
         self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
                      "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
 
     HANDLERS = {"Elementwise": "lower_elementwise", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
-                "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
+                "Mul": "lower_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
 

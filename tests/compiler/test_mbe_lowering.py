@@ -186,3 +186,23 @@ def test_fused_gelu_evaluates_gelu_and_per_channel_constants_are_not_fused(tmp_p
     onnx.save(_hand_gelu_model(per_channel=True), tmp_path / "pc.onnx")
     with pytest.raises(UnsupportedModelError, match=r"Gelu.*only between two quantizers"):
         compile_onnx(tmp_path / "pc.onnx", opts)
+
+
+def test_evaluate_covers_the_tanh_gelu_and_inner_quantizers() -> None:
+    """``evaluate`` of a hand-made region: Gelu(approximate="tanh") -> Quant (round half to even, saturate)."""
+    from csdc.compiler.passes.fuse_elementwise import evaluate
+    from csdc.compiler.qgraph import QNode
+
+    g = QNode("g", "Gelu", ("x",), ("y",), {"approximate": "tanh"})
+    q = QNode("q", "Quant", ("y",), ("z",), {"scale": 0.5, "zero_point": 2, "lo": 0, "hi": 6})
+    node = QNode("g", "Elementwise", ("x",), ("z",), {"nodes": (g, q), "constants": {}, "function": "gelu", "sources": ("g", "q")})
+    x = np.array([-3.0, -0.25, 0.0, 0.75, 1.25, 9.0], dtype=np.float32)
+    t = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    want = (np.clip(np.rint(t / 0.5) + 2, 0, 6) - 2) * 0.5
+    assert np.array_equal(evaluate(node, x), want)
+    assert evaluate(node, np.float32([0.75]))[0] == 0.5  # GELU(0.75) = 0.58 -> level 1 -> 0.5
+    alone = QNode("g", "Elementwise", ("x",), ("y",), {"nodes": (g,), "constants": {}, "function": "gelu", "sources": ("g",)})
+    x = np.linspace(-4, 4, 81, dtype=np.float32)
+    t = 0.5 * x.astype(np.float64) * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
+    got = evaluate(alone, x)
+    assert np.abs(got - t).max() < 1e-6 and np.abs(got - gelu(x.astype(np.float64))).max() > 1e-4  # tanh, not erf
