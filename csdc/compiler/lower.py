@@ -736,6 +736,10 @@ class Lowering:
         counts = np.arange(lowest, self.T + 1, dtype=np.float64)
         values = evaluate(n, (src.step * counts + src.offset).astype(np.float32)) / out_step
         f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps)
+        # the precision policy caps the output unit 2^-F when the reading neuron's membrane exceeds the profile
+        cap = self.precision.cap.get(self.name(n.name))
+        if cap is not None and f.frac_bits > cap:
+            f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps, frac_bits=max(cap, 0))
         shape = self.net.info(src.node).shape
         syn = self.add(f"{n.name}_in", DiagonalSynapse(np.ones(shape, dtype=np.int8)), [src.node])
         node = self.add(n.name, f.op(np.full(shape, -lowest, dtype=np.int64)), [syn])

@@ -26,12 +26,12 @@ from csdc.runtime.evaluate import onnx_logits  # noqa: E402
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[int, Path]:
     """quantize_static QDQ models of a small trained GELU network (tests/compiler/gelu_models.py): opset 20
-    (one Gelu op) and 17 (Div -> Erf -> Add -> Mul -> Mul), uint8 activations."""
+    (one Gelu op) and 17 (Div -> Erf -> Add -> Mul -> Mul), uint8 activations; 21: opset 20's with uint4."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gelu_models import gelu_qdq_models
 
     made = gelu_qdq_models(tmp_path_factory.mktemp("gelu"))
-    out = {17: made["17"], 20: made["20"]}
+    out = {17: made["17"], 20: made["20"], 21: made["20-uint4"]}
     ops = [n.op_type for n in onnx.load(out[20]).graph.node]
     assert "Gelu" in ops and ops[ops.index("Gelu") - 1] == "DequantizeLinear" and ops[ops.index("Gelu") + 1] == "QuantizeLinear"
     assert "Erf" in [n.op_type for n in onnx.load(out[17]).graph.node]
@@ -206,3 +206,19 @@ def test_evaluate_covers_the_tanh_gelu_and_inner_quantizers() -> None:
     t = 0.5 * x.astype(np.float64) * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
     got = evaluate(alone, x)
     assert np.abs(got - t).max() < 1e-6 and np.abs(got - gelu(x.astype(np.float64))).max() > 1e-4  # tanh, not erf
+
+
+def test_the_precision_policy_caps_the_output_unit_within_the_loihi2_budget(models) -> None:
+    """4-bit model (T = 15): at the fit's own unit the neuron reading GELU needs a 25-bit membrane; under
+    --profile loihi2 the policy lowers the unit until it fits 24 bits, and the error is measured again."""
+    from csdc.compiler.bitwidth import analyze_bitwidth
+
+    _, free = compile_onnx(models[21], CompileOptions(nonlinear="mbe"))
+    net, rep = compile_onnx(models[21], CompileOptions(nonlinear="mbe", profile="loihi2"))
+    assert free.bits["membrane_bits"] > 24 >= rep.bits["membrane_bits"]
+    assert analyze_bitwidth(net, "loihi2").membrane_bits <= 24
+    a = rep.approximations[0]
+    assert a["max_abs_error"] <= MBE_TARGET_LEVELS and net.T == 15
+    x, _ = load_digits_split("test")
+    ref = onnx_logits(models[21], x)
+    assert np.mean(NumbaBackend().run(net, x).logits.argmax(1) == ref.argmax(1)) >= 0.99
