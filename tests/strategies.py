@@ -18,7 +18,9 @@ on ``sys.path``, see ``tests/backends/test_numba.py``):
   ``0..T+2`` (``exact=True``: ``T..T+2``, where the count-domain reference is exact); about a
   third of the populations are ``TernaryNeuron`` (signed spikes), which then feed every synapse
   kind, ``SumPool``, routing and either side of a ``SpikeMatMul`` (``SpikeMaxPool`` only follows
-  binary spikes).
+  binary spikes). About a fifth of the populations integrate the output of an ``MBENeuron``
+  population (random integer thresholds, resets, output weights and offsets, 1..3 bases,
+  1..T encoding steps), which then feeds them its decoded current.
   ``T`` is in ``1..max_T``; tensors have at most a few hundred elements.
 - ``inputs_for(net, batch, seed)``: a float32 batch for ``net`` whose encoded levels cover
   ``[lo, hi]`` including clipping, with about a third zeros.
@@ -36,6 +38,7 @@ from csdc.ir import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Network,
     Neuron,
     Readout,
@@ -89,7 +92,27 @@ class _Builder:
         bias = self.rng.integers(-2, 3, size=small)
         full = [np.broadcast_to(a, shape) for a in (threshold, v0, bias)]
         kind = self.draw(st.sampled_from([Neuron, Neuron, TernaryNeuron]))
+        if self.draw(st.integers(0, 4)) == 0:
+            cur = self.mbe(cur)
         return self.add(kind(*full, self.draw(self.delays)), [cur])
+
+    def mbe(self, cur: str) -> str:
+        """MBE neurons on ``cur``: random integer parameters, or successive-approximation bases
+        (thresholds and resets halving every step) with random output weights."""
+        shape = self.shape(cur)
+        k = self.draw(st.integers(1, 3))
+        steps = self.draw(st.integers(1, self.net.T))
+        if self.draw(st.booleans()):
+            threshold = self.rng.integers(1, 9, size=(k, steps))
+            reset = self.rng.integers(0, 9, size=(k, steps))
+        else:
+            top = self.rng.integers(0, 4, size=(k, 1))
+            threshold = np.maximum(2 ** np.maximum(top - np.arange(steps), 0), 1)
+            reset = threshold.copy()
+        weight = self.rng.integers(-4, 7, size=(k, steps))
+        offset = self.rng.integers(-5, 6, size=k)
+        v0 = np.broadcast_to(self.rng.integers(-3, 4, size=self.per_channel(shape)), shape)
+        return self.add(MBENeuron(threshold, reset, weight, offset, v0), [cur])
 
     def conv(self, x: str, same: bool = False) -> str:
         """A ConvSynapse; ``same``: output shape equal to the input's (for residual adds)."""

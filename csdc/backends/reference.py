@@ -24,6 +24,9 @@ class ReferenceBackend:
             st = NodeStats(neurons=int(np.prod(net.info(name).shape)), spikes=int(np.abs(signed).sum()),
                            negative_spikes=int(np.maximum(-signed, 0).sum()))
             stats[name] = st
+        for name, spikes in res.mbe_spikes.items():  # one neuron per element and basis
+            stats[name] = NodeStats(neurons=int(np.prod(net.info(name).shape)) * net.op(name).bases,
+                                    spikes=int(spikes.sum()))
         return RunResult(readout=res.readout, logits=res.logits, counts=res.counts, trains=res.trains, stats=stats)
 
 

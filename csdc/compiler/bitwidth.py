@@ -26,7 +26,7 @@ from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum, Reshape,
                          SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
                          power_of_two_exponent)
-from csdc.ir.ops import TERNARY, TernaryNeuron
+from csdc.ir.ops import TERNARY, MBENeuron, TernaryNeuron
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,11 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 b[name] = (-np.ones(one, np.int64), np.ones(one, np.int64))
             elif isinstance(op, (Neuron, SpikeMaxPool)):
                 b[name] = (np.zeros(one, np.int64), np.ones(one, np.int64))
+            elif isinstance(op, MBENeuron):
+                # one output step is the sum of the weights of the bases that fire at that step
+                w = op.weight
+                b[name] = (np.full(one, int(np.minimum(w, 0).sum(axis=0).min()), np.int64),
+                           np.full(one, int(np.maximum(w, 0).sum(axis=0).max()), np.int64))
             elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
                 b[name] = _synapse_bounds(op, *ins[0], net.info(net.inputs(name)[0]).shape)
             elif isinstance(op, SpikeMatMul):
@@ -196,6 +201,17 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
             rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])
+        if isinstance(op, MBENeuron):
+            # u = v0 + V + offset[n] after integration (reached while integrating, from v0 on), then lowered
+            # by the resets only
+            lo, hi = bounds[net.inputs(name)[0]]
+            v0 = compact(op.v0)
+            vmax = np.maximum(v0 + T * np.maximum(hi, 0), v0) + max(int(op.offset.max()), 0)
+            vmin = np.minimum(v0 + T * np.minimum(lo, 0), v0) + min(int(op.offset.min()), 0) - int(op.reset.sum(axis=1).max())
+            entry["threshold_bits"] = int(op.threshold.max()).bit_length()
+            entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
+            rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
+            rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])
         if isinstance(op, Readout):
             lo, hi = bounds[net.inputs(name)[0]]
             entry["accumulator_bits"] = signed_bits(int(T * lo.min()), int(T * hi.max()))
@@ -223,10 +239,10 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
             raise BudgetError(f"node '{name}' ({op}) needs {entry['weight_bits']}-bit weights, profile "
                               f"'{prof.name}' allows {prof.weight_bits}")
         if "threshold_bits" in over:
-            raise BudgetError(f"node '{name}' (Neuron) needs {entry['threshold_bits']}-bit thresholds, profile "
+            raise BudgetError(f"node '{name}' ({op}) needs {entry['threshold_bits']}-bit thresholds, profile "
                               f"'{prof.name}' allows {prof.threshold_bits}")
         if "membrane_bits" in over:
-            raise BudgetError(f"node '{name}' (Neuron) can reach a {entry['membrane_bits']}-bit membrane potential, "
+            raise BudgetError(f"node '{name}' ({op}) can reach a {entry['membrane_bits']}-bit membrane potential, "
                               f"profile '{prof.name}' allows {prof.membrane_bits}")
         if "accumulator_bits" in over:
             raise BudgetError(f"node '{name}' (Readout) accumulates up to {entry['accumulator_bits']} bits, profile "

@@ -84,8 +84,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _judge(nodes: list[QNode], path: str, custom_only: bool = False) -> None:
-    """Raise one UnsupportedModelError listing every node whose op csdc cannot make spike-driven."""
+#: ops the opt-in approximate mode ``--nonlinear mbe`` lowers to MBE populations (docs/mbe.md)
+MBE_LOWERED = {"Gelu", "Erf"}
+#: ops a standard transformer needs that ``--nonlinear mbe`` is meant to approximate
+NONLINEAR = {"Softmax", "LayerNormalization", "Gelu", "Erf"}
+NONLINEAR_MODES = ("refuse", "mbe")
+
+
+def _nonlinear_reason(op: str, nonlinear: str) -> str:
+    """Why ``op`` is refused, naming the opt-in approximate mode where it applies."""
+    if nonlinear == "refuse":
+        if op in MBE_LOWERED:
+            return f"{REJECTED[op]}; or approximate it with MBE neurons: csdc compile --nonlinear mbe (docs/mbe.md)"
+        return (f"{REJECTED[op]}; the approximate mode --nonlinear mbe (docs/mbe.md) lowers only "
+                f"{', '.join(sorted(MBE_LOWERED))} between quantizers so far, not {op}")
+    return f"--nonlinear mbe lowers only {', '.join(sorted(MBE_LOWERED))} between quantizers so far, not {op} (docs/mbe.md)"
+
+
+def _judge(nodes: list[QNode], path: str, custom_only: bool = False, nonlinear: str = "refuse") -> None:
+    """Raise one UnsupportedModelError listing every node whose op csdc cannot make spike-driven
+    (``nonlinear="mbe"``: the ops of :data:`MBE_LOWERED` are let through to the lowering)."""
     problems: list[tuple[str, str, str]] = []
     for node in nodes:
         if node.domain in QONNX_DOMAINS:
@@ -97,6 +115,10 @@ def _judge(nodes: list[QNode], path: str, custom_only: bool = False) -> None:
                              "export with standard ONNX ops (QuantizeLinear/DequantizeLinear for quantizers)"))
         elif custom_only:
             continue
+        elif nonlinear == "mbe" and node.op_type in MBE_LOWERED:
+            continue
+        elif node.op_type in NONLINEAR:
+            problems.append((node.name, node.op_type, _nonlinear_reason(node.op_type, nonlinear)))
         elif node.op_type in REJECTED:
             problems.append((node.name, node.op_type, REJECTED[node.op_type]))
         elif node.op_type not in SUPPORTED:
@@ -122,10 +144,10 @@ def _qnodes(model: onnx.ModelProto, path: str) -> list[QNode]:
     return nodes
 
 
-def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
+def to_qgraph(model: onnx.ModelProto, path: str = "<model>", nonlinear: str = "refuse") -> QGraph:
     """Convert a checked ONNX model to a QGraph: shapes of every tensor, constant subgraphs folded
     (whatever their ops), then the remaining, data-dependent, nodes judged: unsupported ops are
-    rejected all at once."""
+    rejected all at once (``nonlinear="mbe"``: GELU is let through, docs/mbe.md)."""
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
         raise ModelFileError(f"{path}: opset {opset} is too old; export with opset_version >= 13")
@@ -158,7 +180,7 @@ def to_qgraph(model: onnx.ModelProto, path: str = "<model>") -> QGraph:
     if unknown:
         graph.shapes.update(measured_shapes(model, unknown, path, failure))
         graph = fold_constants(graph)  # Shape nodes of the tensors just measured
-    _judge(graph.nodes, path)
+    _judge(graph.nodes, path, nonlinear=nonlinear)
     produced = {graph.input, *graph.constants, *(o for n in graph.nodes for o in n.outputs)}
     if graph.output not in produced:
         raise ModelFileError(f"{path}: the output '{graph.output}' is produced by no node")
@@ -178,11 +200,11 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_qgraph(path: str | os.PathLike) -> QGraph:
+def load_qgraph(path: str | os.PathLike, nonlinear: str = "refuse") -> QGraph:
     """Load, check and convert an ONNX file (the parsed ONNX model is released before returning)."""
-    graph = to_qgraph(load_model(path), os.fspath(path))
+    graph = to_qgraph(load_model(path), os.fspath(path), nonlinear)
     release_freed_memory()
     return graph
 
 
-__all__ = ["load_model", "to_qgraph", "load_qgraph", "SUPPORTED", "REJECTED"]
+__all__ = ["load_model", "to_qgraph", "load_qgraph", "MBE_LOWERED", "NONLINEAR", "NONLINEAR_MODES", "SUPPORTED", "REJECTED"]

@@ -41,6 +41,8 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (PopulationError, Precision, PrecisionReport, neuron_bound_at, neuron_parameters,
                                       rounded_with_residual, scaled_weights, split_power_of_two)
+from csdc.compiler.mbe import fit_table
+from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
@@ -172,6 +174,16 @@ class LoweringReport:
     precision: PrecisionReport = field(default_factory=PrecisionReport)
     warnings: list[str] = field(default_factory=list)
     explain: dict[str, list[str]] = field(default_factory=dict)
+    approximations: list[dict] = field(default_factory=list)  # ops approximated by MBE populations (docs/mbe.md)
+
+
+@dataclass(frozen=True)
+class MBEOptions:
+    """The opt-in approximate mode ``--nonlinear mbe``: bases (None: the fewest meeting the target) and
+    encoding steps of every MBE population."""
+
+    bases: int | None = None
+    steps: int = 16
 
 
 class Lowering:
@@ -180,8 +192,9 @@ class Lowering:
     policy of :mod:`csdc.compiler.integerize`. A handler that cannot lower its node records why
     (:meth:`fail`); all reasons are raised together."""
 
-    def __init__(self, graph: QGraph, precision: Precision, delay: int | None):
+    def __init__(self, graph: QGraph, precision: Precision, delay: int | None, mbe: MBEOptions | None = None):
         self.g = graph
+        self.mbe = mbe
         self.precision = precision
         self.delay_opt = delay
         self.vals: dict[str, object] = {}
@@ -199,7 +212,7 @@ class Lowering:
         hidden = [n for n in self.g.nodes if n.op_type == "Quant" and n.inputs[0] != self.g.input and n.outputs[0] != self.g.output]
         if not hidden:
             raise UnsupportedModelError(self.g.path, [("<graph>", "-", "the model has no activation quantizers between layers "
-                                        "(a float model); quantize it first (QAT with LSQ, Brevitas, or onnxruntime quantize_static)")])
+                                        "(a float model); quantize it first: csdc compile --calibrate data.npz (onnxruntime quantize_static), or QAT with LSQ or Brevitas")])
         # a symmetric quantizer's population counts L levels (ternary) or 2L (offset form, kept where a MaxPool reads it
         # or where the other quantizers need T = 2L); every other quantizer fixes T to its offset form's levels
         offset_form = {self.offset_levels(n) for n in hidden if not symmetric(n.attrs) or self.max_pooled(n)}
@@ -757,8 +770,96 @@ class Lowering:
         self.report.precision.populations[nm] = PopulationError(bound, cur.site, self.report.precision.sites[cur.site],
                                                                 weights=bound, readout=True)
 
-    HANDLERS = {"Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
-                "Mul": "lower_add_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
+    def lower_elementwise(self, n: QNode) -> None:
+        """An elementwise function between two quantizers (``--nonlinear mbe``, docs/mbe.md; made by
+        :mod:`csdc.compiler.passes.fuse_elementwise` from ``Gelu`` or the ``Erf`` form of GELU): the input
+        spikes' count c (``x = step * c + offset``, c = 0..T, or -T..T from a ternary population) reaches an
+        MBE population (``v0 = -lowest count``) through unit
+        synapses; its decoded current approximates the function's value in the reading quantizer's step
+        times 2^-F, and the population behind it is that quantizer's neuron. The fit's worst-case and mean
+        errors over every count are reported."""
+        if self.mbe is None:
+            self.fail(n, "elementwise nonlinear functions are approximated only in the opt-in mode: csdc compile "
+                         "--nonlinear mbe (docs/mbe.md)")
+            return
+        src = self.vals.get(n.inputs[0])
+        if not isinstance(src, Spikes):
+            self.fail(n, "the function must read a quantizer's output: its input levels are what the MBE neurons encode")
+            return
+        out_step = self.downstream_step(n.outputs[0])
+        if out_step is None:
+            self.fail(n, "the function must be read by a quantizer: its step is the unit of the approximation")
+            return
+        # counts 0..T, or -T..T from a ternary population (signed spikes): the MBE input is shifted to start at 0
+        lowest = -self.T if self.net.info(src.node).kind == TERNARY else 0
+        counts = np.arange(lowest, self.T + 1, dtype=np.float64)
+        values = evaluate(n, (src.step * counts + src.offset).astype(np.float32)) / out_step
+        f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps)
+        # the precision policy caps the output unit 2^-F when the reading neuron's membrane exceeds the profile
+        cap = self.precision.cap.get(self.name(n.name))
+        if cap is not None and f.frac_bits > cap:
+            f = fit_table(n.attrs["function"], values, bases=self.mbe.bases, steps=self.mbe.steps, frac_bits=max(cap, 0))
+        shape = self.net.info(src.node).shape
+        syn = self.add(f"{n.name}_in", DiagonalSynapse(np.ones(shape, dtype=np.int8)), [src.node])
+        node = self.add(n.name, f.op(np.full(shape, -lowest, dtype=np.int64)), [syn])
+        one = (1,) * len(shape)
+        U = out_step / float(2**f.frac_bits)
+        self.report.precision.sites[node] = f.frac_bits  # the unit the fit chose: 2^-F of the reader's step
+        self.vals[n.outputs[0]] = Affine((FixedTerm(node, np.full(one, U), np.zeros(1), node),), np.full(one, f.constant * U))
+        for src_name in n.attrs["sources"]:
+            if src_name != n.name:  # the seed's own entries were made by self.add
+                self.report.explain.setdefault(src_name, []).append(f"{node} (MBENeuron)")
+        self.report.approximations.append({
+            "source": n.name, "op": n.attrs["function"], "nodes": list(n.attrs["sources"]), "mbe_node": node,
+            "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [lowest, self.T],
+            "max_abs_error": f.max_abs_error, "mean_abs_error": f.mean_abs_error,
+            "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
+            "max_abs_error_real": f.max_abs_error * out_step})
+
+    def lower_mul(self, n: QNode) -> None:
+        """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
+        activations of one shape (:meth:`lower_product`)."""
+        if any(self.g.is_const(i) for i in n.inputs):
+            self.lower_add_mul(n)
+        else:
+            self.lower_product(n)
+
+    def lower_product(self, n: QNode) -> None:
+        """Elementwise product of two quantized activations: a TDEC ``SpikeMatMul`` over the element axes with
+        K = 1 (each operand reshaped to (*shape, 1, 1)), unit ``step_a * step_b``; its current is reshaped back."""
+        a, b = (self.vals.get(i) for i in n.inputs)
+        if not (isinstance(a, Spikes) and isinstance(b, Spikes)):
+            self.fail(n, "a product of two activations needs an activation quantizer on both inputs; quantize the "
+                         "operand(s) first")
+            return
+        if a.offset or b.offset:
+            self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
+                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
+                         "it unsigned")
+            return
+        shape = self.sample_shape(n.outputs[0])
+        if self.net.info(a.node).shape != shape or self.net.info(b.node).shape != shape:
+            self.fail(n, f"operands of shapes {self.net.info(a.node).shape} and {self.net.info(b.node).shape} must both "
+                         f"have the output's shape {shape} (no broadcasting)")
+            return
+        column = (*shape, 1, 1)
+        ra, rb = (self.add(f"{n.name}_{side}", Reshape(column), [v.node]) for side, v in (("a", a), ("b", b)))
+        term = ProductTerm(ra, rb, np.full((1,) * len(column), a.step * b.step), float(self.T * self.T), origin=n.name)
+        node, cur = self.materialize(Affine((term,), np.zeros((1,) * len(column))), n.name, self.downstream_step(n.outputs[0]))
+        flat = self.add(f"{n.name}_out", Reshape(shape), [node])
+        one = (1,) * len(shape)
+        error = np.asarray(cur.error, dtype=np.float64)
+        error = error.reshape(one) if error.size == 1 else error.reshape(shape)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur.unit).reshape(one), error, cur.site),),
+                                         np.zeros(one))
+
+    def lower_unfused(self, n: QNode) -> None:
+        where = "--nonlinear mbe approximates" if self.mbe is not None else "csdc compile --nonlinear mbe approximates"
+        self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
+                     "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
+
+    HANDLERS = {"Elementwise": "lower_elementwise", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+                "Mul": "lower_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
 
@@ -785,7 +886,9 @@ class Lowering:
         return self.net, self.report
 
 
-def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None) -> tuple[Network, LoweringReport]:
+def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None,
+          mbe: MBEOptions | None = None) -> tuple[Network, LoweringReport]:
     """Lower a canonical QGraph (after the canonicalization passes) to a spiking Network under one
-    precision policy (default: the generic profile's budget and the error target)."""
-    return Lowering(graph, precision or Precision(PROFILES["generic"]), delay).run()
+    precision policy (default: the generic profile's budget and the error target); ``mbe``: the opt-in
+    approximate mode for GELU (docs/mbe.md), None refuses it."""
+    return Lowering(graph, precision or Precision(PROFILES["generic"]), delay, mbe).run()

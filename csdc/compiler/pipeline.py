@@ -12,9 +12,9 @@ import numpy as np
 
 from csdc import __version__
 from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
-from csdc.compiler.frontend import load_qgraph
+from csdc.compiler.frontend import NONLINEAR_MODES, load_qgraph
 from csdc.compiler.integerize import integerize, split_wide_synapses
-from csdc.compiler.lower import lower
+from csdc.compiler.lower import MBEOptions, lower
 from csdc.compiler.passes import PassManager
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
 from csdc.compiler.passes.canonicalize_lsq_arithmetic import canonicalize_lsq_arithmetic
@@ -25,13 +25,14 @@ from csdc.compiler.passes.cleanup_routing import cleanup_routing
 from csdc.compiler.passes.fold_affine_constants import fold_affine_constants
 from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
 from csdc.compiler.passes.fold_constants import fold_constants
+from csdc.compiler.passes.fuse_elementwise import fuse_elementwise
 from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
 from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph
 from csdc.errors import CsdcError, in_model
 from csdc.ir.graph import Network
-from csdc.ir.ops import ConvSynapse, DenseSynapse, DiagonalSynapse, Neuron
+from csdc.ir.ops import MBE_BASES_MAX, MBE_STEPS_MAX, ConvSynapse, DenseSynapse, DiagonalSynapse, MBENeuron, Neuron
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class CompileOptions:
     frac_bits: int | None = None  # None: chosen per population (integerize); else thresholds of this many significant bits
     weight_bits: int = 8  # for float weights that csdc quantizes itself
     profile: str = "generic"
+    nonlinear: str = "refuse"  # "mbe": approximate GELU with MBE populations (docs/mbe.md); default refuses
+    mbe_bases: int | None = None  # None: the fewest bases whose worst-case error is within MBE_TARGET_LEVELS
+    mbe_steps: int = 16  # encoding steps of an MBE population (at most T)
 
     def __post_init__(self) -> None:
         if self.delay is not None and self.delay < 0:
@@ -50,6 +54,12 @@ class CompileOptions:
             raise CsdcError(f"--weight-bits must be in 2..16, got {self.weight_bits}")
         if self.profile not in PROFILES:
             raise CsdcError(f"unknown --profile '{self.profile}'; choose one of {', '.join(PROFILES)}")
+        if self.nonlinear not in NONLINEAR_MODES:
+            raise CsdcError(f"unknown --nonlinear '{self.nonlinear}'; choose one of {', '.join(NONLINEAR_MODES)}")
+        if self.mbe_bases is not None and not 1 <= self.mbe_bases <= MBE_BASES_MAX:
+            raise CsdcError(f"--mbe-bases must be in 1..{MBE_BASES_MAX}, got {self.mbe_bases}")
+        if not 1 <= self.mbe_steps <= MBE_STEPS_MAX:
+            raise CsdcError(f"--mbe-steps must be in 1..{MBE_STEPS_MAX}, got {self.mbe_steps}")
 
 
 @dataclass
@@ -73,6 +83,7 @@ class CompileReport:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     explain: dict[str, list[str]] = field(default_factory=dict)
+    approximations: list[dict] = field(default_factory=list)  # one per op approximated by MBE populations
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,10 +98,12 @@ def canonical_passes(options: CompileOptions) -> list:
     frontend has already folded every constant subgraph; ``fold_constants`` runs again after the
     quantizer passes have turned QONNX / LSQ weight quantizers into constants). ``validate_numbers``
     runs in the frontend on the constants as loaded and here again on the values folding computed
-    (a weight step the model derives in-graph from its weights is a constant only after folding)."""
+    (a weight step the model derives in-graph from its weights is a constant only after folding). With
+    ``--nonlinear mbe``, elementwise nonlinear regions between quantizers are fused last (docs/mbe.md)."""
     return [validate_numbers, remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
             canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
-            make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants]
+            make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants] + (
+                [fuse_elementwise] if options.nonlinear == "mbe" else [])
 
 
 def canonicalize(graph: QGraph, options: CompileOptions, check=None, contracts: bool = False) -> QGraph:
@@ -106,6 +119,18 @@ def depth(net: Network) -> int:
         prev = max((d[s] for s in net.inputs(name)), default=0)
         d[name] = prev + (1 if isinstance(op, Neuron) else 0)
     return d[net.output_name]
+
+
+def latency(net: Network, delay: int) -> int:
+    """Steps from the input's first step to the readout's last with every neuron population's delay
+    taken as ``delay``: T plus, on the slowest path, D per neuron population and T per MBE population
+    (it integrates its whole window before its first encoding step, whatever D). ``T + depth x D``
+    when there is no MBE population."""
+    d: dict[str, int] = {}
+    for name, op in net.nodes():
+        prev = max((d[s] for s in net.inputs(name)), default=0)
+        d[name] = prev + (delay if isinstance(op, Neuron) else net.T if isinstance(op, MBENeuron) else 0)
+    return net.T + d[net.output_name]
 
 
 def count_synapses(net: Network) -> int:
@@ -163,12 +188,13 @@ def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
 def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
     """Compile an ONNX file into a verified spiking network and a report."""
     t0 = time.perf_counter()
-    source = load_qgraph(path)
+    source = load_qgraph(path, options.nonlinear)
     graph = canonicalize(source, options)
     profile = PROFILES[options.profile]
+    mbe = MBEOptions(options.mbe_bases, options.mbe_steps) if options.nonlinear == "mbe" else None
 
     def lower_round(precision):
-        net, low = lower(graph, precision, options.delay)
+        net, low = lower(graph, precision, options.delay, mbe)
         return cleanup_routing(net), low
 
     net, low = integerize(lower_round, profile, options.frac_bits)
@@ -182,13 +208,13 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
     neurons = [n for n in net.neurons()]
     D = options.delay if options.delay is not None else net.T
     report = CompileReport(
-        source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=net.T + depth(net) * D,
+        source=os.path.basename(os.fspath(path)), T=net.T, delay=D, latency=latency(net, D),
         populations=len(neurons), neurons=int(sum(np.prod(net.info(n).shape) for n in neurons)),
         synapses=count_synapses(net), threshold_error=low.threshold_error, weight_error=low.weight_error,
         bias_error=low.bias_error, float_weight_error=low.float_weight_error, error_bound=worst, error_population=worst_pop,
         precision=low.precision.to_dict(), synapses_before_split=before, bits=bits.to_dict(),
         seconds=time.perf_counter() - t0, warnings=graph.warnings + low.warnings + low.precision.warnings,
-        explain=explain_sources(source, graph, low.explain))
+        explain=explain_sources(source, graph, low.explain), approximations=low.approximations)
     net.metadata.update({"csdc_version": __version__, "compile": report.to_dict(),
                          "options": asdict(options)})
     return net, report

@@ -11,6 +11,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     Readout,
@@ -25,6 +26,6 @@ from csdc.ir.ops import (
 
 __all__ = [
     "CURRENT", "OP_REGISTRY", "SPIKES", "Add", "ConvSynapse", "DenseSynapse", "DiagonalSynapse",
-    "Encode", "Network", "Neuron", "Op", "Readout", "ReduceSum", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
+    "Encode", "MBENeuron", "Network", "Neuron", "Op", "Readout", "ReduceSum", "Reshape", "SpikeMatMul", "SpikeMaxPool", "SumPool",
     "TERNARY", "TensorInfo", "TernaryNeuron", "Transpose",
 ]

@@ -14,7 +14,7 @@ import networkx as nx
 import numpy as np
 
 from csdc.errors import IRError
-from csdc.ir.ops import (CURRENT, SPIKES, T_MAX, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Op,
+from csdc.ir.ops import (CURRENT, SPIKES, T_MAX, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, MBENeuron, Neuron, Op,
                          Readout, ReduceSum, Reshape, Shape, SpikeMatMul, SpikeMaxPool, SumPool, Transpose, compact,
                          elements, int_attr)
 
@@ -151,6 +151,15 @@ class Network:
                 raise IRError(f"node '{name}' ({type(op).__name__}): {exc}") from None
             if shape != self.info(name).shape:
                 raise IRError(f"node '{name}': recorded shape {self.info(name).shape} != inferred {shape}")
+            if not isinstance(op, (Encode, Readout)):  # the only floats: the input step and the dequantization
+                floats = [k for k, v in {**op.arrays(), **op.attributes()}.items()
+                          if (isinstance(v, np.ndarray) and v.dtype.kind not in "iu") or isinstance(v, float)]
+                if floats:
+                    raise IRError(f"node '{name}' ({type(op).__name__}): {', '.join(floats)} not integer; everything "
+                                  "that runs must be an integer (only Encode and Readout carry floats)")
+            if isinstance(op, MBENeuron) and op.steps > self.T:
+                raise IRError(f"node '{name}' (MBENeuron): {op.steps} encoding steps do not fit the network's "
+                              f"window T={self.T} (its output is a sequence of T steps)")
             if not isinstance(op, Readout) and not self.consumers(name):
                 raise IRError(f"node '{name}' ({type(op).__name__}) has no consumer (dead code)")
         if self.info(self.output_name).kind != CURRENT:
@@ -188,6 +197,14 @@ class Network:
                     raise IRError(f"node '{name}' (Neuron): the membrane potential can reach {peak:.3g}, beyond the "
                                   f"int64 range the backends compute in")
                 m = 1.0
+            elif isinstance(op, MBENeuron):
+                # u = v0 + V + offset, lowered only by resets; one output step sums K weights
+                peak = (float(np.abs(compact(op.v0)).max(initial=0)) + T * ins[0]
+                        + float(np.abs(op.offset).max()) + float(op.reset.sum(axis=1).max()))
+                if not peak < VALUE_LIMIT:
+                    raise IRError(f"node '{name}' (MBENeuron): the membrane potential can reach {peak:.3g}, beyond "
+                                  "the int64 range the backends compute in")
+                m = float(np.abs(op.weight.astype(np.float64)).sum(axis=0).max())
             elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
                 w = np.abs(compact(op.mantissa).astype(np.float64))
                 if isinstance(op, DenseSynapse):

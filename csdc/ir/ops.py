@@ -479,6 +479,80 @@ class TernaryNeuron(Neuron):
     out_kind: ClassVar = TERNARY
 
 
+MBE_BASES_MAX = 64  # bases of one MBE neuron
+MBE_STEPS_MAX = 64  # encoding steps of one MBE neuron (a 64-bit successive approximation at most)
+
+
+@register_op
+@dataclass(frozen=True, slots=True, eq=False)
+class MBENeuron(Op):
+    """A population of multi-basis exponential-decay (MBE) neurons in integers (docs/mbe.md).
+
+    Each element integrates its whole input window first, then encodes it with K bases over
+    S steps (S <= T) and emits the decoded value as a current. Per element and basis n:
+    ``u_n = v0 + sum_{u=1..T} I(u) + offset[n]``; for encoding step t = 1..S:
+    ``s_n(t) = [u_n >= threshold[n, t]]``, ``u_n -= s_n(t) * reset[n, t]``; the output current at
+    local step t is ``sum_n s_n(t) * weight[n, t]`` (0 for t > S), so the window's total is
+    ``f(V) = sum_{n,t} s_n(t) weight[n, t]``: a spike of basis n at step t carries the output
+    weight d_n(t) = ``weight[n, t]`` to the target. With ``threshold[n, t] = reset[n, t] =
+    A_n 2^-t`` a basis is a successive-approximation (bit-serial) encoder: the paper's neuron with
+    every time constant equal to dt / ln 2.
+
+    Latency: the output's local step 1 follows the input's local step T (a delay of T: the value
+    must be complete before its first bit is decided), whatever delay the DIF neurons have.
+    ``threshold``, ``reset``, ``weight`` are (K, S) int64 shared by the population; ``offset`` (K,);
+    ``v0`` has the population's shape (per-element constants: biases and zero points).
+    """
+
+    threshold: np.ndarray
+    reset: np.ndarray
+    weight: np.ndarray
+    offset: np.ndarray
+    v0: np.ndarray
+
+    out_kind: ClassVar = CURRENT
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "reset", "weight", "offset", "v0"):
+            object.__setattr__(self, name, _int_array(getattr(self, name), f"MBENeuron {name}", np.int64))
+        self.verify()
+
+    @property
+    def bases(self) -> int:
+        return int(self.threshold.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.threshold.shape[1])
+
+    def verify(self) -> None:
+        if self.threshold.ndim != 2 or not 1 <= self.threshold.shape[0] <= MBE_BASES_MAX \
+                or not 1 <= self.threshold.shape[1] <= MBE_STEPS_MAX:
+            raise IRError(f"MBENeuron threshold must be (bases, steps) with 1..{MBE_BASES_MAX} bases and "
+                          f"1..{MBE_STEPS_MAX} steps, got shape {self.threshold.shape}")
+        if self.reset.shape != self.threshold.shape or self.weight.shape != self.threshold.shape:
+            raise IRError(f"MBENeuron threshold/reset/weight shapes differ: {self.threshold.shape}, "
+                          f"{self.reset.shape}, {self.weight.shape}")
+        if self.offset.shape != (self.bases,):
+            raise IRError(f"MBENeuron offset must have one entry per basis ({self.bases}), got shape {self.offset.shape}")
+        if int(self.threshold.min()) < 1:
+            raise IRError(f"MBENeuron thresholds must be >= 1, got minimum {int(self.threshold.min())}")
+        if int(self.reset.min()) < 0:
+            raise IRError(f"MBENeuron resets must be >= 0, got minimum {int(self.reset.min())}")
+        # |u| stays below |v0 + V + offset| + sum of the resets, every output step below sum |weight|:
+        # keep each parameter far enough from int64's range that these sums cannot wrap
+        for name in ("threshold", "reset", "weight", "offset"):
+            arr = getattr(self, name)
+            if int(np.abs(arr.astype(np.float64)).max()) > 2**47:
+                raise IRError(f"MBENeuron {name} entries must be within +-2^47, got {int(np.abs(arr).max())}")
+
+    def infer(self, in_shapes: list[Shape], in_kinds: list[str]) -> Shape:
+        self._check_arity(in_shapes, in_kinds, ((CURRENT,),))
+        if tuple(self.v0.shape) != tuple(in_shapes[0]):
+            raise IRError(f"MBENeuron v0 has shape {self.v0.shape}, input has {in_shapes[0]}")
+        return tuple(in_shapes[0])
+
+
 class _Window(Op):
     """Shared attribute handling of the pooling ops (kernel, stride, padding on (C, H, W))."""
 

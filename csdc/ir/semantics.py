@@ -32,6 +32,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     Readout,
@@ -97,6 +98,39 @@ def ternary_steps(op: TernaryNeuron, current: np.ndarray, T: int) -> np.ndarray:
             out[:, u - op.delay - 1] = fire
             v -= fire * op.threshold
     return out
+
+
+def mbe_spikes(op: MBENeuron, total: np.ndarray) -> np.ndarray:
+    """Spikes (batch, S, K, *shape) of every basis of an MBE population given its total input
+    current ``V`` (batch, *shape): ``u_n = v0 + V + offset[n]``, then per step t
+    ``s_n(t) = [u_n >= threshold[n, t]]`` and ``u_n -= s_n(t) * reset[n, t]``."""
+    total = np.asarray(total, dtype=np.int64)
+    k, steps = op.threshold.shape
+    per_basis = (1, k) + (1,) * (total.ndim - 1)
+    u = (total + op.v0)[:, None] + op.offset.reshape(per_basis)
+    out = np.zeros((total.shape[0], steps, *u.shape[1:]), dtype=np.int64)
+    for t in range(steps):
+        fire = u >= op.threshold[:, t].reshape(per_basis)
+        out[:, t] = fire
+        u = u - np.where(fire, op.reset[:, t].reshape(per_basis), 0)
+    return out
+
+
+def mbe_output_steps(op: MBENeuron, total: np.ndarray, T: int, spikes: np.ndarray | None = None) -> np.ndarray:
+    """Output current (batch, T, *shape) of an MBE population: ``sum_n s_n(t) weight[n, t]`` at
+    step t <= S, 0 after (``spikes``: its :func:`mbe_spikes`, if already computed)."""
+    spikes = mbe_spikes(op, total) if spikes is None else spikes
+    k, steps = op.threshold.shape
+    w = op.weight.T.reshape(1, steps, k, *(1,) * (spikes.ndim - 3))
+    out = np.zeros((spikes.shape[0], T, *spikes.shape[3:]), dtype=np.int64)
+    out[:, :steps] = (spikes * w).sum(axis=2)
+    return out
+
+
+def mbe_total(op: MBENeuron, total: np.ndarray) -> np.ndarray:
+    """The decoded value ``sum_{n,t} s_n(t) weight[n, t]`` (batch, *shape): an MBE population's
+    output summed over the window."""
+    return mbe_output_steps(op, total, op.steps).sum(axis=1)
 
 
 def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
@@ -182,7 +216,8 @@ class Result:
     ternary populations);
     ``trains``: spike trains (batch, T, *shape) per spiking node (time-domain runs, when requested;
     -1/0/+1 for ternary populations);
-    ``currents``: per-step values (batch, T, *shape) of every current node (``run_steps(currents=True)``).
+    ``currents``: per-step values (batch, T, *shape) of every current node (``run_steps(currents=True)``);
+    ``mbe_spikes``: per MBE node, the spikes of all its bases and steps per element (batch, *shape).
     """
 
     readout: np.ndarray
@@ -190,6 +225,7 @@ class Result:
     counts: dict[str, np.ndarray] = field(default_factory=dict)
     trains: dict[str, np.ndarray] = field(default_factory=dict)
     currents: dict[str, np.ndarray] = field(default_factory=dict)
+    mbe_spikes: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def require_exact(net: Network) -> None:
@@ -208,6 +244,7 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
     require_exact(net)
     values: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
+    mbe: dict[str, np.ndarray] = {}
     readout = None
     for name, op in net.nodes():
         ins = [values[s] for s in net.inputs(name)]
@@ -217,6 +254,10 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
             out = ternary_count(op, ins[0], T)
         elif isinstance(op, Neuron):
             out = neuron_count(op, ins[0], T)
+        elif isinstance(op, MBENeuron):
+            spikes = mbe_spikes(op, ins[0])
+            mbe[name] = spikes.sum(axis=(1, 2))
+            out = mbe_output_steps(op, ins[0], op.steps, spikes).sum(axis=1)
         elif isinstance(op, SpikeMaxPool):
             out = max_pool(op, ins[0])
         elif isinstance(op, Add):
@@ -231,7 +272,8 @@ def run_counts(net: Network, x: np.ndarray, keep: bool = True) -> Result:
         if keep and isinstance(op, (Neuron, SpikeMaxPool)):
             counts[name] = out
     assert readout is not None
-    return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts)
+    return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts,
+                  mbe_spikes=mbe if keep else {})
 
 
 def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = False) -> Result:
@@ -241,6 +283,7 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = F
     trains: dict[str, np.ndarray] = {}
     kept_currents: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}
+    mbe: dict[str, np.ndarray] = {}
     readout = None
     for name, op in net.nodes():
         ins = [values[s] for s in net.inputs(name)]
@@ -251,6 +294,11 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = F
             out = ternary_steps(op, ins[0], T)
         elif isinstance(op, Neuron):
             out = neuron_steps(op, ins[0], T)
+        elif isinstance(op, MBENeuron):
+            total = ins[0].sum(axis=1)
+            spikes = mbe_spikes(op, total)
+            mbe[name] = spikes.sum(axis=(1, 2))
+            out = mbe_output_steps(op, total, T, spikes)
         elif isinstance(op, SpikeMaxPool):
             running = np.cumsum(ins[0], axis=1)
             m = np.stack([max_pool(op, running[:, t]) for t in range(T)], axis=1)
@@ -274,4 +322,4 @@ def run_steps(net: Network, x: np.ndarray, keep: bool = True, currents: bool = F
     assert readout is not None
     counts = {k: v.sum(axis=1) for k, v in trains.items()}
     return Result(readout=readout, logits=readout_logits(net.op(net.output_name), readout), counts=counts, trains=trains,
-                  currents=kept_currents)
+                  currents=kept_currents, mbe_spikes=mbe if keep else {})

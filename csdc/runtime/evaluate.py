@@ -74,11 +74,11 @@ class RunOutput:
 
 
 def _latency(net: Network) -> tuple[int, int]:
-    from csdc.compiler.pipeline import depth  # the compiler owns the depth definition
+    from csdc.compiler.pipeline import latency  # the compiler owns the latency definition
 
     delays = [net.op(n).delay for n in net.neurons()]
     D = max(delays) if delays else 0
-    return D, net.T + depth(net) * D
+    return D, latency(net, D)
 
 
 ALL_MEASURES = ("spikes", "synaptic_ops", "max_abs_v")

@@ -166,55 +166,12 @@ def quantize_static_model(
     *,
     batch_size: int = 64,
 ) -> onnx.ModelProto:
-    """Post-training static quantization with onnxruntime (QDQ format).
-
-    The float model first goes through onnxruntime's recommended
-    ``quant_pre_process`` (shape inference, basic graph optimisation), then
-    ``onnxruntime.quantization.quantize_static`` with ``QuantFormat.QDQ``, uint8
-    activations, int8 weights, ``per_channel=True`` and MinMax calibration over
-    ``calib_x`` (training images, fed in batches of ``batch_size``). The result is
+    """Post-training static quantization with onnxruntime (QDQ format), as ``csdc compile --calibrate``
+    does it (:func:`csdc.compiler.calibrate.quantize_static_qdq`): ``quant_pre_process``, then
+    ``quantize_static`` with uint8 activations, int8 symmetric per-channel weights and MinMax
+    calibration over ``calib_x`` (training images, fed in batches of ``batch_size``). The result is
     checked, written atomically to ``out_path`` and returned.
     """
-    import tempfile
+    from csdc.compiler.calibrate import quantize_static_qdq
 
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self, x: np.ndarray, input_name: str) -> None:
-            self._batches = iter_batches(x, None, batch_size)
-            self._name = input_name
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            if batch is None:
-                return None
-            return {self._name: np.ascontiguousarray(batch[0], dtype=np.float32)}
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    float_model = onnx.load(os.fspath(float_onnx_path))
-    input_name = float_model.graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = os.path.join(tmp, "model_pre.onnx")
-        tmp_out = os.path.join(tmp, "model_qdq.onnx")
-        quant_pre_process(os.fspath(float_onnx_path), pre)
-        quantize_static(
-            pre,
-            tmp_out,
-            _Reader(calib_x, input_name),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        model = onnx.load(tmp_out)
-    onnx.checker.check_model(model, full_check=True)
-    write_onnx_atomic(model, out_path)
-    return model
+    return quantize_static_qdq(float_onnx_path, calib_x, out_path, batch=batch_size)

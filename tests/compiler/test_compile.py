@@ -126,6 +126,7 @@ def test_all_unsupported_ops_listed_at_once(tmp_path):
     assert len(exc.value.problems) == 3
     for op, fix in (("Softmax", "NReLU"), ("LayerNormalization", "BatchNormalization"), ("Gelu", "ReLU")):
         assert op in msg and fix in msg
+    assert all("--nonlinear mbe" in reason for _, _, reason in exc.value.problems)  # the opt-in approximate mode
     assert str(path) in msg
 
 

@@ -5,7 +5,8 @@ parameters on purpose: grouped and padded convolutions, asymmetric pool padding,
 synapse fed by a current that is not the encoded input, a residual ``Add``, ``Transpose``
 and ``Reshape`` on spikes and on currents, an attention-like
 ``SpikeMatMul`` pair (Q K^T, then A V with ternary V, which also feeds a dense synapse),
-per-class readout scales of both signs.
+per-class readout scales of both signs, an ``MBENeuron`` population (two successive-approximation
+bases) between a dense synapse and a neuron.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from csdc.ir import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Network,
     Neuron,
     Readout,
@@ -61,7 +63,10 @@ def all_ops_network(T: int = 4, seed: int = 0, extra_delay: int = 0) -> Network:
     net.add("avg", SumPool((2, 2), (1, 1)), ["act2"])  # -> (4, 2, 2) current
     net.add("avg_flat", Reshape((16,)), ["avg"])
     net.add("fc_a", DenseSynapse(w(6, 16)), ["avg_flat"])
-    net.add("act_a", _neuron(rng, (6,), D), ["fc_a"])
+    steps = min(T, 3)
+    sar = np.array([[16 >> t for t in range(steps)], [4 >> t for t in range(steps)]])  # thresholds halve each step
+    net.add("mbe_a", MBENeuron(sar, sar, w(2, steps), np.array([20, -3]), rng.integers(-2, 3, size=6)), ["fc_a"])
+    net.add("act_a", _neuron(rng, (6,), D), ["mbe_a"])
     net.add("head_a", DenseSynapse(w(3, 6)), ["act_a"])
     # branch B: tokens (transpose + reshape of spikes) -> dense per token -> neuron
     net.add("tokens_t", Transpose((1, 2, 0)), ["act2"])  # -> (3, 3, 4)

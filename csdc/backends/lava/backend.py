@@ -29,6 +29,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     ReduceSum,
@@ -70,7 +71,8 @@ def _structural_fanout(net: Network, name: str) -> np.ndarray:
 
 
 def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str, int],
-               levels: np.ndarray, events: dict[str, np.ndarray] | None = None) -> dict[str, NodeStats]:
+               levels: np.ndarray, events: dict[str, np.ndarray] | None = None,
+               mbe_spikes: dict[str, np.ndarray] | None = None) -> dict[str, NodeStats]:
     """Activity per node, with the numba backend's definitions: ``neurons`` / ``spikes`` of
     spiking nodes, ``max_abs_v`` of neurons (measured inside the Lava processes), ``acs`` of
     synapses fed by spikes (per presynaptic spike, the targets it reaches) and ``macs`` of
@@ -92,6 +94,9 @@ def node_stats(net: Network, counts: dict[str, np.ndarray], max_abs_v: dict[str,
         elif isinstance(op, (Neuron, SpikeMaxPool)):
             stats[name] = NodeStats(neurons=size, spikes=int(counts[name].sum()), max_abs_v=int(max_abs_v.get(name, 0)),
                                     negative_spikes=int(negative[name].sum()) if name in negative else 0)
+        elif isinstance(op, MBENeuron):
+            spikes = int((mbe_spikes or {})[name].sum())  # each adds its step's output weight to its target: one AC
+            stats[name] = NodeStats(neurons=size * op.bases, spikes=spikes, acs=spikes, max_abs_v=int(max_abs_v.get(name, 0)))
         elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
             src = ins[0]
             fan = _structural_fanout(net, name)
@@ -164,8 +169,9 @@ class LavaBackend:
         trains = {k[len("trains/"):]: v for k, v in out.items() if k.startswith("trains/")}
         max_abs_v = {k[len("max_abs_v/"):]: int(v) for k, v in out.items() if k.startswith("max_abs_v/")}
         events = {k[len("events/"):]: v for k, v in out.items() if k.startswith("events/")}
+        mbe_spikes = {k[len("mbe_spikes/"):]: v for k, v in out.items() if k.startswith("mbe_spikes/")}
         logits = readout_logits(net.op(net.output_name), readout)
-        stats = node_stats(net, counts, max_abs_v, levels, events)
+        stats = node_stats(net, counts, max_abs_v, levels, events, mbe_spikes)
         self.last_timing = {"bundle": t1 - t0, "subprocess": t2 - t1, "build": float(out["seconds_build"]),
                             "run": float(out["seconds_run"]), "fetch": float(out["seconds_fetch"]),
                             "steps": float(out["steps"]), "latency_steps": float(plan.meta["latency"])}

@@ -79,6 +79,7 @@ class GraphOutput:
     events: dict[str, np.ndarray] = field(default_factory=dict)
     trains: dict[str, np.ndarray] = field(default_factory=dict)
     max_abs_v: dict[str, int] = field(default_factory=dict)
+    mbe_spikes: dict[str, np.ndarray] = field(default_factory=dict)
     steps: int = 0
     seconds_build: float = 0.0
     seconds_run: float = 0.0
@@ -120,6 +121,9 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
             neuron = P.CsdcNeuron if kind == "neuron" else P.CsdcTernaryNeuron
             proc = neuron(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
                           start=p["start"], period=period, n_samples=n, keep_trains=keep_trains, name=name)
+        elif kind == "mbe":
+            proc = P.CsdcMBENeuron(v0=arr["v0"], offset=arr["offset"], threshold=arr["threshold"], reset=arr["reset"],
+                                   weight=arr["weight"], T=T, start=p["start"], period=period, n_samples=n, name=name)
         elif kind == "maxpool":
             proc = P.CsdcMaxPool(in_shape=tuple(p["in_port"]), kernel=tuple(prm["kernel"]), stride=tuple(prm["stride"]),
                                  padding=tuple(prm["padding"]), T=T, start=p["start"], period=period, n_samples=n,
@@ -206,6 +210,8 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
                     out.events[p["ir_node"]] = np.zeros((0, *p["out_port"]), dtype=np.int64)
                 if graph.keep_trains:
                     out.trains[p["ir_node"]] = np.zeros((0, T, *p["out_port"]), dtype=np.int64)
+            if p["kind"] == "mbe":
+                out.mbe_spikes[p["ir_node"]] = np.zeros((0, *p["out_port"]), dtype=np.int64)
         return out
     steps = graph.total_steps
     t0 = time.perf_counter()
@@ -228,6 +234,14 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
                 out.trains[node] = trains - 1 if bits == 2 else trains
             if p["kind"] in ("neuron", "ternary"):
                 out.max_abs_v[node] = int(np.asarray(proc.max_abs_v.get()).ravel()[0])
+        for p in graph.plan["processes"]:
+            if p["kind"] == "mbe":  # spikes of all bases and steps per element, and the largest |u|
+                proc = graph.processes[p["name"]]
+                shape = tuple(p["out_port"])
+                bits = P.count_bits(int(np.prod(proc.threshold.shape)))
+                out.mbe_spikes[p["ir_node"]] = P.unpack_uint(proc.spikes_packed.get(), bits,
+                                                            n * int(np.prod(shape))).reshape(n, *shape)
+                out.max_abs_v[p["ir_node"]] = int(np.asarray(proc.max_abs_v.get()).ravel()[0])
         t2 = time.perf_counter()
     finally:
         graph.sink.stop()

@@ -111,6 +111,8 @@ def run(x: np.ndarray | None = None, keep_trains: bool = False, *, levels: np.nd
         res[f"max_abs_v/{{name}}"] = np.int64(v)
     for name, e in out.events.items():  # ternary populations: spikes of both signs (their counts are signed)
         res[f"events/{{name}}"] = e
+    for name, c in out.mbe_spikes.items():  # MBE populations: spikes of all bases and steps per element
+        res[f"mbe_spikes/{{name}}"] = c
     return res
 
 

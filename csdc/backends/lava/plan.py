@@ -10,6 +10,7 @@ Process mapping (see docs/lava.md):
   only where its fixed-point model is exact: Dense and Sparse clip weights to [-256, 255] (mixed sign, ``num_weight_bits=9``) times ``2**weight_exp``
   and carry int32 currents; Conv wraps its output at 24 bits and needs symmetric padding.
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
+- ``MBENeuron`` -> ``CsdcMBENeuron`` (latency T: it integrates the window, then encodes; docs/mbe.md).
 - ``Neuron`` -> ``CsdcNeuron``, ``TernaryNeuron`` -> ``CsdcTernaryNeuron`` (graded spikes -1/0/+1,
   so the synapses it feeds take graded input), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
@@ -20,11 +21,11 @@ Process mapping (see docs/lava.md):
 
 Global clock. Every IR node gets an *offset*: the global step carrying its local step 1.
 ``Encode`` has offset 1; a synapse adds 1 (Lava's Dense t-1 buffer); a neuron adds its delay D;
-max-pool and routing add 0, a SpikeMatMul adds 1. An Add or a SpikeMatMul takes the largest
+max-pool and routing add 0, a SpikeMatMul adds 1, an MBE population T. An Add or a SpikeMatMul takes the largest
 offset of its inputs and delays every earlier input by the difference with a ``CsdcDelay``
 (delay balancing). The readout window
 starts at its input's offset, so the end-to-end latency is ``offset(readout) - 1 + T`` steps.
-Samples are pipelined with ``period = T + max D`` steps.
+Samples are pipelined with ``period = T + max D`` steps (``max D`` at least T with an MBE population).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     Readout,
@@ -173,6 +175,8 @@ def abs_bounds(net: Network) -> dict[str, int]:
         elif isinstance(op, SpikeMatMul):
             k = net.info(net.inputs(name)[0]).shape[-1]
             b[name] = abs(op.weight) * 2 * k * net.T  # A(t) C_B(t) + C_A(t-1) B(t) <= 2 K T
+        elif isinstance(op, MBENeuron):
+            b[name] = int(np.abs(op.weight).sum(axis=0).max())  # the weights of the bases firing at one step
         else:
             b[name] = ins[0]
     return b
@@ -238,6 +242,7 @@ class _Planner:
         self.keep = bool(keep_trains)
         self.use_lava = bool(use_lava_synapses)
         delays = [net.op(nm).delay for nm in net.neurons()]
+        delays += [self.T for _, op in net.nodes() if isinstance(op, MBENeuron)]  # an MBE population's window is 2T
         self.period = self.T + max(delays, default=0)
         self.bounds = abs_bounds(net)
         self.plan = Plan(meta={})
@@ -402,6 +407,14 @@ class _Planner:
         self._neuron(name, op, ins, shape)
         self.procs[name]["kind"] = "ternary"
 
+    def _mbe(self, name: str, op: MBENeuron, ins: list[str], shape: tuple[int, ...]) -> None:
+        start = self.offset[ins[0]]  # integrates its input's T steps, then emits its S encoding steps
+        self._proc(name, "mbe", name, shape, shape, shape, shape, start + self.T, {},
+                   {"v0": op.v0, "offset": op.offset, "threshold": op.threshold, "reset": op.reset,
+                    "weight": op.weight}, start=start)
+        self._connect_terms(self.terms[ins[0]], name)
+        self.terms[name], self.offset[name] = [Term(name, 0)], start + self.T
+
     def _maxpool(self, name: str, op: SpikeMaxPool, ins: list[str], shape: tuple[int, ...]) -> None:
         start = self.offset[ins[0]]
         in_shape = self.net.info(ins[0]).shape
@@ -477,6 +490,7 @@ LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ..
     ReduceSum: _Planner._linear_op,
     Neuron: _Planner._neuron,
     TernaryNeuron: _Planner._ternary,
+    MBENeuron: _Planner._mbe,
     SpikeMaxPool: _Planner._maxpool,
     SpikeMatMul: _Planner._matmul,
     Add: _Planner._add,
@@ -501,7 +515,7 @@ def make_plan(net: Network, n_samples: int = 1, *, keep_trains: bool = False, us
 
 
 _CUSTOM_CLASS = {"encode": "CsdcEncode", "neuron": "CsdcNeuron", "maxpool": "CsdcMaxPool", "delay": "CsdcDelay",
-                 "ternary": "CsdcTernaryNeuron",
+                 "ternary": "CsdcTernaryNeuron", "mbe": "CsdcMBENeuron",
                  "readout": "CsdcReadout", "matmul": "CsdcSpikeMatMul", "synapse": "CsdcSynapse"}
 
 
@@ -558,6 +572,15 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
             hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
                   "subtraction, per-neuron v0 and bias)" if kind == "neuron" else
                   "custom neuron microcode (ternary DIF: as DIF, plus -1 graded spikes and reset by addition below 0)")
+        elif kind == "mbe":
+            op = net.op(node)
+            tb = nb.get("threshold_bits", int(op.threshold.max()).bit_length())
+            if tb > budget["threshold_bits"]:
+                notes.append(f"thresholds need {tb} bits (> {budget['threshold_bits']})")
+            if nb.get("membrane_bits", 0) > budget["membrane_bits"]:
+                notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['membrane_bits']})")
+            hw = ("custom neuron microcode (MBE: integration window T, then per basis a threshold / reset table over "
+                  "S steps; a spike sends its step's output weight as a graded payload)")
         elif kind == "maxpool":
             hw = "custom neuron microcode (TDEC max-pool: running counts and window max per step)"
         elif kind == "matmul":

@@ -139,6 +139,32 @@ class CsdcTernaryNeuron(CsdcNeuron):
                                  init=0)
 
 
+class CsdcMBENeuron(AbstractProcess):
+    """Multi-basis exponential-decay population (docs/mbe.md): integrates local steps 1..T
+    (``v = v0 + sum I``), then at local step T + t (t = 1..S) each basis k fires where
+    ``u_k >= threshold[k, t]``, subtracts ``reset[k, t]`` and the population sends the current
+    ``sum_k fire_k * weight[k, t]`` (``u_k = v + offset[k]`` after step T). Records the spikes of
+    every element (all bases and steps) per sample and the largest |u|."""
+
+    def __init__(self, *, v0: np.ndarray, offset: np.ndarray, threshold: np.ndarray, reset: np.ndarray,
+                 weight: np.ndarray, T: int, start: int, period: int, n_samples: int, name: str = "mbe") -> None:
+        v0 = np.asarray(v0, dtype=np.int64)
+        threshold = np.asarray(threshold, dtype=np.int64)
+        shape = tuple(v0.shape)
+        size = int(np.prod(shape))
+        super().__init__(T=int(T), start=int(start), period=int(period), n_samples=int(n_samples), name=name)
+        self.a_in = InPort(shape=shape)
+        self.a_out = OutPort(shape=shape)
+        self.v0 = Var(shape=shape, init=v0)
+        self.v = Var(shape=shape, init=v0)
+        self.offset = Var(shape=(threshold.shape[0],), init=np.asarray(offset, dtype=np.int64))
+        self.threshold = Var(shape=threshold.shape, init=threshold)
+        self.reset = Var(shape=threshold.shape, init=np.asarray(reset, dtype=np.int64))
+        self.weight = Var(shape=threshold.shape, init=np.asarray(weight, dtype=np.int64))
+        self.max_abs_v = Var(shape=(1,), init=0)
+        self.spikes_packed = Var(shape=(packed_words(n_samples * size, count_bits(threshold.size)),), init=0)
+
+
 class CsdcMaxPool(AbstractProcess):
     """TDEC max pooling: ``y(t) = max_window C(t) - max_window C(t-1)`` with running counts C
     (reset per sample); padding contributes count 0. Records counts / trains like CsdcNeuron."""
@@ -340,6 +366,63 @@ class PyCsdcTernaryNeuronModel(_DifModel):
             self.trains_packed = pack_uint(self._trains.astype(np.int64) + 1, 2)
 
 
+@implements(proc=CsdcMBENeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcMBENeuronModel(PyLoihiProcessModel):
+    """Fixed-point MBE population (int64 state): integration window, then S encoding steps."""
+
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
+    v0: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    offset: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    reset: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    weight: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    max_abs_v: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    spikes_packed: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        p = proc_params
+        self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
+        self._T, self._n = p["T"], p["n_samples"]
+        self._u: np.ndarray | None = None
+        self._spikes: np.ndarray | None = None
+
+    def _peak(self, values: np.ndarray) -> None:
+        self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(values).max(initial=0)))
+
+    def run_spk(self) -> None:
+        if self._spikes is None:
+            self._spikes = np.zeros((self._n, *self.v.shape), dtype=np.int64)
+        current = self.a_in.recv().astype(np.int64)
+        k, u = self._sched.locate(self.time_step)
+        out = np.zeros(self.v.shape, dtype=np.int64)
+        steps = self.threshold.shape[1]
+        if k >= 0 and u <= self._T + steps:
+            if u == 1:
+                self.v = self.v0.astype(np.int64).copy()
+            if u <= self._T:
+                self.v = self.v + current
+            if u == self._T:
+                per_basis = (-1,) + (1,) * self.v.ndim
+                self._u = self.v[None] + self.offset.reshape(per_basis)
+                self._peak(self._u)
+            if u > self._T:
+                t = u - self._T - 1
+                per_basis = (-1,) + (1,) * self.v.ndim
+                fire = (self._u >= self.threshold[:, t].reshape(per_basis)).astype(np.int64)
+                out = (fire * self.weight[:, t].reshape(per_basis)).sum(axis=0)
+                self._u = self._u - fire * self.reset[:, t].reshape(per_basis)
+                self._peak(self._u)
+                self._spikes[k] += fire.sum(axis=0)
+                if k == self._n - 1 and u == self._T + steps:
+                    self.spikes_packed = pack_uint(self._spikes, count_bits(self.threshold.size))
+        self.a_out.send(out)
+
+
 @implements(proc=CsdcMaxPool, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
@@ -499,6 +582,7 @@ PROCESS_MODELS: dict[type, type] = {
     CsdcEncode: PyCsdcEncodeModel,
     CsdcNeuron: PyCsdcNeuronModel,
     CsdcTernaryNeuron: PyCsdcTernaryNeuronModel,
+    CsdcMBENeuron: PyCsdcMBENeuronModel,
     CsdcMaxPool: PyCsdcMaxPoolModel,
     CsdcDelay: PyCsdcDelayModel,
     CsdcSynapse: PyCsdcSynapseModel,
@@ -510,6 +594,7 @@ __all__ = [
     "PROCESS_MODELS",
     "CsdcDelay",
     "CsdcEncode",
+    "CsdcMBENeuron",
     "CsdcMaxPool",
     "CsdcNeuron",
     "CsdcReadout",

@@ -45,6 +45,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     Readout,
@@ -108,6 +109,8 @@ NOT_EXPRESSIBLE: dict[type[Op], str] = {
     Transpose: "NIR has no axis permutation node",
     TernaryNeuron: "NIR's neurons emit binary spikes; a ternary population's -1 spikes (signed quantizers) have no "
                    "NIR equivalent",
+    MBENeuron: "NIR has no neuron with per-step threshold, reset and output-weight tables (an MBE population, "
+               "docs/mbe.md); only networks compiled without --nonlinear mbe can be exported",
     ReduceSum: "NIR has no sum over axes (a global average pool before a linear layer); use Flatten + Linear "
                "in the model instead",
 }

@@ -63,6 +63,7 @@ from csdc.ir.ops import (
     DenseSynapse,
     DiagonalSynapse,
     Encode,
+    MBENeuron,
     Neuron,
     Op,
     Readout,
@@ -82,7 +83,7 @@ from csdc.ir.semantics import encode, readout_logits
 _INT32_MAX = 2**31 - 1
 _LARGE_CHUNK = 32 * 2**20  # bytes of tensors per chunk above which chunks are split further
 # Nodes whose activity is reported: spiking populations and synapses (the others only route).
-_REPORTED = (Neuron, SpikeMaxPool, DenseSynapse, ConvSynapse, DiagonalSynapse, SpikeMatMul)
+_REPORTED = (Neuron, MBENeuron, SpikeMaxPool, DenseSynapse, ConvSynapse, DiagonalSynapse, SpikeMatMul)
 
 
 # -- integer types ------------------------------------------------------------------
@@ -490,6 +491,40 @@ def _neuron(op: Neuron, ctx: NodeContext) -> Step:
 
 
 @dataclass(frozen=True, slots=True)
+class MBEStep:
+    """MBE neurons (docs/mbe.md): integrate the window, encode with K bases over S steps, emit the
+    decoded current; ``v0`` flattened to (N,), the (K, S) parameters as the op holds them."""
+
+    v0: np.ndarray
+    offset: np.ndarray
+    threshold: np.ndarray
+    reset: np.ndarray
+    weight: np.ndarray
+    T: int
+    bound: int  # largest |output| of one step: sum over bases of |weight|
+
+    def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
+        cur = ins[0]
+        b, tc = cur.shape[:2]
+        n = self.v0.size
+        out = np.empty((b, self.T, n), dtype=_current_dtype(self.bound))  # every element is written
+        spikes, peak = K.mbe_neurons(cur.reshape(b, tc, n), self.v0, self.offset, self.threshold, self.reset,
+                                     self.weight, out)
+        stats.spikes += spikes
+        stats.acs += spikes  # a spike adds its step's output weight to its target
+        stats.neurons = n * self.threshold.shape[0]  # one neuron per element and basis
+        stats.max_abs_v = max(stats.max_abs_v, int(peak))
+        return out.reshape(b, self.T, *cur.shape[2:])
+
+
+@_builds(MBENeuron)
+def _mbe(op: MBENeuron, ctx: NodeContext) -> Step:
+    contiguous = lambda a: np.ascontiguousarray(a, dtype=np.int64)
+    return MBEStep(contiguous(op.v0.ravel()), contiguous(op.offset), contiguous(op.threshold), contiguous(op.reset),
+                   contiguous(op.weight), ctx.T, int(np.abs(op.weight).sum(axis=0).max()))
+
+
+@dataclass(frozen=True, slots=True)
 class WindowStep:
     """SpikeMaxPool (TDEC, spikes out) or SumPool (current out) over (C, H, W) spikes."""
 
@@ -733,7 +768,9 @@ def _fill_kernel_cache() -> None:
     net.add("f3", Reshape((6,)), ["n3"])
     net.add("d3", DenseSynapse(one((2, 6))), ["f3"])
     net.add("sum2", Add(), ["d1", "d3"])
-    net.add("out", Readout(np.ones(2), np.zeros(2)), ["sum2"])
+    net.add("mbe", MBENeuron(one((1, 2)), one((1, 2)), one((1, 2)), np.zeros(1, np.int64), np.zeros(2, np.int64)),
+            ["sum2"])
+    net.add("out", Readout(np.ones(2), np.zeros(2)), ["mbe"])
     NumbaBackend().run(net, np.ones((1, 1, 3, 3), dtype=np.float32))
 
 

@@ -755,6 +755,55 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
 
 
 @njit(nogil=True, cache=True)
+def mbe_neurons(cur: np.ndarray, v0: np.ndarray, offset: np.ndarray, threshold: np.ndarray, reset: np.ndarray,
+                weight: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+    """Multi-basis exponential-decay population (docs/mbe.md), integer state.
+
+    ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``v0`` (N,), ``offset``
+    (K,), ``threshold``, ``reset``, ``weight`` (K, S) int64; ``out`` (B, T, N) current, every
+    element written. Per element: ``V = v0 + sum_u I(u)`` over the T input steps; per basis k,
+    ``u = V + offset[k]``, then for t < S: fire where ``u >= threshold[k, t]`` (adding
+    ``weight[k, t]`` to output step t) and subtract ``reset[k, t]``. Returns (spikes, the largest
+    |u| over every basis's initial and reset values)."""
+    B, Tc, N = cur.shape
+    T = out.shape[1]
+    K, S = threshold.shape
+    acc = np.empty(N, dtype=np.int64)
+    u = np.empty(N, dtype=np.int64)
+    spikes = 0
+    peak = np.int64(0)
+    for b in range(B):
+        for n in range(N):
+            acc[n] = v0[n]
+        if Tc == 1:
+            x = cur[b, 0]
+            for n in range(N):
+                acc[n] += np.int64(T) * np.int64(x[n])
+        else:
+            for t in range(Tc):
+                x = cur[b, t]
+                for n in range(N):
+                    acc[n] += x[n]
+        out[b] = 0
+        for k in range(K):
+            for n in range(N):
+                u[n] = acc[n] + offset[k]
+                peak = max(peak, abs(u[n]))
+            for t in range(S):
+                th, r, w = threshold[k, t], reset[k, t], weight[k, t]
+                row = out[b, t]
+                fired = 0
+                for n in range(N):
+                    f = np.int64(u[n] >= th)
+                    row[n] += f * w
+                    u[n] -= f * r
+                    fired += f
+                    peak = max(peak, abs(u[n]))
+                spikes += fired
+    return spikes, peak
+
+
+@njit(nogil=True, cache=True)
 def diagonal_spikes(s: np.ndarray, w: np.ndarray, out: np.ndarray) -> int:
     """One-to-one synapses: ``out[b, t, n] = s[b, t, n] * w[n]`` for ``s`` (B, T, N) uint8 spikes
     or int8 ternary spikes; returns the ACs (one per spike of either sign)."""
@@ -803,7 +852,7 @@ def permute(src: np.ndarray, out: np.ndarray) -> None:
 
 KERNELS: tuple[Dispatcher, ...] = (
     dense_spikes, dense_currents, conv_spikes, conv_spikes_rows, conv_currents, sum_pool, spike_max_pool,
-    spike_matmul, dif_neurons, diagonal_spikes, add_currents, permute, spike_matmul_signed, ternary_neurons,
+    spike_matmul, dif_neurons, diagonal_spikes, add_currents, permute, spike_matmul_signed, ternary_neurons, mbe_neurons,
 )
 
 

@@ -1,0 +1,252 @@
+"""Compile-time fitting of MBE neurons (docs/mbe.md): integer parameters that approximate a
+function of an integer input level, with the error measured on every level.
+
+The input of a nonlinear op between quantizers is an integer level ``q`` in ``[lo, hi]`` (its
+quantizer's range), so the whole domain is enumerable: the fit is checked on all of it, and
+the reported worst-case and mean absolute errors are exact, not sampled.
+
+Construction (the paper's neuron with every time constant equal to dt / ln 2, in integers):
+basis n covers the levels from its knot ``b_n`` on; its membrane starts at ``u_n = q - b_n``
+(``offset[n] = -b_n``) and its thresholds and resets halve every step, ``2^(m_n - t)`` for
+t = 1..m_n, so its spikes are the binary digits of ``clip(q - b_n, 0, 2^m_n - 1)`` (a saturating
+ramp, digit by digit), and the next basis starts where it saturates, ``b_(n+1) = b_n + 2^m_n - 1``. Steps
+beyond m_n get an unreachable threshold (no spike, no energy). The output weights ``d_n(t)`` of
+all bases and one constant are then fitted jointly by least squares on every level, reweighted
+towards the largest errors (Lawson's iteration, towards the minimax fit), and rounded to
+integers in units of ``2^-F`` of the target (``max |target| 2^F`` about 2^20). Knots are placed uniformly or where the
+function bends (density ~ |f''|^p for a few p), whichever gives the smaller worst-case error.
+:func:`choose` doubles the number of bases until the worst-case error meets a target.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from csdc.errors import CsdcError
+from csdc.ir.ops import MBE_BASES_MAX, MBE_STEPS_MAX, MBENeuron
+from csdc.ir.semantics import mbe_spikes, mbe_total
+
+OUTPUT_BITS = 20  # output weights in units of 2^-F of the target, F chosen so that max |target| 2^F ~ 2^20
+_LAWSON_ITERATIONS = 30
+_KNOT_POWERS = (0.0, 1 / 3, 1 / 2, 1.0)  # knot densities tried: uniform, then ~ |f''|^p
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GELU with the exact erf (ONNX ``Gelu`` default and ``0.5 x (1 + Erf(x / sqrt 2))``)."""
+    from scipy.special import erf
+
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gelu": gelu,
+    "exp2": lambda x: np.exp2(np.asarray(x, dtype=np.float64)),
+    "reciprocal": lambda x: 1.0 / np.asarray(x, dtype=np.float64),
+    "rsqrt": lambda x: 1.0 / np.sqrt(np.asarray(x, dtype=np.float64)),
+    "identity": lambda x: np.asarray(x, dtype=np.float64),
+}
+
+
+@dataclass(frozen=True)
+class MBEFit:
+    """Integer MBE parameters approximating ``target(q)`` on the levels ``lo..hi``.
+
+    The population built by :meth:`op` (input ``q``, i.e. ``v0 + V = q``) emits in total
+    ``mbe_total = sum_{n,t} s_n(t) weight[n, t]``, and ``(mbe_total + constant) / 2^frac_bits``
+    approximates ``target(q)`` within ``max_abs_error`` everywhere on ``lo..hi`` (mean
+    ``mean_abs_error``), in the target's units. ``steps_used``: encoding steps any basis uses."""
+
+    name: str
+    lo: int
+    hi: int
+    threshold: np.ndarray
+    reset: np.ndarray
+    weight: np.ndarray
+    offset: np.ndarray
+    constant: int
+    frac_bits: int
+    max_abs_error: float
+    mean_abs_error: float
+    steps_used: int
+
+    @property
+    def bases(self) -> int:
+        return int(self.threshold.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.threshold.shape[1])
+
+    def op(self, v0: np.ndarray) -> MBENeuron:
+        """The MBE population for inputs whose ``v0 + V`` is the level ``q`` (``v0``: the population's shape)."""
+        return MBENeuron(self.threshold, self.reset, self.weight, self.offset, v0)
+
+    def evaluate(self, q: np.ndarray) -> np.ndarray:
+        """``(mbe_total + constant) / 2^frac_bits`` at the levels ``q`` (1-D), by the IR's semantics."""
+        q = np.asarray(q, dtype=np.int64)
+        total = mbe_total(self.op(np.zeros((), np.int64)), q)
+        return (total + self.constant) / float(2**self.frac_bits)
+
+    def report(self) -> dict:
+        return {"function": self.name, "levels": [self.lo, self.hi], "bases": self.bases, "steps": self.steps,
+                "steps_used": self.steps_used, "max_abs_error": self.max_abs_error,
+                "mean_abs_error": self.mean_abs_error, "frac_bits": self.frac_bits}
+
+
+def _sar_tables(knots: np.ndarray, hi: int, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Thresholds, resets and offsets of successive-approximation bases starting at ``knots``."""
+    k = len(knots)
+    ends = np.append(knots[1:], hi)
+    unreachable = max(int(hi - knots.min()) + 1, 1)  # above any membrane value an in-range level leaves
+    threshold = np.full((k, steps), unreachable, dtype=np.int64)
+    reset = np.zeros((k, steps), dtype=np.int64)
+    used = 0
+    for n, (b, e) in enumerate(zip(knots, ends)):
+        m = max(int(e - b).bit_length(), 1)  # 2^m - 1 >= the increments up to the next knot (== but for the last)
+        for t in range(min(m, steps)):
+            threshold[n, t] = reset[n, t] = 1 << (m - 1 - t)
+        used = max(used, min(m, steps))
+    # steps no basis uses are dropped (a shorter table, same spikes)
+    return threshold[:, :used].copy(), reset[:, :used].copy(), -knots.astype(np.int64), used
+
+
+def _knots(lo: int, hi: int, bases: int, y: np.ndarray, power: float) -> np.ndarray:
+    """At most ``bases`` integer knots in ``[lo, hi]``, the first at ``lo``: uniform (``power`` 0), or
+    with density ~ |f''|^power (more bases where the function bends)."""
+    n = hi - lo + 1
+    bases = min(bases, n)
+    if power and n > 4:
+        d2 = np.convolve(np.abs(np.diff(y, 2)), np.ones(5) / 5, mode="same")
+        density = d2**power + 1e-3 * ((d2**power).mean() + 1e-12)
+        cdf = np.concatenate([[0.0], np.cumsum(density)])
+        cdf /= cdf[-1]
+        pos = np.searchsorted(cdf, np.arange(bases) / bases)
+        knots = lo + np.clip(pos, 0, n - 1)
+    else:
+        knots = lo + (np.arange(bases) * n) // bases
+    knots = np.unique(np.append(knots.astype(np.int64), lo))
+    # a basis with m digits spans 2^m - 1 increments: the next one starts where it saturates (the last
+    # one takes what is left)
+    widths = np.diff(np.append(knots, hi + 1))
+    out = [lo]
+    for w in widths[:-1]:
+        p = (1 << max(int(round(math.log2(max(w, 2)))), 1)) - 1
+        if out[-1] + p >= hi:
+            break
+        out.append(out[-1] + p)
+    return np.array(out, dtype=np.int64)
+
+
+def _solve(features: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Weighted least squares reweighted towards the largest errors (Lawson): near-minimax coefficients.
+    Stops when the worst error has not improved by 0.1 % in 5 iterations (LAPACK's QR-based gelsy)."""
+    from scipy.linalg import lstsq
+
+    w = np.ones(len(y))
+    best, best_err, stalled = None, np.inf, 0
+    for _ in range(_LAWSON_ITERATIONS):
+        sw = np.sqrt(w)
+        coef = lstsq(features * sw[:, None], y * sw, lapack_driver="gelsy", check_finite=False)[0]
+        err = np.abs(features @ coef - y)
+        stalled = 0 if err.max() < best_err * 0.999 else stalled + 1
+        if err.max() < best_err:
+            best, best_err = coef, err.max()
+        if err.max() == 0 or stalled >= 5:
+            break
+        w = w * err / err.sum() + 1e-12
+        w /= w.sum()
+    return best
+
+
+def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *, bases: int = 4,
+        steps: int = 16, frac_bits: int | None = None) -> MBEFit:
+    """Fit an MBE population to ``target`` (a function of the integer level q, vectorised, float64)
+    on every level ``lo..hi``; the errors are measured on all of them after rounding to integers.
+    ``frac_bits``: the output unit 2^-F of the target (default: ``max |target| 2^F`` about 2^20, so
+    rounding the weights costs a negligible part of the error)."""
+    lo, hi = int(lo), int(hi)
+    if hi < lo:
+        raise CsdcError(f"MBE fit of {name}: empty level range [{lo}, {hi}]")
+    if hi - lo + 1 > 2**20:
+        raise CsdcError(f"MBE fit of {name}: {hi - lo + 1} levels, more than the 2^20 csdc enumerates")
+    if not 1 <= bases <= MBE_BASES_MAX or not 1 <= steps <= MBE_STEPS_MAX:
+        raise CsdcError(f"MBE fit of {name}: bases must be in 1..{MBE_BASES_MAX} and steps in 1..{MBE_STEPS_MAX}, "
+                        f"got {bases} and {steps}")
+    q = np.arange(lo, hi + 1, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # reported below, by level
+        y = np.asarray(target(q.astype(np.float64)), dtype=np.float64)
+    if y.shape != q.shape or not np.all(np.isfinite(y)):
+        bad = q[~np.isfinite(y)][:3] if y.shape == q.shape else []
+        raise CsdcError(f"MBE fit of {name}: the function is not finite on every level of [{lo}, {hi}]"
+                        + (f" (e.g. at {[int(v) for v in bad]})" if len(bad) else ""))
+    if frac_bits is None:
+        frac_bits = max(OUTPUT_BITS - math.ceil(math.log2(float(np.abs(y).max()) + 1.0)), 0)
+    best: MBEFit | None = None
+    for power in _KNOT_POWERS:
+        knots = _knots(lo, hi, bases, y, power)
+        threshold, reset, offset, used = _sar_tables(knots, hi, steps)
+        probe = MBENeuron(threshold, reset, np.zeros_like(threshold), offset, np.zeros((), np.int64))
+        spikes = mbe_spikes(probe, q).reshape(len(q), -1).astype(np.float64)  # (levels, S * K), step-major
+        features = np.concatenate([spikes, np.ones((len(q), 1))], axis=1)
+        coef = _solve(features, y)
+        scale = float(2**frac_bits)
+        weight = np.rint(coef[:-1] * scale).astype(np.int64).reshape(used, len(knots)).T.copy()
+        weight[reset == 0] = 0  # the steps beyond a basis's digits never fire: no weight
+        constant = int(np.rint(coef[-1] * scale))
+        got = (mbe_total(MBENeuron(threshold, reset, weight, offset, np.zeros((), np.int64)), q) + constant) / scale
+        err = np.abs(got - y)
+        cand = MBEFit(name, lo, hi, threshold, reset, weight, offset, constant, frac_bits, float(err.max()),
+                      float(err.mean()), used)
+        if best is None or cand.max_abs_error < best.max_abs_error:
+            best = cand
+    assert best is not None
+    return best
+
+
+BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+#: worst-case error the compiler aims at for an approximated op, in steps of the quantizer that reads it
+MBE_TARGET_LEVELS = 0.25
+
+
+def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *, max_error: float,
+           steps: int = 16, max_bases: int = 32, bases: int | None = None, frac_bits: int | None = None) -> MBEFit:
+    """The fit with the fewest bases (1, 2, 4, ... up to ``max_bases``) whose worst-case error over
+    ``lo..hi`` is at most ``max_error``, else the best one tried; ``bases`` given: exactly that many."""
+    if bases is not None:
+        return fit(name, target, lo, hi, bases=bases, steps=steps, frac_bits=frac_bits)
+    best = None
+    for k in (b for b in BASES_CHOICES if b <= max_bases):
+        cand = fit(name, target, lo, hi, bases=k, steps=steps, frac_bits=frac_bits)
+        if best is None or cand.max_abs_error < best.max_abs_error:
+            best = cand
+        if cand.max_abs_error <= max_error or k >= hi - lo + 1:
+            return cand
+    assert best is not None
+    return best
+
+
+def fit_table(name: str, values: np.ndarray, *, bases: int | None, steps: int, frac_bits: int | None = None) -> MBEFit:
+    """An MBE fit of a function given by its values at the levels 0..len(values)-1 (e.g. an elementwise
+    subgraph evaluated on every count of its input quantizer), aiming at :data:`MBE_TARGET_LEVELS`
+    (``frac_bits``: the output unit, default as :func:`fit`). Cached by value: the precision policy lowers
+    a model several times."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    return _fit_table(name, values.tobytes(), bases, min(steps, len(values) - 1) if len(values) > 1 else 1, frac_bits)
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_table(name: str, data: bytes, bases: int | None, steps: int, frac_bits: int | None) -> MBEFit:
+    values = np.frombuffer(data, dtype=np.float64)
+    target = lambda q: values[np.asarray(q, dtype=np.int64)]  # noqa: E731
+    return choose(name, target, 0, len(values) - 1, max_error=MBE_TARGET_LEVELS, steps=steps,
+                  max_bases=MBE_BASES_MAX, bases=bases, frac_bits=frac_bits)
+
+
+__all__ = ["BASES_CHOICES", "FUNCTIONS", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "choose", "fit", "fit_table",
+           "gelu"]
