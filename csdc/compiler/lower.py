@@ -6,6 +6,8 @@ Each ONNX tensor is tracked as one of:
   offset ``step * (lo - zero_point)`` is non-zero for a signed quantizer in the *offset form*, whose
   lowest level is count 0; a *symmetric* quantizer ``s * clip(round(x/s), -L, L)`` becomes a
   :class:`TernaryNeuron` population whose signed count is the level itself, offset 0);
+- :class:`SplitSpikes`: an asymmetric signed quantizer in the *split form*, a ternary population plus clip-correction
+  populations whose signed counts add up to the level (offset 0; :meth:`Lowering.split_neurons`);
 - :class:`Encoded`: the input levels ``q`` delivered every step; ``real = unit * total`` with
   ``total = T * q`` and ``unit = scale / T``;
 - :class:`Affine`: ``real = sum_t unit_t * I_t + bias`` (per element), a sum of *terms*: pending
