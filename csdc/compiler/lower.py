@@ -6,6 +6,8 @@ Each ONNX tensor is tracked as one of:
   offset ``step * (lo - zero_point)`` is non-zero for a signed quantizer in the *offset form*, whose
   lowest level is count 0; a *symmetric* quantizer ``s * clip(round(x/s), -L, L)`` becomes a
   :class:`TernaryNeuron` population whose signed count is the level itself, offset 0);
+- :class:`SplitSpikes`: an asymmetric signed quantizer in the *split form*, a ternary population plus clip-correction
+  populations whose signed counts add up to the level (offset 0; :meth:`Lowering.split_neurons`);
 - :class:`Encoded`: the input levels ``q`` delivered every step; ``real = unit * total`` with
   ``total = T * q`` and ``unit = scale / T``;
 - :class:`Affine`: ``real = sum_t unit_t * I_t + bias`` (per element), a sum of *terms*: pending
@@ -66,6 +68,15 @@ class Spikes:
     node: str
     step: float
     offset: float = 0.0  # real = step * count + offset: a quantizer whose levels start below its zero point
+
+
+@dataclass(frozen=True)
+class SplitSpikes:
+    """An asymmetric signed quantizer in the *split form* (docs/signed_spikes.md): ``real = step * sum(sign * count)``
+    over a ternary population and its clip-correction populations; offset 0, so a zero level costs no spike."""
+
+    parts: tuple[tuple[str, int], ...]  # (IR node, +1 or -1); the first is the ternary population
+    step: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,6 +213,7 @@ class Lowering:
         self.cons = graph.consumers()
         self.problems: list[tuple[str, str, str]] = []
         self.current_node = ""
+        self.split_reach: dict[str, float] = {}  # largest |count| the readers charge to a split quantizer's population
         self.T = self._find_T()
         self.delay = self.T if delay is None else int(delay)
         self.net = Network(self.T)
@@ -250,6 +262,31 @@ class Lowering:
         """Quantizer ``q`` becomes a TernaryNeuron population: it is symmetric with L = T levels either side and no
         MaxPool reads it (the spiking max-pool takes non-negative counts only). Otherwise it keeps the offset form."""
         return symmetric(q.attrs) and int(q.attrs["hi"]) == self.T and not self.max_pooled(q)
+
+    # readers (through routing) that take a split quantizer as a sum of spike tensors
+    SPLIT_READERS = ("Linear", "Add", "Mul", "Div", "Quant", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+    def split(self, q: QNode) -> bool:
+        """Quantizer ``q`` becomes a ternary population plus clip corrections (the split form): its levels
+        ``[lo, hi]`` (zero point removed) straddle zero asymmetrically within ``[-T, T]``, and every reader reached
+        through routing is a synapse, a sum or a re-quantizer (an activation product, a max- or average-pool or
+        the network output keep the offset form)."""
+        a = q.attrs
+        lo, hi = int(a["lo"]) - int(a["zero_point"]), int(a["hi"]) - int(a["zero_point"])
+        if symmetric(a) or not lo < 0 < hi or max(-lo, hi) > self.T or q.outputs[0] == self.g.output:
+            return False
+        todo, seen = [q.outputs[0]], set()
+        while todo:
+            t = todo.pop()
+            if t == self.g.output:
+                return False
+            for c in self.cons.get(t, []):
+                if c.op_type not in self.SPLIT_READERS:
+                    return False
+                if c.op_type in SPIKE_ROUTES and c.name not in seen:
+                    seen.add(c.name)
+                    todo.append(c.outputs[0])
+        return True
 
     @staticmethod
     def offset_levels(q: QNode) -> int:
@@ -453,11 +490,93 @@ class Lowering:
             p.weights, p.bias_part, p.threshold_part)
         return Spikes(nm, step)
 
+    def split_neurons(self, value: Affine, q: QNode) -> SplitSpikes | None:
+        """The split form of an asymmetric signed quantizer with levels ``[lo, hi]``, ``-T <= lo < 0 < hi <= T``
+        (docs/signed_spikes.md, "Asymmetric quantizers"). With ``f = floor((V + C) / theta)`` (``C = T*bias + v0`` of
+        the ternary population, as for every quantizer):
+
+            clip(f, lo, hi) = t - sum_k [P(f - hi - kT) - P(f - (k+1)T)] + sum_k [N(lo - f - kT) - N(-f - (k+1)T)]
+
+        with ``t = clip(f, -T, T)`` (the ternary population) and ``P(x) = N(x) = clip(x, 0, T)`` (DIF populations;
+        the ``P`` read the same current with their constant lowered by ``c * theta``, the ``N`` the negated current,
+        where ``-f = floor((theta - 1 - V - C) / theta)`` in integers). Terms that the integer bounds of the current
+        prove zero are left out (at most the first pair of each side for a current within twice the clip range);
+        a side needs none when its clip bound is ``±T``. None (offset form) for a shared residual stream (an IR
+        current already made, which cannot be negated exactly), or when the lower side needs the negated current of a
+        dense, conv or product layer (it would double that layer's synaptic operations)."""
+        step = float(q.attrs["scale"])
+        lo, hi = int(q.attrs["lo"]) - int(q.attrs["zero_point"]), int(q.attrs["hi"]) - int(q.attrs["zero_point"])
+        T = self.T
+        if any(isinstance(t, FixedTerm) for t in value.terms):
+            return None
+        # cost: the negated current repeats every synapse of the input; worth it only for one-to-one synapses (the
+        # spikes saved are this population's, the operations added are the input's: a dense or conv layer's fan-in
+        # outweighs them); 2 levels of margin for the integerization error (re-checked below)
+        if lo > -T and self.real_reach(value) / step + 2.0 > -lo and not all(isinstance(t, DiagTerm) for t in value.terms):
+            return None
+        node, cur = self.materialize(value, q.name, step)
+        p = neuron_parameters(step, cur.unit, value.bias, cur.error, T)
+        shape = self.net.info(node).shape
+        full = lambda a: np.broadcast_to(broadcast.squeeze_constant(a), shape)  # noqa: E731
+        theta = np.asarray(p.threshold, dtype=np.int64)
+        C = T * np.asarray(p.bias, dtype=np.int64) + np.asarray(p.v0, dtype=np.int64)
+        reach = self.real_reach(value) / step + p.bound + 1.0  # largest |f| in levels, with the integerization error
+        f_max, f_min = math.ceil(reach), -math.ceil(reach)
+        # (shift c, sign) of the terms P(f - c) and N(-f - c') = N(lo - f - (c' + lo)) that can be non-zero
+        upper = [] if hi == T else [(c, sgn) for k in range(max(0, -(-(f_max - hi) // T)))
+                                    for c, sgn in ((hi + k * T, -1), ((k + 1) * T, +1)) if f_max > c]
+        lower = [] if lo == -T else [(c, sgn) for k in range(max(0, -(-(lo - f_min) // T)))
+                                     for c, sgn in ((k * T - lo, +1), ((k + 1) * T, -1)) if -f_min > c]
+        neg_node = None
+        if lower:
+            negated = Affine(tuple(replace(t, unit=-t.unit) for t in value.terms), -value.bias)
+            neg_node, _ = self.materialize(negated, f"{q.name}_negated", None, self.report.precision.sites[cur.site])
+        theta_real = step / cur.unit
+        self.report.threshold_error = max(self.report.threshold_error, float(np.max(np.abs(p.threshold - theta_real) / theta_real)))
+        self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(np.rint(value.bias / cur.unit) - value.bias / cur.unit) / p.threshold)))
+        err = PopulationError(p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
+                              p.weights, p.bias_part, p.threshold_part)
+        main = self.add(q.name, TernaryNeuron(full(p.threshold), full(p.v0), full(p.bias), self.delay), [node])
+        self.report.precision.populations[main] = err
+        self.split_reach[main] = float(max(-lo, hi))
+        parts = [(main, 1)]
+        for src, terms, constant in ((node, upper, lambda c: C - c * theta), (neg_node, lower, lambda c: theta - 1 - C - c * theta)):
+            for c, sgn in terms:
+                total = constant(c)  # the DIF population's v0 + T * bias
+                b = np.floor_divide(total, T)
+                nm = self.add(f"{q.name}_{'above' if src == node else 'below'}_{c}",
+                              Neuron(full(theta), full(total - T * b), full(b), self.delay), [src])
+                self.report.precision.populations[nm] = err
+                self.split_reach[nm] = 0.0
+                parts.append((nm, sgn))
+        return SplitSpikes(tuple(parts), step)
+
+    def real_reach(self, value: Affine) -> float:
+        """An upper bound of ``|real value|`` of a sum of free terms. The populations of a split quantizer are bounded
+        together: each reader weighs them alike (sign apart), so their signed counts add up to a level in ``[lo, hi]``,
+        charged to the ternary population (``split_reach``: largest |level|) and none to its corrections."""
+        reach = np.abs(value.bias)
+        for t in value.terms:
+            c = self.split_reach.get(t.src, t.count_max)
+            if isinstance(t, (DenseTerm, ConvTerm)):
+                axes = (1, 2, 3) if isinstance(t, ConvTerm) else (1,)
+                per = np.abs(t.w_int).sum(axis=axes).astype(np.float64) * c
+                per = broadcast.per_axis(per, 3, 0) if isinstance(t, ConvTerm) else broadcast.per_axis(per, np.ndim(t.unit), np.ndim(t.unit) - 1)
+                reach = reach + np.abs(t.unit) * per * (self._positions(t) if isinstance(t, DenseTerm) else 1)
+            elif isinstance(t, DiagTerm):
+                reach = reach + np.abs(t.unit) * c * self._positions(t)
+            else:  # ProductTerm: count_max is the largest product total
+                reach = reach + np.abs(t.unit) * t.count_max
+        return float(np.max(reach))
+
     def as_affine(self, tensor: str, node: QNode) -> Affine | None:
         v = self.vals.get(tensor)
         shape = self.sample_shape(tensor)
         if isinstance(v, Affine):
             return v
+        if isinstance(v, SplitSpikes):
+            one = (1,) * len(shape)
+            return Affine(tuple(DiagTerm(nm, np.full(one, sgn * v.step), float(self.T)) for nm, sgn in v.parts), np.zeros(one))
         if isinstance(v, Spikes):
             one = (1,) * len(shape)
             return Affine((DiagTerm(v.node, np.full(one, v.step), float(self.T)),), np.full(one, v.offset))
@@ -489,8 +608,8 @@ class Lowering:
         # levels below the zero point (offset form): the neuron counts c = level - lo in 0..hi-lo; the input gets
         # +m*step (round(x/s) + z - lo == round(x/s + m), m integer) and the value is step * c - m * step.
         # A symmetric quantizer needs no offset: its ternary population's signed count is the level.
-        ternary = self.ternary(n)
-        m = 0 if ternary else int(a["zero_point"]) - int(a["lo"])
+        ternary, split = self.ternary(n), self.split(n)
+        m = 0 if ternary or split else int(a["zero_point"]) - int(a["lo"])
         offset = -m * float(a["scale"])
         if isinstance(src, Spikes):
             same_range = ternary or self.net.info(src.node).kind != TERNARY  # signed spikes re-quantized unsigned: clip
@@ -498,6 +617,8 @@ class Lowering:
                 self.vals[n.outputs[0]] = src  # requantizing spikes on the same grid changes nothing
                 return
             src = self.as_affine(n.inputs[0], n)  # a new grid: one-to-one synapses into a new population
+        if isinstance(src, SplitSpikes):
+            src = self.as_affine(n.inputs[0], n)
         if isinstance(src, Pooled):
             src = self.pooled_dense(src, None, None, None, n)
             if src is None:
@@ -505,6 +626,13 @@ class Lowering:
         if not isinstance(src, Affine):
             self.fail(n, "its input is not a current csdc can integrate")
             return
+        if split:
+            parts = self.split_neurons(src, n)
+            if parts is not None:
+                self.vals[n.outputs[0]] = parts
+                return
+            m = int(a["zero_point"]) - int(a["lo"])  # the lower clip needs a shared stream negated: offset form
+            offset = -m * float(a["scale"])
         if m:
             src = replace(src, bias=src.bias + m * float(a["scale"]))
         sp = self.neuron(src, n)
@@ -562,6 +690,18 @@ class Lowering:
         # the mean of a constant offset is the offset
         return Affine((term,), broadcast.per_axis(bias + offset * w_scale * w.sum(axis=1), 1, 0))
 
+    def linear_term(self, n: QNode, node: str, in_unit: float, count_max: float) -> tuple[FreeTerm, np.ndarray]:
+        """The synapse group of linear node ``n`` reading ``node`` (one input unit ``in_unit``) and the layer's bias."""
+        a = n.attrs
+        w_scale = np.asarray(a["w_scale"], dtype=np.float64).reshape(-1)
+        if a["kind"] == "conv":
+            geometry = ConvGeometry(tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]), int(a["group"]))
+            return (ConvTerm(node, broadcast.per_axis(in_unit * w_scale, 3, 0), a["w_int"], geometry, count_max, origin=n.name),
+                    broadcast.per_axis(a["bias"], 3, 0))
+        nd = len(self.sample_shape(n.outputs[0]))
+        return (DenseTerm(node, broadcast.per_axis(in_unit * w_scale, nd, nd - 1), a["w_int"], count_max, origin=n.name),
+                broadcast.per_axis(a["bias"], nd, nd - 1))
+
     def lower_linear(self, n: QNode) -> None:
         a = n.attrs
         src = self.vals.get(n.inputs[0])
@@ -576,6 +716,10 @@ class Lowering:
                 self.vals[n.outputs[0]] = val
             return
         offset = 0.0
+        if isinstance(src, SplitSpikes):  # one synapse group per population, the corrections with signed units
+            terms = [self.linear_term(n, nm, sgn * src.step, float(self.T)) for nm, sgn in src.parts]
+            self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine(tuple(t for t, _ in terms), terms[0][1]))
+            return
         if isinstance(src, Spikes):
             node, in_unit, offset, count_max = src.node, src.step, src.offset, float(self.T)
         elif isinstance(src, Encoded):
@@ -733,6 +877,10 @@ class Lowering:
             op = Reshape(out_shape)
         if isinstance(src, Spikes):
             self.vals[n.outputs[0]] = Spikes(self.add(n.name, op, [src.node]), src.step, src.offset)
+        elif isinstance(src, SplitSpikes):
+            routed = tuple((self.add(n.name, op, [nm]), sgn) for nm, sgn in src.parts)
+            self.split_reach.update((r, self.split_reach[nm]) for (r, _), (nm, _) in zip(routed, src.parts))
+            self.vals[n.outputs[0]] = SplitSpikes(routed, src.step)
         elif isinstance(src, Encoded):
             self.vals[n.outputs[0]] = Encoded(self.add(n.name, op, [src.node]), src.unit, src.count_max)
         elif isinstance(src, Affine):

@@ -649,6 +649,24 @@ def test_ternary_lowered_attention_equals_numba(tmp_path: Path, delay) -> None:
     assert sum(s.negative_spikes for s in ref.stats.values()) > 0
 
 
+@pytest.mark.parametrize("delay", ["T", 1])
+def test_split_lowered_asymmetric_quantizer_equals_numba(tmp_path: Path, delay) -> None:
+    """An asymmetric signed quantizer in the split form (a ternary population and its clip corrections, read by
+    synapses with weights w, -w, +w): Lava == numba spike for spike."""
+    from csdc.compiler.pipeline import compile_onnx
+    from csdc.ir.ops import TernaryNeuron
+    from tests.compiler.test_ternary_lowering import small_split_model
+
+    small_split_model(tmp_path / "m.onnx")
+    net, _ = compile_onnx(tmp_path / "m.onnx")
+    assert sum(isinstance(net.op(n), TernaryNeuron) for n in net.neurons()) == 1
+    assert any("above" in n for n in net.neurons()) and any("below" in n for n in net.neurons())
+    net = net.with_delay(net.T if delay == "T" else delay)
+    x = (np.random.default_rng(5).integers(0, 17, (6, 8)) / 16).astype(np.float32)
+    ref = NumbaBackend().run(net, x, keep_trains=True)
+    assert_same(ref, BACKEND.run(net, x, keep_trains=True))
+
+
 # -- deployment bundle ----------------------------------------------------------------------
 def test_bundle_runs_by_hand_in_the_lava_env(tmp_path: Path) -> None:
     """The exported bundle runs with the Lava environment's Python (lava-nc's own pins, no csdc

@@ -95,6 +95,22 @@ def test_onnxruntime_attention_applies_signed_current_quantizers(tmp_path, route
     assert r["agreement"] >= 0.99, r
 
 
+def test_onnxruntime_int8_attention_takes_the_split_form(tmp_path):
+    """onnxruntime's asymmetric int8 activations: the quantizers read through one-to-one synapses (around the token
+    BatchNorms) become ternary populations with clip corrections, the ones after a projection keep the offset form
+    (docs/signed_spikes.md); same window, exact: numba == reference, agreement with onnxruntime."""
+    from csdc.ir.ops import TernaryNeuron
+
+    path = P.build_route("ort-int8-activations", "attention", str(tmp_path))
+    net, rep = compile_onnx(path)
+    ternary = [n for n in net.neurons() if isinstance(net.op(n), TernaryNeuron)]
+    assert net.T == 255 and len(ternary) == 8, ternary
+    assert all(any(c.startswith(t + "_") and ("above" in c or "below" in c) for c in net.neurons()) for t in ternary)
+    r = P.evaluate_route(path, numba_vs_reference=True)
+    assert r["numba_equals_reference"] and not r["warnings"]
+    assert r["agreement"] >= 0.99, r
+
+
 @pytest.mark.parametrize("route", ["brevitas-qcdq-torchscript", "brevitas-qonnx"])
 def test_brevitas_signed_activations_offset_form(tmp_path, route):
     """A signed 4-bit Brevitas QuantIdentity ([-8, 7], no ReLU) before a max-pool and the classifier."""

@@ -188,3 +188,111 @@ def test_ternary_population_equals_quantizelinear_except_exact_ties(tmp_path, sc
     differ = counts != expect
     assert not np.any(differ & ~near), (counts[differ & ~near], expect[differ & ~near], r[differ & ~near])
     assert np.all(np.abs(counts - expect) <= 1)
+
+
+# -- asymmetric signed quantizers: the split form (a ternary population and clip corrections) ---------------------
+def _asymmetric_chain(s1: float, c: float, bias: np.ndarray, s2: float, z2: int, dtype, w: np.ndarray,
+                      clip: tuple[int, int] | None = None):
+    """x (n, 8) -> input quantizer -> Gemm -> unsigned uint8 quantizer Q1 (step ``s1``; ``Clip(0, hi - lo)`` with
+    ``clip``) -> Mul(c) -> Add(bias) -> asymmetric quantizer Q2 (``dtype``'s full range or ``Clip(*clip)``, zero point
+    ``z2``) -> identity Gemm (the logits are Q2's values): the model, and a probe whose outputs are Q1's and Q2's levels
+    and Q2's float input."""
+    b = Builder((1, 8))
+    x = b.quant("x", 1 / 16, 16)
+    F = w.shape[0]
+    wq = b.node("DequantizeLinear", [b.const(w.astype(np.int8), "w"), b.const(np.float32(0.05)), b.const(np.int8(0))])
+    pre1 = b.node("Gemm", [x, wq, b.const(np.zeros(F, np.float32), "b")], transB=1)
+    sc1, z1 = b.const(np.float32(s1)), b.const(np.uint8(0))
+    q1 = b.node("QuantizeLinear", [pre1, sc1, z1])
+    if clip is not None:
+        q1 = b.node("Clip", [q1, b.const(np.uint8(0)), b.const(np.uint8(clip[1] - clip[0]))])
+    h1 = b.node("DequantizeLinear", [q1, sc1, z1])
+    pre2 = b.node("Add", [b.node("Mul", [h1, b.const(np.float32(c))]), b.const(bias.astype(np.float32), "bias")])
+    sc2, zz2 = b.const(np.float32(s2)), b.const(np.array(z2, dtype))
+    q2 = b.node("QuantizeLinear", [pre2, sc2, zz2])
+    if clip is not None:
+        q2 = b.node("Clip", [q2, b.const(np.array(clip[0], dtype)), b.const(np.array(clip[1], dtype))])
+    h2 = b.node("DequantizeLinear", [q2, sc2, zz2])
+    eye = b.node("DequantizeLinear", [b.const(np.eye(F, dtype=np.int8), "eye"), b.const(np.float32(1.0)), b.const(np.int8(0))])
+    full = b.model(b.node("Gemm", [h2, eye, b.const(np.zeros(F, np.float32), "b0")], transB=1), (1, F))
+    keep = list(full.graph.node[:-2])
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(keep, "probe", list(full.graph.input),
+                               [onnx.helper.make_tensor_value_info(q1, onnx.TensorProto.UINT8, ["n", F]),
+                                onnx.helper.make_tensor_value_info(q2, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["n", F]),
+                                onnx.helper.make_tensor_value_info(pre2, onnx.TensorProto.FLOAT, ["n", F])],
+                               [i for i in full.graph.initializer if any(i.name in n.input for n in keep)]),
+        opset_imports=full.opset_import)
+    probe.ir_version = full.ir_version
+    return full, probe
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(signed=st.booleans(), z=st.integers(1, 254), spread=st.floats(0.2, 3.0), c=st.floats(-2.0, 2.0).filter(lambda v: abs(v) > 0.05),
+       shift=st.floats(-1.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_split_population_equals_quantizelinear_except_exact_ties(tmp_path, signed, z, spread, c, shift, seed):
+    """An asymmetric int8 / uint8 quantizer (full range, zero point anywhere but at the ends) reading a one-to-one
+    current becomes a ternary population plus clip corrections whose signed counts add up to onnxruntime's
+    ``QuantizeLinear`` level minus the zero point, except within the integerization bound of a rounding tie (the
+    tie rule of the symmetric lowering). ``spread`` scales the input's reach to up to three times the clip range,
+    so both clip corrections (and their second terms) fire."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    dtype, z2 = (np.int8, z - 128) if signed else (np.uint8, z)
+    F = int(rng.integers(1, 6))
+    w = rng.integers(-7, 8, (F, 8))
+    s1 = 0.01
+    reach = abs(c) * s1 * 255
+    s2 = reach / (255 * spread)
+    bias = rng.uniform(-1, 1, F) * reach * abs(shift)
+    full, probe = _asymmetric_chain(s1, c, bias, s2, z2, dtype, w)
+    path = tmp_path / "m.onnx"
+    onnx.save(full, path)
+    net, rep = compile_onnx(path)
+    assert net.T == 255
+    ternary = [n for n in net.neurons() if isinstance(net.op(n), TernaryNeuron)]
+    assert len(ternary) == 1, _populations(net)  # Q2 in the split form; Q1 unsigned
+    x = (rng.integers(0, 17, (64, 8)) / 16).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    q1, q2, pre = sess.run(None, {"x": x})
+    run = semantics.run_counts(net, x)
+    q1_pop = next(n for n in net.neurons() if type(net.op(n)) is Neuron and not any(p in n for p in ("above", "below")))
+    same_q1 = np.all(run.counts[q1_pop].astype(np.int64) == q1.astype(np.int64), axis=1)  # Q1's own ties propagate
+    values = np.rint(run.logits / s2).astype(np.int64)
+    expect = q2.astype(np.int64) - z2
+    r = pre.astype(np.float32) / np.float32(s2)
+    distance = np.abs(np.abs(r - np.floor(r)) - 0.5)
+    near = distance <= rep.error_bound + 1e-6 * (np.abs(r) + abs(c) * s1 * 255 / s2)
+    differ = (values != expect) & same_q1[:, None]
+    assert not np.any(differ & ~near), (values[differ & ~near], expect[differ & ~near], r[differ & ~near])
+    assert np.all(np.abs(values - expect)[same_q1] <= 1)
+
+
+def small_split_model(path, seed: int = 0) -> None:
+    """The chain above at T = 7: Q1 unsigned [0, 7], Q2 int8 zero point 1 with ``Clip(-2, 5)`` (levels [-3, 4]) reading
+    ``1.2 - 0.3 * level of Q1``, levels 8 down to -6, so it passes both clip bounds (corrections of both sides fire)."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-7, 8, (4, 8))
+    full, _ = _asymmetric_chain(0.1, -3.0, np.full(4, 1.2), 0.15, 1, np.int8, w, clip=(-2, 5))
+    onnx.save(full, path)
+
+
+def test_split_form_numba_equals_reference(tmp_path):
+    """numba == count-domain reference bit for bit (every population's counts and the readout) on the split form."""
+    from csdc.backends.numba import NumbaBackend
+
+    small_split_model(tmp_path / "m.onnx")
+    net, _ = compile_onnx(tmp_path / "m.onnx")
+    names = sorted(net.neurons())
+    assert net.T == 7 and sum(isinstance(net.op(n), TernaryNeuron) for n in names) == 1
+    assert sum("above" in n for n in names) >= 2 and sum("below" in n for n in names) >= 2, names
+    x = (np.random.default_rng(1).integers(0, 17, (200, 8)) / 16).astype(np.float32)
+    ref, got = semantics.run_counts(net, x), NumbaBackend().run(net, x)
+    for n in names:
+        assert np.array_equal(ref.counts[n], got.counts[n]), n
+    assert np.array_equal(ref.readout, got.readout)
+    for side in ("above", "below"):  # corrections of both clip bounds fire on some inputs
+        assert any(np.any(ref.counts[n]) for n in names if side in n), side

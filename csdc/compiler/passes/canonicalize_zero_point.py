@@ -19,8 +19,9 @@ quantizer with zero point 0.
    signed narrow-range quantizers.
 
 Any other quantizer with ``lo < z`` on a tensor that may be negative keeps its form: lowering gives it the
-offset form (the neuron counts ``level - lo``, the offset moves into its bias and into the biases
-of its readers), or refuses it where that is impossible (an operand of an activation product).
+split form (a ternary population plus clip corrections, docs/signed_spikes.md) where that costs fewer operations,
+else the offset form (the neuron counts ``level - lo``, the offset moves into its bias and into the biases of its
+readers), or refuses it where neither applies (an operand of an activation product).
 
 Invariant established: every ``Quant`` with ``lo == zero_point`` or ``zero_point - lo == hi - zero_point``
 has ``zero_point == 0``.
