@@ -102,8 +102,8 @@ def test_inconsistent_sets_are_refused(tmp_path):
 
 
 def test_builtin_names():
-    assert BUILTIN_SETS == ("digits", "fashion-mnist")
-    with pytest.raises(DataError, match="built-in sets are digits, fashion-mnist"):
+    assert BUILTIN_SETS == ("digits", "fashion-mnist", "mnist5k")
+    with pytest.raises(DataError, match="built-in sets are digits, fashion-mnist, mnist5k"):
         load_builtin("mnist")
     with pytest.raises(DataError, match="--data-dir applies to fashion-mnist only"):
         load_builtin("digits", "test", "/tmp")
