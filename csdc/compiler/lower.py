@@ -35,14 +35,15 @@ quantizer's :class:`TernaryNeuron` gets the same parameters (its signed count is
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
-from csdc.compiler.integerize import (PopulationError, Precision, PrecisionReport, neuron_bound_at, neuron_parameters,
-                                      rounded_with_residual, scaled_weights, split_power_of_two)
+from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
+                                      neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
 from csdc.compiler.mbe import fit_table
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
@@ -246,17 +247,22 @@ class Lowering:
                                         f"levels (= time steps T), found {desc}{why}")])
         return T
 
-    def max_pooled(self, q: QNode) -> str:
-        """The MaxPool that reads quantizer ``q``'s output through routing or constant scaling, or ''."""
+    def spike_readers(self, q: QNode) -> Iterator[tuple[str, list[QNode]]]:
+        """Every tensor that carries quantizer ``q``'s spikes (its output, and the outputs of the routing or
+        constant-scaling ops after it, SPIKE_ROUTES) with the nodes that read it."""
         todo, seen = [q.outputs[0]], set()
         while todo:
-            for c in self.cons.get(todo.pop(), []):
-                if c.op_type == "MaxPool":
-                    return c.name
+            t = todo.pop()
+            readers = self.cons.get(t, [])
+            yield t, readers
+            for c in readers:
                 if c.op_type in SPIKE_ROUTES and c.name not in seen:
                     seen.add(c.name)
                     todo.append(c.outputs[0])
-        return ""
+
+    def max_pooled(self, q: QNode) -> str:
+        """The MaxPool that reads quantizer ``q``'s output through routing or constant scaling, or ''."""
+        return next((c.name for _, readers in self.spike_readers(q) for c in readers if c.op_type == "MaxPool"), "")
 
     def ternary(self, q: QNode) -> bool:
         """Quantizer ``q`` becomes a TernaryNeuron population: it is symmetric with L = T levels either side and no
@@ -273,20 +279,10 @@ class Lowering:
         the network output keep the offset form)."""
         a = q.attrs
         lo, hi = int(a["lo"]) - int(a["zero_point"]), int(a["hi"]) - int(a["zero_point"])
-        if symmetric(a) or not lo < 0 < hi or max(-lo, hi) > self.T or q.outputs[0] == self.g.output:
+        if symmetric(a) or not lo < 0 < hi or max(-lo, hi) > self.T:
             return False
-        todo, seen = [q.outputs[0]], set()
-        while todo:
-            t = todo.pop()
-            if t == self.g.output:
-                return False
-            for c in self.cons.get(t, []):
-                if c.op_type not in self.SPLIT_READERS:
-                    return False
-                if c.op_type in SPIKE_ROUTES and c.name not in seen:
-                    seen.add(c.name)
-                    todo.append(c.outputs[0])
-        return True
+        return not any(t == self.g.output or any(c.op_type not in self.SPLIT_READERS for c in readers)
+                       for t, readers in self.spike_readers(q))
 
     @staticmethod
     def offset_levels(q: QNode) -> int:
@@ -474,20 +470,27 @@ class Lowering:
         node = currents[0] if len(currents) == 1 else self.add(f"{base}_sum", Add(), currents)
         return node, FixedTerm(node, U, broadcast.squeeze_constant(np.asarray(error, dtype=np.float64)), site)
 
-    def neuron(self, value: Affine, q: QNode) -> Spikes:
-        step = float(q.attrs["scale"])
+    def quantizer_current(self, value: Affine, q: QNode,
+                          step: float) -> tuple[str, FixedTerm, NeuronParameters, PopulationError]:
+        """The IR current of ``value`` read by quantizer ``q`` and the integer neuron parameters for it: (node, current,
+        parameters, their error record); the threshold and bias rounding errors go into the report."""
         node, cur = self.materialize(value, q.name, step)
         U = cur.unit
         p = neuron_parameters(step, U, value.bias, cur.error, self.T)
         theta_real = step / U
         self.report.threshold_error = max(self.report.threshold_error, float(np.max(np.abs(p.threshold - theta_real) / theta_real)))
         self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(np.rint(value.bias / U) - value.bias / U) / p.threshold)))
+        err = PopulationError(p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
+                              p.weights, p.bias_part, p.threshold_part)
+        return node, cur, p, err
+
+    def neuron(self, value: Affine, q: QNode) -> Spikes:
+        step = float(q.attrs["scale"])
+        node, _, p, err = self.quantizer_current(value, q, step)
         shape = self.net.info(node).shape
         full = [np.broadcast_to(broadcast.squeeze_constant(a), shape) for a in (p.threshold, p.v0, p.bias)]
         nm = self.add(q.name, (TernaryNeuron if self.ternary(q) else Neuron)(*full, self.delay), [node])
-        self.report.precision.populations[nm] = PopulationError(
-            p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
-            p.weights, p.bias_part, p.threshold_part)
+        self.report.precision.populations[nm] = err
         return Spikes(nm, step)
 
     def split_neurons(self, value: Affine, q: QNode) -> SplitSpikes | None:
@@ -514,8 +517,7 @@ class Lowering:
         # outweighs them); 2 levels of margin for the integerization error (re-checked below)
         if lo > -T and self.real_reach(value) / step + 2.0 > -lo and not all(isinstance(t, DiagTerm) for t in value.terms):
             return None
-        node, cur = self.materialize(value, q.name, step)
-        p = neuron_parameters(step, cur.unit, value.bias, cur.error, T)
+        node, cur, p, err = self.quantizer_current(value, q, step)
         shape = self.net.info(node).shape
         full = lambda a: np.broadcast_to(broadcast.squeeze_constant(a), shape)  # noqa: E731
         theta = np.asarray(p.threshold, dtype=np.int64)
@@ -531,11 +533,6 @@ class Lowering:
         if lower:
             negated = Affine(tuple(replace(t, unit=-t.unit) for t in value.terms), -value.bias)
             neg_node, _ = self.materialize(negated, f"{q.name}_negated", None, self.report.precision.sites[cur.site])
-        theta_real = step / cur.unit
-        self.report.threshold_error = max(self.report.threshold_error, float(np.max(np.abs(p.threshold - theta_real) / theta_real)))
-        self.report.bias_error = max(self.report.bias_error, float(np.max(np.abs(np.rint(value.bias / cur.unit) - value.bias / cur.unit) / p.threshold)))
-        err = PopulationError(p.bound, cur.site, self.report.precision.sites[cur.site], int(np.max(p.threshold)).bit_length(),
-                              p.weights, p.bias_part, p.threshold_part)
         main = self.add(q.name, TernaryNeuron(full(p.threshold), full(p.v0), full(p.bias), self.delay), [node])
         self.report.precision.populations[main] = err
         self.split_reach[main] = float(max(-lo, hi))
@@ -727,20 +724,15 @@ class Lowering:
         else:
             self.fail(n, "consumes a tensor that is not quantized; put an activation quantizer before every linear layer")
             return
-        w_scale = np.asarray(a["w_scale"], dtype=np.float64).reshape(-1)
-        if a["kind"] == "conv":
-            per = lambda v: broadcast.per_axis(v, 3, 0)  # noqa: E731
-            geometry = ConvGeometry(tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"]), int(a["group"]))
-            term: FreeTerm = ConvTerm(node, per(in_unit * w_scale), a["w_int"], geometry, count_max, origin=n.name)
-            bias = per(a["bias"])
-            if offset:  # sum of the weights over each window's in-image taps (zero padding adds no offset)
+        term, bias = self.linear_term(n, node, in_unit, count_max)
+        if offset:  # the input's constant offset times the weights that reach each output
+            w_scale = np.asarray(a["w_scale"], dtype=np.float64).reshape(-1)
+            if isinstance(term, ConvTerm):  # sum of the weights over each window's in-image taps (zero padding adds no offset)
                 ones = np.ones((1, *self.sample_shape(n.inputs[0])), dtype=np.int64)
-                taps = conv_counts(geometry.synapse(a["w_int"]), ones)[0]
-                bias = broadcast.squeeze_constant(bias + offset * per(w_scale) * taps)
-        else:
-            per = lambda v: broadcast.per_axis(v, len(out_shape), len(out_shape) - 1)  # noqa: E731
-            term = DenseTerm(node, per(in_unit * w_scale), a["w_int"], count_max, origin=n.name)
-            bias = per(a["bias"] + offset * w_scale * a["w_int"].sum(axis=1))
+                taps = conv_counts(term.geometry.synapse(a["w_int"]), ones)[0]
+                bias = broadcast.squeeze_constant(bias + offset * broadcast.per_axis(w_scale, 3, 0) * taps)
+            else:
+                bias = bias + broadcast.per_axis(offset * w_scale * a["w_int"].sum(axis=1), len(out_shape), len(out_shape) - 1)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine((term,), bias))
 
     def lower_add_mul(self, n: QNode) -> None:
