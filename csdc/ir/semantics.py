@@ -19,6 +19,7 @@ time domain have shape (batch, T, *shape).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,8 +62,9 @@ def neuron_count(op: Neuron, total: np.ndarray, T: int) -> np.ndarray:
     return np.clip(np.floor_divide(v, op.threshold), 0, T)
 
 
-def neuron_steps(op: Neuron, current: np.ndarray, T: int) -> np.ndarray:
-    """Spike train (batch, T, *shape) of a DIF population (Algorithm 1, any delay)."""
+def _delayed_steps(op: Neuron, current: np.ndarray, T: int, fire: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Spike train (batch, T, *shape) of a population with delay (Algorithm 1): integrate steps 1..T, fire
+    from step delay + 1 on; ``fire(v)`` gives each step's spikes (-1, 0 or +1) and ``v -= spikes * threshold``."""
     batch = current.shape[0]
     v = np.broadcast_to(op.v0, (batch, *op.v0.shape)).astype(np.int64).copy()
     out = np.zeros_like(current, dtype=np.int64)
@@ -71,10 +73,15 @@ def neuron_steps(op: Neuron, current: np.ndarray, T: int) -> np.ndarray:
         if u <= T:
             v += current[:, u - 1] + op.bias
         if u > op.delay:
-            fire = v >= op.threshold
-            out[:, u - op.delay - 1] = fire
-            v -= np.where(fire, op.threshold, 0)
+            spikes = fire(v)
+            out[:, u - op.delay - 1] = spikes
+            v -= spikes * op.threshold
     return out
+
+
+def neuron_steps(op: Neuron, current: np.ndarray, T: int) -> np.ndarray:
+    """Spike train (batch, T, *shape) of a DIF population (Algorithm 1, any delay)."""
+    return _delayed_steps(op, current, T, lambda v: (v >= op.threshold).astype(np.int64))
 
 
 def ternary_count(op: TernaryNeuron, total: np.ndarray, T: int) -> np.ndarray:
@@ -87,17 +94,7 @@ def ternary_count(op: TernaryNeuron, total: np.ndarray, T: int) -> np.ndarray:
 def ternary_steps(op: TernaryNeuron, current: np.ndarray, T: int) -> np.ndarray:
     """Signed spike train (batch, T, *shape) of a ternary population (any delay): +1 and
     ``v -= threshold`` where ``v >= threshold``, -1 and ``v += threshold`` where ``v < 0``."""
-    batch = current.shape[0]
-    v = np.broadcast_to(op.v0, (batch, *op.v0.shape)).astype(np.int64).copy()
-    out = np.zeros_like(current, dtype=np.int64)
-    for u in itertools.chain(range(1, T + 1), range(max(T, op.delay) + 1, T + op.delay + 1)):
-        if u <= T:
-            v += current[:, u - 1] + op.bias
-        if u > op.delay:
-            fire = (v >= op.threshold).astype(np.int64) - (v < 0)
-            out[:, u - op.delay - 1] = fire
-            v -= fire * op.threshold
-    return out
+    return _delayed_steps(op, current, T, lambda v: (v >= op.threshold).astype(np.int64) - (v < 0))
 
 
 def mbe_spikes(op: MBENeuron, total: np.ndarray) -> np.ndarray:
