@@ -48,6 +48,14 @@ def _shape(graph: QGraph, name: str) -> tuple[int, ...] | None:
     return tuple(s) if s is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in s) else None
 
 
+def _first_where(bad: np.ndarray, values: np.ndarray) -> tuple[object, list[int]]:
+    """The first element of ``values`` where ``bad`` holds, and its index (for the message)."""
+    if not values.ndim:
+        return values.item(), []
+    first = np.argwhere(bad)[0].tolist()
+    return values[tuple(first)], first
+
+
 def _check_finite(graph: QGraph, n: QNode, problems: list) -> None:
     for i, name in enumerate(n.inputs):
         v = _values(graph, name)
@@ -55,9 +63,9 @@ def _check_finite(graph: QGraph, n: QNode, problems: list) -> None:
             continue
         bad = np.isnan(v) if i in _INFINITE_OK.get(n.op_type, ()) else ~np.isfinite(v)
         if np.any(bad):
-            first = np.argwhere(bad)[0].tolist() if v.ndim else []
+            value, first = _first_where(bad, v)
             problems.append((n.name, n.op_type, f"constant '{name}' holds a non-finite value "
-                             f"({v[tuple(first)] if v.ndim else v.item()} at index {first}); export the model again "
+                             f"({value} at index {first}); export the model again "
                              "from a trained checkpoint (an infinite step, scale or BatchNorm statistic cannot be compiled)"))
 
 
@@ -150,9 +158,9 @@ def _check_int32_offset(graph: QGraph, n: QNode, problems: list) -> None:
         return  # a shape mismatch: _check_quantize_axis names it
     bad = (diff < np.iinfo(np.int32).min) | (diff > np.iinfo(np.int32).max)
     if np.any(bad):
-        first = np.argwhere(bad)[0].tolist() if bad.ndim else []
+        value, first = _first_where(bad, diff)
         problems.append((n.name, n.op_type, f"'{n.inputs[0]}' - zero point '{n.inputs[2]}' leaves int32 "
-                         f"({int(diff[tuple(first)]) if diff.ndim else int(diff)} at index {first}): executors "
+                         f"({int(value)} at index {first}): executors "
                          "disagree on it (onnxruntime wraps around); export the model again"))
 
 
