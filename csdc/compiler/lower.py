@@ -34,6 +34,7 @@ quantizer's :class:`TernaryNeuron` gets the same parameters (its signed count is
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -44,7 +45,7 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
-from csdc.compiler.mbe import fit_table
+from csdc.compiler.mbe import MBESum, fit_geometric, fit_table
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
@@ -196,6 +197,22 @@ class MBEOptions:
 
     bases: int | None = None
     steps: int = 16
+
+
+#: LayerNorm's 1/sqrt in units of 2^-F with r(1) 2^F about 2^28: the knots' rounding stays far below the fit's error
+RSQRT_BITS = 28
+
+
+@functools.lru_cache(maxsize=64)
+def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int) -> MBESum:
+    """MBE populations for LayerNorm's ``r(S) = 1/sqrt(S / C + eps)`` on every sum of squares ``S = 0..s_max``, the
+    error weighted by ``sqrt(S)`` (the largest |centred level| a token with that S can have) within ``max_error``
+    (cached: the precision policy lowers a model several times)."""
+    # S = 0 means every k_c = 0, so any value serves there: r(1) keeps the range (and the digits' precision) small
+    r1 = 1.0 / math.sqrt(1.0 / channels + eps_levels)
+    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(r1)), 0)
+    return fit_geometric("rsqrt", lambda S: 1.0 / np.sqrt(np.maximum(S, 1.0) / channels + eps_levels), 0, s_max,
+                         weight=np.sqrt, max_error=max_error, steps=steps, frac_bits=frac_bits)
 
 
 class Lowering:
@@ -956,6 +973,129 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
+    #: digit populations that read out 1/sqrt(variance) as spikes (base T + 1, the last rounded)
+    LAYERNORM_DIGITS = 3
+    #: fractional bits of the centred levels (a second ternary population per channel): rounding d to whole levels
+    #: would cost up to max|gamma| r / 2, several output steps for a token of small variance
+    LAYERNORM_FRACTION_BITS = 5
+    #: the share of an output step the 1/sqrt fit may cost at worst (verified on every level of its input)
+    LAYERNORM_RSQRT_TARGET = 0.05
+
+    def lower_layernorm(self, n: QNode) -> None:
+        """``LayerNormalization`` over the last axis (C channels) of a quantizer's output (``--nonlinear mbe``,
+        docs/mbe.md "Compiling LayerNorm"). With input counts q (``x = step q + offset``) and ``d = q - mean q``:
+        ``LN(x) = gamma d r + beta``, ``r = 1/sqrt(sum d^2 / C + eps / step^2)``. Spike-driven, with no integer op
+        other than spike accumulations:
+
+        1. one dense synapse group ``sign(gamma_c) 2^E (C delta_cd - 1)`` on the input spikes, read by two ternary
+           populations: ``k = round(sign(gamma) d)`` (threshold ``C 2^E``) and ``kg = round(gamma d / max|gamma|)``
+           (per-channel threshold ``C 2^E max|gamma| / |gamma_c|``; ``kg = k`` when every |gamma| is equal);
+        2. ``S = sum_c k_c^2`` exactly by a signed ``SpikeMatMul`` of k with itself (K = C), in ``[0, C (L+1)^2 / 4]``;
+        3. ``r(S)`` by MBE populations reading S (:func:`csdc.compiler.mbe.fit_geometric`, verified on every level);
+        4. r read out as spikes by :data:`LAYERNORM_DIGITS` DIF populations in base T + 1 (digit j reads the MBE
+           current minus the higher digits' spikes times their thresholds);
+        5. ``y_c = max|gamma| sum_j theta_j kg_c c_j + beta_c``: one signed ``SpikeMatMul`` (K = 1) per digit, in
+           the current of the output quantizer's neuron (beta in its bias)."""
+        src = self.vals.get(n.inputs[0])
+        if not isinstance(src, Spikes):
+            self.fail(n, "LayerNormalization must read a quantizer's output: its input levels are what the spikes count")
+            return
+        shape = self.net.info(src.node).shape
+        C = int(shape[-1])
+        axis = int(n.attrs.get("axis", -1))
+        if axis not in (-1, len(shape)):
+            self.fail(n, f"normalizes from axis {axis}; only the last axis (axis = -1, the channels of each token) is lowered")
+            return
+        out_step = self.downstream_step(n.outputs[0])
+        if out_step is None:
+            self.fail(n, "LayerNormalization must be read by a quantizer: its step is the unit of the approximation")
+            return
+        gamma = np.broadcast_to(np.asarray(self.g.constants[n.inputs[1]], dtype=np.float64).reshape(-1), (C,)) \
+            if len(n.inputs) > 1 and n.inputs[1] and self.g.is_const(n.inputs[1]) else None
+        beta = np.broadcast_to(np.asarray(self.g.constants[n.inputs[2]], dtype=np.float64).reshape(-1), (C,)) \
+            if len(n.inputs) > 2 and n.inputs[2] else np.zeros(C)
+        if gamma is None or (len(n.inputs) > 2 and n.inputs[2] and not self.g.is_const(n.inputs[2])):
+            self.fail(n, "scale and bias must be constants (per channel or one number)")
+            return
+        g_max = float(np.max(np.abs(gamma)))
+        if g_max == 0.0 or C < 2:
+            self.fail(n, "a LayerNormalization with all scales 0 or a single channel is a constant; fold it into the next layer")
+            return
+        T, delay = self.T, self.delay
+        lowest = -T if self.net.info(src.node).kind == TERNARY else 0
+        span = T - lowest
+        full = lambda a: np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.int64), shape))  # noqa: E731
+        # 1. centred spikes: I_c = 2^E sign_c (C q_c - sum_d q_d); k rounds I / (C 2^E), kg rounds gamma_c d_c / g_max
+        E = 12
+        sign = np.where(gamma < 0, -1, 1).astype(np.int64)
+        centre = sign[:, None] * (C * np.eye(C, dtype=np.int64) - 1)
+        cur = self.add(f"{n.name}_centre", DenseSynapse(centre, exponent=E), [src.node])
+        theta_k = C << E
+        k = self.add(f"{n.name}_centred", TernaryNeuron(full(theta_k), full(theta_k // 2), full(0), delay), [cur])
+        cap = 2 * (span + 1) * theta_k  # a channel scaled by less than g_max / (2 (L + 1)) never fires: its kg is 0
+        theta_g = np.minimum(np.rint(theta_k * g_max / np.maximum(np.abs(gamma), 1e-300)), cap).astype(np.int64)
+        kg = k if np.all(theta_g == theta_k) else self.add(
+            f"{n.name}_scaled", TernaryNeuron(full(theta_g), full(theta_g // 2), full(0), delay), [cur])
+        # the fraction kg leaves, in 2^-F of its unit: kf = round((I - theta_g kg) / theta_f), theta_f ~ theta_g / 2^F
+        F = self.LAYERNORM_FRACTION_BITS
+        theta_f = np.maximum(np.rint(theta_g / 2.0**F), 1).astype(np.int64)
+        mant, ex = split_power_of_two(-theta_g.astype(np.int64))
+        carry = self.add(f"{n.name}_fraction_carry", DiagonalSynapse(full(mant), exponent=ex), [kg])
+        rest = self.add(f"{n.name}_fraction_rest", Add(), [cur, carry])
+        kf = self.add(f"{n.name}_fraction", TernaryNeuron(full(theta_f), full(theta_f // 2), full(0), delay), [rest])
+        # 2. the sum of squares, exactly
+        row = self.add(f"{n.name}_row", Reshape((*shape[:-1], 1, C)), [k])
+        col = self.add(f"{n.name}_col", Reshape((*shape[:-1], C, 1)), [k])
+        squares = self.add(f"{n.name}_squares", SpikeMatMul(1), [row, col])
+        s_max = C * (span + 1) ** 2 // 4  # sum of squares of C rounded deviations of levels spanning `span`
+        eps_levels = float(n.attrs.get("epsilon", 1e-5)) / src.step**2
+        # 3. r(S) = 1/sqrt(S / C + eps) by MBE populations; its error weighted by sqrt(S) >= |k_c| bounds |k_c| dr
+        max_error = self.LAYERNORM_RSQRT_TARGET * out_step / g_max
+        f = rsqrt_fit(C, s_max, eps_levels, max_error, self.mbe.steps)
+        one = (*shape[:-1], 1, 1)
+        parts = [self.add(f"{n.name}_rsqrt", p.op(np.zeros(one, dtype=np.int64)), [squares]) for p in f.parts]
+        total = parts[0] if len(parts) == 1 else self.add(f"{n.name}_rsqrt_sum", Add(), parts)
+        # 4. digits in base T + 1: c_j = floor(rest / theta_j) for j < J - 1, the last rounded
+        J, base = self.LAYERNORM_DIGITS, T + 1
+        top = int(np.max(f.totals(np.array([0, 1, s_max])))) + f.constant + 1
+        e_last = max(0, math.ceil(math.log2(top / float(base) ** J)) if top > base**J else 0)
+        thetas = [base ** (J - 1 - j) << e_last for j in range(J)]
+        digits: list[str] = []
+        for j, theta in enumerate(thetas):
+            inputs = [total]
+            for i, d in enumerate(digits):
+                mant, ex = split_power_of_two(np.full(one, -thetas[i], dtype=np.int64))
+                inputs.append(self.add(f"{n.name}_rsqrt_carry", DiagonalSynapse(mant, exponent=ex), [d]))
+            node = inputs[0] if len(inputs) == 1 else self.add(f"{n.name}_rsqrt_rest", Add(), inputs)
+            constant = f.constant + (theta // 2 if j == J - 1 else 0)
+            b = constant // T
+            digits.append(self.add(f"{n.name}_rsqrt_digit", Neuron(np.full(one, theta, np.int64),
+                                                                   np.full(one, constant - T * b, np.int64),
+                                                                   np.full(one, b, np.int64), delay), [node]))
+        # 5. y = g_max (kg + kf 2^-F) r + beta: two signed products per digit
+        kcol = self.add(f"{n.name}_scaled_col", Reshape((*shape[:-1], C, 1)), [kg])
+        fcol = self.add(f"{n.name}_fraction_col", Reshape((*shape[:-1], C, 1)), [kf])
+        unit = g_max / float(2**f.frac_bits)
+        ones = (1,) * (len(shape) + 1)
+        terms = tuple(ProductTerm(col, d, np.full(ones, unit * theta * scale), float(T * T), origin=n.name)
+                      for col, scale in ((kcol, 1.0), (fcol, 2.0**-F)) for d, theta in zip(digits, thetas))
+        node, cur_term = self.materialize(Affine(terms, np.zeros(ones)), n.name, out_step)
+        flat = self.add(f"{n.name}_out", Reshape(shape), [node])
+        one_out = (1,) * len(shape)
+        error = np.asarray(cur_term.error, dtype=np.float64)
+        error = error.reshape(one_out) if error.size == 1 else error.reshape(shape)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur_term.unit).reshape(one_out), error, cur_term.site),),
+                                         beta.reshape((1,) * (len(shape) - 1) + (C,)))
+        digit_error = 0.5 * thetas[-1] / float(2**f.frac_bits) * math.sqrt(s_max)  # |k| <= sqrt(S) times half a unit
+        rsqrt_steps = (f.max_abs_error + digit_error) * g_max / out_step
+        self.report.approximations.append({
+            "source": n.name, "op": "layernorm", "nodes": [n.name], "mbe_node": parts[0], "mbe_nodes": parts,
+            "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, s_max],
+            "max_abs_error": rsqrt_steps, "mean_abs_error": f.mean_abs_error * g_max / out_step,
+            "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
+            "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": f.max_rel_error,
+            "digits": J, "centring": "k = round(q - mean q): up to max|gamma| r / 2 per element (see docs/mbe.md)"})
+
     def lower_mul(self, n: QNode) -> None:
         """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
         activations of one shape (:meth:`lower_product`)."""
@@ -998,7 +1138,7 @@ class Lowering:
         self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
                      "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
 
-    HANDLERS = {"Elementwise": "lower_elementwise", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+    HANDLERS = {"Elementwise": "lower_elementwise", "LayerNormalization": "lower_layernorm", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}

@@ -248,5 +248,170 @@ def _fit_table(name: str, data: bytes, bases: int | None, steps: int, frac_bits:
                   max_bases=MBE_BASES_MAX, bases=bases, frac_bits=frac_bits)
 
 
-__all__ = ["BASES_CHOICES", "FUNCTIONS", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "choose", "fit", "fit_table",
-           "gelu"]
+# -- large domains: continuous piecewise-linear fits on geometric knots, verified on every level -------------------
+#: most levels a large-domain fit verifies (the numba kernel, chunk by chunk)
+LARGE_LEVELS_MAX = 2**26
+
+
+@dataclass(frozen=True)
+class MBESum:
+    """MBE populations that read one input ``q`` and whose outputs add up: ``(sum of their totals + constant) /
+    2^frac_bits`` approximates ``target(q)`` on ``lo..hi`` (each part at most ``MBE_BASES_MAX`` bases; each part's
+    own ``constant`` is 0). ``max_abs_error`` / ``mean_abs_error``: of ``weight(q) * (approximation - target(q))``,
+    measured on **every** level by the numba kernel; ``max_rel_error``: the worst ``|approximation / target - 1|``."""
+
+    name: str
+    lo: int
+    hi: int
+    parts: tuple[MBEFit, ...]
+    constant: int
+    frac_bits: int
+    max_abs_error: float
+    mean_abs_error: float
+    max_rel_error: float
+
+    @property
+    def bases(self) -> int:
+        return sum(p.bases for p in self.parts)
+
+    @property
+    def steps(self) -> int:
+        return max(p.steps for p in self.parts)
+
+    def totals(self, q: np.ndarray) -> np.ndarray:
+        """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel."""
+        return sum(_numba_totals(p, q) for p in self.parts)
+
+    def evaluate(self, q: np.ndarray) -> np.ndarray:
+        return (self.totals(q) + self.constant) / float(2**self.frac_bits)
+
+    def report(self) -> dict:
+        return {"function": self.name, "levels": [self.lo, self.hi], "bases": self.bases, "populations": len(self.parts),
+                "steps": self.steps, "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error,
+                "max_rel_error": self.max_rel_error, "frac_bits": self.frac_bits}
+
+
+def _numba_totals(f: MBEFit, q: np.ndarray, chunk: int = 2**18) -> np.ndarray:
+    """Decoded totals of one population at the levels ``q`` by the numba kernel (one element per level, fed as
+    ``v0`` with a zero current), in chunks so that the (steps x levels) output stays small."""
+    from csdc.backends.numba import kernels
+
+    q = np.asarray(q, dtype=np.int64).reshape(-1)
+    out = np.empty(q.size, dtype=np.int64)
+    for start in range(0, q.size, chunk):
+        part = q[start:start + chunk]
+        steps = np.empty((1, f.steps, part.size), dtype=np.int64)
+        kernels.mbe_neurons(np.zeros((1, 1, part.size), np.int64), part, f.offset, f.threshold, f.reset, f.weight, steps)
+        out[start:start + part.size] = steps.sum(axis=1)[0]
+    return out
+
+
+def _geometric_knots(lo: int, hi: int, ratio: float, steps: int) -> np.ndarray:
+    """Knots from ``lo``: each piece ``2^m - 1`` levels wide (m <= ``steps`` digits), about ``ratio - 1`` times the
+    distance of its start from ``lo - 1`` (relative resolution, as a function of a power law wants), at least 1."""
+    knots = [lo]
+    while knots[-1] < hi:
+        b = knots[-1]
+        m = min(max(int(math.floor(math.log2((ratio - 1.0) * (b - lo + 1) + 1.0))), 1), steps)
+        knots.append(b + (1 << m) - 1)
+    return np.array(knots[:-1], dtype=np.int64)
+
+
+def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *,
+                  weight: Callable[[np.ndarray], np.ndarray] | None = None, max_error: float, steps: int = 16,
+                  max_bases: int = 8 * MBE_BASES_MAX, frac_bits: int | None = None) -> MBESum:
+    """An MBE fit of a smooth monotone ``target`` (e.g. ``1/sqrt``) on a domain too large for :func:`fit`'s
+    least squares (up to :data:`LARGE_LEVELS_MAX` levels).
+
+    Construction: successive-approximation bases (as :func:`fit`) on knots ``b_n`` whose pieces grow
+    geometrically (:func:`_geometric_knots`); each basis ramps linearly from ``target(b_n)`` to ``target(b_(n+1))``
+    (secant interpolation, its digits weighted ``slope * 2^(m-1-t)`` and its leading digit taking the rounding
+    remainder so that the value at every knot is the rounded target: errors do not accumulate along the
+    knots), knot values lowered by half of the adjacent pieces' largest deviation (the secant of a convex
+    function lies above it). The fewest pieces (ratio halved from 2) whose ``weight * error`` is within
+    ``max_error`` on every level wins, else the finest tried within ``max_bases``. Bases are split into
+    populations of at most ``MBE_BASES_MAX``. The error is **verified on every level** of ``lo..hi`` by the
+    numba kernel. ``weight``: the error's weight per level (default 1)."""
+    lo, hi = int(lo), int(hi)
+    if hi <= lo:
+        raise CsdcError(f"MBE fit of {name}: empty level range [{lo}, {hi}]")
+    if hi - lo + 1 > LARGE_LEVELS_MAX:
+        raise CsdcError(f"MBE fit of {name}: {hi - lo + 1} levels, more than the 2^26 csdc verifies")
+    steps = max(1, min(int(steps), MBE_STEPS_MAX))
+    q = np.arange(lo, hi + 1, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        y = np.asarray(target(q.astype(np.float64)), dtype=np.float64)
+    if y.shape != q.shape or not np.all(np.isfinite(y)):
+        raise CsdcError(f"MBE fit of {name}: the function is not finite on every level of [{lo}, {hi}]")
+    w = np.ones_like(y) if weight is None else np.asarray(weight(q.astype(np.float64)), dtype=np.float64)
+    if frac_bits is None:
+        frac_bits = max(OUTPUT_BITS - math.ceil(math.log2(float(np.abs(y).max()) + 1.0)), 0)
+    best: MBESum | None = None
+    ratio = 2.0
+    while True:
+        knots = _geometric_knots(lo, hi, 1.0 + (ratio - 1.0), steps)
+        if len(knots) > max_bases and best is not None:
+            break
+        cand = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits)
+        if best is None or cand.max_abs_error < best.max_abs_error:
+            best = cand
+        if cand.max_abs_error <= max_error or len(knots) >= hi - lo + 1:
+            break
+        ratio = 1.0 + (ratio - 1.0) / 2 ** 0.5
+    return best
+
+
+def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: np.ndarray, hi: int, steps: int,
+                frac_bits: int) -> MBESum:
+    lo = int(q[0])
+    ends = np.append(knots[1:], hi)
+    # knot values lowered by half the largest deviation of the secants next to them (minimax for a convex target)
+    dev = np.zeros(len(knots))
+    for n, (b, e) in enumerate(zip(knots, ends)):
+        seg = slice(b - lo, e - lo + 1)
+        line = y[b - lo] + (y[e - lo] - y[b - lo]) * (q[seg] - b) / max(e - b, 1)
+        dev[n] = float(np.max(line - y[seg]))
+    shift = np.zeros(len(knots) + 1)
+    shift[:-1] = dev / 2
+    shift[1:] = np.maximum(shift[1:], dev / 2)
+    scale = float(2**frac_bits)
+    at_knots = np.rint((np.append(y[knots - lo], y[hi - lo]) - shift) * scale).astype(np.int64)
+    rows_t, rows_r, rows_w = [], [], []
+    for n, (b, e) in enumerate(zip(knots, ends)):
+        m = max(int(e - b).bit_length(), 1)
+        rise = int(at_knots[n + 1] - at_knots[n])
+        slope = rise / max(int(e - b), 1)
+        th = np.zeros(steps, np.int64)
+        wt = np.zeros(steps, np.int64)
+        for t in range(m):
+            th[t] = 1 << (m - 1 - t)
+            wt[t] = int(np.rint(slope * th[t]))
+        # the value where the basis reaches the next knot (u = e - b) is exact: the leading digit takes the remainder
+        u = int(e - b)
+        digits = [(u >> (m - 1 - t)) & 1 for t in range(m)]
+        if digits[0]:
+            wt[0] += rise - int(sum(d * wt[t] for t, d in enumerate(digits)))
+        rows_t.append(th)
+        rows_w.append(wt)
+    threshold = np.array(rows_t)
+    reset = threshold.copy()
+    weight_tab = np.array(rows_w)
+    unreachable = int(hi - lo) + 2
+    threshold[reset == 0] = unreachable
+    parts = []
+    for start in range(0, len(knots), MBE_BASES_MAX):
+        sl = slice(start, start + MBE_BASES_MAX)
+        used = max(int(np.count_nonzero(reset[sl], axis=1).max()), 1)
+        parts.append(MBEFit(name, lo, hi, threshold[sl, :used].copy(), reset[sl, :used].copy(),
+                            weight_tab[sl, :used].copy(), -knots[sl].astype(np.int64), 0, frac_bits, 0.0, 0.0, used))
+    constant = int(at_knots[0])
+    got = (sum(_numba_totals(p, q) for p in parts) + constant) / scale
+    err = w * np.abs(got - y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.abs(got / y - 1.0)
+    return MBESum(name, lo, hi, tuple(parts), constant, frac_bits, float(err.max()), float(err.mean()),
+                  float(np.max(rel[np.isfinite(rel)], initial=0.0)))
+
+
+__all__ = ["BASES_CHOICES", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "MBESum",
+           "choose", "fit", "fit_geometric", "fit_table", "gelu"]
