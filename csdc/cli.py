@@ -96,6 +96,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"  approximated          {a['op']} '{a['source']}' by MBE population '{a['mbe_node']}': {a['bases']} bases x "
               f"{a['steps']} steps (+{a['latency_steps']} steps of latency); error over all {a['levels'][1] + 1} input "
               f"levels: worst {a['max_abs_error']:.3g}, mean {a['mean_abs_error']:.3g} {a['error_unit']}")
+        if a.get("detail"):
+            print(f"                        ({a['detail']})")
     if rep.approximations:
         print("                        (integer ops that are not spike accumulations: none; each MBE spike adds its "
               "step's output weight, one AC)")

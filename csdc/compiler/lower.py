@@ -208,11 +208,18 @@ def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, st
     """MBE populations for LayerNorm's ``r(S) = 1/sqrt(S / C + eps)`` on every sum of squares ``S = 0..s_max``, the
     error weighted by ``sqrt(S)`` (the largest |centred level| a token with that S can have) within ``max_error``
     (cached: the precision policy lowers a model several times)."""
-    # S = 0 means every k_c = 0, so any value serves there: r(1) keeps the range (and the digits' precision) small
-    r1 = 1.0 / math.sqrt(1.0 / channels + eps_levels)
-    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(r1)), 0)
-    return fit_geometric("rsqrt", lambda S: 1.0 / np.sqrt(np.maximum(S, 1.0) / channels + eps_levels), 0, s_max,
+    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(float(layernorm_rsqrt(np.ones(1), channels, eps_levels)[0]))), 0)
+    return fit_geometric("rsqrt", lambda S: layernorm_rsqrt(S, channels, eps_levels), 0, s_max,
                          weight=np.sqrt, max_error=max_error, steps=steps, frac_bits=frac_bits)
+
+
+def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float) -> np.ndarray:
+    """LayerNorm's ``1/sqrt(variance + eps)`` from the sum ``S`` of the squares of C centred levels rounded to
+    whole levels: Sheppard's correction removes the rounding's mean contribution (1/12 per channel) where it
+    is small against the variance (at most half of ``S / C``). ``S = 0`` means every centred level is 0, so any
+    value serves there: ``S = 1``'s keeps the range, and so the digits' precision, small."""
+    mean_square = np.maximum(np.asarray(S, dtype=np.float64), 1.0) / channels
+    return 1.0 / np.sqrt(np.maximum(mean_square - 1.0 / 12.0, mean_square / 2.0) + eps_levels)
 
 
 class Lowering:
@@ -977,9 +984,9 @@ class Lowering:
     LAYERNORM_DIGITS = 3
     #: fractional bits of the centred levels (a second ternary population per channel): rounding d to whole levels
     #: would cost up to max|gamma| r / 2, several output steps for a token of small variance
-    LAYERNORM_FRACTION_BITS = 5
+    LAYERNORM_FRACTION_BITS = 6
     #: the share of an output step the 1/sqrt fit may cost at worst (verified on every level of its input)
-    LAYERNORM_RSQRT_TARGET = 0.05
+    LAYERNORM_RSQRT_TARGET = 0.03
 
     def lower_layernorm(self, n: QNode) -> None:
         """``LayerNormalization`` over the last axis (C channels) of a quantizer's output (``--nonlinear mbe``,
@@ -1086,15 +1093,22 @@ class Lowering:
         error = error.reshape(one_out) if error.size == 1 else error.reshape(shape)
         self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur_term.unit).reshape(one_out), error, cur_term.site),),
                                          beta.reshape((1,) * (len(shape) - 1) + (C,)))
-        digit_error = 0.5 * thetas[-1] / float(2**f.frac_bits) * math.sqrt(s_max)  # |k| <= sqrt(S) times half a unit
+        # errors in output steps: the 1/sqrt fit (verified on every S) and its last digit's rounding, times the
+        # largest |kg| a token with that S can have (<= sqrt(S)) and g_max; the centring's fraction rounding
+        digit_error = 0.5 * thetas[-1] / float(2**f.frac_bits) * math.sqrt(s_max)
         rsqrt_steps = (f.max_abs_error + digit_error) * g_max / out_step
+        centring = g_max * 2.0 ** -(F + 1) / out_step
         self.report.approximations.append({
             "source": n.name, "op": "layernorm", "nodes": [n.name], "mbe_node": parts[0], "mbe_nodes": parts,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, s_max],
             "max_abs_error": rsqrt_steps, "mean_abs_error": f.mean_abs_error * g_max / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": f.max_rel_error,
-            "digits": J, "centring": "k = round(q - mean q): up to max|gamma| r / 2 per element (see docs/mbe.md)"})
+            "digits": J, "fraction_bits": F, "centring_error": centring,
+            "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
+                      f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {J} digit "
+                      f"populations (relative error <= {f.max_rel_error:.2g}); centred levels to 2^-{F + 1}: at most "
+                      f"{centring:.3g} x r more per element; variance of whole centred levels, Sheppard-corrected"})
 
     def lower_mul(self, n: QNode) -> None:
         """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
