@@ -985,6 +985,8 @@ class Lowering:
     #: fractional bits of the centred levels (a second ternary population per channel): rounding d to whole levels
     #: would cost up to max|gamma| r / 2, several output steps for a token of small variance
     LAYERNORM_FRACTION_BITS = 6
+    #: fractional bits of each token's mean (at most log2 T: its population counts up to 2^B)
+    LAYERNORM_MEAN_BITS = 7
     #: the share of an output step the 1/sqrt fit may cost at worst (verified on every level of its input)
     LAYERNORM_RSQRT_TARGET = 0.03
 
@@ -994,15 +996,16 @@ class Lowering:
         ``LN(x) = gamma d r + beta``, ``r = 1/sqrt(sum d^2 / C + eps / step^2)``. Spike-driven, with no integer op
         other than spike accumulations:
 
-        1. one dense synapse group ``sign(gamma_c) 2^E (C delta_cd - 1)`` on the input spikes, read by two ternary
-           populations: ``k = round(sign(gamma) d)`` (threshold ``C 2^E``) and ``kg = round(gamma d / max|gamma|)``
-           (per-channel threshold ``C 2^E max|gamma| / |gamma_c|``; ``kg = k`` when every |gamma| is equal);
+        1. the token's mean as spikes (``m0 = floor(sum q / C)`` and its fraction ``m1`` in 2^-B), then the centred
+           current ``2^(B+E) sign(gamma_c) (q_c - m0 - m1 2^-B)`` from the input's and the mean's spikes, read by
+           ternary populations: ``k = round(sign(gamma) d)``, ``kg = round(gamma d / max|gamma|)`` (per-channel
+           threshold; ``kg = k`` when every |gamma| is equal) and the fraction ``kf`` kg leaves, in 2^-F;
         2. ``S = sum_c k_c^2`` exactly by a signed ``SpikeMatMul`` of k with itself (K = C), in ``[0, C (L+1)^2 / 4]``;
         3. ``r(S)`` by MBE populations reading S (:func:`csdc.compiler.mbe.fit_geometric`, verified on every level);
         4. r read out as spikes by :data:`LAYERNORM_DIGITS` DIF populations in base T + 1 (digit j reads the MBE
            current minus the higher digits' spikes times their thresholds);
-        5. ``y_c = max|gamma| sum_j theta_j kg_c c_j + beta_c``: one signed ``SpikeMatMul`` (K = 1) per digit, in
-           the current of the output quantizer's neuron (beta in its bias)."""
+        5. ``y_c = max|gamma| sum_j theta_j (kg_c + kf_c 2^-F) c_j + beta_c``: two signed ``SpikeMatMul`` (K = 1) per
+           digit, in the current of the output quantizer's neuron (beta in its bias)."""
         src = self.vals.get(n.inputs[0])
         if not isinstance(src, Spikes):
             self.fail(n, "LayerNormalization must read a quantizer's output: its input levels are what the spikes count")
@@ -1032,12 +1035,28 @@ class Lowering:
         lowest = -T if self.net.info(src.node).kind == TERNARY else 0
         span = T - lowest
         full = lambda a: np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.int64), shape))  # noqa: E731
-        # 1. centred spikes: I_c = 2^E sign_c (C q_c - sum_d q_d); k rounds I / (C 2^E), kg rounds gamma_c d_c / g_max
-        E = 12
+        # 1a. the token's mean as spikes: m0 = floor(sum q / C), m1 = round(2^B (sum q - C m0) / C) in [0, 2^B]
+        # (a C-to-1 synapse per spike and C-fold fan-out per mean spike, instead of C-fold fan-out per input spike)
+        B = min(self.LAYERNORM_MEAN_BITS, int(math.log2(T)))
+        rows = (*shape[:-1], 1)
+        total = self.add(f"{n.name}_sum", DenseSynapse(np.ones((1, C), np.int64), exponent=B), [src.node])
+        whole = TernaryNeuron if lowest < 0 else Neuron  # the floor of a signed mean is signed
+        m0 = self.add(f"{n.name}_mean", whole(np.full(rows, C << B, np.int64), np.zeros(rows, np.int64),
+                                              np.zeros(rows, np.int64), delay), [total])
+        carry = self.add(f"{n.name}_mean_carry", DiagonalSynapse(np.full(rows, -C, np.int64), exponent=B), [m0])
+        rest = self.add(f"{n.name}_mean_rest", Add(), [total, carry])
+        m1 = self.add(f"{n.name}_mean_fraction", Neuron(np.full(rows, C, np.int64), np.full(rows, C // 2, np.int64),
+                                                        np.zeros(rows, np.int64), delay), [rest])
+        # 1b. centred current I_c = 2^(B+E) sign_c (q_c - m0 - m1 2^-B); k rounds I / 2^(B+E), kg rounds
+        # gamma_c d_c / g_max (threshold 2^(B+E) g_max / |gamma_c|)
+        E = 8
         sign = np.where(gamma < 0, -1, 1).astype(np.int64)
-        centre = sign[:, None] * (C * np.eye(C, dtype=np.int64) - 1)
-        cur = self.add(f"{n.name}_centre", DenseSynapse(centre, exponent=E), [src.node])
-        theta_k = C << E
+        mant, ex = split_power_of_two(sign << (B + E))
+        parts_in = [self.add(f"{n.name}_centre", DiagonalSynapse(full(mant), exponent=ex), [src.node]),
+                    self.add(f"{n.name}_centre_mean", DenseSynapse(-sign[:, None], exponent=B + E), [m0]),
+                    self.add(f"{n.name}_centre_mean_fraction", DenseSynapse(-sign[:, None], exponent=E), [m1])]
+        cur = self.add(f"{n.name}_centre_sum", Add(), parts_in)
+        theta_k = 1 << (B + E)
         k = self.add(f"{n.name}_centred", TernaryNeuron(full(theta_k), full(theta_k // 2), full(0), delay), [cur])
         cap = 2 * (span + 1) * theta_k  # a channel scaled by less than g_max / (2 (L + 1)) never fires: its kg is 0
         theta_g = np.minimum(np.rint(theta_k * g_max / np.maximum(np.abs(gamma), 1e-300)), cap).astype(np.int64)

@@ -346,23 +346,33 @@ def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int
     w = np.ones_like(y) if weight is None else np.asarray(weight(q.astype(np.float64)), dtype=np.float64)
     if frac_bits is None:
         frac_bits = max(OUTPUT_BITS - math.ceil(math.log2(float(np.abs(y).max()) + 1.0)), 0)
-    best: MBESum | None = None
+    # candidates are compared on a sample (every level near lo, a geometric grid above); the one returned is
+    # measured on every level, refined further while that misses the target
+    sample = q if q.size <= 2**16 else np.unique(np.concatenate([
+        q[:4096], np.rint(np.geomspace(lo + 4096, hi, 2**15)).astype(np.int64), [hi]]))
+    best: tuple[MBESum, np.ndarray, bool] | None = None  # (fit, its knots, measured on every level)
     ratio = 2.0
     while True:
-        knots = _geometric_knots(lo, hi, 1.0 + (ratio - 1.0), steps)
+        knots = _geometric_knots(lo, hi, ratio, steps)
         if len(knots) > max_bases and best is not None:
             break
-        cand = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits)
-        if best is None or cand.max_abs_error < best.max_abs_error:
-            best = cand
+        cand = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, sample)
+        everywhere = sample is q
+        if cand.max_abs_error <= max_error and not everywhere:
+            cand, everywhere = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, q), True
+        if best is None or cand.max_abs_error < best[0].max_abs_error:
+            best = (cand, knots, everywhere)
         if cand.max_abs_error <= max_error or len(knots) >= hi - lo + 1:
             break
         ratio = 1.0 + (ratio - 1.0) / 2 ** 0.5
-    return best
+    fitted, knots, everywhere = best
+    return fitted if everywhere else _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, q)
 
 
 def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: np.ndarray, hi: int, steps: int,
-                frac_bits: int) -> MBESum:
+                frac_bits: int, measured: np.ndarray) -> MBESum:
+    """The secant fit on ``knots`` (``y``, ``w``: target and weight on every level ``q``), its errors measured on the
+    levels ``measured`` (all of ``q``, or a sample while candidates are compared)."""
     lo = int(q[0])
     ends = np.append(knots[1:], hi)
     # knot values lowered by half the largest deviation of the secants next to them (minimax for a convex target)
@@ -405,10 +415,11 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
         parts.append(MBEFit(name, lo, hi, threshold[sl, :used].copy(), reset[sl, :used].copy(),
                             weight_tab[sl, :used].copy(), -knots[sl].astype(np.int64), 0, frac_bits, 0.0, 0.0, used))
     constant = int(at_knots[0])
-    got = (sum(_numba_totals(p, q) for p in parts) + constant) / scale
-    err = w * np.abs(got - y)
+    got = (sum(_numba_totals(p, measured) for p in parts) + constant) / scale
+    at = measured - lo
+    err = w[at] * np.abs(got - y[at])
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.abs(got / y - 1.0)
+        rel = np.abs(got / y[at] - 1.0)
     return MBESum(name, lo, hi, tuple(parts), constant, frac_bits, float(err.max()), float(err.mean()),
                   float(np.max(rel[np.isfinite(rel)], initial=0.0)))
 
