@@ -1039,7 +1039,7 @@ class Lowering:
         # (a C-to-1 synapse per spike and C-fold fan-out per mean spike, instead of C-fold fan-out per input spike)
         B = min(self.LAYERNORM_MEAN_BITS, int(math.log2(T)))
         rows = (*shape[:-1], 1)
-        total = self.add(f"{n.name}_sum", DenseSynapse(np.ones((1, C), np.int64), exponent=B), [src.node])
+        total = self.add(f"{n.name}_token_sum", DenseSynapse(np.ones((1, C), np.int64), exponent=B), [src.node])
         whole = TernaryNeuron if lowest < 0 else Neuron  # the floor of a signed mean is signed
         m0 = self.add(f"{n.name}_mean", whole(np.full(rows, C << B, np.int64), np.zeros(rows, np.int64),
                                               np.zeros(rows, np.int64), delay), [total])
@@ -1116,18 +1116,19 @@ class Lowering:
         # largest |kg| a token with that S can have (<= sqrt(S)) and g_max; the centring's fraction rounding
         digit_error = 0.5 * thetas[-1] / float(2**f.frac_bits) * math.sqrt(s_max)
         rsqrt_steps = (f.max_abs_error + digit_error) * g_max / out_step
-        centring = g_max * 2.0 ** -(F + 1) / out_step
+        centring = g_max * (2.0 ** -(F + 1) + 2.0 ** -(B + 1)) / out_step  # kf's rounding and the mean's, times r
         self.report.approximations.append({
             "source": n.name, "op": "layernorm", "nodes": [n.name], "mbe_node": parts[0], "mbe_nodes": parts,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, s_max],
             "max_abs_error": rsqrt_steps, "mean_abs_error": f.mean_abs_error * g_max / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": f.max_rel_error,
-            "digits": J, "fraction_bits": F, "centring_error": centring,
+            "digits": J, "fraction_bits": F, "mean_bits": B, "centring_error": centring,
             "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
                       f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {J} digit "
-                      f"populations (relative error <= {f.max_rel_error:.2g}); centred levels to 2^-{F + 1}: at most "
-                      f"{centring:.3g} x r more per element; variance of whole centred levels, Sheppard-corrected"})
+                      f"populations (relative error <= {f.max_rel_error:.2g}); centring (mean to 2^-{B + 1}, centred "
+                      f"levels to 2^-{F + 1}): at most {centring:.3g} x r more per element, r = 1/std of the token's "
+                      "levels; variance of whole centred levels, Sheppard-corrected"})
 
     def lower_mul(self, n: QNode) -> None:
         """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
