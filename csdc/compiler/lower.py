@@ -35,7 +35,7 @@ quantizer's :class:`TernaryNeuron` gets the same parameters (its signed count is
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -44,14 +44,15 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
-from csdc.compiler.mbe import fit_table
+from csdc.compiler.mbe import FIT_SAMPLE_LEVELS, MBEFit, fit_table, numba_totals
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
-from csdc.errors import UnsupportedModelError
+from csdc.errors import CsdcError, UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (TERNARY, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum,
                          Reshape, SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose)
 from csdc.ir.semantics import conv as conv_counts
+from csdc.ir.semantics import mbe_total
 from csdc.ir.semantics import sum_pool
 
 
@@ -187,6 +188,36 @@ class LoweringReport:
     warnings: list[str] = field(default_factory=list)
     explain: dict[str, list[str]] = field(default_factory=dict)
     approximations: list[dict] = field(default_factory=list)  # ops approximated by MBE populations (docs/mbe.md)
+
+
+@dataclass(frozen=True)
+class Digits:
+    """A non-negative function of an integer current read out as spike populations, one per digit (most
+    significant first; :meth:`Lowering.mbe_digits`): ``f(q) ~ unit * sum_k places[k] * count_k``.
+
+    ``readout[i]``: the integer ``sum_k places[k] * count_k`` the populations count at level ``q = lo + i``
+    (delay >= T), so compositions can measure their own errors exactly; ``max_abs_error`` / ``mean_abs_error``:
+    ``|unit * readout - f(q)|`` over every level, in f's (real) units (fit error plus the last digit's rounding)."""
+
+    nodes: tuple[str, ...]
+    places: tuple[int, ...]
+    unit: float
+    lo: int
+    readout: np.ndarray
+    max_abs_error: float
+    mean_abs_error: float
+    mbe_node: str
+    fit: MBEFit
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.readout) - 1
+
+    def report(self) -> dict:
+        """The fields of a ``CompileReport.approximations`` entry this readout fills (errors in f's units)."""
+        return {"mbe_node": self.mbe_node, "bases": self.fit.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
+                "digits": list(self.nodes), "places": list(self.places), "unit": self.unit,
+                "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error}
 
 
 @dataclass(frozen=True)
@@ -956,6 +987,91 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
+    def mbe_digits(self, base: str, current: str, lo: int, values: np.ndarray, *, digits: int = 2,
+                   radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64) -> Digits:
+        """:func:`mbe_digits` in this lowering (its names, explain entries, delay, ``--mbe-bases`` and ``--mbe-steps``)."""
+        return mbe_digits(self.net, base, current, lo, values, delay=self.delay, digits=digits, radix_bits=radix_bits,
+                          bases=bases if bases is not None else self.mbe.bases if self.mbe else None,
+                          steps=self.mbe.steps if self.mbe else 16, max_bases=max_bases, add=self.add)
+
+    def lower_softmax(self, n: QNode) -> None:
+        """``Softmax`` over the last axis of a quantizer's output (``--nonlinear mbe``, docs/mbe.md, "Compiling
+        Softmax"): with input counts ``c_j`` (``x_j = step c_j + offset``) of a row of N,
+
+        1. the row max ``M = max_j c_j``: a SpikeMaxPool over the row;
+        2. ``d_j = M - c_j`` in ``[0, T]``: M's spikes broadcast to the row (synapses of weight 1) minus ``c_j``'s;
+        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
+        4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
+           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
+        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits, weighted by their places, into the
+           output quantizer's neuron.
+
+        Every error is measured on every level of each stage and composed into a worst case over every input
+        row; integer ops that are not spike accumulations: none."""
+        if self.mbe is None:
+            self.fail(n, "Softmax is approximated only in the opt-in mode: csdc compile --nonlinear mbe (docs/mbe.md)")
+            return
+        src = self.vals.get(n.inputs[0])
+        if not isinstance(src, Spikes) or self.net.info(src.node).kind == TERNARY:
+            self.fail(n, "Softmax must read an unsigned or offset-form quantizer's output (its counts are what the "
+                         "spiking row max and the MBE neurons take); quantize its input first")
+            return
+        shape = self.net.info(src.node).shape
+        rank = len(self.g.shapes[n.inputs[0]])
+        if int(n.attrs.get("axis", -1)) % rank != rank - 1:
+            self.fail(n, f"Softmax over axis {n.attrs.get('axis')} of a rank-{rank} tensor: only the last axis "
+                         "(a row) is lowered; transpose the axis last")
+            return
+        out_step = self.downstream_step(n.outputs[0])
+        if out_step is None:
+            self.fail(n, "Softmax must be read by a quantizer: its step is the unit of the approximation")
+            return
+        T, N = self.T, int(shape[-1])
+        R = int(np.prod(shape[:-1], dtype=np.int64))
+        # 1. the row max, 2. d = M - c
+        rows = self.add(f"{n.name}_rows", Reshape((R, 1, N)), [src.node])
+        peak = self.add(f"{n.name}_row_max", SpikeMaxPool((1, N), (1, N)), [rows])
+        peak = self.add(f"{n.name}_row_max_col", Reshape((R, 1)), [peak])
+        spread = self.add(f"{n.name}_max_to_row", DenseSynapse(np.ones((N, 1), dtype=np.int8)), [peak])
+        flat = self.add(f"{n.name}_flat", Reshape((R, N)), [src.node])
+        minus = self.add(f"{n.name}_minus_x", DiagonalSynapse(np.broadcast_to(np.int8(-1), (R, N))), [flat])
+        gap = self.add(f"{n.name}_gap", Add(), [spread, minus])
+        # 3. e(d) = exp(-step d), d = 0..T
+        exact_e = np.exp(-src.step * np.arange(T + 1, dtype=np.float64))
+        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e)
+        # 4. q = sum_j readout_e(d_j) (an integer: digit counts times places), then 1/S = 1 / (unit_e q)
+        sums = [self.add(f"{n.name}_row_sum{k}", DenseSynapse(np.ones((1, N), dtype=np.int8), exponent=p.bit_length() - 1), [d])
+                for k, (d, p) in enumerate(zip(e.nodes, e.places))]
+        total = sums[0] if len(sums) == 1 else self.add(f"{n.name}_row_sum", Add(), sums)
+        q_lo = int(e.readout[0] + (N - 1) * e.readout.min())  # one element is the max (d = 0)
+        q_hi = int(e.readout[0] + (N - 1) * e.readout.max())
+        if q_lo < 1:
+            self.fail(n, "the exponential's readout of the row max is zero; the MBE fit is too coarse (raise --mbe-bases)")
+            return
+        levels = np.arange(q_lo, q_hi + 1, dtype=np.float64)
+        r = self.mbe_digits(f"{n.name}_reciprocal", total, q_lo, 1.0 / (e.unit * levels),
+                            bases=self.mbe.bases if self.mbe.bases is not None else (RECIPROCAL_BASES if q_hi - q_lo > 4096 else None))
+        # 5. y_j = e_j r: one product per pair of digits, in the output quantizer's neuron
+        e_col = [self.add(f"{n.name}_exp_col", Reshape((R, N, 1)), [d]) for d in e.nodes]
+        r_col = [self.add(f"{n.name}_reciprocal_col", Reshape((R, 1, 1)), [d]) for d in r.nodes]
+        one = (1, 1, 1)
+        terms = tuple(ProductTerm(a, b, np.full(one, e.unit * r.unit * pa * pb), float(T * T), origin=n.name)
+                      for a, pa in zip(e_col, e.places) for b, pb in zip(r_col, r.places))
+        node, cur = self.materialize(Affine(terms, np.zeros(one)), n.name, out_step)
+        out = self.add(f"{n.name}_out", Reshape(shape), [node])
+        ones = (1,) * len(shape)
+        error = np.asarray(cur.error, dtype=np.float64)
+        error = error.reshape(ones) if error.size == 1 else error.reshape(shape)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(out, np.asarray(cur.unit).reshape(ones), error, cur.site),), np.zeros(ones))
+        worst, mean = softmax_error(e, r, N, src.step)
+        self.report.approximations.append({
+            "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
+            "bases": max(e.fit.bases, r.fit.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T,
+            "levels": [0, T], "row": N, "max_abs_error": worst / out_step, "mean_abs_error": mean / out_step,
+            "error_unit": f"steps of the reading quantizer ({out_step:.6g})", "max_abs_error_real": worst,
+            "stages": {"exp": {**e.report(), "function": f"exp(-{src.step:.6g} d), d = M - c"},
+                       "reciprocal": {**r.report(), "function": f"1 / ({e.unit:.6g} q), q = row sum of exp's readout"}}})
+
     def lower_mul(self, n: QNode) -> None:
         """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
         activations of one shape (:meth:`lower_product`)."""
@@ -998,7 +1114,7 @@ class Lowering:
         self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
                      "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
 
-    HANDLERS = {"Elementwise": "lower_elementwise", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+    HANDLERS = {"Elementwise": "lower_elementwise", "Softmax": "lower_softmax", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
@@ -1024,6 +1140,82 @@ class Lowering:
         self.lower_output()
         self.report.T = self.T
         return self.net, self.report
+
+
+def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarray, *, delay: int, digits: int = 2,
+           radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
+           add: Callable[[str, object, list[str]], str] | None = None) -> Digits:
+    """An MBE function of a non-negative integer current, read out as spikes with a stated precision.
+
+    ``current``: an IR current whose window total ``q`` lies in ``lo .. lo + len(values) - 1``;
+    ``values[i] >= 0``: the function at ``q = lo + i`` (real units). One MBE population (fitted by
+    :func:`fit_table` to ``values / unit`` within a quarter of ``unit``, ``bases`` or the fewest up to
+    ``max_bases``) makes the current ``E ~ f(q) 2^F / unit``; ``digits`` DIF populations of radix
+    ``B = 2^radix_bits`` (default ``min(16, 2^floor(log2 T))``) read it: digit k has threshold
+    ``theta_k = B^(D-1-k) 2^F`` and integrates ``E`` minus ``theta_i`` per spike of every higher digit i
+    (one-to-one synapses fed by spikes: ACs), the higher digits floor, the last rounds. So
+    ``f(q) ~ unit * sum_k B^(D-1-k) count_k`` with ``unit = max f / (T B^(D-1))``: the top digit counts up
+    to T, the others up to B; the precision is ``max f / (2 T B^(D-1))`` plus the fit's error, measured on
+    every level (the readout is computed in integers as the populations count it, delay >= T).
+    Integer ops that are not spike accumulations: none. ``add(name, op, inputs) -> node`` adds an IR node
+    (default ``net.add``; the lowering's keeps names unique and records them for --explain)."""
+    values = np.asarray(values, dtype=np.float64)
+    add = add or (lambda name, op, inputs: net.add(name, op, inputs))
+    T = net.T
+    if values.ndim != 1 or not len(values) or not np.all(np.isfinite(values)) or values.min() < 0:
+        raise CsdcError(f"{base}: an MBE digit readout needs finite non-negative values, one per level")
+    b = min(4, T.bit_length() - 1) if radix_bits is None else int(radix_bits)
+    if not 1 <= b or (1 << b) > T or digits < 1:
+        raise CsdcError(f"{base}: digits of radix 2^{b} need at most T = {T} counts and at least one digit")
+    B = 1 << b
+    places = tuple(B ** (digits - 1 - k) for k in range(digits))
+    unit = float(values.max()) / (T * places[0]) or 1.0
+    f = fit_table(base, values / unit, bases=bases, steps=steps, max_bases=max_bases)
+    shape = net.info(current).shape
+    mbe = add(f"{base}_mbe", f.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
+    q = np.arange(len(values), dtype=np.int64)
+    E = numba_totals(f.op(np.zeros((), np.int64)), q) if len(q) > FIT_SAMPLE_LEVELS else mbe_total(
+        f.op(np.zeros((), np.int64)), q)
+    full = lambda v: np.broadcast_to(np.int64(v), shape)  # noqa: E731
+    rest, readout, nodes, cur = E + f.constant, np.zeros(len(q), dtype=np.int64), [], mbe
+    for k, place in enumerate(places):
+        theta = place << f.frac_bits
+        last = k == digits - 1
+        total = f.constant + (theta // 2 if last else 0)  # T * bias + v0: the fit's constant, the last digit rounds
+        bias = total // T
+        if k:  # what the higher digits left: the previous rest minus theta_(k-1) per spike of digit k-1
+            minus = add(f"{base}_minus_digit{k - 1}", DiagonalSynapse(np.broadcast_to(np.int8(-1), shape),
+                                                                      exponent=(theta * B).bit_length() - 1), [nodes[-1]])
+            cur = add(f"{base}_rest{k}", Add(), [cur, minus])
+        nodes.append(add(f"{base}_digit{k}", Neuron(full(theta), full(total - T * bias), full(bias), delay), [cur]))
+        count = np.clip(np.floor_divide(rest + (theta // 2 if last else 0), theta), 0, T)
+        rest = rest - count * theta
+        readout += place * count
+    err = np.abs(unit * readout - values)
+    return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()), mbe, f)
+
+
+RECIPROCAL_BASES = 32  # bases of a softmax reciprocal over more than 4096 levels (the doubling search costs minutes)
+SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
+
+
+def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, float]:
+    """(worst, mean) ``|y^_j - y_j|`` of the softmax made of the digit readouts ``e`` (of ``exp(-step d)``, d = 0..T)
+    and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability).
+
+    With ``a = e^ - e`` and ``S^ = S + sum_k a_k``: ``y^_j - y_j = e^_j (r^ - 1/S^) + (a_j (1 - y_j) - y_j sum_(k != j) a_k) / S^``,
+    so the worst case over every row is at most ``max e^ max |r^ - 1/S^| + max |a| max(1, N - 1) / min S^``, each
+    maximum taken over every level of its stage. The mean is over SOFTMAX_SAMPLE_ROWS seeded rows of uniform
+    random counts (one at the row max), computed from the readouts as the populations count them."""
+    worst = float(e.unit * e.readout.max() * r.max_abs_error + e.max_abs_error * max(1, N - 1) / (e.unit * r.lo))
+    T = len(e.readout) - 1
+    d = np.random.default_rng(0).integers(0, T + 1, size=(SOFTMAX_SAMPLE_ROWS, N))
+    d[:, 0] = 0
+    exact = np.exp(-step * d)
+    exact /= exact.sum(axis=1, keepdims=True)
+    q = e.readout[d].sum(axis=1)
+    got = e.unit * r.unit * e.readout[d] * r.readout[q - r.lo][:, None]
+    return worst, float(np.abs(got - exact).mean())
 
 
 def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None,
