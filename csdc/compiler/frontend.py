@@ -85,7 +85,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 #: ops the opt-in approximate mode ``--nonlinear mbe`` lowers to MBE populations (docs/mbe.md)
-MBE_LOWERED = {"Gelu", "Erf", "LayerNormalization"}
+MBE_LOWERED = {"Gelu", "Erf", "LayerNormalization", "Softmax"}
 #: ops a standard transformer needs that ``--nonlinear mbe`` is meant to approximate
 NONLINEAR = {"Softmax", "LayerNormalization", "Gelu", "Erf"}
 NONLINEAR_MODES = ("refuse", "mbe")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,14 +45,15 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
-from csdc.compiler.mbe import MBESum, fit_geometric, fit_table
+from csdc.compiler.mbe import FIT_SAMPLE_LEVELS, MBEFit, MBESum, fit_geometric, fit_table, numba_totals
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
-from csdc.errors import UnsupportedModelError
+from csdc.errors import CsdcError, UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (TERNARY, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum,
                          Reshape, SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose)
 from csdc.ir.semantics import conv as conv_counts
+from csdc.ir.semantics import mbe_total
 from csdc.ir.semantics import sum_pool
 
 
@@ -191,6 +192,36 @@ class LoweringReport:
 
 
 @dataclass(frozen=True)
+class Digits:
+    """A non-negative function of an integer current read out as spike populations, one per digit (most
+    significant first; :meth:`Lowering.mbe_digits`): ``f(q) ~ unit * sum_k places[k] * count_k``.
+
+    ``readout[i]``: the integer ``sum_k places[k] * count_k`` the populations count at level ``q = lo + i``
+    (delay >= T), so compositions can measure their own errors exactly; ``max_abs_error`` / ``mean_abs_error``:
+    ``|unit * readout - f(q)|`` over every level, in f's (real) units (fit error plus the last digit's rounding)."""
+
+    nodes: tuple[str, ...]
+    places: tuple[int, ...]
+    unit: float
+    lo: int
+    readout: np.ndarray
+    max_abs_error: float
+    mean_abs_error: float
+    mbe_node: str
+    fit: MBEFit
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.readout) - 1
+
+    def report(self) -> dict:
+        """The fields of a ``CompileReport.approximations`` entry this readout fills (errors in f's units)."""
+        return {"mbe_node": self.mbe_node, "bases": self.fit.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
+                "digits": list(self.nodes), "places": list(self.places), "unit": self.unit,
+                "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error}
+
+
+@dataclass(frozen=True)
 class MBEOptions:
     """The opt-in approximate mode ``--nonlinear mbe``: bases (None: the fewest meeting the target) and
     encoding steps of every MBE population."""
@@ -204,13 +235,13 @@ RSQRT_BITS = 28
 
 
 @functools.lru_cache(maxsize=64)
-def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int) -> MBESum:
+def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int, scale: float = 1.0) -> MBESum:
     """MBE populations for LayerNorm's ``r(S) = 1/sqrt(S / C + eps)`` on every sum of squares ``S = 0..s_max``, the
-    error weighted by ``sqrt(S)`` (the largest |centred level| a token with that S can have) within ``max_error``
-    (cached: the precision policy lowers a model several times)."""
-    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(float(layernorm_rsqrt(np.ones(1), channels, eps_levels)[0]))), 0)
-    return fit_geometric("rsqrt", lambda S: layernorm_rsqrt(S, channels, eps_levels), 0, s_max,
-                         weight=np.sqrt, max_error=max_error, steps=steps, frac_bits=frac_bits)
+    error weighted by ``sqrt(S)`` (the largest |centred level| a token with that S can have) within ``max_error``, in
+    units of ``1 / scale`` (cached: the precision policy lowers a model several times)."""
+    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(scale * float(layernorm_rsqrt(np.ones(1), channels, eps_levels)[0]))), 0)
+    return fit_geometric("rsqrt", lambda S: scale * layernorm_rsqrt(S, channels, eps_levels), 0, s_max,
+                         weight=np.sqrt, max_error=max_error * scale, steps=steps, frac_bits=frac_bits)
 
 
 def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float) -> np.ndarray:
@@ -980,7 +1011,7 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
-    #: digit populations that read out 1/sqrt(variance) as spikes (base T + 1, the last rounded)
+    #: digit populations that read out 1/sqrt(variance) as spikes (radix 2^8, the last rounded; mbe_digits)
     LAYERNORM_DIGITS = 3
     #: fractional bits of the centred levels (a second ternary population per channel): rounding d to whole levels
     #: would cost up to max|gamma| r / 2, several output steps for a token of small variance
@@ -1002,8 +1033,7 @@ class Lowering:
            threshold; ``kg = k`` when every |gamma| is equal) and the fraction ``kf`` kg leaves, in 2^-F;
         2. ``S = sum_c k_c^2`` exactly by a signed ``SpikeMatMul`` of k with itself (K = C), in ``[0, C (L+1)^2 / 4]``;
         3. ``r(S)`` by MBE populations reading S (:func:`csdc.compiler.mbe.fit_geometric`, verified on every level);
-        4. r read out as spikes by :data:`LAYERNORM_DIGITS` DIF populations in base T + 1 (digit j reads the MBE
-           current minus the higher digits' spikes times their thresholds);
+        4. r read out as spikes by :data:`LAYERNORM_DIGITS` DIF populations of radix 2^8 (:func:`mbe_digits`);
         5. ``y_c = max|gamma| sum_j theta_j (kg_c + kf_c 2^-F) c_j + beta_c``: two signed ``SpikeMatMul`` (K = 1) per
            digit, in the current of the output quantizer's neuron (beta in its bias)."""
         src = self.vals.get(n.inputs[0])
@@ -1075,36 +1105,23 @@ class Lowering:
         squares = self.add(f"{n.name}_squares", SpikeMatMul(1), [row, col])
         s_max = C * (span + 1) ** 2 // 4  # sum of squares of C rounded deviations of levels spanning `span`
         eps_levels = float(n.attrs.get("epsilon", 1e-5)) / src.step**2
-        # 3. r(S) = 1/sqrt(S / C + eps) by MBE populations; its error weighted by sqrt(S) >= |k_c| bounds |k_c| dr
+        # 3-4. r(S) by MBE populations reading S (fit_geometric: its error weighted by sqrt(S) >= |k_c|, since
+        # that bounds |k_c| dr), read out as digit spikes (mbe_digits: radix 2^b, the last digit rounded)
         max_error = self.LAYERNORM_RSQRT_TARGET * out_step / g_max
-        f = rsqrt_fit(C, s_max, eps_levels, max_error, self.mbe.steps)
-        one = (*shape[:-1], 1, 1)
-        parts = [self.add(f"{n.name}_rsqrt", p.op(np.zeros(one, dtype=np.int64)), [squares]) for p in f.parts]
-        total = parts[0] if len(parts) == 1 else self.add(f"{n.name}_rsqrt_sum", Add(), parts)
-        # 4. digits in base T + 1: c_j = floor(rest / theta_j) for j < J - 1, the last rounded
-        J, base = self.LAYERNORM_DIGITS, T + 1
-        top = int(np.max(f.totals(np.array([0, 1, s_max])))) + f.constant + 1
-        e_last = max(0, math.ceil(math.log2(top / float(base) ** J)) if top > base**J else 0)
-        thetas = [base ** (J - 1 - j) << e_last for j in range(J)]
-        digits: list[str] = []
-        for j, theta in enumerate(thetas):
-            inputs = [total]
-            for i, d in enumerate(digits):
-                mant, ex = split_power_of_two(np.full(one, -thetas[i], dtype=np.int64))
-                inputs.append(self.add(f"{n.name}_rsqrt_carry", DiagonalSynapse(mant, exponent=ex), [d]))
-            node = inputs[0] if len(inputs) == 1 else self.add(f"{n.name}_rsqrt_rest", Add(), inputs)
-            constant = f.constant + (theta // 2 if j == J - 1 else 0)
-            b = constant // T
-            digits.append(self.add(f"{n.name}_rsqrt_digit", Neuron(np.full(one, theta, np.int64),
-                                                                   np.full(one, constant - T * b, np.int64),
-                                                                   np.full(one, b, np.int64), delay), [node]))
+        values = layernorm_rsqrt(np.arange(s_max + 1), C, eps_levels)
+        steps = self.mbe.steps
+        r = self.mbe_digits(f"{n.name}_rsqrt", squares, 0, values, digits=self.LAYERNORM_DIGITS,
+                            radix_bits=min(8, T.bit_length() - 1),
+                            fitter=lambda v: rsqrt_fit(C, s_max, eps_levels, max_error, steps, float(v[0] / values[0])))
+        f = r.fit
+        parts = [nm for nm in self.net.inputs(r.mbe_node)] if len(f.parts) > 1 else [r.mbe_node]
+        weighted = np.sqrt(np.arange(s_max + 1)) * np.abs(r.unit * r.readout - values)  # fit and digits, every S
         # 5. y = g_max (kg + kf 2^-F) r + beta: two signed products per digit
         kcol = self.add(f"{n.name}_scaled_col", Reshape((*shape[:-1], C, 1)), [kg])
         fcol = self.add(f"{n.name}_fraction_col", Reshape((*shape[:-1], C, 1)), [kf])
-        unit = g_max / float(2**f.frac_bits)
         ones = (1,) * (len(shape) + 1)
-        terms = tuple(ProductTerm(col, d, np.full(ones, unit * theta * scale), float(T * T), origin=n.name)
-                      for col, scale in ((kcol, 1.0), (fcol, 2.0**-F)) for d, theta in zip(digits, thetas))
+        terms = tuple(ProductTerm(col, d, np.full(ones, g_max * r.unit * place * scale), float(T * T), origin=n.name)
+                      for col, scale in ((kcol, 1.0), (fcol, 2.0**-F)) for d, place in zip(r.nodes, r.places))
         node, cur_term = self.materialize(Affine(terms, np.zeros(ones)), n.name, out_step)
         flat = self.add(f"{n.name}_out", Reshape(shape), [node])
         one_out = (1,) * len(shape)
@@ -1112,23 +1129,108 @@ class Lowering:
         error = error.reshape(one_out) if error.size == 1 else error.reshape(shape)
         self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur_term.unit).reshape(one_out), error, cur_term.site),),
                                          beta.reshape((1,) * (len(shape) - 1) + (C,)))
-        # errors in output steps: the 1/sqrt fit (verified on every S) and its last digit's rounding, times the
-        # largest |kg| a token with that S can have (<= sqrt(S)) and g_max; the centring's fraction rounding
-        digit_error = 0.5 * thetas[-1] / float(2**f.frac_bits) * math.sqrt(s_max)
-        rsqrt_steps = (f.max_abs_error + digit_error) * g_max / out_step
+        # errors in output steps: the 1/sqrt read-out (fit and digits, on every S) times the largest |kg| a token with
+        # that S can have (<= sqrt(S)) and g_max; the centring's roundings (times r)
+        rsqrt_steps = float(weighted.max()) * g_max / out_step
         centring = g_max * (2.0 ** -(F + 1) + 2.0 ** -(B + 1)) / out_step  # kf's rounding and the mean's, times r
         self.report.approximations.append({
             "source": n.name, "op": "layernorm", "nodes": [n.name], "mbe_node": parts[0], "mbe_nodes": parts,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, s_max],
-            "max_abs_error": rsqrt_steps, "mean_abs_error": f.mean_abs_error * g_max / out_step,
+            "max_abs_error": rsqrt_steps, "mean_abs_error": float(weighted.mean()) * g_max / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": f.max_rel_error,
-            "digits": J, "fraction_bits": F, "mean_bits": B, "centring_error": centring,
+            "digits": len(r.nodes), "fraction_bits": F, "mean_bits": B, "centring_error": centring,
             "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
-                      f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {J} digit "
+                      f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {len(r.nodes)} digit "
                       f"populations (relative error <= {f.max_rel_error:.2g}); centring (mean to 2^-{B + 1}, centred "
                       f"levels to 2^-{F + 1}): at most {centring:.3g} x r more per element, r = 1/std of the token's "
                       "levels; variance of whole centred levels, Sheppard-corrected"})
+
+    def mbe_digits(self, base: str, current: str, lo: int, values: np.ndarray, *, digits: int = 2,
+                   radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64,
+                   fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
+        """:func:`mbe_digits` in this lowering (its names, explain entries, delay, ``--mbe-bases`` and ``--mbe-steps``)."""
+        return mbe_digits(self.net, base, current, lo, values, delay=self.delay, digits=digits, radix_bits=radix_bits,
+                          bases=bases if bases is not None else self.mbe.bases if self.mbe else None,
+                          steps=self.mbe.steps if self.mbe else 16, max_bases=max_bases, add=self.add, fitter=fitter)
+
+    def lower_softmax(self, n: QNode) -> None:
+        """``Softmax`` over the last axis of a quantizer's output (``--nonlinear mbe``, docs/mbe.md, "Compiling
+        Softmax"): with input counts ``c_j`` (``x_j = step c_j + offset``) of a row of N,
+
+        1. the row max ``M = max_j c_j``: a SpikeMaxPool over the row;
+        2. ``d_j = M - c_j`` in ``[0, T]``: M's spikes broadcast to the row (synapses of weight 1) minus ``c_j``'s;
+        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
+        4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
+           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
+        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits, weighted by their places, into the
+           output quantizer's neuron.
+
+        Every error is measured on every level of each stage and composed into a worst case over every input
+        row; integer ops that are not spike accumulations: none."""
+        if self.mbe is None:
+            self.fail(n, "Softmax is approximated only in the opt-in mode: csdc compile --nonlinear mbe (docs/mbe.md)")
+            return
+        src = self.vals.get(n.inputs[0])
+        if not isinstance(src, Spikes) or self.net.info(src.node).kind == TERNARY:
+            self.fail(n, "Softmax must read an unsigned or offset-form quantizer's output (its counts are what the "
+                         "spiking row max and the MBE neurons take); quantize its input first")
+            return
+        shape = self.net.info(src.node).shape
+        rank = len(self.g.shapes[n.inputs[0]])
+        if int(n.attrs.get("axis", -1)) % rank != rank - 1:
+            self.fail(n, f"Softmax over axis {n.attrs.get('axis')} of a rank-{rank} tensor: only the last axis "
+                         "(a row) is lowered; transpose the axis last")
+            return
+        out_step = self.downstream_step(n.outputs[0])
+        if out_step is None:
+            self.fail(n, "Softmax must be read by a quantizer: its step is the unit of the approximation")
+            return
+        T, N = self.T, int(shape[-1])
+        R = int(np.prod(shape[:-1], dtype=np.int64))
+        # 1. the row max, 2. d = M - c
+        rows = self.add(f"{n.name}_rows", Reshape((R, 1, N)), [src.node])
+        peak = self.add(f"{n.name}_row_max", SpikeMaxPool((1, N), (1, N)), [rows])
+        peak = self.add(f"{n.name}_row_max_col", Reshape((R, 1)), [peak])
+        spread = self.add(f"{n.name}_max_to_row", DenseSynapse(np.ones((N, 1), dtype=np.int8)), [peak])
+        flat = self.add(f"{n.name}_flat", Reshape((R, N)), [src.node])
+        minus = self.add(f"{n.name}_minus_x", DiagonalSynapse(np.broadcast_to(np.int8(-1), (R, N))), [flat])
+        gap = self.add(f"{n.name}_gap", Add(), [spread, minus])
+        # 3. e(d) = exp(-step d), d = 0..T
+        exact_e = np.exp(-src.step * np.arange(T + 1, dtype=np.float64))
+        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e)
+        # 4. q = sum_j readout_e(d_j) (an integer: digit counts times places), then 1/S = 1 / (unit_e q)
+        sums = [self.add(f"{n.name}_row_sum{k}", DenseSynapse(np.ones((1, N), dtype=np.int8), exponent=p.bit_length() - 1), [d])
+                for k, (d, p) in enumerate(zip(e.nodes, e.places))]
+        total = sums[0] if len(sums) == 1 else self.add(f"{n.name}_row_sum", Add(), sums)
+        q_lo = int(e.readout[0] + (N - 1) * e.readout.min())  # one element is the max (d = 0)
+        q_hi = int(e.readout[0] + (N - 1) * e.readout.max())
+        if q_lo < 1:
+            self.fail(n, "the exponential's readout of the row max is zero; the MBE fit is too coarse (raise --mbe-bases)")
+            return
+        levels = np.arange(q_lo, q_hi + 1, dtype=np.float64)
+        r = self.mbe_digits(f"{n.name}_reciprocal", total, q_lo, 1.0 / (e.unit * levels),
+                            bases=self.mbe.bases if self.mbe.bases is not None else (RECIPROCAL_BASES if q_hi - q_lo > 4096 else None))
+        # 5. y_j = e_j r: one product per pair of digits, in the output quantizer's neuron
+        e_col = [self.add(f"{n.name}_exp_col", Reshape((R, N, 1)), [d]) for d in e.nodes]
+        r_col = [self.add(f"{n.name}_reciprocal_col", Reshape((R, 1, 1)), [d]) for d in r.nodes]
+        one = (1, 1, 1)
+        terms = tuple(ProductTerm(a, b, np.full(one, e.unit * r.unit * pa * pb), float(T * T), origin=n.name)
+                      for a, pa in zip(e_col, e.places) for b, pb in zip(r_col, r.places))
+        node, cur = self.materialize(Affine(terms, np.zeros(one)), n.name, out_step)
+        out = self.add(f"{n.name}_out", Reshape(shape), [node])
+        ones = (1,) * len(shape)
+        error = np.asarray(cur.error, dtype=np.float64)
+        error = error.reshape(ones) if error.size == 1 else error.reshape(shape)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(out, np.asarray(cur.unit).reshape(ones), error, cur.site),), np.zeros(ones))
+        worst, mean = softmax_error(e, r, N, src.step)
+        self.report.approximations.append({
+            "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
+            "bases": max(e.fit.bases, r.fit.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T,
+            "levels": [0, T], "row": N, "max_abs_error": worst / out_step, "mean_abs_error": mean / out_step,
+            "error_unit": f"steps of the reading quantizer ({out_step:.6g})", "max_abs_error_real": worst,
+            "stages": {"exp": {**e.report(), "function": f"exp(-{src.step:.6g} d), d = M - c"},
+                       "reciprocal": {**r.report(), "function": f"1 / ({e.unit:.6g} q), q = row sum of exp's readout"}}})
 
     def lower_mul(self, n: QNode) -> None:
         """``Mul``: by a constant (:meth:`lower_add_mul`), or the elementwise product of two quantized
@@ -1172,7 +1274,7 @@ class Lowering:
         self.fail(n, f"{where} {n.op_type} only between two quantizers (DequantizeLinear -> {n.op_type} ... -> "
                      "QuantizeLinear, every step elementwise on one quantized input; docs/mbe.md)")
 
-    HANDLERS = {"Elementwise": "lower_elementwise", "LayerNormalization": "lower_layernorm", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
+    HANDLERS = {"Elementwise": "lower_elementwise", "LayerNormalization": "lower_layernorm", "Softmax": "lower_softmax", "Gelu": "lower_unfused", "Erf": "lower_unfused", "Quant": "lower_quant", "Linear": "lower_linear", "MatMul": "lower_matmul", "Add": "lower_add_mul",
                 "Mul": "lower_mul", "Div": "lower_add_mul", "MaxPool": "lower_maxpool", "AveragePool": "lower_avgpool",
                 "GlobalAveragePool": "lower_avgpool", "ReduceMean": "lower_avgpool", "Flatten": "lower_route",
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
@@ -1198,6 +1300,91 @@ class Lowering:
         self.lower_output()
         self.report.T = self.T
         return self.net, self.report
+
+
+def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarray, *, delay: int, digits: int = 2,
+           radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
+           add: Callable[[str, object, list[str]], str] | None = None,
+           fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
+    """An MBE function of a non-negative integer current, read out as spikes with a stated precision.
+
+    ``current``: an IR current whose window total ``q`` lies in ``lo .. lo + len(values) - 1``;
+    ``values[i] >= 0``: the function at ``q = lo + i`` (real units). One MBE population (fitted by
+    :func:`fit_table` to ``values / unit`` within a quarter of ``unit``, ``bases`` or the fewest up to
+    ``max_bases``) makes the current ``E ~ f(q) 2^F / unit``; ``digits`` DIF populations of radix
+    ``B = 2^radix_bits`` (default ``min(16, 2^floor(log2 T))``) read it: digit k has threshold
+    ``theta_k = B^(D-1-k) 2^F`` and integrates ``E`` minus ``theta_i`` per spike of every higher digit i
+    (one-to-one synapses fed by spikes: ACs), the higher digits floor, the last rounds. So
+    ``f(q) ~ unit * sum_k B^(D-1-k) count_k`` with ``unit = max f / (T B^(D-1))``: the top digit counts up
+    to T, the others up to B; the precision is ``max f / (2 T B^(D-1))`` plus the fit's error, measured on
+    every level (the readout is computed in integers as the populations count it, delay >= T).
+    Integer ops that are not spike accumulations: none. ``add(name, op, inputs) -> node`` adds an IR node
+    (default ``net.add``; the lowering's keeps names unique and records them for --explain). ``fitter``: makes the
+    MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g. :func:`fit_geometric`'s populations
+    for a domain too large for least squares; their currents are added)."""
+    values = np.asarray(values, dtype=np.float64)
+    add = add or (lambda name, op, inputs: net.add(name, op, inputs))
+    T = net.T
+    if values.ndim != 1 or not len(values) or not np.all(np.isfinite(values)) or values.min() < 0:
+        raise CsdcError(f"{base}: an MBE digit readout needs finite non-negative values, one per level")
+    b = min(4, T.bit_length() - 1) if radix_bits is None else int(radix_bits)
+    if not 1 <= b or (1 << b) > T or digits < 1:
+        raise CsdcError(f"{base}: digits of radix 2^{b} need at most T = {T} counts and at least one digit")
+    B = 1 << b
+    places = tuple(B ** (digits - 1 - k) for k in range(digits))
+    unit = float(values.max()) / (T * places[0]) or 1.0
+    f = fitter(values / unit) if fitter is not None else fit_table(base, values / unit, bases=bases, steps=steps,
+                                                                   max_bases=max_bases)
+    shape = net.info(current).shape
+    q = np.arange(len(values), dtype=np.int64)
+    if isinstance(f, MBESum):
+        pops = [add(f"{base}_mbe", p.op(np.full(shape, -int(lo), dtype=np.int64)), [current]) for p in f.parts]
+        mbe = pops[0] if len(pops) == 1 else add(f"{base}_mbe_sum", Add(), pops)
+        E = f.totals(q)
+    else:
+        mbe = add(f"{base}_mbe", f.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
+        E = numba_totals(f.op(np.zeros((), np.int64)), q) if len(q) > FIT_SAMPLE_LEVELS else mbe_total(
+            f.op(np.zeros((), np.int64)), q)
+    full = lambda v: np.broadcast_to(np.int64(v), shape)  # noqa: E731
+    rest, readout, nodes, cur = E + f.constant, np.zeros(len(q), dtype=np.int64), [], mbe
+    for k, place in enumerate(places):
+        theta = place << f.frac_bits
+        last = k == digits - 1
+        total = f.constant + (theta // 2 if last else 0)  # T * bias + v0: the fit's constant, the last digit rounds
+        bias = total // T
+        if k:  # what the higher digits left: the previous rest minus theta_(k-1) per spike of digit k-1
+            minus = add(f"{base}_minus_digit{k - 1}", DiagonalSynapse(np.broadcast_to(np.int8(-1), shape),
+                                                                      exponent=(theta * B).bit_length() - 1), [nodes[-1]])
+            cur = add(f"{base}_rest{k}", Add(), [cur, minus])
+        nodes.append(add(f"{base}_digit{k}", Neuron(full(theta), full(total - T * bias), full(bias), delay), [cur]))
+        count = np.clip(np.floor_divide(rest + (theta // 2 if last else 0), theta), 0, T)
+        rest = rest - count * theta
+        readout += place * count
+    err = np.abs(unit * readout - values)
+    return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()), mbe, f)
+
+
+RECIPROCAL_BASES = 32  # bases of a softmax reciprocal over more than 4096 levels (the doubling search costs minutes)
+SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
+
+
+def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, float]:
+    """(worst, mean) ``|y^_j - y_j|`` of the softmax made of the digit readouts ``e`` (of ``exp(-step d)``, d = 0..T)
+    and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability).
+
+    With ``a = e^ - e`` and ``S^ = S + sum_k a_k``: ``y^_j - y_j = e^_j (r^ - 1/S^) + (a_j (1 - y_j) - y_j sum_(k != j) a_k) / S^``,
+    so the worst case over every row is at most ``max e^ max |r^ - 1/S^| + max |a| max(1, N - 1) / min S^``, each
+    maximum taken over every level of its stage. The mean is over SOFTMAX_SAMPLE_ROWS seeded rows of uniform
+    random counts (one at the row max), computed from the readouts as the populations count them."""
+    worst = float(e.unit * e.readout.max() * r.max_abs_error + e.max_abs_error * max(1, N - 1) / (e.unit * r.lo))
+    T = len(e.readout) - 1
+    d = np.random.default_rng(0).integers(0, T + 1, size=(SOFTMAX_SAMPLE_ROWS, N))
+    d[:, 0] = 0
+    exact = np.exp(-step * d)
+    exact /= exact.sum(axis=1, keepdims=True)
+    q = e.readout[d].sum(axis=1)
+    got = e.unit * r.unit * e.readout[d] * r.readout[q - r.lo][:, None]
+    return worst, float(np.abs(got - exact).mean())
 
 
 def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None,

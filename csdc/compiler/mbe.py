@@ -15,6 +15,8 @@ all bases and one constant are then fitted jointly by least squares on every lev
 towards the largest errors (Lawson's iteration, towards the minimax fit), and rounded to
 integers in units of ``2^-F`` of the target (``max |target| 2^F`` about 2^20). Knots are placed uniformly or where the
 function bends (density ~ |f''|^p for a few p), whichever gives the smaller worst-case error.
+Above :data:`FIT_SAMPLE_LEVELS` levels the weights are fitted on a seeded sample of the levels (with every
+knot and its neighbours) and the errors are still measured on every level, by the numba kernel.
 :func:`choose` doubles the number of bases until the worst-case error meets a target.
 """
 
@@ -32,6 +34,9 @@ from csdc.ir.ops import MBE_BASES_MAX, MBE_STEPS_MAX, MBENeuron
 from csdc.ir.semantics import mbe_spikes, mbe_total
 
 OUTPUT_BITS = 20  # output weights in units of 2^-F of the target, F chosen so that max |target| 2^F ~ 2^20
+#: above this many levels the weights are fitted on a sample of them (every knot, its neighbours and a seeded
+#: random draw) and the errors are measured on every level by the numba kernel
+FIT_SAMPLE_LEVELS = 8192
 _LAWSON_ITERATIONS = 30
 _KNOT_POWERS = (0.0, 1 / 3, 1 / 2, 1.0)  # knot densities tried: uniform, then ~ |f''|^p
 
@@ -143,16 +148,21 @@ def _knots(lo: int, hi: int, bases: int, y: np.ndarray, power: float) -> np.ndar
     return np.array(out, dtype=np.int64)
 
 
-def _solve(features: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _solve(features: np.ndarray, y: np.ndarray, normal: bool = False) -> np.ndarray:
     """Weighted least squares reweighted towards the largest errors (Lawson): near-minimax coefficients.
-    Stops when the worst error has not improved by 0.1 % in 5 iterations (LAPACK's QR-based gelsy)."""
+    Stops when the worst error has not improved by 0.1 % in 5 iterations (LAPACK's QR-based gelsy; ``normal``:
+    on the normal equations, for a sample of many levels, where the QR of the tall matrix dominates the time)."""
     from scipy.linalg import lstsq
 
     w = np.ones(len(y))
     best, best_err, stalled = None, np.inf, 0
     for _ in range(_LAWSON_ITERATIONS):
-        sw = np.sqrt(w)
-        coef = lstsq(features * sw[:, None], y * sw, lapack_driver="gelsy", check_finite=False)[0]
+        if normal:
+            wf = features * w[:, None]
+            coef = lstsq(wf.T @ features, wf.T @ y, lapack_driver="gelsy", check_finite=False)[0]
+        else:
+            sw = np.sqrt(w)
+            coef = lstsq(features * sw[:, None], y * sw, lapack_driver="gelsy", check_finite=False)[0]
         err = np.abs(features @ coef - y)
         stalled = 0 if err.max() < best_err * 0.999 else stalled + 1
         if err.max() < best_err:
@@ -179,6 +189,8 @@ def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int,
         raise CsdcError(f"MBE fit of {name}: bases must be in 1..{MBE_BASES_MAX} and steps in 1..{MBE_STEPS_MAX}, "
                         f"got {bases} and {steps}")
     q = np.arange(lo, hi + 1, dtype=np.int64)
+    sampled = len(q) > FIT_SAMPLE_LEVELS
+    draw = np.random.default_rng(0).choice(len(q), FIT_SAMPLE_LEVELS, replace=False) if sampled else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # reported below, by level
         y = np.asarray(target(q.astype(np.float64)), dtype=np.float64)
     if y.shape != q.shape or not np.all(np.isfinite(y)):
@@ -192,14 +204,18 @@ def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int,
         knots = _knots(lo, hi, bases, y, power)
         threshold, reset, offset, used = _sar_tables(knots, hi, steps)
         probe = MBENeuron(threshold, reset, np.zeros_like(threshold), offset, np.zeros((), np.int64))
-        spikes = mbe_spikes(probe, q).reshape(len(q), -1).astype(np.float64)  # (levels, S * K), step-major
-        features = np.concatenate([spikes, np.ones((len(q), 1))], axis=1)
-        coef = _solve(features, y)
+        idx = (np.unique(np.concatenate([draw, np.clip(np.concatenate([knots - 1, knots, knots + 1]) - lo, 0, len(q) - 1),
+                                         [0, len(q) - 1]])) if sampled else slice(None))
+        qs = q[idx]
+        spikes = mbe_spikes(probe, qs).reshape(len(qs), -1).astype(np.float64)  # (levels, S * K), step-major
+        features = np.concatenate([spikes, np.ones((len(qs), 1))], axis=1)
+        coef = _solve(features, y[idx], normal=sampled)
         scale = float(2**frac_bits)
         weight = np.rint(coef[:-1] * scale).astype(np.int64).reshape(used, len(knots)).T.copy()
         weight[reset == 0] = 0  # the steps beyond a basis's digits never fire: no weight
         constant = int(np.rint(coef[-1] * scale))
-        got = (mbe_total(MBENeuron(threshold, reset, weight, offset, np.zeros((), np.int64)), q) + constant) / scale
+        op = MBENeuron(threshold, reset, weight, offset, np.zeros((), np.int64))
+        got = ((numba_totals(op, q) if sampled else mbe_total(op, q)) + constant) / scale
         err = np.abs(got - y)
         cand = MBEFit(name, lo, hi, threshold, reset, weight, offset, constant, frac_bits, float(err.max()),
                       float(err.mean()), used)
@@ -207,6 +223,22 @@ def fit(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int,
             best = cand
     assert best is not None
     return best
+
+
+def numba_totals(op: MBENeuron, q: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """``mbe_total(op, q)`` for many levels ``q`` (1-D; the population's ``v0`` ignored) by the numba kernel, in chunks."""
+    from csdc.backends.numba.kernels import mbe_neurons
+
+    q = np.asarray(q, dtype=np.int64)
+    out = np.empty(len(q), dtype=np.int64)
+    zero = np.zeros((1, 1, min(chunk, len(q))), dtype=np.int64)
+    for i in range(0, len(q), chunk):
+        part = q[i:i + chunk]
+        steps = np.zeros((1, op.steps, len(part)), dtype=np.int64)
+        # a constant current of 0 and v0 = q: the kernel's membrane starts at the level itself
+        mbe_neurons(zero[:, :, :len(part)], part.copy(), op.offset, op.threshold, op.reset, op.weight, steps)
+        out[i:i + chunk] = steps[0].sum(axis=0)
+    return out
 
 
 BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
@@ -231,21 +263,23 @@ def choose(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: i
     return best
 
 
-def fit_table(name: str, values: np.ndarray, *, bases: int | None, steps: int, frac_bits: int | None = None) -> MBEFit:
+def fit_table(name: str, values: np.ndarray, *, bases: int | None, steps: int, frac_bits: int | None = None,
+              max_bases: int = MBE_BASES_MAX) -> MBEFit:
     """An MBE fit of a function given by its values at the levels 0..len(values)-1 (e.g. an elementwise
     subgraph evaluated on every count of its input quantizer), aiming at :data:`MBE_TARGET_LEVELS`
-    (``frac_bits``: the output unit, default as :func:`fit`). Cached by value: the precision policy lowers
-    a model several times."""
+    (``frac_bits``: the output unit, default as :func:`fit`; ``max_bases``: the most bases :func:`choose`
+    tries). Cached by value: the precision policy lowers a model several times."""
     values = np.ascontiguousarray(values, dtype=np.float64)
-    return _fit_table(name, values.tobytes(), bases, min(steps, len(values) - 1) if len(values) > 1 else 1, frac_bits)
+    return _fit_table(name, values.tobytes(), bases, min(steps, len(values) - 1) if len(values) > 1 else 1, frac_bits,
+                      max_bases)
 
 
 @functools.lru_cache(maxsize=256)
-def _fit_table(name: str, data: bytes, bases: int | None, steps: int, frac_bits: int | None) -> MBEFit:
+def _fit_table(name: str, data: bytes, bases: int | None, steps: int, frac_bits: int | None, max_bases: int) -> MBEFit:
     values = np.frombuffer(data, dtype=np.float64)
     target = lambda q: values[np.asarray(q, dtype=np.int64)]  # noqa: E731
     return choose(name, target, 0, len(values) - 1, max_error=MBE_TARGET_LEVELS, steps=steps,
-                  max_bases=MBE_BASES_MAX, bases=bases, frac_bits=frac_bits)
+                  max_bases=max_bases, bases=bases, frac_bits=frac_bits)
 
 
 # -- large domains: continuous piecewise-linear fits on geometric knots, verified on every level -------------------
@@ -280,7 +314,7 @@ class MBESum:
 
     def totals(self, q: np.ndarray) -> np.ndarray:
         """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel."""
-        return sum(_numba_totals(p, q) for p in self.parts)
+        return sum(numba_totals(p.op(np.zeros((), np.int64)), q) for p in self.parts)
 
     def evaluate(self, q: np.ndarray) -> np.ndarray:
         return (self.totals(q) + self.constant) / float(2**self.frac_bits)
@@ -289,21 +323,6 @@ class MBESum:
         return {"function": self.name, "levels": [self.lo, self.hi], "bases": self.bases, "populations": len(self.parts),
                 "steps": self.steps, "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error,
                 "max_rel_error": self.max_rel_error, "frac_bits": self.frac_bits}
-
-
-def _numba_totals(f: MBEFit, q: np.ndarray, chunk: int = 2**18) -> np.ndarray:
-    """Decoded totals of one population at the levels ``q`` by the numba kernel (one element per level, fed as
-    ``v0`` with a zero current), in chunks so that the (steps x levels) output stays small."""
-    from csdc.backends.numba import kernels
-
-    q = np.asarray(q, dtype=np.int64).reshape(-1)
-    out = np.empty(q.size, dtype=np.int64)
-    for start in range(0, q.size, chunk):
-        part = q[start:start + chunk]
-        steps = np.empty((1, f.steps, part.size), dtype=np.int64)
-        kernels.mbe_neurons(np.zeros((1, 1, part.size), np.int64), part, f.offset, f.threshold, f.reset, f.weight, steps)
-        out[start:start + part.size] = steps.sum(axis=1)[0]
-    return out
 
 
 def _geometric_knots(lo: int, hi: int, ratio: float, steps: int) -> np.ndarray:
@@ -415,7 +434,7 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
         parts.append(MBEFit(name, lo, hi, threshold[sl, :used].copy(), reset[sl, :used].copy(),
                             weight_tab[sl, :used].copy(), -knots[sl].astype(np.int64), 0, frac_bits, 0.0, 0.0, used))
     constant = int(at_knots[0])
-    got = (sum(_numba_totals(p, measured) for p in parts) + constant) / scale
+    got = (sum(numba_totals(p.op(np.zeros((), np.int64)), measured) for p in parts) + constant) / scale
     at = measured - lo
     err = w[at] * np.abs(got - y[at])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -424,5 +443,5 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
                   float(np.max(rel[np.isfinite(rel)], initial=0.0)))
 
 
-__all__ = ["BASES_CHOICES", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS", "MBEFit", "MBESum",
-           "choose", "fit", "fit_geometric", "fit_table", "gelu"]
+__all__ = ["BASES_CHOICES", "FIT_SAMPLE_LEVELS", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS",
+           "MBEFit", "MBESum", "choose", "fit", "fit_geometric", "fit_table", "gelu", "numba_totals"]

@@ -186,7 +186,7 @@ def test_the_cli_reports_the_layernorm_approximation(model, tmp_path: Path, caps
     assert main(["compile", str(model), "-o", str(sir), "--nonlinear", "mbe", "--explain"]) == 0
     text = capsys.readouterr().out
     assert "approximated          layernorm '/norm/LayerNormalization'" in text and "1/sqrt" in text
-    assert "norm/LayerNormalization_rsqrt (MBENeuron)" in text
+    assert "norm/LayerNormalization_rsqrt_mbe (MBENeuron)" in text
 
 
 def _semantic_values(f, q: np.ndarray) -> np.ndarray:
