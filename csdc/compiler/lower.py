@@ -235,22 +235,27 @@ RSQRT_BITS = 28
 
 
 @functools.lru_cache(maxsize=64)
-def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int, scale: float = 1.0) -> MBESum:
+def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int, scale: float = 1.0,
+              frac: int = 0) -> MBESum:
     """MBE populations for LayerNorm's ``r(S) = 1/sqrt(S / C + eps)`` on every sum of squares ``S = 0..s_max``, the
-    error weighted by ``sqrt(S)`` (the largest |centred level| a token with that S can have) within ``max_error``, in
-    units of ``1 / scale`` (cached: the precision policy lowers a model several times)."""
-    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(scale * float(layernorm_rsqrt(np.ones(1), channels, eps_levels)[0]))), 0)
-    return fit_geometric("rsqrt", lambda S: scale * layernorm_rsqrt(S, channels, eps_levels), 0, s_max,
-                         weight=np.sqrt, max_error=max_error * scale, steps=steps, frac_bits=frac_bits)
+    error weighted by ``sqrt(S) 2^-frac`` (the largest |centred level| a token with that S can have) within
+    ``max_error``, in units of ``1 / scale``; S in units of ``4^-frac`` squared levels (cached: the precision policy
+    lowers a model several times)."""
+    top = scale * float(layernorm_rsqrt(np.ones(1), channels, eps_levels, frac)[0])
+    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(top)), 0)
+    return fit_geometric("rsqrt", lambda S: scale * layernorm_rsqrt(S, channels, eps_levels, frac), 0, s_max,
+                         weight=lambda S: np.sqrt(S) / 2**frac, max_error=max_error * scale, steps=steps,
+                         frac_bits=frac_bits)
 
 
-def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float) -> np.ndarray:
-    """LayerNorm's ``1/sqrt(variance + eps)`` from the sum ``S`` of the squares of C centred levels rounded to
-    whole levels: Sheppard's correction removes the rounding's mean contribution (1/12 per channel) where it
-    is small against the variance (at most half of ``S / C``). ``S = 0`` means every centred level is 0, so any
-    value serves there: ``S = 1``'s keeps the range, and so the digits' precision, small."""
-    mean_square = np.maximum(np.asarray(S, dtype=np.float64), 1.0) / channels
-    return 1.0 / np.sqrt(np.maximum(mean_square - 1.0 / 12.0, mean_square / 2.0) + eps_levels)
+def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float, frac: int = 0) -> np.ndarray:
+    """LayerNorm's ``1/sqrt(variance + eps)`` (in level units) from the sum ``S`` of the squares of C centred levels
+    rounded to ``2^-frac`` of a level (``S`` in units of ``4^-frac``): Sheppard's correction removes the rounding's
+    mean contribution (``4^-frac / 12`` per channel) where it is small against the variance (at most half of the
+    mean square). ``S = 0`` means every centred level is 0, so any value serves there: ``S = 1``'s keeps the range,
+    and so the digits' precision, small."""
+    mean_square = np.maximum(np.asarray(S, dtype=np.float64), 1.0) / (channels * 4.0**frac)
+    return 1.0 / np.sqrt(np.maximum(mean_square - 1.0 / (12.0 * 4.0**frac), mean_square / 2.0) + eps_levels)
 
 
 class Lowering:
@@ -1011,13 +1016,18 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": f.max_abs_error * out_step})
 
-    #: digit populations that read out 1/sqrt(variance) as spikes (radix 2^8, the last rounded; mbe_digits)
+    #: fewest digit populations that read out 1/sqrt(variance) as spikes (radix 2^8 or 2^floor(log2 T), the last
+    #: rounded; mbe_digits): more when the last digit's rounding would exceed half the target
     LAYERNORM_DIGITS = 3
     #: fractional bits of the centred levels (a second ternary population per channel): rounding d to whole levels
     #: would cost up to max|gamma| r / 2, several output steps for a token of small variance
     LAYERNORM_FRACTION_BITS = 6
     #: fractional bits of each token's mean (at most log2 T: its population counts up to 2^B)
     LAYERNORM_MEAN_BITS = 7
+    #: fractional bits of the centred levels the variance is made of, at most, while its sum of squares takes at
+    #: most LAYERNORM_VARIANCE_LEVELS levels (the 1/sqrt fit is verified on every one of them)
+    LAYERNORM_VARIANCE_BITS = 4
+    LAYERNORM_VARIANCE_LEVELS = 2**21
     #: the share of an output step the 1/sqrt fit may cost at worst (verified on every level of its input)
     LAYERNORM_RSQRT_TARGET = 0.03
 
@@ -1031,9 +1041,11 @@ class Lowering:
            current ``2^(B+E) sign(gamma_c) (q_c - m0 - m1 2^-B)`` from the input's and the mean's spikes, read by
            ternary populations: ``k = round(sign(gamma) d)``, ``kg = round(gamma d / max|gamma|)`` (per-channel
            threshold; ``kg = k`` when every |gamma| is equal) and the fraction ``kf`` kg leaves, in 2^-F;
-        2. ``S = sum_c k_c^2`` exactly by a signed ``SpikeMatMul`` of k with itself (K = C), in ``[0, C (L+1)^2 / 4]``;
+        2. ``S = sum_c k_c^2`` exactly by a signed ``SpikeMatMul`` of k with itself (K = C), in ``[0, C (L+1)^2 / 4]``,
+           or ``sum_c (2^V k_c + kv_c)^2`` (kv: k's fraction in 2^-V) by three, while that domain stays small;
         3. ``r(S)`` by MBE populations reading S (:func:`csdc.compiler.mbe.fit_geometric`, verified on every level);
-        4. r read out as spikes by :data:`LAYERNORM_DIGITS` DIF populations of radix 2^8 (:func:`mbe_digits`);
+        4. r read out as spikes by DIF populations of radix 2^8 (:func:`mbe_digits`; at least
+           :data:`LAYERNORM_DIGITS`, more for a small T);
         5. ``y_c = max|gamma| sum_j theta_j (kg_c + kf_c 2^-F) c_j + beta_c``: two signed ``SpikeMatMul`` (K = 1) per
            digit, in the current of the output quantizer's neuron (beta in its bias)."""
         src = self.vals.get(n.inputs[0])
@@ -1099,29 +1111,57 @@ class Lowering:
         carry = self.add(f"{n.name}_fraction_carry", DiagonalSynapse(full(mant), exponent=ex), [kg])
         rest = self.add(f"{n.name}_fraction_rest", Add(), [cur, carry])
         kf = self.add(f"{n.name}_fraction", TernaryNeuron(full(theta_f), full(theta_f // 2), full(0), delay), [rest])
-        # 2. the sum of squares, exactly
-        row = self.add(f"{n.name}_row", Reshape((*shape[:-1], 1, C)), [k])
-        col = self.add(f"{n.name}_col", Reshape((*shape[:-1], C, 1)), [k])
-        squares = self.add(f"{n.name}_squares", SpikeMatMul(1), [row, col])
-        s_max = C * (span + 1) ** 2 // 4  # sum of squares of C rounded deviations of levels spanning `span`
+        # 2. the sum of squares, exactly: of k, or of k + kv 2^-V (kv: the fraction k leaves, in 2^-V) where the
+        # larger domain (4^V times) stays small enough to verify: S = sum (2^V k + kv)^2 by three signed products
+        V = next(v for v in range(self.LAYERNORM_VARIANCE_BITS, -1, -1)
+                 if C * ((span << v) + 1) ** 2 // 4 <= self.LAYERNORM_VARIANCE_LEVELS or v == 0)
+        s_max = C * ((span << V) + 1) ** 2 // 4  # sum of squares of C rounded deviations, levels spanning `span`
+        row = lambda nm: self.add(f"{n.name}_row", Reshape((*shape[:-1], 1, C)), [nm])  # noqa: E731
+        col = lambda nm: self.add(f"{n.name}_col", Reshape((*shape[:-1], C, 1)), [nm])  # noqa: E731
+        products = [self.add(f"{n.name}_squares", SpikeMatMul(1 << (2 * V)), [row(k), col(k)])]
+        if V:
+            theta_v = theta_k >> V
+            k_carry = self.add(f"{n.name}_variance_carry", DiagonalSynapse(np.full(shape, -1, np.int64),
+                                                                           exponent=B + E), [k])
+            k_rest = self.add(f"{n.name}_variance_rest", Add(), [cur, k_carry])
+            kv = self.add(f"{n.name}_variance_fraction", TernaryNeuron(full(theta_v), full(theta_v // 2), full(0), delay),
+                          [k_rest])
+            products += [self.add(f"{n.name}_squares", SpikeMatMul(1 << (V + 1)), [row(k), col(kv)]),
+                         self.add(f"{n.name}_squares", SpikeMatMul(1), [row(kv), col(kv)])]
+        squares = products[0] if len(products) == 1 else self.add(f"{n.name}_squares_sum", Add(), products)
         eps_levels = float(n.attrs.get("epsilon", 1e-5)) / src.step**2
         # 3-4. r(S) by MBE populations reading S (fit_geometric: its error weighted by sqrt(S) >= |k_c|, since
         # that bounds |k_c| dr), read out as digit spikes (mbe_digits: radix 2^b, the last digit rounded)
         max_error = self.LAYERNORM_RSQRT_TARGET * out_step / g_max
-        values = layernorm_rsqrt(np.arange(s_max + 1), C, eps_levels)
-        steps = self.mbe.steps
-        r = self.mbe_digits(f"{n.name}_rsqrt", squares, 0, values, digits=self.LAYERNORM_DIGITS,
-                            radix_bits=min(8, T.bit_length() - 1),
-                            fitter=lambda v: rsqrt_fit(C, s_max, eps_levels, max_error, steps, float(v[0] / values[0])))
+        values = layernorm_rsqrt(np.arange(s_max + 1), C, eps_levels, V)
+        steps = min(self.mbe.steps, T)  # an MBE population encodes in at most T steps
+        # digits: the last one's rounding (half of max r / (T radix^(D-1)), times sqrt(S_max)) within half the target
+        radix_bits = min(8, T.bit_length() - 1)
+        need = float(values.max()) * math.sqrt(s_max) / 2**V / (T * max_error)
+        digits = max(self.LAYERNORM_DIGITS, 1 + math.ceil(math.log2(max(need, 1.0)) / radix_bits))
+        r = self.mbe_digits(f"{n.name}_rsqrt", squares, 0, values, digits=digits, radix_bits=radix_bits,
+                            fitter=lambda v: rsqrt_fit(C, s_max, eps_levels, max_error, steps, float(v[0] / values[0]), V))
         f = r.fit
         parts = [nm for nm in self.net.inputs(r.mbe_node)] if len(f.parts) > 1 else [r.mbe_node]
-        weighted = np.sqrt(np.arange(s_max + 1)) * np.abs(r.unit * r.readout - values)  # fit and digits, every S
+        weighted = np.sqrt(np.arange(s_max + 1)) / 2**V * np.abs(r.unit * r.readout - values)  # fit and digits, every S
+        relative = float(np.max(np.abs(r.unit * r.readout[1:] / values[1:] - 1.0)))
         # 5. y = g_max (kg + kf 2^-F) r + beta: two signed products per digit
         kcol = self.add(f"{n.name}_scaled_col", Reshape((*shape[:-1], C, 1)), [kg])
         fcol = self.add(f"{n.name}_fraction_col", Reshape((*shape[:-1], C, 1)), [kf])
         ones = (1,) * (len(shape) + 1)
-        terms = tuple(ProductTerm(col, d, np.full(ones, g_max * r.unit * place * scale), float(T * T), origin=n.name)
-                      for col, scale in ((kcol, 1.0), (fcol, 2.0**-F)) for d, place in zip(r.nodes, r.places))
+        # a product whose largest contribution (|kf| <= 2^(F-1), a lower digit < radix) is below 1/1000 of an output
+        # step is left out, and counted in the error: it would only widen the integer range of the sum
+        radix = 1 << radix_bits
+        terms, dropped = [], 0.0
+        for col, scale, reach in ((kcol, 1.0, float(T)), (fcol, 2.0**-F, float(2 ** (F - 1)))):
+            for j, (d, place) in enumerate(zip(r.nodes, r.places)):
+                unit_j = g_max * r.unit * place * scale
+                largest = unit_j * reach * (T if j == 0 else radix)
+                if j and largest < 1e-3 * out_step:
+                    dropped += largest / out_step
+                    continue
+                terms.append(ProductTerm(col, d, np.full(ones, unit_j), float(T * T), origin=n.name))
+        terms = tuple(terms)
         node, cur_term = self.materialize(Affine(terms, np.zeros(ones)), n.name, out_step)
         flat = self.add(f"{n.name}_out", Reshape(shape), [node])
         one_out = (1,) * len(shape)
@@ -1131,18 +1171,18 @@ class Lowering:
                                          beta.reshape((1,) * (len(shape) - 1) + (C,)))
         # errors in output steps: the 1/sqrt read-out (fit and digits, on every S) times the largest |kg| a token with
         # that S can have (<= sqrt(S)) and g_max; the centring's roundings (times r)
-        rsqrt_steps = float(weighted.max()) * g_max / out_step
+        rsqrt_steps = float(weighted.max()) * g_max / out_step + dropped
         centring = g_max * (2.0 ** -(F + 1) + 2.0 ** -(B + 1)) / out_step  # kf's rounding and the mean's, times r
         self.report.approximations.append({
             "source": n.name, "op": "layernorm", "nodes": [n.name], "mbe_node": parts[0], "mbe_nodes": parts,
             "bases": f.bases, "steps": f.steps, "latency_steps": self.T, "levels": [0, s_max],
             "max_abs_error": rsqrt_steps, "mean_abs_error": float(weighted.mean()) * g_max / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
-            "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": f.max_rel_error,
+            "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": relative,
             "digits": len(r.nodes), "fraction_bits": F, "mean_bits": B, "centring_error": centring,
             "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
                       f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {len(r.nodes)} digit "
-                      f"populations (relative error <= {f.max_rel_error:.2g}); centring (mean to 2^-{B + 1}, centred "
+                      f"populations (relative error of r <= {relative:.2g} for S >= 1); centring (mean to 2^-{B + 1}, centred "
                       f"levels to 2^-{F + 1}): at most {centring:.3g} x r more per element, r = 1/std of the token's "
                       "levels; variance of whole centred levels, Sheppard-corrected"})
 

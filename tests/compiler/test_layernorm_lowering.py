@@ -29,9 +29,9 @@ torch = pytest.importorskip("torch")
 
 TOKENS, WIDTH = 4, 32
 #: worst |value before the output quantizer - exact LayerNorm of the input levels| on the digits test split, in
-#: output steps (measured 0.042; the stated 1/sqrt bound is 0.03 of it, the centring's 2^-7 level and the
-#: variance's rounding the rest)
-VALUE_BOUND = 0.06
+#: output steps (measured 0.028: the 1/sqrt read-out within its target 0.03, the centring's 2^-7 and 2^-8 levels
+#: and the variance's 2^-2 level the rest)
+VALUE_BOUND = 0.045
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_layernorm_is_spike_driven_and_equals_the_exact_layernorm_and_onnxruntim
     [a] = rep.approximations
     assert a["op"] == "layernorm" and a["source"] == "/norm/LayerNormalization"
     mbe = [n for n, op in net.nodes() if isinstance(op, MBENeuron)]
-    assert mbe == a["mbe_nodes"] and a["levels"] == [0, WIDTH * (net.T + 1) ** 2 // 4]
+    assert mbe == a["mbe_nodes"] and a["levels"] == [0, WIDTH * (2 * net.T + 1) ** 2 // 4]  # sums of (2 k + kv)^2
     assert 0 < a["max_abs_error"] <= Lowering.LAYERNORM_RSQRT_TARGET + 0.01 and a["mean_abs_error"] < a["max_abs_error"]
     # spike-driven: every synapse and product of the LayerNorm reads spikes (no current-fed synapse, i.e. no MAC)
     made = [n.split(" ")[0] for n in rep.explain["/norm/LayerNormalization"]]
@@ -136,9 +136,10 @@ def test_layernorm_is_spike_driven_and_equals_the_exact_layernorm_and_onnxruntim
     for name in made:
         if isinstance(net.op(name), (DenseSynapse, DiagonalSynapse, SpikeMatMul)):
             assert all(net.info(s).kind in ("spikes", "ternary") for s in net.inputs(name)), name
-    # the slowest path: fc, the mean's two populations, the centred levels, (S ->) the MBE population (T), the 3
-    # digits, the LN quantizer and the logits quantizer (D = T each)
-    assert rep.latency == net.T + net.T * (1 + 2 + 1 + 3 + 1 + 1) + net.T
+    # the slowest path: fc, the mean's two populations, the centred levels and their fraction (the variance is made
+    # of 2^-1 levels here), (S ->) the MBE populations (T), the 3 digits, the LN quantizer and the logits quantizer
+    assert "norm/LayerNormalization_variance_fraction" in net and a["digits"] == 3
+    assert rep.latency == net.T + net.T * (1 + 2 + 2 + 3 + 1 + 1) + net.T
     x, _ = load_digits_split("test")
     x = x.reshape(len(x), 64)
     res = NumbaBackend().run(net, x, keep_trains=False)
@@ -187,6 +188,54 @@ def test_the_cli_reports_the_layernorm_approximation(model, tmp_path: Path, caps
     text = capsys.readouterr().out
     assert "approximated          layernorm '/norm/LayerNormalization'" in text and "1/sqrt" in text
     assert "norm/LayerNormalization_rsqrt_mbe (MBENeuron)" in text
+
+
+def _ternary_layernorm_model() -> onnx.ModelProto:
+    """Hand-built QCDQ (T = 7): tokens (8 x 12) -> symmetric int8 quantizer [-7, 7] (a ternary population) ->
+    LayerNormalization with gamma of both signs -> uint8 quantizer (zero point 4, 8 levels) -> Gemm."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from onnx_build import Builder, signed_quant
+
+    b = Builder((1, 1, 8, 8), seed=0)
+    x = b.quant("x", 1 / 16, 16)
+    t = b.node("Reshape", [x, b.const(np.array([-1, 8, 8], np.int64))])
+    h = b.node("Add", [b.node("MatMul", [t, b.qweight((8, 12), axis=1)]), b.const(b.rng.normal(0, 0.1, 12).astype(np.float32))])
+    h = signed_quant(b, h, 0.15, -7, 7)
+    gamma = (b.rng.uniform(0.5, 1.5, 12) * np.where(b.rng.random(12) < 0.3, -1, 1)).astype(np.float32)
+    ln = b.node("LayerNormalization", [h, b.const(gamma), b.const(b.rng.normal(0, 0.2, 12).astype(np.float32))], axis=-1)
+    y = b.node("Reshape", [b.quant(ln, 0.5, 7, zp=4), b.const(np.array([-1, 96], np.int64))])
+    return b.model(b.gemm(y, 96, 10), (1, 10))
+
+
+def test_a_ternary_input_and_gamma_of_both_signs_at_a_small_window(tmp_path: Path) -> None:
+    """T = 7: the mean of signed levels is a ternary population, negative gammas flip their channels' centred
+    spikes, more digits (radix 4) and a finer variance (2^-4 levels) make up for the small window; numba equals the
+    reference and the levels are within one of the exact LayerNorm's (tokens whose levels spread over one or two
+    levels only cost more there: docs/mbe.md, Limits)."""
+    from csdc.backends.numba import NumbaBackend
+
+    onnx.save(_ternary_layernorm_model(), tmp_path / "t.onnx")
+    net, rep = compile_onnx(tmp_path / "t.onnx", CompileOptions(nonlinear="mbe"))
+    [a] = rep.approximations
+    name = a["source"].strip("/")
+    assert net.T == 7 and net.info(f"{name}_mean").kind == "ternary" and f"{name}_variance_fraction" in net
+    assert a["digits"] > 3 and a["mbe_nodes"]
+    x = np.random.default_rng(0).uniform(0, 1, size=(200, 1, 8, 8)).astype(np.float32)
+    got, ref = NumbaBackend().run(net, x, keep_trains=False), semantics.run_counts(net, x)
+    for node, c in ref.counts.items():
+        assert np.array_equal(got.counts[node], c), node
+    q = got.counts[net.inputs(f"{name}_centre")[0]]  # the signed levels the LayerNorm reads
+    assert q.min() < 0 < q.max()
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "t.onnx").graph.initializer}
+    node = next(n for n in onnx.load(tmp_path / "t.onnx").graph.node if n.op_type == "LayerNormalization")
+    xr = 0.15 * q
+    exact = ((init[node.input[1]] * (xr - xr.mean(-1, keepdims=True)) / np.sqrt(xr.var(-1, keepdims=True) + 1e-5)
+              + init[node.input[2]]) / 0.5)
+    out = next(iter(net.consumers(f"{name}_out")))
+    levels = got.counts[out]
+    assert np.abs(levels - np.clip(np.rint(exact), 0, 7)).max() <= 1 and np.mean(levels == np.clip(np.rint(exact), 0, 7)) > 0.85
 
 
 def _semantic_values(f, q: np.ndarray) -> np.ndarray:
