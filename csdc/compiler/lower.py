@@ -1179,12 +1179,12 @@ class Lowering:
             "max_abs_error": rsqrt_steps, "mean_abs_error": float(weighted.mean()) * g_max / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": relative,
-            "digits": len(r.nodes), "fraction_bits": F, "mean_bits": B, "centring_error": centring,
+            "digits": len(r.nodes), "fraction_bits": F, "mean_bits": B, "variance_bits": V, "centring_error": centring,
             "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
-                      f"errors above over all its levels, weighted by sqrt(S) >= |centred level|; read out by {len(r.nodes)} digit "
+                      f"errors above over all its levels, weighted by the largest |centred level| of a token with that S; read out by {len(r.nodes)} digit "
                       f"populations (relative error of r <= {relative:.2g} for S >= 1); centring (mean to 2^-{B + 1}, centred "
                       f"levels to 2^-{F + 1}): at most {centring:.3g} x r more per element, r = 1/std of the token's "
-                      "levels; variance of whole centred levels, Sheppard-corrected"})
+                      f"levels; variance of centred levels to 2^-{V}, Sheppard-corrected"})
 
     def mbe_digits(self, base: str, current: str, lo: int, values: np.ndarray, *, digits: int = 2,
                    radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64,
