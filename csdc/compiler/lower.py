@@ -1124,8 +1124,8 @@ class Lowering:
             k_carry = self.add(f"{n.name}_variance_carry", DiagonalSynapse(np.full(shape, -1, np.int64),
                                                                            exponent=B + E), [k])
             k_rest = self.add(f"{n.name}_variance_rest", Add(), [cur, k_carry])
-            kv = self.add(f"{n.name}_variance_fraction", TernaryNeuron(full(theta_v), full(theta_v // 2), full(0), delay),
-                          [k_rest])
+            kv = self.add(f"{n.name}_variance_fraction",
+                          TernaryNeuron(full(theta_v), full(theta_v // 2), full(0), delay), [k_rest])
             products += [self.add(f"{n.name}_squares", SpikeMatMul(1 << (V + 1)), [row(k), col(kv)]),
                          self.add(f"{n.name}_squares", SpikeMatMul(1), [row(kv), col(kv)])]
         squares = products[0] if len(products) == 1 else self.add(f"{n.name}_squares_sum", Add(), products)
@@ -1140,10 +1140,11 @@ class Lowering:
         need = float(values.max()) * math.sqrt(s_max) / 2**V / (T * max_error)
         digits = max(self.LAYERNORM_DIGITS, 1 + math.ceil(math.log2(max(need, 1.0)) / radix_bits))
         r = self.mbe_digits(f"{n.name}_rsqrt", squares, 0, values, digits=digits, radix_bits=radix_bits,
-                            fitter=lambda v: rsqrt_fit(C, s_max, eps_levels, max_error, steps, float(v[0] / values[0]), V))
+                            fitter=lambda v: rsqrt_fit(C, s_max, eps_levels, max_error, steps,
+                                                       float(v[0] / values[0]), V))
         f = r.fit
         parts = [nm for nm in self.net.inputs(r.mbe_node)] if len(f.parts) > 1 else [r.mbe_node]
-        weighted = np.sqrt(np.arange(s_max + 1)) / 2**V * np.abs(r.unit * r.readout - values)  # fit and digits, every S
+        weighted = np.sqrt(np.arange(s_max + 1)) / 2**V * np.abs(r.unit * r.readout - values)  # fit, digits: every S
         relative = float(np.max(np.abs(r.unit * r.readout[1:] / values[1:] - 1.0)))
         # 5. y = g_max (kg + kf 2^-F) r + beta: two signed products per digit
         kcol = self.add(f"{n.name}_scaled_col", Reshape((*shape[:-1], C, 1)), [kg])
@@ -1167,7 +1168,8 @@ class Lowering:
         one_out = (1,) * len(shape)
         error = np.asarray(cur_term.error, dtype=np.float64)
         error = error.reshape(one_out) if error.size == 1 else error.reshape(shape)
-        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur_term.unit).reshape(one_out), error, cur_term.site),),
+        unit_out = np.asarray(cur_term.unit).reshape(one_out)
+        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, unit_out, error, cur_term.site),),
                                          beta.reshape((1,) * (len(shape) - 1) + (C,)))
         # errors in output steps: the 1/sqrt read-out (fit and digits, on every S) times the largest |kg| a token with
         # that S can have (<= sqrt(S)) and g_max; the centring's roundings (times r)
@@ -1180,11 +1182,12 @@ class Lowering:
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})",
             "max_abs_error_real": rsqrt_steps * out_step, "rsqrt_max_rel_error": relative,
             "digits": len(r.nodes), "fraction_bits": F, "mean_bits": B, "variance_bits": V, "centring_error": centring,
-            "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, "
-                      f"errors above over all its levels, weighted by the largest |centred level| of a token with that S; read out by {len(r.nodes)} digit "
-                      f"populations (relative error of r <= {relative:.2g} for S >= 1); centring (mean to 2^-{B + 1}, centred "
-                      f"levels to 2^-{F + 1}): at most {centring:.3g} x r more per element, r = 1/std of the token's "
-                      f"levels; variance of centred levels to 2^-{V}, Sheppard-corrected"})
+            "detail": f"1/sqrt(variance) of each token by {len(parts)} MBE population(s) on its sum of squares, errors "
+                      "above over all its levels, weighted by the largest |centred level| of a token with that S; read "
+                      f"out by {len(r.nodes)} digit populations (relative error of r <= {relative:.2g} for S >= 1); "
+                      f"centring (mean to 2^-{B + 1}, centred levels to 2^-{F + 1}): at most {centring:.3g} x r more per "
+                      f"element, r = 1/std of the token's levels; variance of {f'centred levels to 2^-{V}' if V else 'whole centred levels'}, "
+                      "Sheppard-corrected"})
 
     def mbe_digits(self, base: str, current: str, lo: int, values: np.ndarray, *, digits: int = 2,
                    radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64,
