@@ -207,8 +207,8 @@ class Digits:
     readout: np.ndarray
     max_abs_error: float
     mean_abs_error: float
-    mbe_node: str
-    fit: MBEFit
+    mbe_node: str  # the MBE population, or the Add of several (a fitter's MBESum)
+    fit: MBEFit | MBESum
 
     @property
     def hi(self) -> int:
