@@ -1066,7 +1066,7 @@ class Lowering:
         worst, mean = softmax_error(e, r, N, src.step)
         self.report.approximations.append({
             "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
-            "bases": max(e.fit.bases, r.fit.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T,
+            "bases": max(e.fit.bases, r.fit.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T + (len(e.nodes) + len(r.nodes)) * self.delay,
             "levels": [0, T], "row": N, "max_abs_error": worst / out_step, "mean_abs_error": mean / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})", "max_abs_error_real": worst,
             "stages": {"exp": {**e.report(), "function": f"exp(-{src.step:.6g} d), d = M - c"},
