@@ -224,3 +224,17 @@ def test_softmax_fit_within_its_stated_worst_case(step, N, seed) -> None:
     exact /= exact.sum(axis=1, keepdims=True)
     got = e.unit * r.unit * e.readout[d_levels] * rec[:, None]
     assert np.abs(got - exact).max() <= worst
+
+
+def test_uint4_model_uses_a_radix_that_fits_its_window(tmp_path: Path) -> None:
+    """uint4 activations (T = 15): digits of radix 8 (a digit counts at most T), still top-1 equal to onnxruntime."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from softmax_models import softmax_qdq_model
+
+    path = softmax_qdq_model(tmp_path, bits=4)
+    net, rep = compile_onnx(path, CompileOptions(nonlinear="mbe"))
+    (a,) = rep.approximations
+    assert net.T == 15 and a["stages"]["exp"]["places"] == [8, 1] and a["stages"]["reciprocal"]["places"] == [8, 1]
+    x = _digits_x()
+    res = NumbaBackend().run(net, x, keep_trains=False)
+    assert np.mean(res.logits.argmax(1) == onnx_logits(path, x).argmax(1)) >= 0.99
