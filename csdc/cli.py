@@ -93,9 +93,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
     print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
     for a in rep.approximations:
+        over = (f"error over every row of {a['row']} input levels in 0..{a['levels'][1]}: worst (bound) "
+                f"{a['max_abs_error']:.3g}, mean (random rows)" if "row" in a else
+                f"error over all {a['levels'][1] + 1} input levels: worst {a['max_abs_error']:.3g}, mean")
         print(f"  approximated          {a['op']} '{a['source']}' by MBE population '{a['mbe_node']}': {a['bases']} bases x "
-              f"{a['steps']} steps (+{a['latency_steps']} steps of latency); error over all {a['levels'][1] + 1} input "
-              f"levels: worst {a['max_abs_error']:.3g}, mean {a['mean_abs_error']:.3g} {a['error_unit']}")
+              f"{a['steps']} steps (+{a['latency_steps']} steps of latency); {over} {a['mean_abs_error']:.3g} {a['error_unit']}")
+        for stage, st in a.get("stages", {}).items():  # a composed approximation (softmax): its MBE digit readouts
+            print(f"                        {stage} = {st['function']}: {st['bases']} bases x {st['steps']} steps, "
+                  f"{len(st['digits'])} digit populations (places {', '.join(map(str, st['places']))}); error over all "
+                  f"{st['levels'][1] - st['levels'][0] + 1} levels: worst {st['max_abs_error']:.3g}, mean {st['mean_abs_error']:.3g}")
         if a.get("detail"):
             print(f"                        ({a['detail']})")
     if rep.approximations:

@@ -45,7 +45,7 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
-from csdc.compiler.mbe import FIT_SAMPLE_LEVELS, MBEFit, MBESum, fit_geometric, fit_table, numba_totals
+from csdc.compiler.mbe import FIT_SAMPLE_LEVELS, MBEFit, MBESum, fit_geometric, fit_table, numba_totals, sum_ranges
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import CsdcError, UnsupportedModelError
@@ -207,16 +207,21 @@ class Digits:
     readout: np.ndarray
     max_abs_error: float
     mean_abs_error: float
-    mbe_node: str  # the MBE population, or the Add of several (a fitter's MBESum)
+    mbe_node: str  # the MBE population, or the Add of several (a fitter's MBESum, a refinement)
     fit: MBEFit | MBESum
+    refinement: MBEFit | None = None  # a second population fitted to the first one's residual (same unit)
 
     @property
     def hi(self) -> int:
         return self.lo + len(self.readout) - 1
 
+    @property
+    def bases(self) -> int:
+        return self.fit.bases + (self.refinement.bases if self.refinement else 0)
+
     def report(self) -> dict:
         """The fields of a ``CompileReport.approximations`` entry this readout fills (errors in f's units)."""
-        return {"mbe_node": self.mbe_node, "bases": self.fit.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
+        return {"mbe_node": self.mbe_node, "bases": self.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
                 "digits": list(self.nodes), "places": list(self.places), "unit": self.unit,
                 "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error}
 
@@ -1191,11 +1196,12 @@ class Lowering:
 
     def mbe_digits(self, base: str, current: str, lo: int, values: np.ndarray, *, digits: int = 2,
                    radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64,
-                   fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
+                   refine: bool = False, fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
         """:func:`mbe_digits` in this lowering (its names, explain entries, delay, ``--mbe-bases`` and ``--mbe-steps``)."""
         return mbe_digits(self.net, base, current, lo, values, delay=self.delay, digits=digits, radix_bits=radix_bits,
                           bases=bases if bases is not None else self.mbe.bases if self.mbe else None,
-                          steps=self.mbe.steps if self.mbe else 16, max_bases=max_bases, add=self.add, fitter=fitter)
+                          steps=self.mbe.steps if self.mbe else 16, max_bases=max_bases, refine=refine, add=self.add,
+                          fitter=fitter)
 
     def lower_softmax(self, n: QNode) -> None:
         """``Softmax`` over the last axis of a quantizer's output (``--nonlinear mbe``, docs/mbe.md, "Compiling
@@ -1241,7 +1247,12 @@ class Lowering:
         gap = self.add(f"{n.name}_gap", Add(), [spread, minus])
         # 3. e(d) = exp(-step d), d = 0..T
         exact_e = np.exp(-src.step * np.arange(T + 1, dtype=np.float64))
-        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e)
+        # the finest radix whose row sums stay enumerable (at most 2^20 levels for the reciprocal's fit)
+        radix = next((b for b in range(min(EXP_RADIX_BITS, T.bit_length() - 1), 0, -1) if N * T << b <= 1 << 20), None)
+        if radix is None:
+            self.fail(n, f"a row of {N} elements is too long for the reciprocal of its sum to be fitted on every level")
+            return
+        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e, radix_bits=radix, refine=True)
         # 4. q = sum_j readout_e(d_j) (an integer: digit counts times places), then 1/S = 1 / (unit_e q)
         sums = [self.add(f"{n.name}_row_sum{k}", DenseSynapse(np.ones((1, N), dtype=np.int8), exponent=p.bit_length() - 1), [d])
                 for k, (d, p) in enumerate(zip(e.nodes, e.places))]
@@ -1269,7 +1280,7 @@ class Lowering:
         worst, mean = softmax_error(e, r, N, src.step)
         self.report.approximations.append({
             "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
-            "bases": max(e.fit.bases, r.fit.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T,
+            "bases": max(e.bases, r.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T + (len(e.nodes) + len(r.nodes)) * self.delay,
             "levels": [0, T], "row": N, "max_abs_error": worst / out_step, "mean_abs_error": mean / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})", "max_abs_error_real": worst,
             "stages": {"exp": {**e.report(), "function": f"exp(-{src.step:.6g} d), d = M - c"},
@@ -1346,9 +1357,9 @@ class Lowering:
 
 
 def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarray, *, delay: int, digits: int = 2,
-           radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
-           add: Callable[[str, object, list[str]], str] | None = None,
-           fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
+               radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
+               refine: bool = False, add: Callable[[str, object, list[str]], str] | None = None,
+               fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
     """An MBE function of a non-negative integer current, read out as spikes with a stated precision.
 
     ``current``: an IR current whose window total ``q`` lies in ``lo .. lo + len(values) - 1``;
@@ -1361,6 +1372,8 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
     ``f(q) ~ unit * sum_k B^(D-1-k) count_k`` with ``unit = max f / (T B^(D-1))``: the top digit counts up
     to T, the others up to B; the precision is ``max f / (2 T B^(D-1))`` plus the fit's error, measured on
     every level (the readout is computed in integers as the populations count it, delay >= T).
+    ``refine``: a second MBE population on the same current, fitted to the first one's residual in the same
+    unit, adds its current (smaller errors for twice the bases and spikes).
     Integer ops that are not spike accumulations: none. ``add(name, op, inputs) -> node`` adds an IR node
     (default ``net.add``; the lowering's keeps names unique and records them for --explain). ``fitter``: makes the
     MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g. :func:`fit_geometric`'s populations
@@ -1380,20 +1393,27 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
                                                                    max_bases=max_bases)
     shape = net.info(current).shape
     q = np.arange(len(values), dtype=np.int64)
+    totals = lambda g: (numba_totals if len(q) > FIT_SAMPLE_LEVELS else mbe_total)(g.op(np.zeros((), np.int64)), q)  # noqa: E731
     if isinstance(f, MBESum):
         pops = [add(f"{base}_mbe", p.op(np.full(shape, -int(lo), dtype=np.int64)), [current]) for p in f.parts]
         mbe = pops[0] if len(pops) == 1 else add(f"{base}_mbe_sum", Add(), pops)
         E = f.totals(q)
     else:
         mbe = add(f"{base}_mbe", f.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
-        E = numba_totals(f.op(np.zeros((), np.int64)), q) if len(q) > FIT_SAMPLE_LEVELS else mbe_total(
-            f.op(np.zeros((), np.int64)), q)
+        E = totals(f)
+    g, constant, cur, second = None, f.constant, mbe, ""
+    if refine:
+        g = fit_table(f"{base}_residual", values / unit - (E + f.constant) / float(2**f.frac_bits), bases=bases, steps=steps,
+                      frac_bits=f.frac_bits, max_bases=max_bases)
+        E, constant = E + totals(g), constant + g.constant
+        second = add(f"{base}_mbe_residual", g.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
+        cur = add(f"{base}_mbe_sum", Add(), [mbe, second])
     full = lambda v: np.broadcast_to(np.int64(v), shape)  # noqa: E731
-    rest, readout, nodes, cur = E + f.constant, np.zeros(len(q), dtype=np.int64), [], mbe
+    rest, readout, nodes = E + constant, np.zeros(len(q), dtype=np.int64), []
     for k, place in enumerate(places):
         theta = place << f.frac_bits
         last = k == digits - 1
-        total = f.constant + (theta // 2 if last else 0)  # T * bias + v0: the fit's constant, the last digit rounds
+        total = constant + (theta // 2 if last else 0)  # T * bias + v0: the fits' constants, the last digit rounds
         bias = total // T
         if k:  # what the higher digits left: the previous rest minus theta_(k-1) per spike of digit k-1
             minus = add(f"{base}_minus_digit{k - 1}", DiagonalSynapse(np.broadcast_to(np.int8(-1), shape),
@@ -1404,23 +1424,43 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
         rest = rest - count * theta
         readout += place * count
     err = np.abs(unit * readout - values)
-    return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()), mbe, f)
+    return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()),
+                  mbe if g is None else f"{mbe} + {second}", f, g)
 
 
 RECIPROCAL_BASES = 32  # bases of a softmax reciprocal over more than 4096 levels (the doubling search costs minutes)
+EXP_RADIX_BITS = 6  # digits of a softmax's exponential: 64 per count of the top digit when the row sums allow
 SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
 
 
 def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, float]:
     """(worst, mean) ``|y^_j - y_j|`` of the softmax made of the digit readouts ``e`` (of ``exp(-step d)``, d = 0..T)
-    and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability).
+    and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability), with
+    ``y^_j = e.unit r.unit e.readout[d_j] r.readout[q]`` (what the populations count) and ``y_j`` the float64 softmax.
 
-    With ``a = e^ - e`` and ``S^ = S + sum_k a_k``: ``y^_j - y_j = e^_j (r^ - 1/S^) + (a_j (1 - y_j) - y_j sum_(k != j) a_k) / S^``,
-    so the worst case over every row is at most ``max e^ max |r^ - 1/S^| + max |a| max(1, N - 1) / min S^``, each
-    maximum taken over every level of its stage. The mean is over SOFTMAX_SAMPLE_ROWS seeded rows of uniform
-    random counts (one at the row max), computed from the readouts as the populations count them."""
-    worst = float(e.unit * e.readout.max() * r.max_abs_error + e.max_abs_error * max(1, N - 1) / (e.unit * r.lo))
+    The worst case is exact over every row the input range allows (d_j in 0..T, one of them 0): for element j at
+    d_j = a, the others enter through their readout total q_o (which fixes ``r^``) and their exact total S_o (``y_j =
+    e(a) / (e(a) + S_o)`` is monotone in it), so the extremes of S_o at each q_o (:func:`sum_ranges`, over the N - 1
+    others, or the N - 2 besides an element at the max) give it. The mean is over SOFTMAX_SAMPLE_ROWS seeded rows of
+    uniform random counts (one at the row max)."""
     T = len(e.readout) - 1
+    exact_e = np.exp(-step * np.arange(T + 1, dtype=np.float64))
+    e_hat = e.unit * e.readout.astype(np.float64)
+    worst = 0.0
+    for j_at_max, free in ((True, N - 1), (False, N - 2)):
+        if free < 0:
+            continue
+        least, most = sum_ranges(e.readout, exact_e, free)
+        q_o = np.arange(len(least), dtype=np.int64)
+        if not j_at_max:  # one of the others is the row max (d = 0)
+            q_o, least, most = q_o + e.readout[0], least + exact_e[0], most + exact_e[0]
+        ok = np.isfinite(least)
+        q_o, least, most = q_o[ok], least[ok], most[ok]
+        for a in ([0] if j_at_max else range(T + 1)):
+            r_hat = r.unit * r.readout[e.readout[a] + q_o - r.lo]
+            y_hat = e_hat[a] * r_hat
+            worst = max(worst, float(np.abs(y_hat - exact_e[a] / (exact_e[a] + least)).max()),
+                        float(np.abs(y_hat - exact_e[a] / (exact_e[a] + most)).max()))
     d = np.random.default_rng(0).integers(0, T + 1, size=(SOFTMAX_SAMPLE_ROWS, N))
     d[:, 0] = 0
     exact = np.exp(-step * d)

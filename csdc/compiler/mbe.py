@@ -241,6 +241,59 @@ def numba_totals(op: MBENeuron, q: np.ndarray, chunk: int = 1 << 16) -> np.ndarr
     return out
 
 
+def sum_ranges(readout: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Over every choice of ``count`` levels (with repetition) of a table of integer ``readout``s (>= 0) and real
+    ``values``: for each total ``q = 0..count * max(readout)`` of the readouts, the least and the largest total of
+    the values (+inf / -inf where no choice reaches q). A dynamic program over the elements (numba), used to state
+    the worst case of a row sum exactly."""
+    readout = np.asarray(readout, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    # levels with the same readout: only their least and largest value matter
+    keys = np.unique(readout)
+    lo_v = np.array([values[readout == k].min() for k in keys])
+    hi_v = np.array([values[readout == k].max() for k in keys])
+    return _sum_ranges(keys, lo_v, hi_v, int(count))
+
+
+@functools.cache
+def _sum_ranges_kernel():  # type: ignore[no-untyped-def]
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def run(keys, lo_v, hi_v, count):  # type: ignore[no-untyped-def]
+        width = count * keys.max() + 1
+        least = np.full(width, np.inf)
+        most = np.full(width, -np.inf)
+        least[0] = 0.0
+        most[0] = 0.0
+        top = 0
+        for _ in range(count):
+            new_least = np.full(width, np.inf)
+            new_most = np.full(width, -np.inf)
+            for q in range(top + 1):
+                if least[q] == np.inf:
+                    continue
+                for i in range(len(keys)):
+                    t = q + keys[i]
+                    a = least[q] + lo_v[i]
+                    b = most[q] + hi_v[i]
+                    if a < new_least[t]:
+                        new_least[t] = a
+                    if b > new_most[t]:
+                        new_most[t] = b
+            least, most = new_least, new_most
+            top += keys.max()
+        return least, most
+
+    return run
+
+
+def _sum_ranges(keys: np.ndarray, lo_v: np.ndarray, hi_v: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    if count == 0:
+        return np.zeros(1), np.zeros(1)
+    return _sum_ranges_kernel()(keys, lo_v, hi_v, count)
+
+
 BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 #: worst-case error the compiler aims at for an approximated op, in steps of the quantizer that reads it
 MBE_TARGET_LEVELS = 0.25
@@ -444,4 +497,4 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
 
 
 __all__ = ["BASES_CHOICES", "FIT_SAMPLE_LEVELS", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS",
-           "MBEFit", "MBESum", "choose", "fit", "fit_geometric", "fit_table", "gelu", "numba_totals"]
+           "MBEFit", "MBESum", "choose", "fit", "fit_geometric", "fit_table", "gelu", "numba_totals", "sum_ranges"]

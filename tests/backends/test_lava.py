@@ -667,6 +667,21 @@ def test_split_lowered_asymmetric_quantizer_equals_numba(tmp_path: Path, delay) 
     assert_same(ref, BACKEND.run(net, x, keep_trains=True))
 
 
+def test_softmax_lowered_by_mbe_populations_equals_numba(tmp_path: Path) -> None:
+    """Softmax compiled with --nonlinear mbe (row max, MBE digit readouts of exp and of the reciprocal of the row
+    sum, digit products) from a uint4 quantize_static model (T = 15): Lava == numba spike for spike."""
+    pytest.importorskip("torch")
+    from csdc.compiler.pipeline import CompileOptions, compile_onnx
+    from csdc.runtime.datasets import load_digits_split
+    from tests.compiler.softmax_models import softmax_qdq_model
+
+    net, rep = compile_onnx(softmax_qdq_model(tmp_path, bits=4), CompileOptions(nonlinear="mbe"))
+    assert net.T == 15 and rep.approximations[0]["op"] == "softmax"
+    x = load_digits_split("test")[0][:4].reshape(4, 64)
+    ref = NumbaBackend().run(net, x, keep_trains=True)
+    assert_same(ref, BACKEND.run(net, x, keep_trains=True))
+
+
 # -- deployment bundle ----------------------------------------------------------------------
 def test_bundle_runs_by_hand_in_the_lava_env(tmp_path: Path) -> None:
     """The exported bundle runs with the Lava environment's Python (lava-nc's own pins, no csdc

@@ -51,7 +51,8 @@ def test_default_refuses_gelu_and_erf_naming_the_flag(models) -> None:
 
 def test_the_mode_refuses_what_it_does_not_lower_by_name(tmp_path: Path) -> None:
     """A Gelu on the logits (no quantizer reads it), a Softmax and a LayerNormalization that read no quantizer's
-    output are refused by name (tests/compiler/test_layernorm_lowering.py lowers a LayerNorm that does)."""
+    output are refused by name (tests/compiler/test_softmax_lowering.py and test_layernorm_lowering.py lower
+    the ones that do)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from onnx_build import with_ops
 
