@@ -1010,8 +1010,8 @@ class Lowering:
         3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
         4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
            ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
-        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits, weighted by their places, into the
-           output quantizer's neuron.
+        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits (:func:`softmax_pairs`: all but the two
+           last digits'), weighted by their places, into the output quantizer's neuron.
 
         Every error is measured on every level of each stage and composed into a worst case over every input
         row; integer ops that are not spike accumulations: none."""
