@@ -210,6 +210,7 @@ class Digits:
     mbe_node: str  # the MBE population, or the Add of several (a fitter's MBESum, a refinement)
     fit: MBEFit | MBESum
     refinement: MBEFit | None = None  # a second population fitted to the first one's residual (same unit)
+    counts: np.ndarray | None = None  # (levels, digits): each digit population's count at every level
 
     @property
     def hi(self) -> int:
@@ -1212,8 +1213,8 @@ class Lowering:
         3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
         4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
            ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
-        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits, weighted by their places, into the
-           output quantizer's neuron.
+        5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits (:func:`softmax_pairs`: all but the two
+           last digits'), weighted by their places, into the output quantizer's neuron.
 
         Every error is measured on every level of each stage and composed into a worst case over every input
         row; integer ops that are not spike accumulations: none."""
@@ -1269,8 +1270,9 @@ class Lowering:
         e_col = [self.add(f"{n.name}_exp_col", Reshape((R, N, 1)), [d]) for d in e.nodes]
         r_col = [self.add(f"{n.name}_reciprocal_col", Reshape((R, 1, 1)), [d]) for d in r.nodes]
         one = (1, 1, 1)
-        terms = tuple(ProductTerm(a, b, np.full(one, e.unit * r.unit * pa * pb), float(T * T), origin=n.name)
-                      for a, pa in zip(e_col, e.places) for b, pb in zip(r_col, r.places))
+        pairs = softmax_pairs(e, r)
+        terms = tuple(ProductTerm(e_col[k], r_col[m], np.full(one, e.unit * r.unit * e.places[k] * r.places[m]), float(T * T),
+                                  origin=n.name) for k, m in pairs)
         node, cur = self.materialize(Affine(terms, np.zeros(one)), n.name, out_step)
         out = self.add(f"{n.name}_out", Reshape(shape), [node])
         ones = (1,) * len(shape)
@@ -1409,7 +1411,7 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
         second = add(f"{base}_mbe_residual", g.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
         cur = add(f"{base}_mbe_sum", Add(), [mbe, second])
     full = lambda v: np.broadcast_to(np.int64(v), shape)  # noqa: E731
-    rest, readout, nodes = E + constant, np.zeros(len(q), dtype=np.int64), []
+    rest, readout, nodes, per_digit = E + constant, np.zeros(len(q), dtype=np.int64), [], []
     for k, place in enumerate(places):
         theta = place << f.frac_bits
         last = k == digits - 1
@@ -1423,9 +1425,10 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
         count = np.clip(np.floor_divide(rest + (theta // 2 if last else 0), theta), 0, T)
         rest = rest - count * theta
         readout += place * count
+        per_digit.append(count)
     err = np.abs(unit * readout - values)
     return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()),
-                  mbe if g is None else f"{mbe} + {second}", f, g)
+                  mbe if g is None else f"{mbe} + {second}", f, g, np.stack(per_digit, axis=1))
 
 
 RECIPROCAL_BASES = 32  # bases of a softmax reciprocal over more than 4096 levels (the doubling search costs minutes)
@@ -1433,10 +1436,25 @@ EXP_RADIX_BITS = 6  # digits of a softmax's exponential: 64 per count of the top
 SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
 
 
+def softmax_pairs(e: Digits, r: Digits) -> list[tuple[int, int]]:
+    """The (e digit, r digit) products a softmax sums: all but the product of the two last digits when both have more
+    than one (it adds at most B_e B_r units, a few thousandths of an output step, and its weight would set the
+    output neuron's unit: 2^10 finer than the others); its absence is in the stated error."""
+    drop = (len(e.places) - 1, len(r.places) - 1) if len(e.places) > 1 and len(r.places) > 1 else None
+    return [(k, m) for k in range(len(e.places)) for m in range(len(r.places)) if (k, m) != drop]
+
+
+def softmax_product(e: Digits, r: Digits, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The integer ``sum over softmax_pairs of places * counts`` at gap levels ``d`` and row sums ``q`` (broadcast):
+    the output neuron's input in units ``e.unit r.unit``."""
+    ce, cr = e.counts[d], r.counts[q - r.lo]
+    return sum(e.places[k] * r.places[m] * ce[..., k] * cr[..., m] for k, m in softmax_pairs(e, r))
+
+
 def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, float]:
     """(worst, mean) ``|y^_j - y_j|`` of the softmax made of the digit readouts ``e`` (of ``exp(-step d)``, d = 0..T)
     and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability), with
-    ``y^_j = e.unit r.unit e.readout[d_j] r.readout[q]`` (what the populations count) and ``y_j`` the float64 softmax.
+    ``y^_j = e.unit r.unit softmax_product(d_j, q)`` (what the populations count) and ``y_j`` the float64 softmax.
 
     The worst case is exact over every row the input range allows (d_j in 0..T, one of them 0): for element j at
     d_j = a, the others enter through their readout total q_o (which fixes ``r^``) and their exact total S_o (``y_j =
@@ -1445,7 +1463,6 @@ def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, flo
     uniform random counts (one at the row max)."""
     T = len(e.readout) - 1
     exact_e = np.exp(-step * np.arange(T + 1, dtype=np.float64))
-    e_hat = e.unit * e.readout.astype(np.float64)
     worst = 0.0
     for j_at_max, free in ((True, N - 1), (False, N - 2)):
         if free < 0:
@@ -1457,8 +1474,7 @@ def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, flo
         ok = np.isfinite(least)
         q_o, least, most = q_o[ok], least[ok], most[ok]
         for a in ([0] if j_at_max else range(T + 1)):
-            r_hat = r.unit * r.readout[e.readout[a] + q_o - r.lo]
-            y_hat = e_hat[a] * r_hat
+            y_hat = e.unit * r.unit * softmax_product(e, r, np.int64(a), e.readout[a] + q_o)
             worst = max(worst, float(np.abs(y_hat - exact_e[a] / (exact_e[a] + least)).max()),
                         float(np.abs(y_hat - exact_e[a] / (exact_e[a] + most)).max()))
     d = np.random.default_rng(0).integers(0, T + 1, size=(SOFTMAX_SAMPLE_ROWS, N))
@@ -1466,7 +1482,7 @@ def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, flo
     exact = np.exp(-step * d)
     exact /= exact.sum(axis=1, keepdims=True)
     q = e.readout[d].sum(axis=1)
-    got = e.unit * r.unit * e.readout[d] * r.readout[q - r.lo][:, None]
+    got = e.unit * r.unit * softmax_product(e, r, d, q[:, None])
     return worst, float(np.abs(got - exact).mean())
 
 

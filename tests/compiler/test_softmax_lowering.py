@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from csdc.backends.numba import NumbaBackend  # noqa: E402
-from csdc.compiler.lower import mbe_digits, softmax_error  # noqa: E402
+from csdc.compiler.lower import mbe_digits, softmax_error, softmax_pairs, softmax_product  # noqa: E402
 from csdc.compiler.pipeline import CompileOptions, compile_onnx  # noqa: E402
 from csdc.errors import UnsupportedModelError  # noqa: E402
 from csdc.ir import MBENeuron  # noqa: E402
@@ -85,8 +85,9 @@ def test_softmax_not_read_from_a_quantizer_is_refused_by_name(tmp_path: Path) ->
 def test_softmax_is_spike_driven_and_reports_its_error(compiled) -> None:
     net, rep = compiled
     ops = [type(op).__name__ for _, op in net.nodes()]
-    # exp (a population and one fitted to its residual), the reciprocal; 2 x 2 digit products
-    assert ops.count("MBENeuron") == 3 and ops.count("SpikeMaxPool") == 1 and ops.count("SpikeMatMul") == 4
+    # exp (a population and one fitted to its residual), the reciprocal
+    # 2 x 2 digit products but the two last digits' (softmax_pairs)
+    assert ops.count("MBENeuron") == 3 and ops.count("SpikeMaxPool") == 1 and ops.count("SpikeMatMul") == 3
     # every synapse of the softmax is fed by spikes (accumulates): no current reaches a dense synapse
     for name, op in net.nodes():
         if name.startswith("Softmax") and isinstance(op, (DenseSynapse, DiagonalSynapse, SpikeMatMul)):
@@ -220,10 +221,12 @@ def test_softmax_fit_within_its_stated_worst_case(step, N, seed) -> None:
     q = e.readout[d_levels].sum(axis=1)
     rec = sum(p * nb.counts[k].reshape(64) for p, k in zip(r.places, r.nodes))
     assert np.array_equal(rec, r.readout[q - r.lo])
+    r_digits = [nb.counts[k].reshape(64, 1) for k in r.nodes]
+    product = sum(e.places[k] * r.places[m] * digits[k] * r_digits[m] for k, m in softmax_pairs(e, r))
+    assert np.array_equal(product, softmax_product(e, r, d_levels, q[:, None]))
     exact = np.exp(-step * d_levels)
     exact /= exact.sum(axis=1, keepdims=True)
-    got = e.unit * r.unit * e.readout[d_levels] * rec[:, None]
-    assert np.abs(got - exact).max() <= worst
+    assert np.abs(e.unit * r.unit * product - exact).max() <= worst
 
 
 def test_uint4_model_uses_a_radix_that_fits_its_window(tmp_path: Path) -> None:
