@@ -170,9 +170,6 @@ class FixedTerm:
     site: str
 
 
-# an operand of an activation product: spike tensors with their real units, and a constant offset,
-# x = sum_p unit_p * count_p + offset (Lowering.product_operand)
-ProductOperand = tuple[tuple[tuple[str, float], ...], float]
 FreeTerm = DenseTerm | ConvTerm | DiagTerm | ProductTerm | SpikeSumTerm
 Term = FreeTerm | FixedTerm
 
@@ -299,7 +296,10 @@ class Lowering:
         lo, hi = int(a["lo"]) - int(a["zero_point"]), int(a["hi"]) - int(a["zero_point"])
         if symmetric(a) or not lo < 0 < hi or max(-lo, hi) > self.T:
             return False
-        return not any(t == self.g.output or any(c.op_type not in self.SPLIT_READERS for c in readers)
+        # an activation product (Mul of two tensors) takes one population: one SpikeMatMul, not one per pair of parts
+        return not any(t == self.g.output or any(c.op_type not in self.SPLIT_READERS or
+                                                 (c.op_type == "Mul" and not any(self.g.is_const(i) for i in c.inputs))
+                                                 for c in readers)
                        for t, readers in self.spike_readers(q))
 
     @staticmethod
@@ -801,16 +801,13 @@ class Lowering:
             out = Affine(tuple(replace(t, unit=t.unit * f) for t in v.terms), v.bias * f)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], out)
 
-    def product_operand(self, n: QNode, i: int) -> ProductOperand | None:
-        """Input ``i`` of an activation product as (spike parts, offset): one population and the offset
-        ``step * (lo - zero point)`` of a quantizer (0 unless its levels start below its zero point, the offset form;
-        ternary counts are signed), or a split quantizer's populations with signed units and offset 0. None (and
-        recorded, naming the operand) for anything else."""
+    def product_operand(self, n: QNode, i: int) -> Spikes | None:
+        """Input ``i`` of an activation product: a quantizer's population, ``x = step * count + offset`` (offset
+        ``step * (lo - zero point)``, non-zero in the offset form; ternary counts are signed). None (and recorded,
+        naming the operand) for anything else."""
         v = self.vals.get(n.inputs[i])
         if isinstance(v, Spikes):
-            return ((v.node, v.step),), float(v.offset)
-        if isinstance(v, SplitSpikes):
-            return tuple((nm, sgn * v.step) for nm, sgn in v.parts), 0.0
+            return v
         self.fail(n, f"operand {i} ('{n.inputs[i]}') of this product of two activations is not a quantizer's output "
                      f"({type(v).__name__ if v is not None else 'unknown'}); a spike product needs an activation quantizer "
                      "on both inputs (e.g. Q and K after their quantizers): quantize that operand")
@@ -827,26 +824,22 @@ class Lowering:
             src = self.add(f"{n.name}_colsum_in", Transpose((*range(rank - 2), rank - 1, rank - 2)), [src])
         return SpikeSumTerm(src, np.full(one, unit), width, float(K * self.T), transposed, origin=n.name)
 
-    def product_value(self, n: QNode, a: ProductOperand, b: ProductOperand, M: int, K: int, N: int,
-                      one: tuple[int, ...]) -> Affine:
-        """``x_a @ x_b`` of operands (..., M, K) and (..., K, N), each ``x = sum_p u_p c_p + o``, exactly:
+    def product_value(self, n: QNode, a: Spikes, b: Spikes, M: int, K: int, N: int, one: tuple[int, ...]) -> Affine:
+        """``x_a @ x_b`` of spike operands (..., M, K) and (..., K, N), ``x = s c + o``, exactly:
 
-            sum_k x_a x_b = sum_pq ua_p ub_q sum_k ca_p cb_q + ob sum_p ua_p sum_k ca_p[m, k]
-                            + oa sum_q ub_q sum_k cb_q[k, n] + K oa ob
+            sum_k x_a x_b = sa sb sum_k c_a c_b + sa ob sum_k c_a[m, k] + oa sb sum_k c_b[k, n] + K oa ob
 
-        The products are SpikeMatMuls (ProductTerm, listed first: with offsets ``-m * step``, m >= 1 an integer, the
-        product's unit is the finest, so it anchors the sum's unit and the offset terms' weights ``m * 2^k`` are
-        exact); the row and column sums of the operands' spikes are synapse groups fed by spikes (SpikeSumTerm, ACs
-        only); the last is a bias. Every term is integerized and bounded by the precision policy like any sum."""
-        (parts_a, oa), (parts_b, ob) = a, b
+        The product is a SpikeMatMul (ProductTerm, listed first: offsets are ``-m * step`` with m >= 1 an integer, so
+        the product's unit is the finest and anchors the sum's unit, and the offset terms' weights ``m * 2^k`` are
+        exact); the row and column sums are synapse groups fed by the operands' spikes (SpikeSumTerm, ACs only); the
+        last is a bias. Every term is integerized and bounded by the precision policy like any sum."""
         T = float(self.T)
-        terms: list[FreeTerm] = [ProductTerm(x, y, np.full(one, ua * ub), float(K) * T * T, origin=n.name)
-                                 for x, ua in parts_a for y, ub in parts_b]
-        if ob:
-            terms += [self.spike_sum(x, ua * ob, K, N, False, n, one) for x, ua in parts_a]
-        if oa:
-            terms += [self.spike_sum(y, ub * oa, K, M, True, n, one) for y, ub in parts_b]
-        return Affine(tuple(terms), np.full(one, K * oa * ob))
+        terms: list[FreeTerm] = [ProductTerm(a.node, b.node, np.full(one, a.step * b.step), float(K) * T * T, origin=n.name)]
+        if b.offset:
+            terms.append(self.spike_sum(a.node, a.step * b.offset, K, N, False, n, one))
+        if a.offset:
+            terms.append(self.spike_sum(b.node, b.step * a.offset, K, M, True, n, one))
+        return Affine(tuple(terms), np.full(one, K * a.offset * b.offset))
 
     def lower_matmul(self, n: QNode) -> None:
         """Product of two quantized activations (..., M, K) x (..., K, N): SpikeMatMuls with unit step_a * step_b, plus
@@ -854,7 +847,7 @@ class Lowering:
         a, b = (self.product_operand(n, i) for i in (0, 1))
         if a is None or b is None:
             return
-        sa, sb = self.net.info(a[0][0][0]).shape, self.net.info(b[0][0][0]).shape
+        sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
         if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
             self.fail(n, f"operands of shapes {sa} and {sb} need equal leading axes and (M, K) x (K, N); "
                          "reshape/transpose explicitly instead of broadcasting")
@@ -1040,14 +1033,13 @@ class Lowering:
         if a is None or b is None:
             return
         shape = self.sample_shape(n.outputs[0])
-        got = [self.net.info(nm).shape for nm, _ in a[0] + b[0]]
+        got = [self.net.info(v.node).shape for v in (a, b)]
         if any(s != shape for s in got):
-            self.fail(n, f"operands of shapes {got[0]} and {got[-1]} must both have the output's shape {shape} (no "
+            self.fail(n, f"operands of shapes {got[0]} and {got[1]} must both have the output's shape {shape} (no "
                          "broadcasting)")
             return
         column = (*shape, 1, 1)
-        a, b = ((tuple((self.add(f"{n.name}_{side}", Reshape(column), [nm]), u) for nm, u in parts), o)
-                for side, (parts, o) in (("a", a), ("b", b)))
+        a, b = (replace(v, node=self.add(f"{n.name}_{side}", Reshape(column), [v.node])) for side, v in (("a", a), ("b", b)))
         value = self.product_value(n, a, b, 1, 1, 1, (1,) * len(column))
         node, cur = self.materialize(value, n.name, self.downstream_step(n.outputs[0]))
         flat = self.add(f"{n.name}_out", Reshape(shape), [node])

@@ -117,6 +117,8 @@ def test_quantize_static_products_equal_onnxruntime_on_every_digits_image(qdq_mo
     sums = sorted(op.mantissa.shape for _, op in net.nodes() if isinstance(op, DenseSynapse) and np.unique(op.mantissa).size == 1
                   and op.mantissa.shape[1] == 16)
     assert sums == {"qk": [(16, 16), (16, 16)], "mul": [], "pv": [(8, 16), (16, 16), (16, 16)]}[name]
+    # one SpikeMatMul per product: its operands keep one population each (the offset form, not the split form)
+    assert sum(isinstance(op, SpikeMatMul) for _, op in net.nodes()) == {"qk": 1, "mul": 1, "pv": 2}[name]
     x, _ = load_digits_split("test")
     got = NumbaBackend().run(net, x, keep_trains=False)
     ref = onnx_logits(model, x)
@@ -153,7 +155,7 @@ def test_offset_products_round_the_exact_product(tmp_path_factory, L, M, K, N, e
     from csdc.compiler.frontend import load_qgraph
     from csdc.compiler.integerize import Precision
     from csdc.compiler.bitwidth import PROFILES
-    from csdc.compiler.lower import Lowering, SplitSpikes, Spikes
+    from csdc.compiler.lower import Lowering, Spikes
     from csdc.compiler.pipeline import CompileOptions, canonicalize
 
     bld = Builder((1, M, K), seed=seed)
@@ -181,9 +183,8 @@ def test_offset_products_round_the_exact_product(tmp_path_factory, L, M, K, N, e
 
     def real(tensor: str) -> np.ndarray:  # the operand's values as its spike counts encode them
         v = low.vals[tensor]
-        parts = [(v.node, v.step)] if isinstance(v, Spikes) else [(nm, s * v.step) for nm, s in v.parts]
-        assert isinstance(v, (Spikes, SplitSpikes))
-        return sum(u * res.counts[nm].astype(np.float64) for nm, u in parts) + (v.offset if isinstance(v, Spikes) else 0.0)
+        assert isinstance(v, Spikes)  # a product's operands keep one population (no split form)
+        return v.step * res.counts[v.node].astype(np.float64) + v.offset
 
     pa, pb = (real(t) for t in ops)
     exact = pa * pb if elementwise else pa @ pb
