@@ -75,8 +75,6 @@ def test_fires_on_the_shipped_opset16_models_and_matches_the_opset17_form(tmp_pa
 def _rewritten_model(graph: QGraph) -> onnx.ModelProto:
     """The source QDQ model of ``graph`` with every fused LayerNorm region replaced as ``fuse_layernorm`` did: its
     nodes (and the DequantizeLinear of every dropped quantizer) removed, one LayerNormalization in their place."""
-    from onnx import helper, numpy_helper
-
     m = onnx.load(graph.path)
     dropped = {src for src, what in graph.provenance.items() if what.startswith("part of the LayerNorm")}
     gone = {o for n in m.graph.node if n.name in dropped for o in n.output}
