@@ -842,7 +842,7 @@ class Lowering:
         return Affine(tuple(terms), np.full(one, K * a.offset * b.offset))
 
     def lower_matmul(self, n: QNode) -> None:
-        """Product of two quantized activations (..., M, K) x (..., K, N): SpikeMatMuls with unit step_a * step_b, plus
+        """Product of two quantized activations (..., M, K) x (..., K, N): a SpikeMatMul with unit step_a * step_b, plus
         synapses for the operands' offsets (:meth:`product_value`)."""
         a, b = (self.product_operand(n, i) for i in (0, 1))
         if a is None or b is None:
@@ -1027,7 +1027,7 @@ class Lowering:
 
     def lower_product(self, n: QNode) -> None:
         """Elementwise product of two quantized activations: :meth:`product_value` with K = 1 over the element axes
-        (each operand's populations reshaped to (*shape, 1, 1): SpikeMatMuls, one-to-one synapses for the offsets, a
+        (each operand's population reshaped to (*shape, 1, 1): a SpikeMatMul, one-to-one synapses for the offsets, a
         bias); its current is reshaped back."""
         a, b = (self.product_operand(n, i) for i in (0, 1))
         if a is None or b is None:
