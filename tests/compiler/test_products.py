@@ -199,3 +199,37 @@ def test_offset_products_round_the_exact_product(tmp_path_factory, L, M, K, N, e
     assert np.all(got[~near_tie] == nearest[~near_tie])
     lo_n, hi_n = np.clip(np.floor(level + 0.5 - bound - 1e-9), 0, L), np.clip(np.floor(level + 0.5 + bound + 1e-9), 0, L)
     assert np.all((got >= lo_n) & (got <= hi_n))
+
+
+@pytest.mark.lava
+def test_offset_products_run_on_lava_spike_for_spike(tmp_path) -> None:
+    """The offset synapses (row sums; column sums read through a Transpose and transposed back) on Lava: every
+    population's spike counts and the readout equal numba's (MatMul with offsets on both sides, and the gated CNN)."""
+    import os
+
+    from csdc.backends.base import get_backend
+    from csdc.backends.lava.compat import LavaUnavailableError
+
+    bld = Builder((1, 3, 4), seed=5)
+    x = bld.quant("x", 1 / 7, 7)
+    a = _quantizer(bld, bld.node("MatMul", [x, bld.qweight((4, 4), axis=1)]), 0.3, 0, 7, 3)
+    b = _quantizer(bld, bld.node("MatMul", [bld.node("Transpose", [x], perm=[0, 2, 1]), bld.qweight((3, 2), axis=1)]), 0.2, 0, 7, 5)
+    p = _quantizer(bld, bld.node("MatMul", [a, b]), 0.4, 0, 7, 2)
+    onnx.save(bld.model(bld.node("Flatten", [p], axis=1), (1, 6)), tmp_path / "mm.onnx")
+    onnx.save(gated_cnn(signed_gate=True), tmp_path / "gate.onnx")
+    rng = np.random.default_rng(0)
+    for name, shape in (("mm.onnx", (4, 3, 4)), ("gate.onnx", (4, 1, 8, 8))):
+        net, _ = compile_onnx(tmp_path / name)
+        if name == "mm.onnx":  # row sums (3 x 4 -> 3 x 2) and column sums (read as 2 x 4 -> 2 x 3, transposed back)
+            assert sorted(op.mantissa.shape for _, op in net.nodes() if isinstance(op, DenseSynapse)
+                          and np.unique(op.mantissa).size == 1) == [(2, 4), (3, 4)]
+        xs = rng.uniform(0, 1, size=shape).astype(np.float32)
+        want = NumbaBackend().run(net, xs)
+        try:
+            got = get_backend("lava").run(net, xs)
+        except LavaUnavailableError as exc:
+            if os.environ.get("CSDC_ALLOW_NO_LAVA") == "1":
+                pytest.skip(f"LAVA BACKEND NOT TESTED: {exc}")
+            raise
+        assert np.array_equal(got.readout, want.readout)
+        assert all(np.array_equal(got.counts[n], want.counts[n]) for n in want.counts)
