@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from csdc.compiler.passes.fold_constants import fold_constants
+from csdc.compiler.passes.fuse_layernorm import DECOMPOSED_OPS
 from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.compiler.shapes import QONNX_DOMAINS, inferred_shapes, measured_shapes
@@ -115,8 +116,8 @@ def _judge(nodes: list[QNode], path: str, custom_only: bool = False, nonlinear: 
                              "export with standard ONNX ops (QuantizeLinear/DequantizeLinear for quantizers)"))
         elif custom_only:
             continue
-        elif nonlinear == "mbe" and node.op_type in MBE_LOWERED:
-            continue
+        elif nonlinear == "mbe" and (node.op_type in MBE_LOWERED or node.op_type in DECOMPOSED_OPS):
+            continue  # DECOMPOSED_OPS: a decomposed LayerNorm, which fuse_layernorm rewrites (left over: the lowering refuses)
         elif node.op_type in NONLINEAR:
             problems.append((node.name, node.op_type, _nonlinear_reason(node.op_type, nonlinear)))
         elif node.op_type in REJECTED:

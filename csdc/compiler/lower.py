@@ -147,6 +147,21 @@ class ProductTerm:
 
 
 @dataclass(frozen=True, eq=False)
+class SpikeSumTerm:
+    """A pending sum of spikes over the last axis of ``src`` (..., M, K), repeated ``width`` times:
+    ``unit * sum_k src[..., m, k]`` at every (..., m, n < width), one dense synapse group of equal weights (ACs); with
+    ``transposed`` the synapse output (..., M, width) is transposed to (..., width, M). The operands' offsets
+    in an activation product (:meth:`Lowering.product_value`)."""
+
+    src: str
+    unit: np.ndarray  # one scalar unit (a broadcast array)
+    width: int
+    count_max: float  # largest |sum| of one output element: K * T
+    transposed: bool = False
+    origin: str = ""
+
+
+@dataclass(frozen=True, eq=False)
 class FixedTerm:
     """An IR current already made: its unit is fixed by the ``site`` that made it, and it carries
     the worst-case integerization error made there (integer units, a broadcast array)."""
@@ -157,7 +172,7 @@ class FixedTerm:
     site: str
 
 
-FreeTerm = DenseTerm | ConvTerm | DiagTerm | ProductTerm
+FreeTerm = DenseTerm | ConvTerm | DiagTerm | ProductTerm | SpikeSumTerm
 Term = FreeTerm | FixedTerm
 
 
@@ -347,7 +362,10 @@ class Lowering:
         lo, hi = int(a["lo"]) - int(a["zero_point"]), int(a["hi"]) - int(a["zero_point"])
         if symmetric(a) or not lo < 0 < hi or max(-lo, hi) > self.T:
             return False
-        return not any(t == self.g.output or any(c.op_type not in self.SPLIT_READERS for c in readers)
+        # an activation product (Mul of two tensors) takes one population: one SpikeMatMul, not one per pair of parts
+        return not any(t == self.g.output or any(c.op_type not in self.SPLIT_READERS or
+                                                 (c.op_type == "Mul" and not any(self.g.is_const(i) for i in c.inputs))
+                                                 for c in readers)
                        for t, readers in self.spike_readers(q))
 
     @staticmethod
@@ -404,7 +422,7 @@ class Lowering:
         m = broadcast.squeeze_constant(mult, rtol=1e-9)
         if isinstance(term, DiagTerm):
             return m
-        if isinstance(term, ProductTerm):
+        if isinstance(term, (ProductTerm, SpikeSumTerm)):
             if m.size != 1:
                 raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "a per-element scale after an "
                                             "activation product cannot be absorbed; scale by a scalar only")])
@@ -428,7 +446,7 @@ class Lowering:
         """The integer weights of a free term in unit ``U`` (ScaledWeights, or an int for a product)
         and its worst-case error per output element (integer units, a broadcast array)."""
         mult = self._channel_mult(t, t.unit / U)
-        if isinstance(t, ProductTerm):
+        if isinstance(t, (ProductTerm, SpikeSumTerm)):
             w, res = rounded_with_residual(mult)
             return int(w), np.full((1,) * np.ndim(t.unit), float(res) * t.count_max)
         if isinstance(t, DiagTerm):
@@ -515,6 +533,18 @@ class Lowering:
                     raise UnsupportedModelError(self.g.path, [(self.current_node, "MatMul", "an activation product "
                                                 "vanishes at this precision; raise --frac-bits")])
                 node = self.add(f"{base}_matmul", SpikeMatMul(w), [t.src, t.src2])
+            elif isinstance(t, SpikeSumTerm):
+                if w == 0:  # vanishes at this unit; its error is in the bound
+                    continue
+                mant, e = split_power_of_two(np.asarray(w, dtype=np.int64))
+                node = self.add(f"{base}_offset_syn", DenseSynapse(np.full((t.width, self.net.info(t.src).shape[-1]), mant),
+                                                                   exponent=e), [t.src])
+                self.report.precision.synapse_sites[node] = site
+                if t.transposed:
+                    rank = len(self.net.info(node).shape)
+                    node = self.add(f"{base}_offset_t", Transpose((*range(rank - 2), rank - 1, rank - 2)), [node])
+                currents.append(node)
+                continue
             elif isinstance(t, DiagTerm):
                 in_shape = self.net.info(t.src).shape
                 if t.reduce:  # the multiplier is per element of the summed output: repeat it over the summed axes
@@ -628,7 +658,7 @@ class Lowering:
                 reach = reach + np.abs(t.unit) * per * (self._positions(t) if isinstance(t, DenseTerm) else 1)
             elif isinstance(t, DiagTerm):
                 reach = reach + np.abs(t.unit) * c * self._positions(t)
-            else:  # ProductTerm: count_max is the largest product total
+            else:  # ProductTerm, SpikeSumTerm: count_max is the largest total
                 reach = reach + np.abs(t.unit) * t.count_max
         return float(np.max(reach))
 
@@ -837,28 +867,59 @@ class Lowering:
             out = Affine(tuple(replace(t, unit=t.unit * f) for t in v.terms), v.bias * f)
         self.vals[n.outputs[0]] = self.settle(n.outputs[0], out)
 
+    def product_operand(self, n: QNode, i: int) -> Spikes | None:
+        """Input ``i`` of an activation product: a quantizer's population, ``x = step * count + offset`` (offset
+        ``step * (lo - zero point)``, non-zero in the offset form; ternary counts are signed). None (and recorded,
+        naming the operand) for anything else."""
+        v = self.vals.get(n.inputs[i])
+        if isinstance(v, Spikes):
+            return v
+        self.fail(n, f"operand {i} ('{n.inputs[i]}') of this product of two activations is not a quantizer's output "
+                     f"({type(v).__name__ if v is not None else 'unknown'}); a spike product needs an activation quantizer "
+                     "on both inputs (e.g. Q and K after their quantizers): quantize that operand")
+        return None
+
+    def spike_sum(self, src: str, unit: float, K: int, width: int, transposed: bool, n: QNode, one: tuple[int, ...]) -> FreeTerm:
+        """``unit * sum_k`` of the spikes ``src`` (..., M, K) repeated over ``width`` columns: (..., M, width); with
+        ``transposed``, the sums over the second-last axis of ``src`` (..., K, N) repeated over ``width`` rows:
+        (..., width, N). K = width = 1 is the identity: one-to-one synapses."""
+        if K == 1 and width == 1:
+            return DiagTerm(src, np.full(one, unit), float(self.T), origin=n.name)
+        if transposed:
+            rank = len(self.net.info(src).shape)
+            src = self.add(f"{n.name}_colsum_in", Transpose((*range(rank - 2), rank - 1, rank - 2)), [src])
+        return SpikeSumTerm(src, np.full(one, unit), width, float(K * self.T), transposed, origin=n.name)
+
+    def product_value(self, n: QNode, a: Spikes, b: Spikes, M: int, K: int, N: int, one: tuple[int, ...]) -> Affine:
+        """``x_a @ x_b`` of spike operands (..., M, K) and (..., K, N), ``x = s c + o``, exactly:
+
+            sum_k x_a x_b = sa sb sum_k c_a c_b + sa ob sum_k c_a[m, k] + oa sb sum_k c_b[k, n] + K oa ob
+
+        The product is a SpikeMatMul (ProductTerm, listed first: offsets are ``-m * step`` with m >= 1 an integer, so
+        the product's unit is the finest and anchors the sum's unit, and the offset terms' weights ``m * 2^k`` are
+        exact); the row and column sums are synapse groups fed by the operands' spikes (SpikeSumTerm, ACs only); the
+        last is a bias. Every term is integerized and bounded by the precision policy like any sum."""
+        T = float(self.T)
+        terms: list[FreeTerm] = [ProductTerm(a.node, b.node, np.full(one, a.step * b.step), float(K) * T * T, origin=n.name)]
+        if b.offset:
+            terms.append(self.spike_sum(a.node, a.step * b.offset, K, N, False, n, one))
+        if a.offset:
+            terms.append(self.spike_sum(b.node, b.step * a.offset, K, M, True, n, one))
+        return Affine(tuple(terms), np.full(one, K * a.offset * b.offset))
+
     def lower_matmul(self, n: QNode) -> None:
-        """Product of two quantized activations: a TDEC SpikeMatMul with unit step_a * step_b."""
-        a, b = (self.vals.get(i) for i in n.inputs)
-        if not (isinstance(a, Spikes) and isinstance(b, Spikes)):
-            self.fail(n, "a MatMul of two activations needs an activation quantizer on both inputs "
-                         "(e.g. Q and K after their quantizers); quantize the operand(s) first")
-            return
-        if a.offset or b.offset:
-            self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
-                         "point) in the offset form; the spike product needs counts without offset: put a ReLU before "
-                         "that quantizer, make it unsigned, or make it symmetric with as many levels either side as the "
-                         "others have (a ternary population, docs/signed_spikes.md)")
+        """Product of two quantized activations (..., M, K) x (..., K, N): a SpikeMatMul with unit step_a * step_b, plus
+        synapses for the operands' offsets (:meth:`product_value`)."""
+        a, b = (self.product_operand(n, i) for i in (0, 1))
+        if a is None or b is None:
             return
         sa, sb = self.net.info(a.node).shape, self.net.info(b.node).shape
         if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
             self.fail(n, f"operands of shapes {sa} and {sb} need equal leading axes and (M, K) x (K, N); "
                          "reshape/transpose explicitly instead of broadcasting")
             return
-        out_shape = self.sample_shape(n.outputs[0])
-        one = (1,) * len(out_shape)
-        term = ProductTerm(a.node, b.node, np.full(one, a.step * b.step), float(sa[-1] * self.T * self.T), origin=n.name)
-        self.vals[n.outputs[0]] = self.settle(n.outputs[0], Affine((term,), np.zeros(one)))
+        one = (1,) * len(self.sample_shape(n.outputs[0]))
+        self.vals[n.outputs[0]] = self.settle(n.outputs[0], self.product_value(n, a, b, sa[-2], sa[-1], sb[-1], one))
 
     def lower_maxpool(self, n: QNode) -> None:
         src = self.vals.get(n.inputs[0])
@@ -1297,33 +1358,28 @@ class Lowering:
             self.lower_product(n)
 
     def lower_product(self, n: QNode) -> None:
-        """Elementwise product of two quantized activations: a TDEC ``SpikeMatMul`` over the element axes with
-        K = 1 (each operand reshaped to (*shape, 1, 1)), unit ``step_a * step_b``; its current is reshaped back."""
-        a, b = (self.vals.get(i) for i in n.inputs)
-        if not (isinstance(a, Spikes) and isinstance(b, Spikes)):
-            self.fail(n, "a product of two activations needs an activation quantizer on both inputs; quantize the "
-                         "operand(s) first")
-            return
-        if a.offset or b.offset:
-            self.fail(n, "an operand of this activation product comes from a signed quantizer (levels below its zero "
-                         "point); the spike product needs non-negative counts: put a ReLU before that quantizer or make "
-                         "it unsigned")
+        """Elementwise product of two quantized activations: :meth:`product_value` with K = 1 over the element axes
+        (each operand's population reshaped to (*shape, 1, 1): a SpikeMatMul, one-to-one synapses for the offsets, a
+        bias); its current is reshaped back."""
+        a, b = (self.product_operand(n, i) for i in (0, 1))
+        if a is None or b is None:
             return
         shape = self.sample_shape(n.outputs[0])
-        if self.net.info(a.node).shape != shape or self.net.info(b.node).shape != shape:
-            self.fail(n, f"operands of shapes {self.net.info(a.node).shape} and {self.net.info(b.node).shape} must both "
-                         f"have the output's shape {shape} (no broadcasting)")
+        got = [self.net.info(v.node).shape for v in (a, b)]
+        if any(s != shape for s in got):
+            self.fail(n, f"operands of shapes {got[0]} and {got[1]} must both have the output's shape {shape} (no "
+                         "broadcasting)")
             return
         column = (*shape, 1, 1)
-        ra, rb = (self.add(f"{n.name}_{side}", Reshape(column), [v.node]) for side, v in (("a", a), ("b", b)))
-        term = ProductTerm(ra, rb, np.full((1,) * len(column), a.step * b.step), float(self.T * self.T), origin=n.name)
-        node, cur = self.materialize(Affine((term,), np.zeros((1,) * len(column))), n.name, self.downstream_step(n.outputs[0]))
+        a, b = (replace(v, node=self.add(f"{n.name}_{side}", Reshape(column), [v.node])) for side, v in (("a", a), ("b", b)))
+        value = self.product_value(n, a, b, 1, 1, 1, (1,) * len(column))
+        node, cur = self.materialize(value, n.name, self.downstream_step(n.outputs[0]))
         flat = self.add(f"{n.name}_out", Reshape(shape), [node])
         one = (1,) * len(shape)
         error = np.asarray(cur.error, dtype=np.float64)
         error = error.reshape(one) if error.size == 1 else error.reshape(shape)
         self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur.unit).reshape(one), error, cur.site),),
-                                         np.zeros(one))
+                                         value.bias.reshape(one))
 
     def lower_unfused(self, n: QNode) -> None:
         where = "--nonlinear mbe approximates" if self.mbe is not None else "csdc compile --nonlinear mbe approximates"

@@ -26,6 +26,7 @@ from csdc.compiler.passes.fold_affine_constants import fold_affine_constants
 from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
 from csdc.compiler.passes.fold_constants import fold_constants
 from csdc.compiler.passes.fuse_elementwise import fuse_elementwise
+from csdc.compiler.passes.fuse_layernorm import fuse_layernorm
 from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
 from csdc.compiler.passes.validate_numbers import validate_numbers
@@ -99,11 +100,12 @@ def canonical_passes(options: CompileOptions) -> list:
     quantizer passes have turned QONNX / LSQ weight quantizers into constants). ``validate_numbers``
     runs in the frontend on the constants as loaded and here again on the values folding computed
     (a weight step the model derives in-graph from its weights is a constant only after folding). With
-    ``--nonlinear mbe``, elementwise nonlinear regions between quantizers are fused last (docs/mbe.md)."""
+    ``--nonlinear mbe``, decomposed LayerNorms become LayerNormalization nodes and elementwise nonlinear regions
+    between quantizers are fused, last (docs/mbe.md)."""
     return [validate_numbers, remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
             canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants] + (
-                [fuse_elementwise] if options.nonlinear == "mbe" else [])
+                [fuse_layernorm, fuse_elementwise] if options.nonlinear == "mbe" else [])
 
 
 def canonicalize(graph: QGraph, options: CompileOptions, check=None, contracts: bool = False) -> QGraph:

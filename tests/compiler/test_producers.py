@@ -248,7 +248,9 @@ def test_average_pool_ties_round_up(tmp_path):
     assert not np.array_equal(counts, np.minimum(np.rint(window_sum / 4), 15))  # differs from half to even
 
 
-def test_signed_operand_of_activation_product_is_refused_with_reason(tmp_path):
+def test_signed_operand_of_activation_product_is_lowered_exactly(tmp_path):
+    """A symmetric -7..7 operand among 14-level quantizers keeps the offset form (counts 0..14, offset -7 steps): the
+    product gets synapses for the offset (tests/compiler/test_products.py) and equals onnxruntime's."""
     b = Builder((1, 1, 8, 8))
     x = b.quant("x", 1 / 16, 16)
     t = b.node("Reshape", [x, b.const(np.array([-1, 8, 8], np.int64))])
@@ -256,10 +258,9 @@ def test_signed_operand_of_activation_product_is_refused_with_reason(tmp_path):
     a = _signed_quant(b, h, 0.2, -7, 7)
     c = b.quant(b.node("MatMul", [t, b.qweight((8, 8), axis=1)]), 0.2, 14)
     m = b.quant(b.node("MatMul", [a, c]), 0.2, 14)
-    onnx.save(b.model(b.node("ReduceMean", [m], axes=[1], keepdims=0), (1, 8)), tmp_path / "m.onnx")
-    with pytest.raises(UnsupportedModelError, match="signed quantizer") as exc:
-        compile_onnx(tmp_path / "m.onnx")
-    assert "ReLU" in str(exc.value)
+    net, rep, ref, snn = _compare(tmp_path, b.model(b.node("ReduceMean", [m], axes=[1], keepdims=0), (1, 8)))
+    assert net.T == 14 and rep.error_bound < 0.5
+    assert np.mean(ref.argmax(1) == snn.argmax(1)) == 1.0 and np.abs(ref - snn).max() < 1e-4
 
 
 def test_logits_quantizer_applied_exactly(tmp_path):
