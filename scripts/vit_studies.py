@@ -42,8 +42,8 @@ from csdc.runtime.evaluate import onnx_logits
 RECIPES = {"digits": (30, {}), "mnist5k": (15, {})}
 #: the exports studied: (label, opset)
 OPSETS = (("opset17", 17), ("opset20", 20), ("opset16", 16))
-#: the accuracy-latency sweep over the number of MBE bases
-BASES = (2, 4, 6, 8)
+#: the accuracy-latency sweep of the opset-17 models: (--mbe-bases, --mbe-steps); None = the compiler's choice / default
+SWEEP = ((2, None), (4, None), (8, None), (16, None), (None, 8), (None, 4))
 NONLINEAR = {"Softmax", "LayerNormalization", "Gelu", "Erf", "ReduceMean", "Sub", "Pow", "Sqrt", "Div", "Reciprocal"}
 
 
@@ -97,12 +97,15 @@ def _refusal(qdq: str, sir: str) -> str:
     return err.getvalue().strip().replace("csdc: error: ", "") if code else ""
 
 
-def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, tmp: str) -> dict:
-    """``csdc compile QDQ --nonlinear mbe [--mbe-bases K]`` then ``csdc run --compare QDQ --json``, or the refusal."""
+def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, tmp: str, steps: int | None = None) -> dict:
+    """``csdc compile QDQ --nonlinear mbe [--mbe-bases K] [--mbe-steps S]`` then ``csdc run --compare QDQ --json``, or
+    the refusal."""
     from csdc.cli import main
 
-    sir = os.path.join(tmp, f"{os.path.basename(qdq)}.{bases}.sir")
-    argv = ["compile", qdq, "-o", sir, "--json", "--nonlinear", "mbe"] + (["--mbe-bases", str(bases)] if bases else [])
+    sir = os.path.join(tmp, f"{os.path.basename(qdq)}.{bases}.{steps}.sir")
+    argv = (["compile", qdq, "-o", sir, "--json", "--nonlinear", "mbe"] + (["--mbe-bases", str(bases)] if bases else [])
+            + (["--mbe-steps", str(steps)] if steps else []))
+    t0 = time.perf_counter()
     buf, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
@@ -115,13 +118,14 @@ def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, t
     if code != 0:
         return {"refused": err.getvalue().strip().replace("csdc: error: ", "")}
     rep = json.loads(buf.getvalue())
+    compile_s = time.perf_counter() - t0
     data = os.path.join(tmp, "test.npz")
     np.savez(data, x=x, y=y)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         main(["run", sir, "--data", data, "--compare", qdq, "--json", "--batch", "100"])
     run = json.loads(buf.getvalue())
-    return {"T": rep["T"], "latency": run["latency_steps"], "snn_acc": run["accuracy"],
+    return {"T": rep["T"], "latency": run["latency_steps"], "compile_s": compile_s, "bases": bases, "steps": steps, "snn_acc": run["accuracy"],
             "agreement": run["comparison"]["agreement"], "spikes": run["spikes"] / run["samples"],
             "energy_uj": run.get("energy_uj_per_sample"), "report": rep,
             # time steps and error of every approximated op (the compile report's list)
@@ -129,8 +133,8 @@ def compile_and_run(qdq: str, x: np.ndarray, y: np.ndarray, bases: int | None, t
                                            "mean_abs_error")} for a in rep.get("approximations", [])]}
 
 
-def study(name: str, models: str, out: str) -> list[dict]:
-    paths = train_models(name, models)
+def study(name: str, models: str, out: str, exports: list[str], sweep: bool) -> list[dict]:
+    paths = {k: v for k, v in train_models(name, models).items() if k in exports}
     x_te, y_te = load_builtin(name, "test")
     rows = []
     for label, path in paths.items():
@@ -142,14 +146,15 @@ def study(name: str, models: str, out: str) -> list[dict]:
         row = {"set": name, "export": label, "float_acc": float(np.mean(fl.argmax(1) == y_te)),
                "qdq_acc": float(np.mean(qd.argmax(1) == y_te)), "float_qdq_agreement": float(np.mean(fl.argmax(1) == qd.argmax(1))),
                "nonlinear": census, "float_paths": loose, "snn": {}}
-        for bases in (None, *BASES) if label == "opset17" else (None,):
-            row["snn"][str(bases)] = r = compile_and_run(qdq, x_te, y_te, bases, out)
+        for bases, steps in ((None, None), *SWEEP) if label == "opset17" and sweep else ((None, None),):
+            key = "None" if bases is None and steps is None else f"{bases}/{steps}"
+            row["snn"][key] = r = compile_and_run(qdq, x_te, y_te, bases, out, steps)
             if "refused" in r:
-                break  # the same refusal for every number of bases
+                break  # the same refusal for every setting
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "snn"}), flush=True)
         for bases, r in row["snn"].items():
-            print(f"  --mbe-bases {bases}: " + (r["refused"] if "refused" in r else
+            print(f"  --mbe-bases/--mbe-steps {bases}: " + (r["refused"] if "refused" in r else
                   f"SNN {100 * r['snn_acc']:.2f} %, agreement {100 * r['agreement']:.2f} %, latency {r['latency']}, "
                   f"{r['spikes']:.0f} spikes and {r['energy_uj']} uJ per image; "
                   + ", ".join(f"{o['op']} {o['bases']}x{o['steps']} steps" for o in r["ops"])), flush=True)
@@ -157,57 +162,88 @@ def study(name: str, models: str, out: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| set | export | float ONNX | QDQ ONNX | float-QDQ agreement | nonlinear ops in the QDQ model | SNN (`--nonlinear mbe`) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| set | export | float ONNX | QDQ ONNX | SNN (`--nonlinear mbe`) | SNN-QDQ top-1 agreement | latency (steps) "
+             "| spikes / image | energy / image | compile |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        snn = r["snn"][str(None)]
+        snn = r["snn"]["None"]
         if "refused" in snn:
             refused_ops = sorted({ln.split("(op ")[1].split(")")[0] for ln in snn["refused"].splitlines() if "(op " in ln})
             cell = "refused: " + ("; ".join(refused_ops) if refused_ops else snn["refused"].splitlines()[0][:120])
-        else:
-            cell = f"{100 * snn['snn_acc']:.2f} % (agreement {100 * snn['agreement']:.2f} %)"
-        ops = ", ".join(f"{k} {v}" for k, v in sorted(r["nonlinear"].items()))
+            lines.append(f"| {r['set']} | {r['export']} | {100 * r['float_acc']:.2f} % | {100 * r['qdq_acc']:.2f} % | "
+                         f"{cell} | | | | | |")
+            continue
         lines.append(f"| {r['set']} | {r['export']} | {100 * r['float_acc']:.2f} % | {100 * r['qdq_acc']:.2f} % | "
-                     f"{100 * r['float_qdq_agreement']:.2f} % | {ops} | {cell} |")
+                     f"{100 * snn['snn_acc']:.2f} % | {100 * snn['agreement']:.2f} % | {snn['latency']} | "
+                     f"{snn['spikes'] / 1e6:.2f} M | {snn['energy_uj']:.1f} uJ | {snn['compile_s']:.0f} s |")
     return "\n".join(lines)
 
 
+def ops_markdown(rows: list[dict]) -> str:
+    """Time steps and errors of every approximated op of the default compiles (one line per op kind and model)."""
+    lines = ["| set | export | op | count | bases x steps | latency per op (steps) | worst error (output steps) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        snn = r["snn"]["None"]
+        if "ops" not in snn:
+            continue
+        kinds = collections.defaultdict(list)
+        for o in snn["ops"]:
+            kinds[o["op"]].append(o)
+        for op, ops in sorted(kinds.items()):
+            shapes = sorted({f"{o['bases']}x{o['steps']}" for o in ops})
+            lines.append(f"| {r['set']} | {r['export']} | {op} | {len(ops)} | {', '.join(shapes)} | "
+                         f"{ops[0]['latency_steps']} | {max(o['max_abs_error'] for o in ops):.3g} |")
+    return "\n".join(lines)
+
+
+def _label(key: str) -> str:
+    bases, steps = key.split("/")
+    return "default" if key == "None" else ", ".join(
+        x for x in (f"K = {bases}" if bases != "None" else "", f"S = {steps}" if steps != "None" else "") if x)
+
+
 def sweep_markdown(rows: list[dict]) -> str:
-    """The --mbe-bases sweep of the opset 17 models: accuracy, agreement, latency, spikes, energy ("" if none ran)."""
+    """The --mbe-bases / --mbe-steps sweep of the opset 17 models ("" if none ran)."""
     lines = []
     for r in rows:
-        for bases, v in r["snn"].items():
-            if r["export"] == "opset17" and "snn_acc" in v:
-                steps = ", ".join(sorted({f"{o['op']} {o['bases']}x{o['steps']}" for o in v["ops"]}))
-                lines.append(f"| {r['set']} | {'default' if bases == 'None' else bases} | {100 * v['snn_acc']:.2f} % | "
+        if r["export"] != "opset17" or len(r["snn"]) < 2:
+            continue
+        for key, v in r["snn"].items():
+            if "snn_acc" in v:
+                lines.append(f"| {r['set']} | {_label(key) if key != 'None' else 'default'} | {100 * v['snn_acc']:.2f} % | "
                              f"{100 * r['qdq_acc']:.2f} % | {100 * v['agreement']:.2f} % | {v['latency']} | "
-                             f"{v['spikes'] / 1e3:.1f} k | {v['energy_uj']:.3f} uJ | {steps} |")
+                             f"{v['spikes'] / 1e6:.2f} M | {v['energy_uj']:.1f} uJ |")
+            else:
+                lines.append(f"| {r['set']} | {_label(key)} | refused: {v['refused'].splitlines()[-1][:100]} | | | | | |")
     if not lines:
         return ""
-    return "\n".join(["| set | --mbe-bases | SNN | QDQ ONNX | agreement | latency (steps) | spikes / image | energy / image "
-                      "| MBE ops (bases x steps) |", "|---|---|---|---|---|---|---|---|---|", *lines])
+    return "\n".join(["| set | --mbe-bases / --mbe-steps | SNN | QDQ ONNX | agreement | latency (steps) | spikes / image "
+                      "| energy / image |", "|---|---|---|---|---|---|---|---|", *lines])
 
 
 def plot(rows: list[dict], path: str) -> bool:
-    """Accuracy against latency over the number of bases; False when no model compiled."""
-    points = {r["set"]: [(v["latency"], v["snn_acc"], k) for k, v in r["snn"].items() if "snn_acc" in v and k != "None"]
-              for r in rows if r["export"] == "opset17"}
+    """SNN accuracy and agreement against the energy per image over the sweep; False when no sweep ran."""
+    points = {r["set"]: [(v["energy_uj"], v["snn_acc"], v["agreement"], _label(k)) for k, v in r["snn"].items()
+                         if "snn_acc" in v]
+              for r in rows if r["export"] == "opset17" and len(r["snn"]) > 1}
     if not any(points.values()):
         return False
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     qdq = {r["set"]: r["qdq_acc"] for r in rows if r["export"] == "opset17"}
     for name, pts in points.items():
         pts.sort()
-        line, = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"{name} ViT (SNN)")
-        ax.axhline(100 * qdq[name], color=line.get_color(), ls="--", lw=0.8, label=f"{name} QDQ ONNX")
-        for lat, acc, k in pts:
-            ax.annotate(f"K={k}", (lat, 100 * acc), fontsize=7)
-    ax.set_xlabel("latency (time steps)")
-    ax.set_ylabel("SNN accuracy (%)")
-    ax.legend()
+        line, = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"{name} ViT: SNN accuracy")
+        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], "s:", color=line.get_color(), label=f"{name} ViT: agreement with QDQ")
+        ax.axhline(100 * qdq[name], color=line.get_color(), ls="--", lw=0.8, label=f"{name} QDQ ONNX accuracy")
+        for e, acc, _, k in pts:
+            ax.annotate(k, (e, 100 * acc), fontsize=7)
+    ax.set_xlabel("energy per image (uJ, 45 nm estimate); latency is the same for every setting")
+    ax.set_ylabel("%")
+    ax.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return True
 
@@ -218,13 +254,17 @@ def main(argv: list[str] | None = None) -> int:
                    "missing ones are trained there)")
     p.add_argument("--out", default="out/vit", help="folder for the QDQ models and networks (default out/vit)")
     p.add_argument("--sets", default="digits,mnist5k", help="comma-separated: digits, mnist5k")
+    p.add_argument("--exports", default="opset17,opset20,opset16", help="comma-separated: opset17, opset20, opset16")
+    p.add_argument("--sweep", default="digits", help="comma-separated sets whose opset-17 model is swept over --mbe-bases "
+                   "and --mbe-steps (default digits; '' for none)")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--plot", default="docs/vit_sweep.png", help="the accuracy-latency plot (written only if a model compiles)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.models, exist_ok=True)
-    rows = [row for name in args.sets.split(",") for row in study(name, args.models, args.out)]
-    table = markdown(rows)
+    rows = [row for name in args.sets.split(",") for row in study(name, args.models, args.out, args.exports.split(","),
+                                                                    name in args.sweep.split(","))]
+    table = markdown(rows) + "\n\n" + ops_markdown(rows)
     sweep = sweep_markdown(rows)
     table += "\n\n" + sweep if sweep else ""
     print("\n" + table)
