@@ -34,7 +34,6 @@ quantizer's :class:`TernaryNeuron` gets the same parameters (its signed count is
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -45,15 +44,16 @@ from csdc.compiler import broadcast
 from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
-from csdc.compiler.mbe import FIT_SAMPLE_LEVELS, MBEFit, MBESum, fit_geometric, fit_table, numba_totals, sum_ranges
+from csdc.compiler.mbe import MBEFit, MBESum, fit_table
+from csdc.compiler.mbe_readout import (EXP_RADIX_BITS, RECIPROCAL_BASES, Digits, layernorm_rsqrt, mbe_digits, rsqrt_fit,
+                                       softmax_error, softmax_pairs)
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.qgraph import QGraph, QNode
-from csdc.errors import CsdcError, UnsupportedModelError
+from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (TERNARY, Add, ConvSynapse, DenseSynapse, DiagonalSynapse, Encode, Neuron, Readout, ReduceSum,
                          Reshape, SpikeMatMul, SpikeMaxPool, SumPool, TernaryNeuron, Transpose)
 from csdc.ir.semantics import conv as conv_counts
-from csdc.ir.semantics import mbe_total
 from csdc.ir.semantics import sum_pool
 
 
@@ -207,76 +207,12 @@ class LoweringReport:
 
 
 @dataclass(frozen=True)
-class Digits:
-    """A non-negative function of an integer current read out as spike populations, one per digit (most
-    significant first; :meth:`Lowering.mbe_digits`): ``f(q) ~ unit * sum_k places[k] * count_k``.
-
-    ``readout[i]``: the integer ``sum_k places[k] * count_k`` the populations count at level ``q = lo + i``
-    (delay >= T), so compositions can measure their own errors exactly; ``max_abs_error`` / ``mean_abs_error``:
-    ``|unit * readout - f(q)|`` over every level, in f's (real) units (fit error plus the last digit's rounding)."""
-
-    nodes: tuple[str, ...]
-    places: tuple[int, ...]
-    unit: float
-    lo: int
-    readout: np.ndarray
-    max_abs_error: float
-    mean_abs_error: float
-    mbe_node: str  # the MBE population, or the Add of several (a fitter's MBESum, a refinement)
-    fit: MBEFit | MBESum
-    refinement: MBEFit | None = None  # a second population fitted to the first one's residual (same unit)
-    counts: np.ndarray | None = None  # (levels, digits): each digit population's count at every level
-
-    @property
-    def hi(self) -> int:
-        return self.lo + len(self.readout) - 1
-
-    @property
-    def bases(self) -> int:
-        return self.fit.bases + (self.refinement.bases if self.refinement else 0)
-
-    def report(self) -> dict:
-        """The fields of a ``CompileReport.approximations`` entry this readout fills (errors in f's units)."""
-        return {"mbe_node": self.mbe_node, "bases": self.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
-                "digits": list(self.nodes), "places": list(self.places), "unit": self.unit,
-                "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error}
-
-
-@dataclass(frozen=True)
 class MBEOptions:
     """The opt-in approximate mode ``--nonlinear mbe``: bases (None: the fewest meeting the target) and
     encoding steps of every MBE population."""
 
     bases: int | None = None
     steps: int = 16
-
-
-#: LayerNorm's 1/sqrt in units of 2^-F with r(1) 2^F about 2^28: the knots' rounding stays far below the fit's error
-RSQRT_BITS = 28
-
-
-@functools.lru_cache(maxsize=64)
-def rsqrt_fit(channels: int, s_max: int, eps_levels: float, max_error: float, steps: int, scale: float = 1.0,
-              frac: int = 0) -> MBESum:
-    """MBE populations for LayerNorm's ``r(S) = 1/sqrt(S / C + eps)`` on every sum of squares ``S = 0..s_max``, the
-    error weighted by ``sqrt(S) 2^-frac`` (the largest |centred level| a token with that S can have) within
-    ``max_error``, in units of ``1 / scale``; S in units of ``4^-frac`` squared levels (cached: the precision policy
-    lowers a model several times)."""
-    top = scale * float(layernorm_rsqrt(np.ones(1), channels, eps_levels, frac)[0])
-    frac_bits = max(RSQRT_BITS - math.ceil(math.log2(top)), 0)
-    return fit_geometric("rsqrt", lambda S: scale * layernorm_rsqrt(S, channels, eps_levels, frac), 0, s_max,
-                         weight=lambda S: np.sqrt(S) / 2**frac, max_error=max_error * scale, steps=steps,
-                         frac_bits=frac_bits)
-
-
-def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float, frac: int = 0) -> np.ndarray:
-    """LayerNorm's ``1/sqrt(variance + eps)`` (in level units) from the sum ``S`` of the squares of C centred levels
-    rounded to ``2^-frac`` of a level (``S`` in units of ``4^-frac``): Sheppard's correction removes the rounding's
-    mean contribution (``4^-frac / 12`` per channel) where it is small against the variance (at most half of the
-    mean square). ``S = 0`` means every centred level is 0, so any value serves there: ``S = 1``'s keeps the range,
-    and so the digits' precision, small."""
-    mean_square = np.maximum(np.asarray(S, dtype=np.float64), 1.0) / (channels * 4.0**frac)
-    return 1.0 / np.sqrt(np.maximum(mean_square - 1.0 / (12.0 * 4.0**frac), mean_square / 2.0) + eps_levels)
 
 
 class Lowering:
@@ -1412,134 +1348,6 @@ class Lowering:
         self.lower_output()
         self.report.T = self.T
         return self.net, self.report
-
-
-def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarray, *, delay: int, digits: int = 2,
-               radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
-               refine: bool = False, add: Callable[[str, object, list[str]], str] | None = None,
-               fitter: Callable[[np.ndarray], MBEFit | MBESum] | None = None) -> Digits:
-    """An MBE function of a non-negative integer current, read out as spikes with a stated precision.
-
-    ``current``: an IR current whose window total ``q`` lies in ``lo .. lo + len(values) - 1``;
-    ``values[i] >= 0``: the function at ``q = lo + i`` (real units). One MBE population (fitted by
-    :func:`fit_table` to ``values / unit`` within a quarter of ``unit``, ``bases`` or the fewest up to
-    ``max_bases``) makes the current ``E ~ f(q) 2^F / unit``; ``digits`` DIF populations of radix
-    ``B = 2^radix_bits`` (default ``min(16, 2^floor(log2 T))``) read it: digit k has threshold
-    ``theta_k = B^(D-1-k) 2^F`` and integrates ``E`` minus ``theta_i`` per spike of every higher digit i
-    (one-to-one synapses fed by spikes: ACs), the higher digits floor, the last rounds. So
-    ``f(q) ~ unit * sum_k B^(D-1-k) count_k`` with ``unit = max f / (T B^(D-1))``: the top digit counts up
-    to T, the others up to B; the precision is ``max f / (2 T B^(D-1))`` plus the fit's error, measured on
-    every level (the readout is computed in integers as the populations count it, delay >= T).
-    ``refine``: a second MBE population on the same current, fitted to the first one's residual in the same
-    unit, adds its current (smaller errors for twice the bases and spikes).
-    Integer ops that are not spike accumulations: none. ``add(name, op, inputs) -> node`` adds an IR node
-    (default ``net.add``; the lowering's keeps names unique and records them for --explain). ``fitter``: makes the
-    MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g. :func:`fit_geometric`'s populations
-    for a domain too large for least squares; their currents are added)."""
-    values = np.asarray(values, dtype=np.float64)
-    add = add or (lambda name, op, inputs: net.add(name, op, inputs))
-    T = net.T
-    if values.ndim != 1 or not len(values) or not np.all(np.isfinite(values)) or values.min() < 0:
-        raise CsdcError(f"{base}: an MBE digit readout needs finite non-negative values, one per level")
-    b = min(4, T.bit_length() - 1) if radix_bits is None else int(radix_bits)
-    if not 1 <= b or (1 << b) > T or digits < 1:
-        raise CsdcError(f"{base}: digits of radix 2^{b} need at most T = {T} counts and at least one digit")
-    B = 1 << b
-    places = tuple(B ** (digits - 1 - k) for k in range(digits))
-    unit = float(values.max()) / (T * places[0]) or 1.0
-    f = fitter(values / unit) if fitter is not None else fit_table(base, values / unit, bases=bases, steps=steps,
-                                                                   max_bases=max_bases)
-    shape = net.info(current).shape
-    q = np.arange(len(values), dtype=np.int64)
-    totals = lambda g: (numba_totals if len(q) > FIT_SAMPLE_LEVELS else mbe_total)(g.op(np.zeros((), np.int64)), q)  # noqa: E731
-    if isinstance(f, MBESum):
-        pops = [add(f"{base}_mbe", p.op(np.full(shape, -int(lo), dtype=np.int64)), [current]) for p in f.parts]
-        mbe = pops[0] if len(pops) == 1 else add(f"{base}_mbe_sum", Add(), pops)
-        E = f.totals(q)
-    else:
-        mbe = add(f"{base}_mbe", f.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
-        E = totals(f)
-    g, constant, cur, second = None, f.constant, mbe, ""
-    if refine:
-        g = fit_table(f"{base}_residual", values / unit - (E + f.constant) / float(2**f.frac_bits), bases=bases, steps=steps,
-                      frac_bits=f.frac_bits, max_bases=max_bases)
-        E, constant = E + totals(g), constant + g.constant
-        second = add(f"{base}_mbe_residual", g.op(np.full(shape, -int(lo), dtype=np.int64)), [current])
-        cur = add(f"{base}_mbe_sum", Add(), [mbe, second])
-    full = lambda v: np.broadcast_to(np.int64(v), shape)  # noqa: E731
-    rest, readout, nodes, per_digit = E + constant, np.zeros(len(q), dtype=np.int64), [], []
-    for k, place in enumerate(places):
-        theta = place << f.frac_bits
-        last = k == digits - 1
-        total = constant + (theta // 2 if last else 0)  # T * bias + v0: the fits' constants, the last digit rounds
-        bias = total // T
-        if k:  # what the higher digits left: the previous rest minus theta_(k-1) per spike of digit k-1
-            minus = add(f"{base}_minus_digit{k - 1}", DiagonalSynapse(np.broadcast_to(np.int8(-1), shape),
-                                                                      exponent=(theta * B).bit_length() - 1), [nodes[-1]])
-            cur = add(f"{base}_rest{k}", Add(), [cur, minus])
-        nodes.append(add(f"{base}_digit{k}", Neuron(full(theta), full(total - T * bias), full(bias), delay), [cur]))
-        count = np.clip(np.floor_divide(rest + (theta // 2 if last else 0), theta), 0, T)
-        rest = rest - count * theta
-        readout += place * count
-        per_digit.append(count)
-    err = np.abs(unit * readout - values)
-    return Digits(tuple(nodes), places, unit, int(lo), readout, float(err.max()), float(err.mean()),
-                  mbe if g is None else f"{mbe} + {second}", f, g, np.stack(per_digit, axis=1))
-
-
-RECIPROCAL_BASES = 32  # bases of a softmax reciprocal over more than 4096 levels (the doubling search costs minutes)
-EXP_RADIX_BITS = 6  # digits of a softmax's exponential: 64 per count of the top digit when the row sums allow
-SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
-
-
-def softmax_pairs(e: Digits, r: Digits) -> list[tuple[int, int]]:
-    """The (e digit, r digit) products a softmax sums: all but the product of the two last digits when both have more
-    than one (it adds at most B_e B_r units, a few thousandths of an output step, and its weight would set the
-    output neuron's unit: 2^10 finer than the others); its absence is in the stated error."""
-    drop = (len(e.places) - 1, len(r.places) - 1) if len(e.places) > 1 and len(r.places) > 1 else None
-    return [(k, m) for k in range(len(e.places)) for m in range(len(r.places)) if (k, m) != drop]
-
-
-def softmax_product(e: Digits, r: Digits, d: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """The integer ``sum over softmax_pairs of places * counts`` at gap levels ``d`` and row sums ``q`` (broadcast):
-    the output neuron's input in units ``e.unit r.unit``."""
-    ce, cr = e.counts[d], r.counts[q - r.lo]
-    return sum(e.places[k] * r.places[m] * ce[..., k] * cr[..., m] for k, m in softmax_pairs(e, r))
-
-
-def softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, float]:
-    """(worst, mean) ``|y^_j - y_j|`` of the softmax made of the digit readouts ``e`` (of ``exp(-step d)``, d = 0..T)
-    and ``r`` (of ``1 / (e.unit q)`` over the row sums q), rows of ``N``, in output units (probability), with
-    ``y^_j = e.unit r.unit softmax_product(d_j, q)`` (what the populations count) and ``y_j`` the float64 softmax.
-
-    The worst case is exact over every row the input range allows (d_j in 0..T, one of them 0): for element j at
-    d_j = a, the others enter through their readout total q_o (which fixes ``r^``) and their exact total S_o (``y_j =
-    e(a) / (e(a) + S_o)`` is monotone in it), so the extremes of S_o at each q_o (:func:`sum_ranges`, over the N - 1
-    others, or the N - 2 besides an element at the max) give it. The mean is over SOFTMAX_SAMPLE_ROWS seeded rows of
-    uniform random counts (one at the row max)."""
-    T = len(e.readout) - 1
-    exact_e = np.exp(-step * np.arange(T + 1, dtype=np.float64))
-    worst = 0.0
-    for j_at_max, free in ((True, N - 1), (False, N - 2)):
-        if free < 0:
-            continue
-        least, most = sum_ranges(e.readout, exact_e, free)
-        q_o = np.arange(len(least), dtype=np.int64)
-        if not j_at_max:  # one of the others is the row max (d = 0)
-            q_o, least, most = q_o + e.readout[0], least + exact_e[0], most + exact_e[0]
-        ok = np.isfinite(least)
-        q_o, least, most = q_o[ok], least[ok], most[ok]
-        for a in ([0] if j_at_max else range(T + 1)):
-            y_hat = e.unit * r.unit * softmax_product(e, r, np.int64(a), e.readout[a] + q_o)
-            worst = max(worst, float(np.abs(y_hat - exact_e[a] / (exact_e[a] + least)).max()),
-                        float(np.abs(y_hat - exact_e[a] / (exact_e[a] + most)).max()))
-    d = np.random.default_rng(0).integers(0, T + 1, size=(SOFTMAX_SAMPLE_ROWS, N))
-    d[:, 0] = 0
-    exact = np.exp(-step * d)
-    exact /= exact.sum(axis=1, keepdims=True)
-    q = e.readout[d].sum(axis=1)
-    got = e.unit * r.unit * softmax_product(e, r, d, q[:, None])
-    return worst, float(np.abs(got - exact).mean())
 
 
 def lower(graph: QGraph, precision: Precision | None = None, delay: int | None = None,

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csdc.compiler.lower import Lowering, layernorm_rsqrt, rsqrt_fit
+from csdc.compiler.lower import Lowering
+from csdc.compiler.mbe_readout import layernorm_rsqrt, rsqrt_fit
 from csdc.compiler.mbe import fit_geometric
 from csdc.compiler.pipeline import CompileOptions, compile_onnx
 from csdc.errors import CsdcError, UnsupportedModelError

@@ -1,5 +1,5 @@
 """``--nonlinear mbe``: Softmax over the last axis (docs/mbe.md, "Compiling Softmax") and the digit readout block
-(:func:`csdc.compiler.lower.mbe_digits`) it is made of. The model is made by the test as a user would (torch
+(:func:`csdc.compiler.mbe_readout.mbe_digits`) it is made of. The model is made by the test as a user would (torch
 module trained on digits, torch.onnx at opset 17, quantize_static by csdc's calibrate route), its softmax levels
 are checked against the exact softmax of the network's own input levels and against onnxruntime's."""
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from csdc.backends.numba import NumbaBackend  # noqa: E402
-from csdc.compiler.lower import mbe_digits, softmax_error, softmax_pairs, softmax_product  # noqa: E402
+from csdc.compiler.mbe_readout import mbe_digits, softmax_error, softmax_pairs, softmax_product  # noqa: E402
 from csdc.compiler.pipeline import CompileOptions, compile_onnx  # noqa: E402
 from csdc.errors import UnsupportedModelError  # noqa: E402
 from csdc.ir import MBENeuron  # noqa: E402
