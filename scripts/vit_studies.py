@@ -198,8 +198,10 @@ def ops_markdown(rows: list[dict]) -> str:
 
 
 def _label(key: str) -> str:
+    if key == "None":
+        return "default"
     bases, steps = key.split("/")
-    return "default" if key == "None" else ", ".join(
+    return ", ".join(
         x for x in (f"K = {bases}" if bases != "None" else "", f"S = {steps}" if steps != "None" else "") if x)
 
 
@@ -223,25 +225,25 @@ def sweep_markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> bool:
-    """SNN accuracy and agreement against the energy per image over the sweep; False when no sweep ran."""
-    points = {r["set"]: [(v["energy_uj"], v["snn_acc"], v["agreement"], _label(k)) for k, v in r["snn"].items()
-                         if "snn_acc" in v]
-              for r in rows if r["export"] == "opset17" and len(r["snn"]) > 1}
-    if not any(points.values()):
+    """SNN accuracy and top-1 agreement with the QDQ model per setting of the sweep (the latency is the same for
+    every setting: an MBE population costs T steps whatever its bases and steps); False when no sweep ran."""
+    swept = [r for r in rows if r["export"] == "opset17" and len(r["snn"]) > 1]
+    if not swept:
         return False
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    qdq = {r["set"]: r["qdq_acc"] for r in rows if r["export"] == "opset17"}
-    for name, pts in points.items():
-        pts.sort()
-        line, = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"{name} ViT: SNN accuracy")
-        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], "s:", color=line.get_color(), label=f"{name} ViT: agreement with QDQ")
-        ax.axhline(100 * qdq[name], color=line.get_color(), ls="--", lw=0.8, label=f"{name} QDQ ONNX accuracy")
-        for e, acc, _, k in pts:
-            ax.annotate(k, (e, 100 * acc), fontsize=7)
-    ax.set_xlabel("energy per image (uJ, 45 nm estimate); latency is the same for every setting")
+    for r in swept:
+        keys = [k for k, v in r["snn"].items() if "snn_acc" in v]
+        xs = range(len(keys))
+        line, = ax.plot(xs, [100 * r["snn"][k]["snn_acc"] for k in keys], "o-", label=f"{r['set']} ViT: SNN accuracy")
+        ax.plot(xs, [100 * r["snn"][k]["agreement"] for k in keys], "s:", color=line.get_color(),
+                label=f"{r['set']} ViT: top-1 agreement with the QDQ model")
+        ax.axhline(100 * r["qdq_acc"], color=line.get_color(), ls="--", lw=0.8, label=f"{r['set']} QDQ ONNX accuracy")
+        ax.set_xticks(list(xs), [_label(k) for k in keys])
+        latency = r["snn"][keys[0]]["latency"]
+    ax.set_xlabel(f"--mbe-bases K / --mbe-steps S (latency {latency} steps for every setting)")
     ax.set_ylabel("%")
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
