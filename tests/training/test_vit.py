@@ -178,18 +178,21 @@ def test_studies_find_what_quantize_static_leaves_in_float(tiny_vit, digits, tmp
     row = {"set": "digits", "export": f"opset{opset}", "float_acc": 0.9, "qdq_acc": 0.9, "float_qdq_agreement": 1.0,
            "nonlinear": census, "snn": {"None": {"refused": "m.onnx: 1 node(s) cannot be converted to a spiking "
                                                             "network:\n  - node 'a' (op Softmax): why"}}}
-    assert studies.markdown([row]).splitlines()[-1].endswith("| refused: Softmax |")
+    assert "| refused: Softmax |" in studies.markdown([row]).splitlines()[-1]
 
 
 def test_studies_tabulate_and_plot_the_bases_sweep(tmp_path) -> None:
     studies = _studies()
-    run = {"snn_acc": 0.95, "latency": 300, "agreement": 0.99, "spikes": 12345.0, "energy_uj": 1.5,
-           "ops": [{"op": "Gelu", "bases": 4, "steps": 16}]}
-    rows = [{"set": "digits", "export": "opset17", "qdq_acc": 0.96,
-             "snn": {"None": run, "2": dict(run, latency=200, snn_acc=0.9)}},
-            {"set": "digits", "export": "opset20", "qdq_acc": 0.96, "snn": {"None": {"refused": "x"}}}]
+    run = {"snn_acc": 0.95, "latency": 300, "agreement": 0.99, "spikes": 12345.0, "energy_uj": 1.5, "compile_s": 3.0,
+           "ops": [{"op": "gelu", "bases": 4, "steps": 16, "latency_steps": 255, "max_abs_error": 0.25}]}
+    rows = [{"set": "digits", "export": "opset17", "qdq_acc": 0.96, "float_acc": 0.97,
+             "snn": {"None": run, "2/None": dict(run, snn_acc=0.9), "None/8": dict(run, agreement=0.98)}},
+            {"set": "digits", "export": "opset20", "qdq_acc": 0.96, "float_acc": 0.97, "snn": {"None": {"refused": "x"}}}]
     table = studies.sweep_markdown(rows).splitlines()
-    assert len(table) == 4 and table[3] == ("| digits | 2 | 90.00 % | 96.00 % | 99.00 % | 200 | 12.3 k | 1.500 uJ "
-                                            "| Gelu 4x16 |")
+    assert len(table) == 5 and table[3] == "| digits | K = 2 | 90.00 % | 96.00 % | 99.00 % | 300 | 0.01 M | 1.5 uJ |"
+    assert table[4].startswith("| digits | S = 8 | 95.00 % |")
+    assert studies.markdown(rows).splitlines()[2] == ("| digits | opset17 | 97.00 % | 96.00 % | 95.00 % | 99.00 % | 300 | "
+                                                      "0.01 M | 1.5 uJ | 3 s |")
+    assert "| digits | opset17 | gelu | 1 | 4x16 | 255 | 0.25 |" in studies.ops_markdown(rows)
     assert studies.plot(rows, str(tmp_path / "sweep.png")) and (tmp_path / "sweep.png").stat().st_size > 0
     assert studies.sweep_markdown(rows[1:]) == "" and not studies.plot(rows[1:], str(tmp_path / "none.png"))
