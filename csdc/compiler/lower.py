@@ -1166,14 +1166,8 @@ class Lowering:
                     continue
                 terms.append(ProductTerm(col, d, np.full(ones, unit_j), float(T * T), origin=n.name))
         terms = tuple(terms)
-        node, cur_term = self.materialize(Affine(terms, np.zeros(ones)), n.name, out_step)
-        flat = self.add(f"{n.name}_out", Reshape(shape), [node])
-        one_out = (1,) * len(shape)
-        error = np.asarray(cur_term.error, dtype=np.float64)
-        error = error.reshape(one_out) if error.size == 1 else error.reshape(shape)
-        unit_out = np.asarray(cur_term.unit).reshape(one_out)
-        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, unit_out, error, cur_term.site),),
-                                         beta.reshape((1,) * (len(shape) - 1) + (C,)))
+        self.vals[n.outputs[0]] = self.materialize_reshaped(Affine(terms, np.zeros(ones)), n.name, out_step, shape,
+                                                            beta.reshape((1,) * (len(shape) - 1) + (C,)))
         # errors in output steps: the 1/sqrt read-out (fit and digits, on every S) times the largest |kg| a token with
         # that S can have (<= sqrt(S)) and g_max; the centring's roundings (times r)
         rsqrt_steps = float(weighted.max()) * g_max / out_step + dropped
@@ -1270,12 +1264,8 @@ class Lowering:
         pairs = softmax_pairs(e, r)
         terms = tuple(ProductTerm(e_col[k], r_col[m], np.full(one, e.unit * r.unit * e.places[k] * r.places[m]), float(T * T),
                                   origin=n.name) for k, m in pairs)
-        node, cur = self.materialize(Affine(terms, np.zeros(one)), n.name, out_step)
-        out = self.add(f"{n.name}_out", Reshape(shape), [node])
-        ones = (1,) * len(shape)
-        error = np.asarray(cur.error, dtype=np.float64)
-        error = error.reshape(ones) if error.size == 1 else error.reshape(shape)
-        self.vals[n.outputs[0]] = Affine((FixedTerm(out, np.asarray(cur.unit).reshape(ones), error, cur.site),), np.zeros(ones))
+        self.vals[n.outputs[0]] = self.materialize_reshaped(Affine(terms, np.zeros(one)), n.name, out_step, shape,
+                                                            np.zeros((1,) * len(shape)))
         worst, mean = softmax_error(e, r, N, src.step)
         self.report.approximations.append({
             "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
@@ -1309,13 +1299,19 @@ class Lowering:
         column = (*shape, 1, 1)
         a, b = (replace(v, node=self.add(f"{n.name}_{side}", Reshape(column), [v.node])) for side, v in (("a", a), ("b", b)))
         value = self.product_value(n, a, b, 1, 1, 1, (1,) * len(column))
-        node, cur = self.materialize(value, n.name, self.downstream_step(n.outputs[0]))
-        flat = self.add(f"{n.name}_out", Reshape(shape), [node])
+        self.vals[n.outputs[0]] = self.materialize_reshaped(value, n.name, self.downstream_step(n.outputs[0]), shape,
+                                                            value.bias.reshape((1,) * len(shape)))
+
+    def materialize_reshaped(self, value: Affine, base: str, step: float | None, shape: tuple[int, ...],
+                             bias: np.ndarray) -> Affine:
+        """:meth:`materialize` a sum laid out for spike products (e.g. (*shape, 1, 1) or (R, N, 1)) and reshape its
+        current back to ``shape``: the value ``current + bias`` (``bias`` broadcast to ``shape``)."""
+        node, cur = self.materialize(value, base, step)
+        flat = self.add(f"{base}_out", Reshape(shape), [node])
         one = (1,) * len(shape)
         error = np.asarray(cur.error, dtype=np.float64)
         error = error.reshape(one) if error.size == 1 else error.reshape(shape)
-        self.vals[n.outputs[0]] = Affine((FixedTerm(flat, np.asarray(cur.unit).reshape(one), error, cur.site),),
-                                         value.bias.reshape(one))
+        return Affine((FixedTerm(flat, np.asarray(cur.unit).reshape(one), error, cur.site),), bias)
 
     def lower_unfused(self, n: QNode) -> None:
         where = "--nonlinear mbe approximates" if self.mbe is not None else "csdc compile --nonlinear mbe approximates"
