@@ -102,6 +102,15 @@ def _nonlinear_reason(op: str, nonlinear: str) -> str:
     return f"--nonlinear mbe lowers only {', '.join(sorted(MBE_LOWERED))} between quantizers so far, not {op} (docs/mbe.md)"
 
 
+def _rejected_reason(op: str, nonlinear: str) -> str:
+    """Why ``op`` is refused; the ops of a LayerNorm exported in decomposed form (opset < 17) also name
+    the mode that fuses and approximates that form."""
+    if op in DECOMPOSED_OPS and nonlinear == "refuse":
+        return (f"{REJECTED[op]}; if it is part of a LayerNorm exported in decomposed form (ReduceMean, Sub, Pow, "
+                "Sqrt, Div), csdc compile --nonlinear mbe fuses and approximates it (docs/mbe.md)")
+    return REJECTED[op]
+
+
 def _judge(nodes: list[QNode], path: str, custom_only: bool = False, nonlinear: str = "refuse") -> None:
     """Raise one UnsupportedModelError listing every node whose op csdc cannot make spike-driven
     (``nonlinear="mbe"``: the ops of :data:`MBE_LOWERED` are let through to the lowering)."""
@@ -121,7 +130,7 @@ def _judge(nodes: list[QNode], path: str, custom_only: bool = False, nonlinear: 
         elif node.op_type in NONLINEAR:
             problems.append((node.name, node.op_type, _nonlinear_reason(node.op_type, nonlinear)))
         elif node.op_type in REJECTED:
-            problems.append((node.name, node.op_type, REJECTED[node.op_type]))
+            problems.append((node.name, node.op_type, _rejected_reason(node.op_type, nonlinear)))
         elif node.op_type not in SUPPORTED:
             problems.append((node.name, node.op_type, "no spike-driven lowering exists for this op"))
     if problems:

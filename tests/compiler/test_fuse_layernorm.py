@@ -202,5 +202,6 @@ def test_a_near_miss_is_left_alone_and_refused_by_name(tmp_path: Path, near_miss
     assert {"Pow", "Sqrt", "Sub"} <= {n.op_type for n in graph.nodes}
     with pytest.raises(UnsupportedModelError, match=r"op (Pow|Sub|Sqrt)"):
         compile_onnx(tmp_path / "near.onnx", MBE)
-    with pytest.raises(UnsupportedModelError, match=r"Sqrt.*square roots are not spike-driven"):  # the default mode
+    with pytest.raises(UnsupportedModelError, match=r"Sqrt.*square roots are not spike-driven") as refused:  # the default mode
         compile_onnx(tmp_path / "near.onnx")
+    assert "decomposed form" in str(refused.value) and "--nonlinear mbe" in str(refused.value)
