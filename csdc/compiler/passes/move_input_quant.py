@@ -1,0 +1,170 @@
+"""move_input_quant: ``input -> routing... -> quantizer`` becomes ``input -> quantizer -> routing...``.
+
+Exporters often reshape the model input before its first quantizer: ``nn.Flatten()`` before the first
+``nn.Linear`` (onnxruntime's ``quantize_static`` then puts the input's QuantizeLinear after the Flatten;
+a Brevitas ``QuantLinear``'s input quantizer sits there too), or a Transpose / Reshape / Squeeze /
+Unsqueeze of the image. Routing only moves values, and quantization acts element by element, so
+``q(route(x)) == route(q(x))`` exactly: the input's encoder reads the model input itself and the
+routing acts on its levels (IR ``Reshape`` / ``Transpose``).
+
+- Match: a chain of routing ops (Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Identity) from the
+  model input whose last output feeds a quantizer: csdc's ``Quant`` (QONNX and LSQ arithmetic forms,
+  already canonical) or ``QuantizeLinear -> [Clip] -> DequantizeLinear``.
+- Check: every link is read by the next one only (another reader would see unquantized values), the
+  routing's shape / axes operands are constants, and the quantizer is one chain. A per-tensor
+  quantizer always moves. A per-axis one moves when each routing op keeps its axis whole (a
+  Transpose permutes it; a reshape keeps it when the axis has the same length and the same number
+  of elements before it on both sides); its ``axis`` is remapped onto the model input. Else it is
+  refused (``UnsupportedModelError`` naming the routing node, its op and the tensor).
+- Rewrite: the quantizer's nodes read the model input (their tensors take its shape); the routing
+  chain reads the quantizer's output, and its last op writes the tensor the quantizer wrote.
+
+Invariant established: no chain of routing ops from the model input ends in a quantizer that could
+read the model input instead. :func:`unmoved_reason` tells the lowering why a chain was left alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from csdc.compiler.qgraph import QGraph, QNode
+from csdc.errors import UnsupportedModelError
+
+ROUTING = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _quantizer(node: QNode, cons: dict[str, list[QNode]]) -> tuple[list[QNode] | None, str | None]:
+    """The nodes of the quantizer that starts at ``node`` (first to last), or None and why not."""
+    if node.domain:
+        return None, f"it leads to '{node.name}' (op {node.domain}.{node.op_type}), not to a quantizer"
+    if node.op_type == "Quant":
+        return [node], None
+    if node.op_type != "QuantizeLinear":
+        return None, f"it leads to '{node.name}' (op {node.op_type}), not to a quantizer"
+    group = [node]
+    while group[-1].op_type != "DequantizeLinear":
+        users = cons.get(group[-1].outputs[0], [])
+        nxt = users[0] if len(users) == 1 else None
+        if nxt is None or nxt.domain or nxt.op_type not in (("Clip", "DequantizeLinear") if len(group) == 1 else ("DequantizeLinear",)):
+            return None, (f"its QuantizeLinear '{node.name}' is not a QuantizeLinear -> [Clip] -> DequantizeLinear chain "
+                          "with one reader per link")
+        group.append(nxt)
+    return group, None
+
+
+def _chain(graph: QGraph, first: QNode, cons: dict[str, list[QNode]]
+           ) -> tuple[list[QNode], list[QNode] | None, str | None]:
+    """From the routing op ``first`` (reading the model input): the routing chain, the quantizer it
+    reaches (None if it cannot move) and the reason it cannot."""
+    chain: list[QNode] = []
+    node = first
+    while True:
+        extra = [i for i in node.inputs[1:] if i and not graph.is_const(i)]
+        if extra:
+            return chain + [node], None, f"{node.op_type} '{node.name}' takes its operand '{extra[0]}' from the graph, not a constant"
+        chain.append(node)
+        out = node.outputs[0]
+        users = cons.get(out, [])
+        if out == graph.output:
+            return chain, None, f"its output '{out}' is the model output"
+        if len(users) != 1:
+            names = ", ".join(f"'{u.name}' ({u.op_type})" for u in users)
+            return chain, None, (f"'{out}' (output of {node.op_type} '{node.name}') is read by {len(users)} nodes ({names}); "
+                                 "a quantizer can move onto the model input only through routing read by nothing else")
+        node = users[0]
+        if node.op_type not in ROUTING or node.domain:
+            group, why = _quantizer(node, cons)
+            return chain, group, why
+
+
+def unmoved_reason(graph: QGraph, node: QNode) -> str | None:
+    """Why the quantizer after the routing op ``node`` (a reader of the model input) does not read the
+    model input itself; None if ``node`` is not routing or nothing stands in the way."""
+    if node.op_type not in ROUTING or node.domain:
+        return None
+    return _chain(graph, node, graph.consumers())[2]
+
+
+def _axis_before(route: QNode, axis: int, graph: QGraph) -> int | None:
+    """The axis of ``route``'s input that becomes ``axis`` of its output whole (same indices), or None."""
+    src, dst = graph.shapes.get(route.inputs[0]), graph.shapes.get(route.outputs[0])
+    if src is None or dst is None:
+        return None
+    if route.op_type == "Transpose":
+        perm = list(route.attrs.get("perm", range(len(src))[::-1]))
+        return int(perm[axis])
+    for b, n in enumerate(src):  # a reshape: same length and as many elements before it on both sides
+        if n == dst[axis] and math.prod(src[:b]) == math.prod(dst[:axis]):
+            return b
+    return None
+
+
+def _input_axis(graph: QGraph, chain: list[QNode], q: QNode) -> int | None:
+    """For a per-axis QuantizeLinear ``q`` after ``chain``: its axis on the model input (None: per tensor).
+    Raises when a routing op merges or splits that axis."""
+    scale = np.asarray(graph.constants[q.inputs[1]]) if graph.is_const(q.inputs[1]) else np.ones(1)
+    if scale.size == 1:
+        return None
+    rank = len(graph.shapes[q.inputs[0]])
+    axis = int(q.attrs.get("axis", 1))
+    axis = axis + rank if axis < 0 else axis
+    tensor = q.inputs[0]
+    if q.attrs.get("block_size", 0) or scale.ndim != 1:
+        raise UnsupportedModelError(graph.path, [(q.name, q.op_type, f"a blocked quantizer of '{tensor}' after routing of the "
+                                                  "model input cannot be moved onto the model input")])
+    for route in reversed(chain):
+        before = _axis_before(route, axis, graph)
+        if before is None:
+            raise UnsupportedModelError(graph.path, [(route.name, route.op_type, (
+                f"merges or splits axis {axis} of '{route.outputs[0]}' (shape {graph.shapes.get(route.outputs[0])}), which "
+                f"'{q.name}' (QuantizeLinear) quantizes per axis; the input quantizer cannot be moved onto the model input "
+                f"'{graph.input}' in front of it: quantize the model input per tensor, or before the {route.op_type}"))])
+        axis, tensor = before, route.inputs[0]
+    return axis
+
+
+def move_input_quant(graph: QGraph) -> QGraph:
+    """Move the model input's quantizer in front of the routing that reads the input (see module docstring)."""
+    cons = graph.consumers()
+    moves: dict[str, tuple[list[QNode], list[QNode]]] = {}  # first routing op's name -> (chain, new quantizer nodes)
+    moved: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for first in cons.get(graph.input, []):
+        if first.op_type not in ROUTING or first.domain or first.inputs[0] != graph.input:
+            continue
+        chain, group, _ = _chain(graph, first, cons)
+        if group is None or group[0].inputs[0] != chain[-1].outputs[0]:
+            continue
+        axis = _input_axis(graph, chain, group[0]) if group[0].op_type == "QuantizeLinear" else None
+        out = group[-1].outputs[0]
+        rename = {n.outputs[0]: f"{n.outputs[0]}__on_input" for n in group}
+        new_group = []
+        for n in group:
+            ins = (graph.input if n is group[0] else rename[n.inputs[0]], *n.inputs[1:])
+            attrs = {**n.attrs, "axis": axis} if axis is not None and n.op_type != "Clip" else n.attrs
+            new_group.append(n.with_(inputs=ins, outputs=(rename[n.outputs[0]],), attrs=attrs))
+            shapes[rename[n.outputs[0]]] = graph.shapes[graph.input]
+        routed = [r.with_(inputs=(rename[out] if r is chain[0] else r.inputs[0], *r.inputs[1:]),
+                          outputs=(out,) if r is chain[-1] else r.outputs) for r in chain]
+        moves[first.name] = (routed, new_group)
+        moved.update(n.name for n in chain + group)
+    if not moves:
+        return graph
+    nodes: list[QNode] = []
+    for n in graph.nodes:
+        if n.name in moves:
+            routed, new_group = moves[n.name]
+            nodes.extend(new_group + routed)
+        elif n.name not in moved:
+            nodes.append(n)
+    new = graph.with_nodes(nodes)
+    new.shapes.update(shapes)  # the last routing op now writes the quantizer's output, whose shape is already known
+    return new
+
+
+# contract (see csdc.compiler.passes)
+from csdc.compiler.passes import declare, idempotent, no_foreign_domains, shapes_known  # noqa: E402
+
+declare(move_input_quant, requires=[no_foreign_domains], ensures=[idempotent(move_input_quant), shapes_known])
