@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from csdc.compiler.frontend import load_qgraph
@@ -129,7 +131,30 @@ def test_per_axis_quantizer_on_a_merged_axis_is_refused_naming_node_op_tensor(tm
         compile_onnx(tmp_path / "m.onnx")
     [(node, op, why)] = exc.value.problems
     assert (node, op) == (model.graph.node[0].name, "Reshape")
-    assert f"merges or splits axis 1 of '{model.graph.node[0].output[0]}' (shape (1, 6, 10))" in why and "'QuantizeLinear_" in why and "per axis" in why
+    assert f"merges or splits the axis of '{model.graph.node[0].output[0]}' (shape (1, 6, 10))" in why
+    assert "(axis 1 of" in why and "'QuantizeLinear_" in why and "per axis" in why
+
+
+def test_per_axis_quantizer_whose_axis_a_chain_splits_and_restores(tmp_path):
+    """(3, 4) -> Reshape (12) -> Reshape (3, 4): neither step alone keeps axis 1, the chain does; the
+    refusal names the routing op nearest the quantizer that loses the axis."""
+    b = Builder((1, 3, 4))
+    t = b.node("Reshape", ["x", b.const(np.array([-1, 12], np.int64))])
+    t = b.node("Reshape", [t, b.const(np.array([-1, 3, 4], np.int64))])
+    q = per_axis_qdq(b, t, [0.1, 0.05, 0.02], axis=1)
+    before, after = moved(tmp_path, b.model(b.node("MatMul", [q, b.qweight((4, 10), axis=1)]), (1, 3, 10)))
+    assert [n.attrs["axis"] for n in after.nodes if n.op_type == "QuantizeLinear"] == [1]
+    x = np.random.default_rng(4).uniform(-0.5, 6, (50, 3, 4)).astype(np.float32)
+    assert np.array_equal(run(as_onnx(before), x), run(as_onnx(after), x))
+    b = Builder((1, 3, 4))
+    t = b.node("Transpose", ["x"], perm=[0, 2, 1])
+    t = b.node("Reshape", [t, b.const(np.array([-1, 2, 6], np.int64))])  # (4, 3) -> (2, 6): axis 2 of length 6 is new
+    q = per_axis_qdq(b, t, [0.1] * 6, axis=2)
+    model = b.model(b.node("Flatten", [q], axis=1), (1, 12))
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError) as exc:
+        PassManager([move_input_quant]).run(load_qgraph(tmp_path / "m.onnx"))
+    assert exc.value.problems[0][:2] == (model.graph.node[1].name, "Reshape")
 
 
 def test_routing_read_by_another_node_is_refused_saying_why(tmp_path):
@@ -171,3 +196,97 @@ def test_canonical_graph_quantizes_the_input_first(tmp_path):
     onnx.save(routed_mlp(), tmp_path / "m.onnx")
     g = canonicalize(load_qgraph(tmp_path / "m.onnx"), CompileOptions(), contracts=True)
     assert [c.op_type for c in g.consumers()[g.input]] == ["Quant"]
+
+
+# --- property: any routing chain, per-tensor or per-axis -------------------------------------------
+def _routing_chain_model(shape: tuple[int, ...], ops: list[tuple], quant_at_input: bool, scales: list[float],
+                         axis: int) -> onnx.ModelProto:
+    """x (n, *shape) -> routing ``ops`` -> Flatten, with a QDQ (per tensor when one scale, else along ``axis``) on the
+    routing's output, or on the model input (``quant_at_input``)."""
+    b = Builder((1, *shape))
+    per_axis = len(scales) > 1
+
+    def qdq(t: str) -> str:
+        s = b.const(np.array(scales if per_axis else scales[0], np.float32))
+        z = b.const(np.zeros(len(scales), np.uint8) if per_axis else np.array(0, np.uint8))
+        attrs = {"axis": axis} if per_axis else {}
+        return b.node("DequantizeLinear", [b.node("QuantizeLinear", [t, s, z], **attrs), s, z], **attrs)
+
+    t = qdq("x") if quant_at_input else "x"
+    for op, arg in ops:
+        if op == "Transpose":
+            t = b.node("Transpose", [t], perm=[0, *[p + 1 for p in arg]])
+        elif op == "Reshape":
+            t = b.node("Reshape", [t, b.const(np.array([-1, *arg], np.int64))])
+        elif op in ("Squeeze", "Unsqueeze"):
+            t = b.node(op, [t, b.const(np.array([arg + 1], np.int64))])
+        else:
+            t = b.node(op, [t], **({"axis": 1} if op == "Flatten" else {}))
+    if not quant_at_input:
+        t = qdq(t)
+    size = int(np.prod(shape))
+    return b.model(b.node("Flatten", [t], axis=1), (1, size))
+
+
+@st.composite
+def routing_chains(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    cur, ops = list(shape), []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"]))
+        if kind == "Flatten":
+            cur = [int(np.prod(cur))]
+        elif kind == "Reshape":  # a random factorization of the sample
+            n, dims = int(np.prod(cur)), []
+            while n > 1 and len(dims) < 3:
+                f = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+                dims.append(f)
+                n //= f
+            cur = dims + [n]
+        elif kind == "Transpose":
+            perm = draw(st.permutations(range(len(cur))))
+            cur = [cur[p] for p in perm]
+            ops.append((kind, list(perm)))
+            continue
+        elif kind == "Squeeze":
+            ones = [i for i, d in enumerate(cur) if d == 1]
+            if not ones or len(cur) == 1:
+                continue
+            i = draw(st.sampled_from(ones))
+            cur = cur[:i] + cur[i + 1:]
+            ops.append((kind, i))
+            continue
+        elif kind == "Unsqueeze":
+            i = draw(st.integers(0, len(cur)))
+            cur = cur[:i] + [1] + cur[i:]
+            ops.append((kind, i))
+            continue
+        ops.append((kind, cur if kind == "Reshape" else None))
+    ops = ops or [("Identity", None)]
+    long_axes = [i for i, d in enumerate(cur) if d > 1]
+    if long_axes and draw(st.sampled_from([True, True, False])):  # per axis, mostly
+        a = draw(st.sampled_from(long_axes))
+        scales = [0.05 + 0.037 * k for k in range(cur[a])]  # distinct: a wrong axis changes the values
+        return shape, ops, scales, a + 1
+    return shape, ops, [0.0625], 1
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(routing_chains())
+def test_any_routing_chain_moves_exactly_or_is_refused_for_a_lost_axis(tmp_path, case):
+    """Moved: the graph computes the same values as the source (onnxruntime, bit for bit). Refused (per axis only):
+    a quantizer on the model input along any axis of that length computes other values than the source."""
+    shape, ops, scales, axis = case
+    model = _routing_chain_model(shape, ops, False, scales, axis)
+    x = np.random.default_rng(5).uniform(-0.5, 8, (3, *shape)).astype(np.float32)
+    ref = run(model, x)
+    try:
+        before, after = moved(tmp_path, model)
+    except UnsupportedModelError:
+        assert len(scales) > 1
+        for b in range(1, len(shape) + 1):
+            if shape[b - 1] == len(scales):
+                assert not np.array_equal(run(_routing_chain_model(shape, ops, True, scales, b), x), ref)
+        return
+    assert [c.op_type for c in after.consumers()[after.input]] == ["QuantizeLinear"]
+    assert np.array_equal(run(as_onnx(after), x), ref)

@@ -12,10 +12,11 @@ routing acts on its levels (IR ``Reshape`` / ``Transpose``).
   already canonical) or ``QuantizeLinear -> [Clip] -> DequantizeLinear``.
 - Check: every link is read by the next one only (another reader would see unquantized values), the
   routing's shape / axes operands are constants, and the quantizer is one chain. A per-tensor
-  quantizer always moves. A per-axis one moves when each routing op keeps its axis whole (a
-  Transpose permutes it; a reshape keeps it when the axis has the same length and the same number
-  of elements before it on both sides); its ``axis`` is remapped onto the model input. Else it is
-  refused (``UnsupportedModelError`` naming the routing node, its op and the tensor).
+  quantizer always moves. A per-axis one moves when the chain keeps its axis whole: some axis of the
+  model input along which every element's index is its index along the quantizer's axis (found by
+  routing the input's element positions through the chain); its ``axis`` is remapped to that one.
+  Else it is refused (``UnsupportedModelError`` naming the routing node nearest the quantizer that
+  loses the axis, its op and the tensor).
 - Rewrite: the quantizer's nodes read the model input (their tensors take its shape); the routing
   chain reads the quantizer's output, and its last op writes the tensor the quantizer wrote.
 
@@ -26,6 +27,7 @@ read the model input instead. :func:`unmoved_reason` tells the lowering why a ch
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -87,42 +89,61 @@ def unmoved_reason(graph: QGraph, node: QNode) -> str | None:
     return _chain(graph, node, graph.consumers())[2]
 
 
-def _axis_before(route: QNode, axis: int, graph: QGraph) -> int | None:
-    """The axis of ``route``'s input that becomes ``axis`` of its output whole (same indices), or None."""
-    src, dst = graph.shapes.get(route.inputs[0]), graph.shapes.get(route.outputs[0])
-    if src is None or dst is None:
+def _routed_positions(graph: QGraph, chain: list[QNode]) -> np.ndarray | None:
+    """For every element of one sample of the chain's output (in its layout), the flat position in the model input's
+    sample it comes from: the routing applied to the positions themselves (every tensor's shape is known, so a
+    reshape-like op is a reshape to its output's sample shape, as the lowering makes it). None if a Transpose moves the
+    batch axis (which the lowering refuses)."""
+    pos = np.arange(math.prod(graph.sample_shape(graph.input)), dtype=np.int64).reshape(graph.sample_shape(graph.input))
+    for r in chain:
+        if r.op_type == "Transpose":
+            perm = list(r.attrs.get("perm", range(pos.ndim + 1)[::-1]))
+            if perm[0] != 0:
+                return None
+            pos = np.transpose(pos, [p - 1 for p in perm[1:]])
+        else:
+            pos = pos.reshape(graph.sample_shape(r.outputs[0]))
+    return pos
+
+
+def _input_axis_of(graph: QGraph, chain: list[QNode], axis: int) -> int | None:
+    """The axis of the model input along which the chain's output ``axis`` (not the batch axis) runs whole: every
+    element's index along ``axis`` equals its source's index along that input axis; None if the routing merges or
+    splits it."""
+    pos = _routed_positions(graph, chain)
+    if pos is None or axis == 0:
         return None
-    if route.op_type == "Transpose":
-        perm = list(route.attrs.get("perm", range(len(src))[::-1]))
-        return int(perm[axis])
-    for b, n in enumerate(src):  # a reshape: same length and as many elements before it on both sides
-        if n == dst[axis] and math.prod(src[:b]) == math.prod(dst[:axis]):
-            return b
+    a = axis - 1  # in the sample
+    shape = graph.sample_shape(graph.input)
+    index = np.broadcast_to(np.arange(pos.shape[a]).reshape([-1 if d == a else 1 for d in range(pos.ndim)]), pos.shape)
+    for b, n in enumerate(shape):
+        if n == pos.shape[a] and np.array_equal((pos // math.prod(shape[b + 1:])) % n, index):
+            return b + 1
     return None
 
 
 def _input_axis(graph: QGraph, chain: list[QNode], q: QNode) -> int | None:
     """For a per-axis QuantizeLinear ``q`` after ``chain``: its axis on the model input (None: per tensor).
-    Raises when a routing op merges or splits that axis."""
+    Raises, naming the routing op nearest the quantizer that loses the axis, when the chain merges or splits it."""
     scale = np.asarray(graph.constants[q.inputs[1]]) if graph.is_const(q.inputs[1]) else np.ones(1)
     if scale.size == 1:
         return None
     rank = len(graph.shapes[q.inputs[0]])
     axis = int(q.attrs.get("axis", 1))
     axis = axis + rank if axis < 0 else axis
-    tensor = q.inputs[0]
     if q.attrs.get("block_size", 0) or scale.ndim != 1:
-        raise UnsupportedModelError(graph.path, [(q.name, q.op_type, f"a blocked quantizer of '{tensor}' after routing of the "
-                                                  "model input cannot be moved onto the model input")])
-    for route in reversed(chain):
-        before = _axis_before(route, axis, graph)
-        if before is None:
-            raise UnsupportedModelError(graph.path, [(route.name, route.op_type, (
-                f"merges or splits axis {axis} of '{route.outputs[0]}' (shape {graph.shapes.get(route.outputs[0])}), which "
-                f"'{q.name}' (QuantizeLinear) quantizes per axis; the input quantizer cannot be moved onto the model input "
-                f"'{graph.input}' in front of it: quantize the model input per tensor, or before the {route.op_type}"))])
-        axis, tensor = before, route.inputs[0]
-    return axis
+        raise UnsupportedModelError(graph.path, [(q.name, q.op_type, f"a blocked quantizer of '{q.inputs[0]}' after routing of "
+                                                  "the model input cannot be moved onto the model input")])
+    found = _input_axis_of(graph, chain, axis)
+    if found is not None:
+        return found
+    culprit = next(r for k, r in reversed(list(enumerate(chain)))
+                   if _input_axis_of(replace(graph, input=r.inputs[0]), chain[k:], axis) is None)
+    raise UnsupportedModelError(graph.path, [(culprit.name, culprit.op_type, (
+        f"merges or splits the axis of '{culprit.outputs[0]}' (shape {graph.shapes.get(culprit.outputs[0])}) that "
+        f"'{q.name}' (QuantizeLinear) quantizes per axis (axis {axis} of '{q.inputs[0]}'); the input quantizer cannot be "
+        f"moved onto the model input '{graph.input}' in front of it: quantize the model input per tensor, or before the "
+        f"{culprit.op_type}"))])
 
 
 def move_input_quant(graph: QGraph) -> QGraph:
