@@ -43,6 +43,36 @@ def test_torch_flatten_mlp_calibrated_compiles_runs_and_agrees(tmp_path, capsys)
     assert s["accuracy"] >= 0.9 and s["comparison"]["max_abs_logit_diff"] < 1e-4
 
 
+
+def test_torch_channels_last_cnn_calibrated_compiles_runs_and_agrees(tmp_path, capsys):
+    """A CNN that takes its images channels-last, (N, 8, 8, 1), and permutes them to NCHW first: quantize_static puts
+    the input's QuantizeLinear after the Transpose; ``--data digits`` is laid out as (8, 8, 1). Random weights (seed
+    0): the agreement is the point."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    import producers as P
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Linear(8 * 64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.relu(self.conv(x.permute(0, 3, 1, 2))).flatten(1))
+
+    from csdc.training.loop import build_seeded
+
+    path = str(tmp_path / "nhwc.onnx")
+    P._quiet_export(torch.onnx.export, build_seeded(0, ChannelsLast).eval(), (torch.zeros(2, 8, 8, 1),), path, dynamo=False,
+                    input_names=["x"], dynamic_axes={"x": {0: "batch"}}, opset_version=17)
+    sir = str(tmp_path / "nhwc.sir")
+    s = _compile_run_compare(capsys, ["compile", path, "--calibrate", "digits", "-o", sir], sir, str(tmp_path / "nhwc.qdq.onnx"),
+                             "reference")
+    qdq = onnx.load(tmp_path / "nhwc.qdq.onnx").graph
+    assert [n.op_type for n in qdq.node if qdq.input[0].name in n.input] == ["Transpose"]
+    assert s["samples"] == 450 and s["comparison"]["agreement"] == 1.0
+
 def _flat_input_qdq_mlp() -> onnx.ModelProto:
     """A QDQ MLP whose input is the digits flattened: (n, 64) -> QDQ -> Gemm -> QDQ -> Gemm."""
     b = Builder((1, 64))
