@@ -1330,9 +1330,9 @@ class Lowering:
             if c.op_type != "Quant":
                 # routing before the quantizer is moved behind it (move_input_quant); say why it was not
                 why = unmoved_reason(self.g, c)
+                moved = f"; the quantizer after this {c.op_type} could not be moved onto the model input: {why}" if why else ""
                 self.fail(c, "reads the model input directly; the input must go through a quantizer "
-                             "(QuantizeLinear -> DequantizeLinear) that defines the integer pixel levels" +
-                          (f"; the quantizer after this {c.op_type} could not be moved onto the model input: {why}" if why else ""))
+                             "(QuantizeLinear -> DequantizeLinear) that defines the integer pixel levels" + moved)
                 unquantized.add(c.name)
         for n in self.g.nodes:
             self.current_node = n.name

@@ -49,7 +49,8 @@ def _quantizer(node: QNode, cons: dict[str, list[QNode]]) -> tuple[list[QNode] |
     while group[-1].op_type != "DequantizeLinear":
         users = cons.get(group[-1].outputs[0], [])
         nxt = users[0] if len(users) == 1 else None
-        if nxt is None or nxt.domain or nxt.op_type not in (("Clip", "DequantizeLinear") if len(group) == 1 else ("DequantizeLinear",)):
+        allowed = ("Clip", "DequantizeLinear") if len(group) == 1 else ("DequantizeLinear",)
+        if nxt is None or nxt.domain or nxt.op_type not in allowed:
             return None, (f"its QuantizeLinear '{node.name}' is not a QuantizeLinear -> [Clip] -> DequantizeLinear chain "
                           "with one reader per link")
         group.append(nxt)
@@ -65,7 +66,8 @@ def _chain(graph: QGraph, first: QNode, cons: dict[str, list[QNode]]
     while True:
         extra = [i for i in node.inputs[1:] if i and not graph.is_const(i)]
         if extra:
-            return chain + [node], None, f"{node.op_type} '{node.name}' takes its operand '{extra[0]}' from the graph, not a constant"
+            return chain + [node], None, (f"{node.op_type} '{node.name}' takes its operand '{extra[0]}' from the graph, "
+                                          "not a constant")
         chain.append(node)
         out = node.outputs[0]
         users = cons.get(out, [])
