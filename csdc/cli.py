@@ -167,15 +167,17 @@ def _spiking_nodes(net) -> tuple[int, int]:
 
 def _load_data(spec: str, input_shape: tuple[int, ...], limit: int | None, num_classes: int | None = None,
                data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    from csdc.runtime.datasets import BUILTIN_SETS, load_builtin, load_npz
+    from csdc.runtime.datasets import BUILTIN_SETS, laid_out_as_input, load_builtin, load_npz
 
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be >= 1, got {limit}")
     if spec in BUILTIN_SETS:
         x, y = load_builtin(spec, "test", data_dir)
-        if tuple(x.shape[1:]) != tuple(input_shape):
+        fitted = laid_out_as_input(x, tuple(input_shape))  # e.g. flattened for a model that takes (N, 64)
+        if fitted is None:
             raise DataError(f"the {spec} set has samples of shape {tuple(x.shape[1:])} but the network expects "
                             f"{tuple(input_shape)}; pass your own data with --data file.npz")
+        x = fitted
         if limit is not None:
             x, y = x[:limit], y[:limit]
         if num_classes is not None and int(y.max()) >= num_classes:

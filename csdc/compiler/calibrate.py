@@ -72,13 +72,14 @@ def calibration_images(spec: str, model: onnx.ModelProto, data_dir: str | None =
     ``spec``: a built-in set (its training split) or a ``.npz`` file with ``x``. At most ``limit``
     images, the first ones. Raises :class:`DataError` naming the file or set for a bad file, a
     shape that does not fit the model's input, or non-finite values."""
-    from csdc.runtime.datasets import BUILTIN_SETS, load_builtin, load_npz
+    from csdc.runtime.datasets import BUILTIN_SETS, laid_out_as_input, load_builtin, load_npz
 
     shape = _input_shape(model)
     if spec in BUILTIN_SETS:
-        x, _ = load_builtin(spec, "train", data_dir)
-        if len(shape) != x.ndim - 1 or any(e is not None and e != g for e, g in zip(shape, x.shape[1:])):
-            raise DataError(f"--calibrate {spec}: its images have shape {tuple(x.shape[1:])} but the model's input "
+        images, _ = load_builtin(spec, "train", data_dir)
+        x = laid_out_as_input(images, shape)  # e.g. flattened for a model that takes (N, 64)
+        if x is None:
+            raise DataError(f"--calibrate {spec}: its images have shape {tuple(images.shape[1:])} but the model's input "
                             f"expects {tuple('?' if e is None else e for e in shape)}; pass your own data as a .npz")
         return np.ascontiguousarray(x[:limit], dtype=np.float32)
     if data_dir is not None:

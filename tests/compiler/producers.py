@@ -14,9 +14,10 @@ Two architectures: a CNN (conv-BN-quant-maxpool x 2, linear) and an attention bl
 attention (conv tokenizer, Q/K/V with token BatchNorm, ``q(ReLU(QK^T/sqrt(dk))/N)``, ``q(AV)``,
 Wo + BN, residual, mean over tokens, linear).
 
-``python tests/compiler/producers.py`` prints the per-route agreement table of the README, ``--corpus``
+``python tests/compiler/producers.py`` prints the per-route agreement table of the README, ``--corpus [ROUTE...]``
 the corpus table (in-graph weight quantizers, Brevitas attention + MLP at Brevitas' defaults, torch.ao
-QAT, each also with ``value_info`` stripped), ``--ties`` the rounding-tie census.
+QAT, an MLP that flattens its input before the input quantizer through onnxruntime quantize_static, torch.ao
+and Brevitas, each also with ``value_info`` stripped), ``--ties`` the rounding-tie census.
 """
 
 from __future__ import annotations
@@ -398,6 +399,67 @@ def freeze_qat(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+# an MLP that flattens its input before the first quantizer (issue: compile what real exporters write) ----
+class FlattenMLP(nn.Module):
+    """``Flatten -> Linear(64, 64) -> ReLU -> Linear(64, 10)`` in float, for onnxruntime's quantize_static, which
+    puts the input's QuantizeLinear after the Flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten, self.fc1, self.relu, self.fc2 = nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
+class StubbedFlattenMLP(FlattenMLP):
+    """The MLP for torch.ao eager QAT: ``QuantStub`` before the first quantized layer, i.e. after the Flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc2(self.relu(self.fc1(self.quant(self.flatten(x))))))
+
+
+def torch_ao_eager_qat_mlp() -> nn.Module:
+    """torch.ao eager QAT of the MLP: Linear-ReLU fused, the x86 QAT qconfig (``version=0``, see torch_ao_eager_qat)."""
+    from torch.ao import quantization as tq
+
+    model = StubbedFlattenMLP().train()
+    model.qconfig = tq.get_default_qat_qconfig("x86", version=0)
+    tq.fuse_modules_qat(model, [["fc1", "relu"]], inplace=True)
+    return tq.prepare_qat(model, inplace=True)
+
+
+def torch_ao_fx_qat_mlp() -> nn.Module:
+    """torch.ao FX QAT of the float MLP: ``prepare_qat_fx`` places the input's FakeQuantize itself (after the Flatten)."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    return prepare_qat_fx(FlattenMLP().train(), get_default_qat_qconfig_mapping("x86", version=0), (torch.zeros(1, 1, 8, 8),))
+
+
+class BrevitasFlattenMLP(nn.Module):
+    """The MLP in Brevitas as its docs write a first layer: ``QuantLinear(input_quant=Int8ActPerTensorFloat)``, so the
+    input quantizer sits inside the layer, after ``nn.Flatten``; ``QuantReLU`` 8 bits (T = 255), int8 weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import brevitas.nn as qnn
+        from brevitas.quant import Int8ActPerTensorFloat
+
+        self.flatten = nn.Flatten()
+        self.fc1 = qnn.QuantLinear(64, 64, bias=True, input_quant=Int8ActPerTensorFloat)
+        self.relu, self.fc2 = qnn.QuantReLU(), qnn.QuantLinear(64, 10, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
 class FloatAttention(nn.Module):
     """The attention model in float (ReLU in place of every quantizer), for onnxruntime's quantize_static."""
 
@@ -423,7 +485,8 @@ _TRAINED: dict[str, nn.Module] = {}
 # kind -> (epochs, learning rate): a few seconds each on 2 cores
 RECIPES = {"ingraph_cnn_perchannel": (3, 3e-3), "ingraph_cnn_pertensor": (3, 3e-3), "brevitas_attention_mlp": (4, 1e-2),
            "torchao_eager_cnn": (3, 3e-3), "torchao_eager_unfused_cnn": (3, 3e-3), "torchao_fx_cnn": (3, 3e-3), "brevitas_cnn": (3, 3e-3), "brevitas_signed_cnn": (3, 3e-3), "brevitas_signed_attention": (4, 1e-2), "lsq_cnn": (3, 3e-3), "brevitas_attention": (4, 1e-2), "lsq_attention": (4, 5e-3),
-           "float_attention": (4, 5e-3)}
+           "float_attention": (4, 5e-3), "float_mlp": (5, 3e-3), "torchao_eager_mlp": (5, 3e-3), "torchao_fx_mlp": (5, 3e-3),
+           "brevitas_flatten_mlp": (5, 3e-3)}
 
 
 def trained(kind: str) -> nn.Module:
@@ -435,7 +498,9 @@ def trained(kind: str) -> nn.Module:
         factory = {"ingraph_cnn_perchannel": lambda: InGraphCNN(True), "ingraph_cnn_pertensor": lambda: InGraphCNN(False),
                    "brevitas_attention_mlp": BrevitasAttentionMLP, "torchao_eager_cnn": torch_ao_eager_qat, "torchao_eager_unfused_cnn": torch_ao_eager_qat_unfused,
                    "torchao_fx_cnn": torch_ao_fx_qat, "brevitas_cnn": BrevitasCNN, "brevitas_signed_cnn": BrevitasSignedCNN, "brevitas_signed_attention": BrevitasSignedAttention, "brevitas_attention": BrevitasAttention,
-                   "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention}[kind]
+                   "lsq_cnn": LSQCNN, "lsq_attention": LSQAttention, "float_attention": FloatAttention, "float_mlp": FlattenMLP,
+                   "torchao_eager_mlp": torch_ao_eager_qat_mlp, "torchao_fx_mlp": torch_ao_fx_qat_mlp,
+                   "brevitas_flatten_mlp": BrevitasFlattenMLP}[kind]
         x, y = load_digits_split("train")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -628,6 +693,15 @@ CORPUS = {
     "brevitas-mlp-qonnx-torchscript": ("brevitas_attention_mlp", "brevitas-qonnx-torchscript", None),
     "torchao-eager-torchscript": ("torchao_eager_cnn", "torch-torchscript", None),
     "torchao-fx-torchscript": ("torchao_fx_cnn", "torch-torchscript", None),
+    # the model input flattened before its quantizer: onnxruntime quantize_static of the float MLP (exporter +
+    # quantize_static route of ORT_ROUTES), torch.ao QAT, Brevitas (input quantizer inside the first QuantLinear)
+    "flatten-mlp-ort-torchscript": ("float_mlp", "torch-torchscript+ort-uint8-perchannel", None),
+    "flatten-mlp-ort-dynamo": ("float_mlp", "torch-dynamo+ort-uint8-perchannel", None),
+    "flatten-mlp-torchao-eager-torchscript": ("torchao_eager_mlp", "torch-torchscript", None),
+    "flatten-mlp-torchao-fx-torchscript": ("torchao_fx_mlp", "torch-torchscript", None),
+    "flatten-mlp-brevitas-qcdq-torchscript": ("brevitas_flatten_mlp", "brevitas-qcdq-torchscript", None),
+    "flatten-mlp-brevitas-qcdq-dynamo": ("brevitas_flatten_mlp", "brevitas-qcdq-dynamo", None),
+    "flatten-mlp-brevitas-qonnx": ("brevitas_flatten_mlp", "brevitas-qonnx", None),
 }
 # not in the corpus, because torch 2.13 cannot export them (README, Producers): torch.ao QAT models through
 # the dynamo exporter (eager and FX: torch.export stops at FakeQuantize's data-dependent branch,
@@ -666,7 +740,12 @@ def build_corpus_route(route: str, tmp: str) -> str:
         model = trained(kind)
         if form is not None:
             model.set_form(form)
-        export(model, exporter, path)
+        exporter, _, ort_route = exporter.partition("+")
+        if ort_route:  # a float model, exported, then quantized by onnxruntime on the digits training split
+            float_path = export(model, exporter, os.path.join(tmp, f"{base}-float.onnx"))
+            ort_quantize(ort_route, float_path, path, load_digits_split("train")[0])
+        else:
+            export(model, exporter, path)
     if route.endswith(NO_VALUE_INFO):
         stripped = os.path.join(tmp, f"{base}-no-value-info.onnx")
         return stripped if os.path.exists(stripped) else strip_value_info(path, stripped)
@@ -692,8 +771,11 @@ def hidden_quantizer_inputs(path: str, x: np.ndarray) -> tuple[list, list, dict,
     for n in model.graph.node:  # torch.ao's zero points reach the quantizers through Identity nodes
         if n.op_type == "Identity" and n.input[0] in inits:
             inits[n.output[0]] = inits[n.input[0]]
-    inp = model.graph.input[0].name
-    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] != inp]
+    routed_input = {model.graph.input[0].name}  # the model input, and routing of it (the input quantizer may follow a Flatten)
+    for n in model.graph.node:
+        if n.op_type in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity") and n.input[0] in routed_input:
+            routed_input.add(n.output[0])
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] not in routed_input]
     cons: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -810,7 +892,7 @@ def tie_census(path: str, x: np.ndarray) -> dict:
 
 
 CORPUS_MODELS = {"ingraph": "cnn, in-graph int8 weight quantizer", "brevitas-mlp": "attention + MLP, Brevitas defaults",
-                 "torchao": "cnn, torch.ao QAT"}
+                 "torchao": "cnn, torch.ao QAT", "flatten-mlp": "MLP, input flattened before its quantizer"}
 
 
 def corpus_row(route: str, tmp: str) -> str:
@@ -869,7 +951,7 @@ def main() -> None:  # pragma: no cover - the README table
               "error bound (levels) | numba == reference | value_info stripped |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         with tempfile.TemporaryDirectory() as tmp:
-            for route in CORPUS:
+            for route in [a for a in sys.argv[1:] if not a.startswith("-")] or list(CORPUS):
                 t0 = time.perf_counter()
                 print(corpus_row(route, tmp), flush=True)
                 print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

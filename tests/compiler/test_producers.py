@@ -337,7 +337,8 @@ def corpus_dir(tmp_path_factory) -> str:
 @pytest.mark.parametrize("route", list(P.CORPUS))
 def test_corpus_route_compiles_at_defaults_and_agrees_on_every_image(corpus_dir, route):
     """In-graph weight quantizers (QDQ and arithmetic, per channel and per tensor), Brevitas attention
-    with an MLP at Brevitas' defaults (QCDQ TorchScript / dynamo, QONNX), torch.ao QAT (eager and FX)."""
+    with an MLP at Brevitas' defaults (QCDQ TorchScript / dynamo, QONNX), torch.ao QAT (eager and FX), an MLP
+    that flattens its input before the input quantizer (onnxruntime quantize_static, torch.ao, Brevitas)."""
     path = P.build_corpus_route(route, corpus_dir)
     _canonicalize_verified(path)
     r = P.evaluate_route(path, numba_vs_reference=True)
@@ -385,6 +386,23 @@ def test_corpus_logit_differences_trace_to_near_ties(corpus_dir, route):
     for r in rows:
         assert r["top1_same"] and r["quantizer"] is not None, r
         assert r["level_diff"] == 1 and r["distance"] < 2 ** -8, r
+
+
+@pytest.mark.parametrize("route", [r for r in P.CORPUS if r.startswith("flatten-mlp")])
+def test_flatten_mlp_routes_quantize_after_routing_and_encode_the_model_input(corpus_dir, route):
+    """Every producer writes the MLP's input quantizer after the Flatten (TorchScript) or Reshape (dynamo): the
+    network's encoder reads the model input (1, 8, 8) itself and the routing is an IR Reshape of its levels."""
+    from csdc.ir.ops import Encode, Reshape
+
+    path = P.build_corpus_route(route, corpus_dir)
+    g = onnx.load(path).graph
+    first = [n.op_type for n in g.node if g.input[0].name in n.input]
+    assert first in (["Flatten"], ["Reshape"]), first
+    canonical = _canonicalize_verified(path)
+    assert [n.op_type for n in canonical.consumers()[canonical.input]] == ["Quant"]
+    net, _ = compile_onnx(path)
+    assert isinstance(net.op(net.input_name), Encode) and net.input_shape == (1, 8, 8)
+    assert [type(net.op(c)) for c in net.consumers(net.input_name)] == [Reshape]
 
 
 def test_torch_ao_unfused_qat_is_refused_naming_the_relus(corpus_dir):
