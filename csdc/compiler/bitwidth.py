@@ -179,6 +179,145 @@ def current_bounds(net: Network) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return b
 
 
+def membrane_range(op: Neuron, lo: np.ndarray, hi: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-element (min, max) a DIF or ternary population's membrane potential can reach, given the
+    per-step bounds (lo, hi) of its input current (module docstring; broadcast arrays)."""
+    v0, bias = compact(op.v0), compact(op.bias)
+    top = np.maximum(v0, compact(op.threshold) - 1) if isinstance(op, TernaryNeuron) else v0
+    return np.minimum(v0, 0) + T * np.minimum(lo + bias, 0), top + T * np.maximum(hi + bias, 0)
+
+
+@dataclass(frozen=True)
+class MembraneWords:
+    """A membrane potential kept in two words, ``V = hi * 2^shift + lo`` with ``0 <= lo < 2^shift``
+    (docs/precision.md, "Two-word membranes"): the summands whose values are multiples of
+    ``2^shift`` feed the coarse compartment in units of ``2^shift`` (their weight exponent lowered
+    by ``shift``, exact), the others the fine compartment in units of 1. Per integration step::
+
+        lo += I_fine + b_lo;  c = lo >> shift;  lo -= c << shift;  hi += I_coarse + b_hi + c
+
+    (threshold, v0 and bias split alike: ``X = X_hi * 2^shift + X_lo``, ``0 <= X_lo < 2^shift``).
+    The widths are signed bits of ``hi`` (with the threshold's and v0's high words), of the coarse
+    compartment's accumulator (every partial sum of its summands, plus ``b_hi + c``) and of the
+    fine word (``lo`` plus every partial sum of its summands and ``b_lo``, and ``lo`` during a reset)."""
+
+    shift: int
+    coarse: tuple[str, ...]  # IR leaf nodes feeding the coarse compartment (values multiples of 2^shift)
+    fine: tuple[str, ...]  # the other leaves
+    hi_bits: int
+    coarse_bits: int
+    fine_bits: int
+
+    @property
+    def widest(self) -> int:
+        return max(self.hi_bits, self.coarse_bits, self.fine_bits)
+
+
+def current_summands(net: Network, tensor: str) -> list[str]:
+    """The leaves of the tree of :class:`Add` nodes producing ``tensor``, in input order (``[tensor]``
+    itself when it is not an Add)."""
+    leaves: list[str] = []
+    stack = [tensor]
+    while stack:
+        name = stack.pop()
+        if isinstance(net.op(name), Add):
+            stack.extend(reversed(net.inputs(name)))
+        else:
+            leaves.append(name)
+    return leaves
+
+
+def summand_exponent(op) -> int | None:  # type: ignore[no-untyped-def]
+    """The largest ``e`` such that every value of a summand is a multiple of ``2^e`` by its weights: a
+    synapse's weight exponent plus the power of two common to its mantissas, the power of two of a
+    :class:`SpikeMatMul`'s event weight; None for any other current (it feeds the fine compartment).
+    A coarse summand's weights are these divided by ``2^shift``."""
+    if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and np.any(compact(op.mantissa)):
+        return weight_mantissa_exponent(op)[1]
+    if isinstance(op, SpikeMatMul):
+        return power_of_two_exponent(np.array([op.weight], np.int64))
+    return None
+
+
+def _partial_sums(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-element range of every partial sum of the summands (in any order): sum of the negative
+    lower bounds, sum of the positive upper bounds."""
+    zero = np.zeros(1, np.int64)
+    return (sum((np.minimum(lo, 0) for lo, _ in parts), zero), sum((np.maximum(hi, 0) for _, hi in parts), zero))
+
+
+def _words_at(op: Neuron, shift: int, vmin: int, vtop: int, coarse: list[tuple[np.ndarray, np.ndarray]],
+              fine: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int, int]:
+    """(hi, coarse accumulator, fine word) signed bits of ``op``'s membrane split at ``shift``, given the
+    extremes of the single-word membrane (``vtop`` includes the threshold) and the per-step bounds of
+    the coarse (in units of 2^shift) and fine summands."""
+    unit = np.int64(1) << np.int64(shift)
+    mask = unit - 1
+    bias, th = compact(op.bias), compact(op.threshold)
+    b_hi, b_lo = bias >> shift, bias & mask
+    hi_bits = signed_bits(vmin >> shift, vtop >> shift)
+    f_lo, f_hi = _partial_sums(fine)  # f_lo <= 0 <= f_hi
+    word_hi = mask + f_hi + b_lo  # lo < 2^shift plus the fine current and the bias's low word (>= 0)
+    c_lo, c_hi = (f_lo + b_lo) >> shift, word_hi >> shift  # the carry
+    if isinstance(op, TernaryNeuron):  # reset by addition: lo + Th_lo < 2^(shift+1) before its carry
+        reset_lo, reset_hi = 0, int(mask + (th & mask).max())
+    else:  # reset by subtraction: lo - Th_lo > -2^shift before its borrow
+        reset_lo, reset_hi = -int((th & mask).max()), 0
+    fine_bits = signed_bits(min(int(f_lo.min()), reset_lo), max(int(word_hi.max()), reset_hi))
+    g_lo, g_hi = _partial_sums(coarse)
+    coarse_bits = signed_bits(int((g_lo + np.minimum(b_hi, 0) + np.minimum(c_lo, 0)).min()),
+                              int((g_hi + np.maximum(b_hi, 0) + np.maximum(c_hi, 0)).max()))
+    return hi_bits, coarse_bits, fine_bits
+
+
+def _two_words(net: Network, node: str, word_bits: int, bounds: dict) -> MembraneWords | None:
+    """:func:`membrane_words` without the check: at the smallest shift where every word fits, else at the
+    smallest shift where ``hi`` fits (widths above ``word_bits``)."""
+    op = net.op(node)
+    if not isinstance(op, Neuron):
+        raise BudgetError(f"node '{node}' ({type(op).__name__}): only Neuron and TernaryNeuron populations have "
+                          "two-word membranes")
+    lo, hi = bounds[net.inputs(node)[0]]
+    vmin, vmax = membrane_range(op, lo, hi, net.T)
+    vlow, vtop = int(vmin.min()), max(int(vmax.max()), int(compact(op.threshold).max()))
+    if signed_bits(vlow, vtop) <= word_bits:
+        return None
+    leaves = current_summands(net, net.inputs(node)[0])
+    exps = {leaf: summand_exponent(net.op(leaf)) for leaf in leaves}
+    first = signed_bits(vlow, vtop) - word_bits
+    best = None
+    for shift in range(first, max(first + 1, word_bits)):
+        coarse = [leaf for leaf in leaves if exps[leaf] is not None and exps[leaf] >= shift]
+        fine = [leaf for leaf in leaves if leaf not in coarse]
+        if signed_bits(vlow >> shift, vtop >> shift) > word_bits:
+            continue
+        widths = _words_at(op, shift, vlow, vtop, [tuple(b >> shift for b in bounds[c]) for c in coarse],
+                           [bounds[f] for f in fine])
+        words = MembraneWords(shift, tuple(coarse), tuple(fine), *widths)
+        best = best or words
+        if words.widest <= word_bits:
+            return words
+    return best
+
+
+def membrane_words(net: Network, node: str, word_bits: int, bounds: dict | None = None) -> MembraneWords | None:
+    """How the DIF or ternary population ``node`` keeps its membrane in ``word_bits``-bit words: None when
+    one word holds it (every reachable potential and the threshold), else the two-word layout at the
+    smallest shift where every word fits (:class:`MembraneWords`). ``bounds``: :func:`current_bounds`
+    of ``net``, if already computed. Raises BudgetError naming the node and the widths when two words
+    do not suffice."""
+    words = _two_words(net, node, word_bits, current_bounds(net) if bounds is None else bounds)
+    if words is not None and words.widest > word_bits:
+        raise BudgetError(two_words_refusal(node, net.op(node), words, word_bits))
+    return words
+
+
+def two_words_refusal(node: str, op: object, words: MembraneWords, word_bits: int) -> str:
+    return (f"node '{node}' ({type(op).__name__}) does not fit two {word_bits}-bit membrane words: at shift "
+            f"{words.shift} its high word needs {words.hi_bits} bits, its coarse accumulator {words.coarse_bits}, "
+            f"its fine word {words.fine_bits}")
+
+
 def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitReport:
     """The bit widths every node of ``net`` needs (weights, thresholds, membrane, readout accumulator)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
@@ -192,11 +331,7 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
             rep.weight_bits = max(rep.weight_bits, entry["weight_bits"])
             rep.weight_exponent = max(rep.weight_exponent, entry["weight_exponent"])
         if isinstance(op, Neuron):
-            lo, hi = bounds[net.inputs(name)[0]]
-            v0, bias = compact(op.v0), compact(op.bias)
-            top = np.maximum(v0, compact(op.threshold) - 1) if isinstance(op, TernaryNeuron) else v0
-            vmax = top + T * np.maximum(hi + bias, 0)
-            vmin = np.minimum(v0, 0) + T * np.minimum(lo + bias, 0)
+            vmin, vmax = membrane_range(op, *bounds[net.inputs(name)[0]], T)
             entry["threshold_bits"] = int(compact(op.threshold).max()).bit_length()
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
