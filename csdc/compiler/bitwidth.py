@@ -38,13 +38,20 @@ class HardwareProfile:
     threshold_bits: int
     membrane_bits: int
     lane_bits: int = 0  # membrane width of the simulator's fast path (int32 lanes: 31), preferred where exact enough; 0: none
+    # width of one neuron state word and of one dendritic accumulator; 0: none. A DIF / ternary membrane
+    # wider than a word takes two (membrane_words); MBE neurons and the readout's window keep the rules below
+    word_bits: int = 0
+    units: str = ""  # the profile whose precision policy picks every site's exponent ("": this one)
 
 
 PROFILES = {
     # the simulators' 64-bit integer datapath, staying in int32 lanes (31-bit membranes) wherever the
     # error stays below integerize.LANE_LEVELS: wide only where a sum of rescaled groups needs it
     "generic": HardwareProfile("generic", weight_bits=32, threshold_bits=48, membrane_bits=64, lane_bits=31),
-    "loihi2": HardwareProfile("loihi2", weight_bits=8, threshold_bits=24, membrane_bits=24),
+    # Loihi 2: 8-bit weight mantissas with a per-synapse-group exponent (wider weights are split), 24-bit
+    # neuron words and dendritic accumulators, a membrane of up to two words; the units are the generic
+    # compile's, so a loihi2 network is the generic one mapped onto the hardware: spike for spike alike
+    "loihi2": HardwareProfile("loihi2", weight_bits=8, threshold_bits=48, membrane_bits=48, word_bits=24, units="generic"),
     "int64": HardwareProfile("int64", weight_bits=32, threshold_bits=48, membrane_bits=64),
 }
 
@@ -74,9 +81,16 @@ class BitReport:
     membrane_bits: int = 0
     accumulator_bits: int = 0
     per_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    word_bits: int = 0  # the profile's word (0: none; then the two fields below are left out of to_dict)
+    membrane_words: int = 0  # most words of any DIF / ternary membrane
+    two_words: list[str] = field(default_factory=list)  # the populations whose membrane takes two words
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.word_bits:
+            for key in ("word_bits", "membrane_words", "two_words"):
+                del d[key]
+        return d
 
 
 def _exact_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -322,7 +336,7 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
     """The bit widths every node of ``net`` needs (weights, thresholds, membrane, readout accumulator)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     bounds = current_bounds(net)
-    rep = BitReport(prof.name)
+    rep = BitReport(prof.name, word_bits=prof.word_bits, membrane_words=1 if prof.word_bits else 0)
     T = net.T
     for name, op in net.nodes():
         entry: dict[str, int] = {}
@@ -336,6 +350,14 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
             entry["membrane_bits"] = signed_bits(int(vmin.min()), int(vmax.max()))
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
             rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])
+            if prof.word_bits:
+                words = _two_words(net, name, prof.word_bits, bounds)
+                entry["membrane_words"] = 1 if words is None else 2
+                if words is not None:
+                    entry.update(word_shift=words.shift, hi_bits=words.hi_bits, coarse_bits=words.coarse_bits,
+                                 fine_bits=words.fine_bits)
+                    rep.membrane_words = 2
+                    rep.two_words.append(name)
         if isinstance(op, MBENeuron):
             # u = v0 + V + offset[n] after integration (reached while integrating, from v0 on), then lowered
             # by the resets only
@@ -356,11 +378,32 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
     return rep
 
 
+def budget_limits(entry: dict[str, int], prof: HardwareProfile) -> dict[str, int]:
+    """The profile's limit on each quantity of one node's widths. On a profile with words, a membrane of
+    one word (an MBE neuron's always) holds its potential and threshold in ``word_bits``; a DIF / ternary
+    membrane of two words may reach ``membrane_bits`` with every word (``hi``, the coarse accumulator,
+    the fine word: ``words_bits``) within ``word_bits``. The readout runs on the host / embedded CPU
+    (Lava's hardware report): its window accumulator is held in ``membrane_bits``."""
+    one_word = bool(prof.word_bits) and entry.get("membrane_words", 1) == 1
+    cell = prof.word_bits if one_word else None
+    return {"weight_bits": prof.weight_bits, "threshold_bits": cell or prof.threshold_bits,
+            "membrane_bits": cell or prof.membrane_bits, "words_bits": prof.word_bits,
+            "accumulator_bits": prof.membrane_bits}
+
+
+def words_bits(entry: dict[str, int]) -> int | None:
+    """The widest word of a two-word membrane entry (None for one word)."""
+    if entry.get("membrane_words") != 2:
+        return None
+    return max(entry["hi_bits"], entry["coarse_bits"], entry["fine_bits"])
+
+
 def budget_excess(entry: dict[str, int], prof: HardwareProfile) -> dict[str, int]:
     """Bits by which one node's widths exceed the profile: {quantity: excess} (empty if it fits)."""
-    limits = {"weight_bits": prof.weight_bits, "threshold_bits": prof.threshold_bits,
-              "membrane_bits": prof.membrane_bits, "accumulator_bits": prof.membrane_bits}
-    return {q: entry[q] - lim for q, lim in limits.items() if q in entry and entry[q] > lim}
+    widths = dict(entry)
+    if words_bits(entry) is not None:
+        widths["words_bits"] = words_bits(entry)
+    return {q: widths[q] - lim for q, lim in budget_limits(entry, prof).items() if q in widths and widths[q] > lim}
 
 
 def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -> BitReport:
@@ -369,16 +412,21 @@ def analyze_bitwidth(net: Network, profile: HardwareProfile | str = "generic") -
     rep = bit_widths(net, prof)
     for name, entry in rep.per_node.items():
         over = budget_excess(entry, prof)
+        limit = budget_limits(entry, prof)
         op = type(net.op(name)).__name__
         if "weight_bits" in over:
             raise BudgetError(f"node '{name}' ({op}) needs {entry['weight_bits']}-bit weights, profile "
                               f"'{prof.name}' allows {prof.weight_bits}")
+        if "words_bits" in over:
+            words = MembraneWords(entry["word_shift"], (), (), entry["hi_bits"], entry["coarse_bits"], entry["fine_bits"])
+            raise BudgetError(f"{two_words_refusal(name, net.op(name), words, prof.word_bits)}; profile '{prof.name}'")
+        word = " in one word" if prof.word_bits and limit["membrane_bits"] == prof.word_bits else ""
         if "threshold_bits" in over:
             raise BudgetError(f"node '{name}' ({op}) needs {entry['threshold_bits']}-bit thresholds, profile "
-                              f"'{prof.name}' allows {prof.threshold_bits}")
+                              f"'{prof.name}' allows {limit['threshold_bits']}{word}")
         if "membrane_bits" in over:
             raise BudgetError(f"node '{name}' ({op}) can reach a {entry['membrane_bits']}-bit membrane potential, "
-                              f"profile '{prof.name}' allows {prof.membrane_bits}")
+                              f"profile '{prof.name}' allows {limit['membrane_bits']}{word}")
         if "accumulator_bits" in over:
             raise BudgetError(f"node '{name}' (Readout) accumulates up to {entry['accumulator_bits']} bits, profile "
                               f"'{prof.name}' allows {prof.membrane_bits}")

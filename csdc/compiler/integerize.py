@@ -72,6 +72,7 @@ class PrecisionReport:
     split_synapses: dict[str, int] = field(default_factory=dict)  # split node -> groups
     synapses_before_split: int = 0
     warnings: list[str] = field(default_factory=list)
+    units: str = ""  # the profile whose policy chose the units ("": not recorded)
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -84,7 +85,8 @@ class PrecisionReport:
     def to_dict(self) -> dict:
         return {"target": self.target, "worst": dict(zip(("population", "bound"), self.worst)),
                 "populations": {n: asdict(p) for n, p in self.populations.items()},
-                "split_synapses": dict(self.split_synapses), "synapses_before_split": self.synapses_before_split}
+                "split_synapses": dict(self.split_synapses), "synapses_before_split": self.synapses_before_split,
+                **({"units": self.units} if self.units else {})}
 
 
 @dataclass
@@ -330,7 +332,7 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
     On a profile with fast lanes (``lane_bits``: int32 in the simulators) the policy keeps ``v`` and
     ``v - Theta`` inside them where the bound at the lower exponent stays below :data:`LANE_LEVELS`:
     speed where it costs no exactness, wide membranes only for the sums that need them."""
-    widths = bit_widths(net, precision.profile).per_node
+    widths = profile_widths(net, precision.profile)
     lane = replace(precision.profile, membrane_bits=precision.profile.lane_bits) if precision.profile.lane_bits else None
     worst: dict[str, float] = {}
     for pe in rep.populations.values():
@@ -365,8 +367,17 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
     return changed
 
 
+def profile_widths(net: Network, profile: HardwareProfile) -> dict[str, dict[str, int]]:
+    """Per-node bit widths of ``net`` as ``profile`` will hold it: on a profile with words, once its wide
+    synapses are split (the split parts' exponents decide which compartment of a two-word membrane
+    each feeds)."""
+    if profile.word_bits:
+        net = split_wide_synapses(net, profile.weight_bits)[0]
+    return bit_widths(net, profile).per_node
+
+
 def _refuse_or_warn(net: Network, rep: PrecisionReport, profile: HardwareProfile, frac_bits: int | None) -> None:
-    widths = bit_widths(net, profile).per_node
+    widths = profile_widths(net, profile)
     for pop, pe in rep.populations.items():
         if pe.bound <= rep.target or pe.readout:
             continue

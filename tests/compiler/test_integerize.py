@@ -175,17 +175,18 @@ def test_cli_reports_the_bounds(tmp_path, capsys):
     assert "integerization error" in out and "population -> worst-case integerization error" in out
 
 
-def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path):
+def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path, monkeypatch):
     """A quantizer whose step is 2^25 anchor units needs a 26-bit threshold even at k = 0 (this was
-    refused against a 24-bit threshold budget, loihi2's): the unit becomes coarser than the anchor's
+    refused against a 24-bit threshold budget): the unit becomes coarser than the anchor's
     own, the anchor's weights are rounded as well, and the bound says what that costs."""
+    monkeypatch.setitem(PROFILES, "t24", HardwareProfile("t24", weight_bits=8, threshold_bits=24, membrane_bits=24))
     b = Builder((1, 1, 8, 8), seed=1)
     x = b.quant("x", 1 / 16, 16)
     w = b.node("DequantizeLinear", [b.const(b.rng.integers(-100, 101, (4, 1, 3, 3)).astype(np.int8)),
                                     b.const(np.float32(2.0 ** -16))])
     h = b.quant(b.node("Conv", [x, w], pads=[1, 1, 1, 1], kernel_shape=[3, 3]), 2.0 ** 9 / 240 * 1.1, 15)
     onnx.save(b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
-    net, rep = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="loihi2"))
+    net, rep = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="t24"))
     pop = rep.precision["populations"][net.neurons()[0]]
     assert pop["k"] < 0 and pop["weights"] > 0 and pop["bound"] < TARGET_LEVELS
     assert rep.bits["threshold_bits"] <= 24

@@ -168,3 +168,19 @@ def test_two_words_that_cannot_hold_the_membrane_are_refused_by_name() -> None:
     with pytest.raises(BudgetError, match=r"node 'p' \(Neuron\) does not fit two 8-bit membrane words: at shift \d+"):
         membrane_words(net, "p", 8)
     assert membrane_words(net, "p", 24) is not None
+
+
+def test_a_word_profile_checks_every_word_and_refuses_by_name() -> None:
+    """``analyze_bitwidth`` on a profile with words: a membrane wider than a word takes two (reported
+    per node), and is refused, naming the node and its widths, when two do not hold it."""
+    from csdc.compiler.bitwidth import HardwareProfile, analyze_bitwidth
+
+    net = _population([(3, 0), (5, 10), (-7, 12)], 2**10)
+    rep = analyze_bitwidth(net, HardwareProfile("w12", weight_bits=8, threshold_bits=48, membrane_bits=48, word_bits=12))
+    words = membrane_words(net, "p", 12)
+    assert rep.two_words == ["p"] and rep.membrane_words == 2
+    assert {k: rep.per_node["p"][k] for k in ("word_shift", "hi_bits", "coarse_bits", "fine_bits")} == {
+        "word_shift": words.shift, "hi_bits": words.hi_bits, "coarse_bits": words.coarse_bits, "fine_bits": words.fine_bits}
+    assert "two_words" in rep.to_dict() and "two_words" not in analyze_bitwidth(net, "int64").to_dict()
+    with pytest.raises(BudgetError, match=r"node 'p' \(Neuron\) does not fit two 8-bit membrane words: at shift \d+ .*profile 'w8'"):
+        analyze_bitwidth(_population([(100, 0), (5, 20)], 2**26), HardwareProfile("w8", 8, 48, 48, word_bits=8))
