@@ -284,9 +284,9 @@ def _words_at(op: Neuron, shift: int, vmin: int, vtop: int, coarse: list[tuple[n
     return hi_bits, coarse_bits, fine_bits
 
 
-def _two_words(net: Network, node: str, word_bits: int, bounds: dict) -> MembraneWords | None:
-    """:func:`membrane_words` without the check: at the smallest shift where every word fits, else at the
-    smallest shift where ``hi`` fits (widths above ``word_bits``)."""
+def two_word_layout(net: Network, node: str, word_bits: int, bounds: dict) -> MembraneWords | None:
+    """:func:`membrane_words` without the check: the layout at the smallest shift where every word fits,
+    else at the smallest shift where ``hi`` fits (then some width is above ``word_bits``)."""
     op = net.op(node)
     if not isinstance(op, Neuron):
         raise BudgetError(f"node '{node}' ({type(op).__name__}): only Neuron and TernaryNeuron populations have "
@@ -320,7 +320,7 @@ def membrane_words(net: Network, node: str, word_bits: int, bounds: dict | None 
     smallest shift where every word fits (:class:`MembraneWords`). ``bounds``: :func:`current_bounds`
     of ``net``, if already computed. Raises BudgetError naming the node and the widths when two words
     do not suffice."""
-    words = _two_words(net, node, word_bits, current_bounds(net) if bounds is None else bounds)
+    words = two_word_layout(net, node, word_bits, current_bounds(net) if bounds is None else bounds)
     if words is not None and words.widest > word_bits:
         raise BudgetError(two_words_refusal(node, net.op(node), words, word_bits))
     return words
@@ -351,7 +351,7 @@ def bit_widths(net: Network, profile: HardwareProfile | str = "generic") -> BitR
             rep.threshold_bits = max(rep.threshold_bits, entry["threshold_bits"])
             rep.membrane_bits = max(rep.membrane_bits, entry["membrane_bits"])
             if prof.word_bits:
-                words = _two_words(net, name, prof.word_bits, bounds)
+                words = two_word_layout(net, name, prof.word_bits, bounds)
                 entry["membrane_words"] = 1 if words is None else 2
                 if words is not None:
                     entry.update(word_shift=words.shift, hi_bits=words.hi_bits, coarse_bits=words.coarse_bits,

@@ -36,7 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from csdc.compiler.bitwidth import HardwareProfile, bit_widths, budget_excess, signed_bits, weight_mantissa_exponent
+from csdc.compiler.bitwidth import (HardwareProfile, bit_widths, budget_excess, current_bounds, current_summands, signed_bits,
+                                   two_word_layout, weight_mantissa_exponent)
 from csdc.errors import BudgetError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, compact, narrowest,
@@ -226,46 +227,52 @@ def neuron_bound_at(step: float, ubase: np.ndarray, bias_real: np.ndarray, weigh
 
 
 # -- weight splitting ---------------------------------------------------------------------------
-def split_mantissa(w: np.ndarray, exponent: int, bits: int) -> list[tuple[np.ndarray, int]]:
+def split_mantissa(w: np.ndarray, exponent: int, bits: int, cuts: tuple[int, ...] = ()) -> list[tuple[np.ndarray, int]]:
     """``w * 2^exponent`` as ``sum_i m_i * 2^e_i`` with every ``m_i`` a signed ``bits``-bit integer of
-    the sign of ``w`` (digits of ``|w|`` in base ``2^(bits-1)``): every part's positive and negative
-    weights are parts of the original's, so bounds computed per part add up to the original's."""
+    the sign of ``w`` (digits of ``|w|`` in base ``2^(bits-1)``, a digit also ending at every exponent
+    in ``cuts``): every part's positive and negative weights are parts of the original's, so bounds
+    computed per part add up to the original's."""
     w = np.asarray(w, dtype=np.int64)
     sign = np.sign(w)
     mag = np.abs(w)
     step = bits - 1
+    ends = sorted(c - exponent for c in cuts if c > exponent)
     parts = []
     shift = 0
-    while np.any(mag):
-        digit = mag & ((1 << step) - 1)
+    while shift < 63 and np.any(mag >> shift):
+        end = min([shift + step] + [c for c in ends if c > shift])
+        digit = (mag >> shift) & ((1 << (end - shift)) - 1)
         if np.any(digit):
             m, e = split_power_of_two(sign * digit)
             parts.append((m, exponent + shift + e))
-        mag = mag >> step
-        shift += step
+        shift = end
     return parts
 
 
-def split_wide_synapses(net: Network, weight_bits: int) -> tuple[Network, dict[str, int]]:
+def split_wide_synapses(net: Network, weight_bits: int, cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
     """A copy of ``net`` in which every synapse wider than ``weight_bits`` mantissa bits is several
-    synapse nodes summed by an Add under the original name (module docstring); returns the split
-    nodes with their number of groups."""
-    wide = {}
+    synapse nodes summed by an Add under the original name (module docstring); with ``cuts`` (synapse ->
+    exponents), a synapse's parts also end at those exponents (a part either side of a two-word
+    membrane's shift: see :func:`split_for_profile`). Returns the split nodes with their number of groups."""
+    cuts = cuts or {}
+    parted = {}
     for name, op in net.nodes():
         if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and op.mantissa.size:
-            if weight_mantissa_exponent(op)[0] > weight_bits:
-                wide[name] = op
-    if not wide:
+            wide = weight_mantissa_exponent(op)[0] > weight_bits
+            if wide or cuts.get(name):
+                parts = split_mantissa(compact(op.mantissa), op.exponent, weight_bits if wide else 64, cuts.get(name, ()))
+                if wide or len(parts) > 1:
+                    parted[name] = parts
+    if not parted:
         return net, {}
     out = Network(net.T, net.metadata)
     groups: dict[str, int] = {}
     for name, op in net.nodes():
         ins = net.inputs(name)
-        if name not in wide:
+        if name not in parted:
             out.add(name, op, ins)
             continue
-        small = compact(op.mantissa)
-        parts = split_mantissa(small, op.exponent, weight_bits)
+        parts = parted[name]
         names = []
         for i, (m, e) in enumerate(parts):
             m = np.broadcast_to(m, op.mantissa.shape) if m.shape != op.mantissa.shape else m
@@ -274,6 +281,28 @@ def split_wide_synapses(net: Network, weight_bits: int) -> tuple[Network, dict[s
         groups[name] = len(names)
         out.add(name, Add(), names) if len(names) > 1 else out.add(name, _with_weights(op, *parts[0]), ins)
     return out, groups
+
+
+def split_for_profile(net: Network, profile: HardwareProfile) -> tuple[Network, dict[str, int]]:
+    """``net`` with its synapses split for ``profile``: wider than its weights (:func:`split_wide_synapses`);
+    on a profile with words, also at the shift ``s`` of every two-word membrane that does not fit its
+    words otherwise, so that a synapse reading into it feeds its fine compartment only its bits below
+    ``2^s`` (a smaller fine word) and its coarse compartment the rest."""
+    split, groups = split_wide_synapses(net, profile.weight_bits)
+    if not profile.word_bits:
+        return split, groups
+    bounds = current_bounds(split)
+    cuts: dict[str, set[int]] = {}
+    for node in split.neurons():
+        words = two_word_layout(split, node, profile.word_bits, bounds)
+        if words is None or words.widest <= profile.word_bits:
+            continue
+        for leaf in current_summands(net, net.inputs(node)[0]):
+            if isinstance(net.op(leaf), (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+                cuts.setdefault(leaf, set()).add(words.shift)
+    if not cuts:
+        return split, groups
+    return split_wide_synapses(net, profile.weight_bits, {k: tuple(sorted(v)) for k, v in cuts.items()})
 
 
 def _free(out: Network, net: Network, base: str) -> str:
@@ -372,7 +401,7 @@ def profile_widths(net: Network, profile: HardwareProfile) -> dict[str, dict[str
     synapses are split (the split parts' exponents decide which compartment of a two-word membrane
     each feeds)."""
     if profile.word_bits:
-        net = split_wide_synapses(net, profile.weight_bits)[0]
+        net = split_for_profile(net, profile)[0]
     return bit_widths(net, profile).per_node
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from csdc import __version__
 from csdc.compiler.bitwidth import PROFILES, BitReport, HardwareProfile, analyze_bitwidth, bit_widths, budget_excess
 from csdc.compiler.frontend import NONLINEAR_MODES, load_qgraph
-from csdc.compiler.integerize import PrecisionReport, integerize, split_wide_synapses
+from csdc.compiler.integerize import PrecisionReport, integerize, split_for_profile
 from csdc.compiler.lower import MBEOptions, lower
 from csdc.compiler.passes import PassManager
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
@@ -187,12 +187,12 @@ def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
 
 
 def map_onto_profile(net: Network, precision: PrecisionReport, profile: HardwareProfile) -> tuple[Network, BitReport, int]:
-    """An integerized network mapped onto ``profile``: synapses wider than its weights split (exact),
-    checked against its budget (two-word membranes where it has words); returns the network, its bit
-    widths and the synapses before splitting (recorded in ``precision``). Raises BudgetError naming the
+    """An integerized network mapped onto ``profile``: synapses split (:func:`integerize.split_for_profile`:
+    exact), checked against its budget (two-word membranes where it has words); returns the network, its
+    bit widths and the synapses before splitting (recorded in ``precision``). Raises BudgetError naming the
     first node that does not fit."""
     before = count_synapses(net)
-    net, split = split_wide_synapses(net, profile.weight_bits)
+    net, split = split_for_profile(net, profile)
     precision.split_synapses, precision.synapses_before_split = split, before
     net.verify()
     net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
@@ -200,8 +200,8 @@ def map_onto_profile(net: Network, precision: PrecisionReport, profile: Hardware
 
 
 def unmapped_nodes(net: Network, profile: HardwareProfile) -> list[str]:
-    """The nodes of an integerized network that exceed ``profile`` once its wide synapses are split."""
-    split, _ = split_wide_synapses(net, profile.weight_bits)
+    """The nodes of an integerized network that exceed ``profile`` once its synapses are split for it."""
+    split, _ = split_for_profile(net, profile)
     return [name for name, entry in bit_widths(split, profile).per_node.items() if budget_excess(entry, profile)]
 
 

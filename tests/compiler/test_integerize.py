@@ -24,15 +24,18 @@ from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout,
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(-(2 ** 40), 2 ** 40), min_size=1, max_size=30), st.integers(0, 5), st.integers(2, 12))
-def test_split_mantissa_is_exact_and_narrow(values, exponent, bits):
+@given(st.lists(st.integers(-(2 ** 40), 2 ** 40), min_size=1, max_size=30), st.integers(0, 5), st.integers(2, 12),
+       st.lists(st.integers(0, 48), max_size=3))
+def test_split_mantissa_is_exact_and_narrow(values, exponent, bits, cuts):
     w = np.array(values, np.int64)
-    parts = split_mantissa(w, exponent, bits)
+    parts = split_mantissa(w, exponent, bits, tuple(cuts))
     total = sum((m.astype(np.int64) << e for m, e in parts), np.zeros_like(w))
     assert np.array_equal(total, w << exponent)
-    for m, _ in parts:
+    for m, e in parts:
         assert mantissa_bits(m) <= bits
         assert np.all(m.astype(np.int64) * np.sign(w) >= 0)  # every part has the sign of its weight
+        top = e + int(np.abs(m.astype(np.int64)).max()).bit_length()
+        assert not any(e < c < top for c in cuts)  # no part straddles a cut
 
 
 def _wide_net(rng) -> Network:

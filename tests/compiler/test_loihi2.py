@@ -13,7 +13,7 @@ import pytest
 
 from csdc.backends.numba import NumbaBackend
 from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth, current_bounds, membrane_words
-from csdc.compiler.integerize import split_wide_synapses
+from csdc.compiler.integerize import split_for_profile, split_wide_synapses
 from csdc.compiler.pipeline import CompileOptions, compile_onnx, unmapped_nodes
 from csdc.ir import semantics
 from csdc.ir.ops import ops_equal
@@ -71,7 +71,8 @@ def test_example_fits_loihi2(compiled):
 
 def test_loihi2_network_is_the_generic_network_with_split_weights(compiled):
     gen, _, net, _ = compiled
-    split, _ = split_wide_synapses(gen, PROFILES["loihi2"].weight_bits)
+    split, groups = split_for_profile(gen, PROFILES["loihi2"])
+    assert groups == split_wide_synapses(gen, PROFILES["loihi2"].weight_bits)[1]  # no cut at a shift needed
     assert [n for n, _ in net.nodes()] == [n for n, _ in split.nodes()]
     assert all(ops_equal(net.op(n), split.op(n)) for n, _ in net.nodes())
 

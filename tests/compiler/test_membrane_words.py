@@ -138,7 +138,7 @@ def _population(weights: list[tuple[int, int]], threshold: int, T: int = 4) -> N
     net = Network(T)
     net.add("x", Encode((2,), 1.0, 0, 1))
     net.add("s", Neuron(np.ones(2), np.zeros(2), np.zeros(2), 0), ["x"])
-    leaves = [net.add(f"w{i}", DenseSynapse(np.full((1, 2), m, np.int8), exponent=e), ["s"]) for i, (m, e) in enumerate(weights)]
+    leaves = [net.add(f"w{i}", DenseSynapse(np.full((1, 2), m, np.int64), exponent=e), ["s"]) for i, (m, e) in enumerate(weights)]
     net.add("inner", Add(), leaves[1:]) if len(leaves) > 2 else None
     summed = net.add("sum", Add(), [leaves[0], "inner" if len(leaves) > 2 else leaves[1]])
     net.add("p", Neuron(np.full(1, threshold), np.full(1, threshold // 2), np.zeros(1), T), [summed])
@@ -184,3 +184,24 @@ def test_a_word_profile_checks_every_word_and_refuses_by_name() -> None:
     assert "two_words" in rep.to_dict() and "two_words" not in analyze_bitwidth(net, "int64").to_dict()
     with pytest.raises(BudgetError, match=r"node 'p' \(Neuron\) does not fit two 8-bit membrane words: at shift \d+ .*profile 'w8'"):
         analyze_bitwidth(_population([(100, 0), (5, 20)], 2**26), HardwareProfile("w8", 8, 48, 48, word_bits=8))
+
+
+def test_splitting_at_the_shift_shrinks_the_fine_word() -> None:
+    """A 15-bit weight split into 8-bit digits (exponents 0, 7) straddles a shift of 11: both digits feed
+    the fine compartment, which then needs 17 bits; :func:`split_for_profile` also cuts it at 2^11, the
+    part above feeds the coarse compartment and the fine word fits 16 bits: same currents, same spikes."""
+    from csdc.compiler.bitwidth import HardwareProfile, two_word_layout
+    from csdc.compiler.integerize import split_for_profile, split_wide_synapses
+
+    net = _population([(2**14 - 1, 0), (1, 22)], 2**18)
+    prof = HardwareProfile("w16", weight_bits=8, threshold_bits=48, membrane_bits=48, word_bits=16)
+    plain, _ = split_wide_synapses(net, prof.weight_bits)
+    before = two_word_layout(plain, "p", 16, current_bounds(plain))
+    assert before.shift == 11 and before.fine_bits > 16
+    cut, groups = split_for_profile(net, prof)
+    words = membrane_words(cut, "p", 16)
+    assert groups == {"w0": 3} and words.shift == 11 and len(words.coarse) == 2 and words.widest <= 16
+    x = np.random.default_rng(0).integers(0, 2, (8, 2)).astype(np.float32)
+    a, b = run_steps(net, x, currents=True), run_steps(cut, x, currents=True)
+    assert np.array_equal(a.currents["sum"], b.currents["sum"]) and np.array_equal(a.trains["p"], b.trains["p"])
+    assert np.array_equal(_two_word_trains(cut, "p", words, b.currents), a.trains["p"])
