@@ -233,8 +233,12 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
         # the units of `units` need more than this profile maps: its own policy (caps by its budget) instead
         unmapped = unmapped_nodes(net, profile)
         del net
-        net, low = integerize(lower_round, profile, options.frac_bits)
-        net, bits, before = map_onto_profile(net, low.precision, profile)
+        try:
+            net, low = integerize(lower_round, profile, options.frac_bits)
+            net, bits, before = map_onto_profile(net, low.precision, profile)
+        except CsdcError as own:
+            raise BudgetError(f"under the units of --profile {units.name}, {_names(unmapped)} do not map onto profile "
+                              f"'{profile.name}' ({exc}); with that profile's own budget: {own}") from own
         low.precision.warnings.append(
             f"not spike-identical to --profile {units.name}: under its units, {_names(unmapped)} do not map onto profile "
             f"'{profile.name}' ({exc}); compiled with the precision that profile's own budget allows")

@@ -128,3 +128,36 @@ def test_loihi2_compile_on_lava_equals_generic(compiled):
     x, _ = load_digits_split("test")
     x = x[:6]
     _same(NumbaBackend().run(gen, x, keep_trains=True), LavaBackend().run(net, x, keep_trains=True), trains=True)
+
+
+def test_a_refusal_after_the_fallback_says_both_reasons(monkeypatch):
+    """A profile too small for the generic units and for its own budget: the error names the populations
+    the generic units did not map and what its own budget refused."""
+    from csdc.compiler.bitwidth import HardwareProfile
+    from csdc.errors import BudgetError
+
+    tiny = HardwareProfile("tiny", weight_bits=4, threshold_bits=8, membrane_bits=8, word_bits=4, units="generic")
+    monkeypatch.setitem(PROFILES, "tiny", tiny)
+    with pytest.raises(BudgetError, match=r"under the units of --profile generic, populations? '[^']+'.* do not map onto "
+                                          r"profile 'tiny' \(.*\); with that profile's own budget: .*"):
+        compile_onnx(_model("digits_cnn"), CompileOptions(profile="tiny"))
+
+
+def test_the_compile_summary_explain_and_json_say_which_populations_take_two_words(tmp_path, capsys):
+    import json
+
+    from csdc.cli import main
+
+    model = str(_model("digits_cnn"))
+    assert main(["compile", model, "-o", str(tmp_path / "a.sir"), "--profile", "loihi2", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "membrane 31 (2 x 24-bit words)" in out and "two-word membranes    2 of 2 populations" in out
+    assert "units of --profile generic" in out
+    assert "membrane in 2 x 24-bit words (shift 7; hi 24, coarse 21, fine 9 bits)" in out  # --explain, population q1
+    assert main(["compile", model, "-o", str(tmp_path / "b.sir"), "--profile", "loihi2", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bits"]["two_words"] == ["q1", "q2"] and rep["precision"]["units"] == "generic"
+    assert rep["bits"]["per_node"]["q1"]["membrane_words"] == 2 and rep["bits"]["word_bits"] == 24
+    assert main(["compile", model, "-o", str(tmp_path / "c.sir"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert "two_words" not in rep["bits"] and "units" not in rep["precision"]  # generic: as before
