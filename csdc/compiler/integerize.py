@@ -412,14 +412,16 @@ def _refuse_or_warn(net: Network, rep: PrecisionReport, profile: HardwareProfile
             continue
         lack = math.ceil(math.log2(pe.bound / REFUSE_LEVELS)) if pe.bound >= REFUSE_LEVELS else 0
         entry = widths.get(pop, {})
+        membrane = (f"a membrane of two {profile.word_bits}-bit words" if profile.word_bits
+                    else f"a {profile.membrane_bits}-bit membrane")
         if lack and frac_bits is None and "threshold_bits" in entry:
             need_t, need_m = entry["threshold_bits"] + lack, entry["membrane_bits"] + lack
             raise BudgetError(
                 f"population '{pop}' needs {need_t}-bit thresholds and a {need_m}-bit membrane to keep its worst-case "
                 f"integerization error below half a quantization level (it is {pe.bound:.3g} levels at "
                 f"{entry['threshold_bits']}-bit thresholds); profile '{profile.name}' allows {profile.threshold_bits}-bit "
-                f"thresholds and a {profile.membrane_bits}-bit membrane: choose a wider --profile")
+                f"thresholds and {membrane}: choose a wider --profile")
         why = (f"--frac-bits {frac_bits}" if frac_bits is not None
-               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {profile.membrane_bits}-bit membrane)")
+               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {membrane.removeprefix('a ')})")
         rep.warnings.append(f"population '{pop}': worst-case integerization error {pe.bound:.3g} of a level "
                             f"(target {rep.target:.3g}) under {why}")
