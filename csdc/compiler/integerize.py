@@ -249,7 +249,8 @@ def split_mantissa(w: np.ndarray, exponent: int, bits: int, cuts: tuple[int, ...
     return parts
 
 
-def split_wide_synapses(net: Network, weight_bits: int, cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
+def split_wide_synapses(net: Network, weight_bits: int,
+                        cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
     """A copy of ``net`` in which every synapse wider than ``weight_bits`` mantissa bits is several
     synapse nodes summed by an Add under the original name (module docstring); with ``cuts`` (synapse ->
     exponents), a synapse's parts also end at those exponents (a part either side of a two-word
