@@ -205,9 +205,10 @@ def unmapped_nodes(net: Network, profile: HardwareProfile) -> list[str]:
     return [name for name, entry in bit_widths(split, profile).per_node.items() if budget_excess(entry, profile)]
 
 
-def _names(nodes: list[str]) -> str:
+def _do_not_map(nodes: list[str], profile: HardwareProfile) -> str:
     shown = ", ".join(f"'{n}'" for n in nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
-    return f"population{'s' if len(nodes) > 1 else ''} {shown}"
+    many = len(nodes) > 1
+    return f"population{'s' if many else ''} {shown} {'do' if many else 'does'} not map onto profile '{profile.name}'"
 
 
 @_internal_errors_named
@@ -237,11 +238,11 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
             net, low = integerize(lower_round, profile, options.frac_bits)
             net, bits, before = map_onto_profile(net, low.precision, profile)
         except CsdcError as own:
-            raise BudgetError(f"under the units of --profile {units.name}, {_names(unmapped)} do not map onto profile "
-                              f"'{profile.name}' ({exc}); with that profile's own budget: {own}") from own
+            raise BudgetError(f"under the units of --profile {units.name}, {_do_not_map(unmapped, profile)} ({exc}); "
+                              f"with that profile's own budget: {own}") from own
         low.precision.warnings.append(
-            f"not spike-identical to --profile {units.name}: under its units, {_names(unmapped)} do not map onto profile "
-            f"'{profile.name}' ({exc}); compiled with the precision that profile's own budget allows")
+            f"not spike-identical to --profile {units.name}: under its units, {_do_not_map(unmapped, profile)} ({exc}); "
+            "compiled with the precision that profile's own budget allows")
         units = profile
     if profile.units:
         low.precision.units = units.name
