@@ -89,9 +89,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     b = rep.bits
     # weights are integer mantissas times a power of two shared by a synapse node (Loihi's weight exponent):
     # "weights 20 (x 2^16)" = the widest mantissa needs 20 signed bits, the largest shared exponent is 16
-    print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}, "
-          f"readout {b['accumulator_bits']} (profile '{b['profile']}')")
+    words = (f" ({b['membrane_words']} x {b['word_bits']}-bit word{'s' if b['membrane_words'] > 1 else ''})"
+             if b.get("word_bits") else "")
+    print(f"  bit widths            weights {b['weight_bits']} (x 2^{b['weight_exponent']}), thresholds {b['threshold_bits']}, membrane {b['membrane_bits']}"
+          f"{words}, readout {b['accumulator_bits']} (profile '{b['profile']}')")
     print("                        (weights: signed mantissa bits x the largest power of two shared by a synapse node)")
+    if b.get("two_words"):
+        units = rep.precision.get("units")
+        print(f"  two-word membranes    {len(b['two_words'])} of {rep.populations} populations (hi x 2^s + lo; --explain lists them)"
+              + (f"; units of --profile {units}" if units else ""))
     for a in rep.approximations:
         over = (f"error over every row of {a['row']} input levels in 0..{a['levels'][1]}: worst (bound) "
                 f"{a['max_abs_error']:.3g}, mean (random rows)" if "row" in a else
@@ -116,8 +122,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print("\npopulation -> worst-case integerization error (quantization levels; the readout: absolute logit "
               "error), the site whose exponent k sets its integer unit, threshold bits")
         for pop, pe in rep.precision["populations"].items():
+            node = rep.bits["per_node"].get(pop, {})
+            words = (f", membrane in 2 x {rep.bits['word_bits']}-bit words (shift {node['word_shift']}; hi {node['hi_bits']}, "
+                     f"coarse {node['coarse_bits']}, fine {node['fine_bits']} bits)" if node.get("membrane_words") == 2 else "")
             print(f"  {pop:<40} {pe['bound']:.2e}  (weights {pe['weights']:.1e}, bias {pe['bias']:.1e}, threshold "
-                  f"{pe['threshold']:.1e})  k={pe['k']} from {pe['site']}, {pe['threshold_bits']}-bit threshold")
+                  f"{pe['threshold']:.1e})  k={pe['k']} from {pe['site']}, {pe['threshold_bits']}-bit threshold{words}")
     return 0
 
 
@@ -632,8 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bit width for float weights that have no quantizer in the model (per-channel symmetric; default 8)")
     c.add_argument("--profile", default="generic", choices=("generic", "loihi2", "int64"),
                    help="hardware bit budget checked by the bit-width analysis (default generic: the simulators' 64-bit "
-                        "datapath, int32 lanes kept where exact enough; loihi2: 8-bit weights, 24-bit membrane; int64: "
-                        "64-bit everywhere)")
+                        "datapath, int32 lanes kept where exact enough; loihi2: the generic units on 8-bit weights "
+                        "(wider ones split) and 24-bit words, a membrane taking two where it needs them; int64: 64-bit everywhere)")
     c.add_argument("--calibrate", metavar="DATA", default=None,
                    help="the model is float: quantize it first with onnxruntime's quantize_static (QDQ, MinMax "
                         "calibration, uint8 activations, int8 symmetric per-channel weights) on DATA, a .npz with x laid out "

@@ -36,7 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from csdc.compiler.bitwidth import HardwareProfile, bit_widths, budget_excess, signed_bits, weight_mantissa_exponent
+from csdc.compiler.bitwidth import (HardwareProfile, bit_widths, budget_excess, current_bounds, current_summands, signed_bits,
+                                   two_word_layout, weight_mantissa_exponent)
 from csdc.errors import BudgetError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (Add, ConvSynapse, DenseSynapse, DiagonalSynapse, compact, narrowest,
@@ -72,6 +73,7 @@ class PrecisionReport:
     split_synapses: dict[str, int] = field(default_factory=dict)  # split node -> groups
     synapses_before_split: int = 0
     warnings: list[str] = field(default_factory=list)
+    units: str = ""  # the profile whose policy chose the units ("": not recorded)
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -84,7 +86,8 @@ class PrecisionReport:
     def to_dict(self) -> dict:
         return {"target": self.target, "worst": dict(zip(("population", "bound"), self.worst)),
                 "populations": {n: asdict(p) for n, p in self.populations.items()},
-                "split_synapses": dict(self.split_synapses), "synapses_before_split": self.synapses_before_split}
+                "split_synapses": dict(self.split_synapses), "synapses_before_split": self.synapses_before_split,
+                **({"units": self.units} if self.units else {})}
 
 
 @dataclass
@@ -224,46 +227,53 @@ def neuron_bound_at(step: float, ubase: np.ndarray, bias_real: np.ndarray, weigh
 
 
 # -- weight splitting ---------------------------------------------------------------------------
-def split_mantissa(w: np.ndarray, exponent: int, bits: int) -> list[tuple[np.ndarray, int]]:
+def split_mantissa(w: np.ndarray, exponent: int, bits: int, cuts: tuple[int, ...] = ()) -> list[tuple[np.ndarray, int]]:
     """``w * 2^exponent`` as ``sum_i m_i * 2^e_i`` with every ``m_i`` a signed ``bits``-bit integer of
-    the sign of ``w`` (digits of ``|w|`` in base ``2^(bits-1)``): every part's positive and negative
-    weights are parts of the original's, so bounds computed per part add up to the original's."""
+    the sign of ``w`` (digits of ``|w|`` in base ``2^(bits-1)``, a digit also ending at every exponent
+    in ``cuts``): every part's positive and negative weights are parts of the original's, so bounds
+    computed per part add up to the original's."""
     w = np.asarray(w, dtype=np.int64)
     sign = np.sign(w)
     mag = np.abs(w)
     step = bits - 1
+    ends = sorted(c - exponent for c in cuts if c > exponent)
     parts = []
     shift = 0
-    while np.any(mag):
-        digit = mag & ((1 << step) - 1)
+    while shift < 63 and np.any(mag >> shift):
+        end = min([shift + step] + [c for c in ends if c > shift])
+        digit = (mag >> shift) & ((1 << (end - shift)) - 1)
         if np.any(digit):
             m, e = split_power_of_two(sign * digit)
             parts.append((m, exponent + shift + e))
-        mag = mag >> step
-        shift += step
+        shift = end
     return parts
 
 
-def split_wide_synapses(net: Network, weight_bits: int) -> tuple[Network, dict[str, int]]:
+def split_wide_synapses(net: Network, weight_bits: int,
+                        cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
     """A copy of ``net`` in which every synapse wider than ``weight_bits`` mantissa bits is several
-    synapse nodes summed by an Add under the original name (module docstring); returns the split
-    nodes with their number of groups."""
-    wide = {}
+    synapse nodes summed by an Add under the original name (module docstring); with ``cuts`` (synapse ->
+    exponents), a synapse's parts also end at those exponents (a part either side of a two-word
+    membrane's shift: see :func:`split_for_profile`). Returns the split nodes with their number of groups."""
+    cuts = cuts or {}
+    parted = {}
     for name, op in net.nodes():
         if isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)) and op.mantissa.size:
-            if weight_mantissa_exponent(op)[0] > weight_bits:
-                wide[name] = op
-    if not wide:
+            wide = weight_mantissa_exponent(op)[0] > weight_bits
+            if wide or cuts.get(name):
+                parts = split_mantissa(compact(op.mantissa), op.exponent, weight_bits if wide else 64, cuts.get(name, ()))
+                if wide or len(parts) > 1:
+                    parted[name] = parts
+    if not parted:
         return net, {}
     out = Network(net.T, net.metadata)
     groups: dict[str, int] = {}
     for name, op in net.nodes():
         ins = net.inputs(name)
-        if name not in wide:
+        if name not in parted:
             out.add(name, op, ins)
             continue
-        small = compact(op.mantissa)
-        parts = split_mantissa(small, op.exponent, weight_bits)
+        parts = parted[name]
         names = []
         for i, (m, e) in enumerate(parts):
             m = np.broadcast_to(m, op.mantissa.shape) if m.shape != op.mantissa.shape else m
@@ -272,6 +282,28 @@ def split_wide_synapses(net: Network, weight_bits: int) -> tuple[Network, dict[s
         groups[name] = len(names)
         out.add(name, Add(), names) if len(names) > 1 else out.add(name, _with_weights(op, *parts[0]), ins)
     return out, groups
+
+
+def split_for_profile(net: Network, profile: HardwareProfile) -> tuple[Network, dict[str, int]]:
+    """``net`` with its synapses split for ``profile``: wider than its weights (:func:`split_wide_synapses`);
+    on a profile with words, also at the shift ``s`` of every two-word membrane that does not fit its
+    words otherwise, so that a synapse reading into it feeds its fine compartment only its bits below
+    ``2^s`` (a smaller fine word) and its coarse compartment the rest."""
+    split, groups = split_wide_synapses(net, profile.weight_bits)
+    if not profile.word_bits:
+        return split, groups
+    bounds = current_bounds(split)
+    cuts: dict[str, set[int]] = {}
+    for node in split.neurons():
+        words = two_word_layout(split, node, profile.word_bits, bounds)
+        if words is None or words.widest <= profile.word_bits:
+            continue
+        for leaf in current_summands(net, net.inputs(node)[0]):
+            if isinstance(net.op(leaf), (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+                cuts.setdefault(leaf, set()).add(words.shift)
+    if not cuts:
+        return split, groups
+    return split_wide_synapses(net, profile.weight_bits, {k: tuple(sorted(v)) for k, v in cuts.items()})
 
 
 def _free(out: Network, net: Network, base: str) -> str:
@@ -330,7 +362,7 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
     On a profile with fast lanes (``lane_bits``: int32 in the simulators) the policy keeps ``v`` and
     ``v - Theta`` inside them where the bound at the lower exponent stays below :data:`LANE_LEVELS`:
     speed where it costs no exactness, wide membranes only for the sums that need them."""
-    widths = bit_widths(net, precision.profile).per_node
+    widths = profile_widths(net, precision.profile)
     lane = replace(precision.profile, membrane_bits=precision.profile.lane_bits) if precision.profile.lane_bits else None
     worst: dict[str, float] = {}
     for pe in rep.populations.values():
@@ -365,21 +397,32 @@ def _adjust(precision: Precision, net: Network, rep: PrecisionReport) -> bool:
     return changed
 
 
+def profile_widths(net: Network, profile: HardwareProfile) -> dict[str, dict[str, int]]:
+    """Per-node bit widths of ``net`` as ``profile`` will hold it: on a profile with words, once its wide
+    synapses are split (the split parts' exponents decide which compartment of a two-word membrane
+    each feeds)."""
+    if profile.word_bits:
+        net = split_for_profile(net, profile)[0]
+    return bit_widths(net, profile).per_node
+
+
 def _refuse_or_warn(net: Network, rep: PrecisionReport, profile: HardwareProfile, frac_bits: int | None) -> None:
-    widths = bit_widths(net, profile).per_node
+    widths = profile_widths(net, profile)
     for pop, pe in rep.populations.items():
         if pe.bound <= rep.target or pe.readout:
             continue
         lack = math.ceil(math.log2(pe.bound / REFUSE_LEVELS)) if pe.bound >= REFUSE_LEVELS else 0
         entry = widths.get(pop, {})
+        membrane = (f"a membrane of two {profile.word_bits}-bit words" if profile.word_bits
+                    else f"a {profile.membrane_bits}-bit membrane")
         if lack and frac_bits is None and "threshold_bits" in entry:
             need_t, need_m = entry["threshold_bits"] + lack, entry["membrane_bits"] + lack
             raise BudgetError(
                 f"population '{pop}' needs {need_t}-bit thresholds and a {need_m}-bit membrane to keep its worst-case "
                 f"integerization error below half a quantization level (it is {pe.bound:.3g} levels at "
                 f"{entry['threshold_bits']}-bit thresholds); profile '{profile.name}' allows {profile.threshold_bits}-bit "
-                f"thresholds and a {profile.membrane_bits}-bit membrane: choose a wider --profile")
+                f"thresholds and {membrane}: choose a wider --profile")
         why = (f"--frac-bits {frac_bits}" if frac_bits is not None
-               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {profile.membrane_bits}-bit membrane)")
+               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {membrane.removeprefix('a ')})")
         rep.warnings.append(f"population '{pop}': worst-case integerization error {pe.bound:.3g} of a level "
                             f"(target {rep.target:.3g}) under {why}")

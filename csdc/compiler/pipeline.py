@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from csdc import __version__
-from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
+from csdc.compiler.bitwidth import PROFILES, BitReport, HardwareProfile, analyze_bitwidth, bit_widths, budget_excess
 from csdc.compiler.frontend import NONLINEAR_MODES, load_qgraph
-from csdc.compiler.integerize import integerize, split_wide_synapses
+from csdc.compiler.integerize import PrecisionReport, integerize, split_for_profile
 from csdc.compiler.lower import MBEOptions, lower
 from csdc.compiler.passes import PassManager
 from csdc.compiler.passes.canonicalize_linear import make_canonicalize_linear
@@ -32,7 +32,7 @@ from csdc.compiler.passes.move_maxpool import move_maxpool
 from csdc.compiler.passes.remove_identities import remove_identities
 from csdc.compiler.passes.validate_numbers import validate_numbers
 from csdc.compiler.qgraph import QGraph
-from csdc.errors import CsdcError, in_model
+from csdc.errors import BudgetError, CsdcError, in_model
 from csdc.ir.graph import Network
 from csdc.ir.ops import MBE_BASES_MAX, MBE_STEPS_MAX, ConvSynapse, DenseSynapse, DiagonalSynapse, MBENeuron, Neuron
 
@@ -189,6 +189,31 @@ def _internal_errors_named(fn):  # type: ignore[no-untyped-def]
     return wrapped
 
 
+def map_onto_profile(net: Network, precision: PrecisionReport, profile: HardwareProfile) -> tuple[Network, BitReport, int]:
+    """An integerized network mapped onto ``profile``: synapses split (:func:`integerize.split_for_profile`:
+    exact), checked against its budget (two-word membranes where it has words); returns the network, its
+    bit widths and the synapses before splitting (recorded in ``precision``). Raises BudgetError naming the
+    first node that does not fit."""
+    before = count_synapses(net)
+    net, split = split_for_profile(net, profile)
+    precision.split_synapses, precision.synapses_before_split = split, before
+    net.verify()
+    net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
+    return net, analyze_bitwidth(net, profile), before
+
+
+def unmapped_nodes(net: Network, profile: HardwareProfile) -> list[str]:
+    """The nodes of an integerized network that exceed ``profile`` once its synapses are split for it."""
+    split, _ = split_for_profile(net, profile)
+    return [name for name, entry in bit_widths(split, profile).per_node.items() if budget_excess(entry, profile)]
+
+
+def _do_not_map(nodes: list[str], profile: HardwareProfile) -> str:
+    shown = ", ".join(f"'{n}'" for n in nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+    many = len(nodes) > 1
+    return f"population{'s' if many else ''} {shown} {'do' if many else 'does'} not map onto profile '{profile.name}'"
+
+
 @_internal_errors_named
 def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptions()) -> tuple[Network, CompileReport]:
     """Compile an ONNX file into a verified spiking network and a report."""
@@ -202,13 +227,28 @@ def compile_onnx(path: str | os.PathLike, options: CompileOptions = CompileOptio
         net, low = lower(graph, precision, options.delay, mbe)
         return cleanup_routing(net), low
 
-    net, low = integerize(lower_round, profile, options.frac_bits)
-    before = count_synapses(net)
-    net, split = split_wide_synapses(net, profile.weight_bits)
-    low.precision.split_synapses, low.precision.synapses_before_split = split, before
-    net.verify()
-    net.verify_arithmetic()  # e.g. a huge bias that wrapped around in the lowering's int64 rounding
-    bits = analyze_bitwidth(net, profile)
+    units = PROFILES[profile.units] if profile.units else profile
+    net, low = integerize(lower_round, units, options.frac_bits)
+    try:
+        net, bits, before = map_onto_profile(net, low.precision, profile)
+    except BudgetError as exc:
+        if units is profile:
+            raise
+        # the units of `units` need more than this profile maps: its own policy (caps by its budget) instead
+        unmapped = unmapped_nodes(net, profile)
+        del net
+        try:
+            net, low = integerize(lower_round, profile, options.frac_bits)
+            net, bits, before = map_onto_profile(net, low.precision, profile)
+        except CsdcError as own:
+            raise BudgetError(f"under the units of --profile {units.name}, {_do_not_map(unmapped, profile)} ({exc}); "
+                              f"with that profile's own budget: {own}") from own
+        low.precision.warnings.append(
+            f"not spike-identical to --profile {units.name}: under its units, {_do_not_map(unmapped, profile)} ({exc}); "
+            "compiled with the precision that profile's own budget allows")
+        units = profile
+    if profile.units:
+        low.precision.units = units.name
     worst_pop, worst = low.precision.worst
     neurons = [n for n in net.neurons()]
     D = options.delay if options.delay is not None else net.T

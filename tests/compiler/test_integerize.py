@@ -24,15 +24,18 @@ from csdc.ir.ops import Add, ConvSynapse, DenseSynapse, Encode, Neuron, Readout,
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(-(2 ** 40), 2 ** 40), min_size=1, max_size=30), st.integers(0, 5), st.integers(2, 12))
-def test_split_mantissa_is_exact_and_narrow(values, exponent, bits):
+@given(st.lists(st.integers(-(2 ** 40), 2 ** 40), min_size=1, max_size=30), st.integers(0, 5), st.integers(2, 12),
+       st.lists(st.integers(0, 48), max_size=3))
+def test_split_mantissa_is_exact_and_narrow(values, exponent, bits, cuts):
     w = np.array(values, np.int64)
-    parts = split_mantissa(w, exponent, bits)
+    parts = split_mantissa(w, exponent, bits, tuple(cuts))
     total = sum((m.astype(np.int64) << e for m, e in parts), np.zeros_like(w))
     assert np.array_equal(total, w << exponent)
-    for m, _ in parts:
+    for m, e in parts:
         assert mantissa_bits(m) <= bits
         assert np.all(m.astype(np.int64) * np.sign(w) >= 0)  # every part has the sign of its weight
+        top = e + int(np.abs(m.astype(np.int64)).max()).bit_length()
+        assert not any(e < c < top for c in cuts)  # no part straddles a cut
 
 
 def _wide_net(rng) -> Network:
@@ -175,17 +178,18 @@ def test_cli_reports_the_bounds(tmp_path, capsys):
     assert "integerization error" in out and "population -> worst-case integerization error" in out
 
 
-def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path):
+def test_a_coarse_step_gets_a_unit_coarser_than_the_weights(tmp_path, monkeypatch):
     """A quantizer whose step is 2^25 anchor units needs a 26-bit threshold even at k = 0 (this was
-    refused against a 24-bit threshold budget, loihi2's): the unit becomes coarser than the anchor's
+    refused against a 24-bit threshold budget): the unit becomes coarser than the anchor's
     own, the anchor's weights are rounded as well, and the bound says what that costs."""
+    monkeypatch.setitem(PROFILES, "t24", HardwareProfile("t24", weight_bits=8, threshold_bits=24, membrane_bits=24))
     b = Builder((1, 1, 8, 8), seed=1)
     x = b.quant("x", 1 / 16, 16)
     w = b.node("DequantizeLinear", [b.const(b.rng.integers(-100, 101, (4, 1, 3, 3)).astype(np.int8)),
                                     b.const(np.float32(2.0 ** -16))])
     h = b.quant(b.node("Conv", [x, w], pads=[1, 1, 1, 1], kernel_shape=[3, 3]), 2.0 ** 9 / 240 * 1.1, 15)
     onnx.save(b.model(b.gemm(b.node("Flatten", [h], axis=1), 256, 10), (1, 10)), tmp_path / "m.onnx")
-    net, rep = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="loihi2"))
+    net, rep = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="t24"))
     pop = rep.precision["populations"][net.neurons()[0]]
     assert pop["k"] < 0 and pop["weights"] > 0 and pop["bound"] < TARGET_LEVELS
     assert rep.bits["threshold_bits"] <= 24

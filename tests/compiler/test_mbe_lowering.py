@@ -212,15 +212,21 @@ def test_evaluate_covers_the_tanh_gelu_and_inner_quantizers() -> None:
     assert np.abs(got - t).max() < 1e-6 and np.abs(got - gelu(x.astype(np.float64))).max() > 1e-4  # tanh, not erf
 
 
-def test_the_precision_policy_caps_the_output_unit_within_the_loihi2_budget(models) -> None:
+def test_the_precision_policy_caps_the_output_unit_within_a_24_bit_budget(models, monkeypatch) -> None:
     """4-bit model (T = 15): at the fit's own unit the neuron reading GELU needs a 25-bit membrane; under
-    --profile loihi2 the policy lowers the unit until it fits 24 bits, and the error is measured again."""
-    from csdc.compiler.bitwidth import analyze_bitwidth
+    a profile of 24-bit membranes the policy lowers the unit until it fits, and the error is measured again.
+    ``--profile loihi2`` keeps the generic unit: that membrane takes two 24-bit words, the MBE neurons one."""
+    from csdc.compiler.bitwidth import PROFILES, HardwareProfile, analyze_bitwidth
 
-    _, free = compile_onnx(models[21], CompileOptions(nonlinear="mbe"))
-    net, rep = compile_onnx(models[21], CompileOptions(nonlinear="mbe", profile="loihi2"))
+    monkeypatch.setitem(PROFILES, "m24", HardwareProfile("m24", weight_bits=8, threshold_bits=24, membrane_bits=24))
+    gen, free = compile_onnx(models[21], CompileOptions(nonlinear="mbe"))
+    loihi, words = compile_onnx(models[21], CompileOptions(nonlinear="mbe", profile="loihi2"))
+    wide = [n for n, e in free.bits["per_node"].items() if e.get("membrane_bits", 0) > 24]  # the GELU reader among them
+    assert wide and words.bits["two_words"] == wide and words.precision["units"] == "generic"
+    assert all(e["membrane_bits"] <= 24 for n, e in words.bits["per_node"].items() if isinstance(loihi.op(n), MBENeuron))
+    net, rep = compile_onnx(models[21], CompileOptions(nonlinear="mbe", profile="m24"))
     assert free.bits["membrane_bits"] > 24 >= rep.bits["membrane_bits"]
-    assert analyze_bitwidth(net, "loihi2").membrane_bits <= 24
+    assert analyze_bitwidth(net, "m24").membrane_bits <= 24
     a = rep.approximations[0]
     assert a["max_abs_error"] <= MBE_TARGET_LEVELS and net.T == 15
     x, _ = load_digits_split("test")
