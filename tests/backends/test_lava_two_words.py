@@ -85,7 +85,8 @@ def assert_planned_as_the_layouts_say(net: Network, plan) -> set[str]:
         prm = procs[name]["params"]
         assert prm["shift"] == layout.shift and prm["coarse"] == list(layout.coarse)
         assert max(prm["widths"].values()) <= WORD == prm["word_bits"]
-        feeding = {c["src"].split("__delay")[0] for c in plan.connections if c["dst"] == name and c.get("dst_port") == "c_in"}
+        feeding = {c["src"].split("__delay")[0] for c in plan.connections
+                   if c["dst"] == name and c.get("dst_port") == "c_in"}
         assert feeding == {f"{leaf}__coarse{layout.shift}" for leaf in layout.coarse}
         for leaf in layout.coarse:
             copy = plan.process(f"{leaf}__coarse{layout.shift}")
@@ -180,13 +181,14 @@ def test_wide_membranes_are_planned_in_two_words() -> None:
     two = assert_planned_as_the_layouts_say(net, plan)
     assert two == set(net.neurons())
     names = {p["name"] for p in plan.processes}
-    assert "c2" not in names and "c2__coarse" + str(plan.process("n2")["params"]["shift"]) in names
+    assert "c2" not in names and f"c2__coarse{plan.process('n2')['params']['shift']}" in names
     rows = {r["process"]: r for r in hardware_report(net, plan)}
     assert rows["n2"]["lava"] == "CsdcTwoWordNeuron" and not any("membrane" in n for n in rows["n2"]["notes"])
     w = plan.process("n2")["params"]["widths"]
-    assert (f"two-word membrane microcode (shift {plan.process('n2')['params']['shift']}, coarse/fine compartments: "
-            f"high word {w['hi']} bits, coarse accumulator {w['coarse']} bits, fine word {w['fine']} bits") in rows["n2"]["loihi2"]
-    assert "feeding a coarse compartment" in rows["c2__coarse" + str(plan.process("n2")["params"]["shift"])]["loihi2"]
+    shift = plan.process("n2")["params"]["shift"]
+    assert (f"two-word membrane microcode (shift {shift}, coarse/fine compartments: high word {w['hi']} bits, "
+            f"coarse accumulator {w['coarse']} bits, fine word {w['fine']} bits") in rows["n2"]["loihi2"]
+    assert "feeding a coarse compartment" in rows[f"c2__coarse{shift}"]["loihi2"]
     one = make_plan(every_op_net(3, 3), 2)  # narrow membranes: one word, as before
     assert not two_word_procs(one) and {p["name"] for p in one.processes} >= set(every_op_net(3, 3).neurons())
 
@@ -212,7 +214,8 @@ def test_widened_signed_attention_equals_numba(T: int, D: int) -> None:
     assert_same(ref, got)
     two = assert_planned_as_the_layouts_say(net, BACKEND.last_plan)
     assert {"s", "k", "o", "c", "a"} <= two
-    assert BACKEND.last_plan.process(f"qk__coarse{BACKEND.last_plan.process('a')['params']['shift']}")["kind"] == "matmul"
+    plan = BACKEND.last_plan
+    assert plan.process(f"qk__coarse{plan.process('a')['params']['shift']}")["kind"] == "matmul"
     assert any((ref.trains[n] < 0).any() for n in ("s", "k", "o", "c"))
     assert {k: s.max_abs_v for k, s in got.stats.items()} == {k: ref.stats[k].max_abs_v for k in got.stats}
 

@@ -12,7 +12,11 @@ Process mapping (see docs/lava.md):
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
 - ``MBENeuron`` -> ``CsdcMBENeuron`` (latency T: it integrates the window, then encodes; docs/mbe.md).
 - ``Neuron`` -> ``CsdcNeuron``, ``TernaryNeuron`` -> ``CsdcTernaryNeuron`` (graded spikes -1/0/+1,
-  so the synapses it feeds take graded input), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
+  so the synapses it feeds take graded input): int64 state where one 24-bit Loihi 2 word holds the
+  membrane, else (``bitwidth.membrane_words``) ``CsdcTwoWordNeuron`` / ``CsdcTwoWordTernaryNeuron``
+  (two words, a fine and a coarse compartment; the coarse summands come from copies of their synapse
+  or SpikeMatMul processes with weights divided by ``2**shift``, named ``<node>__coarse<shift>``; a
+  process left without readers is pruned), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
   ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
 - ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
@@ -496,9 +500,6 @@ class _Planner:
                 raise IRError(f"node '{node}' ({type(op).__name__}) cannot feed a coarse compartment")
         return proc
 
-    def _ternary(self, name: str, op: TernaryNeuron, ins: list[str], shape: tuple[int, ...]) -> None:
-        self._neuron(name, op, ins, shape)
-
     def _mbe(self, name: str, op: MBENeuron, ins: list[str], shape: tuple[int, ...]) -> None:
         start = self.offset[ins[0]]  # integrates its input's T steps, then emits its S encoding steps
         self._proc(name, "mbe", name, shape, shape, shape, shape, start + self.T, {},
@@ -602,7 +603,7 @@ LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ..
     SumPool: _Planner._linear_op,
     ReduceSum: _Planner._linear_op,
     Neuron: _Planner._neuron,
-    TernaryNeuron: _Planner._ternary,
+    TernaryNeuron: _Planner._neuron,
     MBENeuron: _Planner._mbe,
     SpikeMaxPool: _Planner._maxpool,
     SpikeMatMul: _Planner._matmul,

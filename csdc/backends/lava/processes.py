@@ -12,7 +12,8 @@ consecutive samples never interact; ``period >= T + max delay`` guarantees the w
 process do not overlap, and every process resets its state at local step 1.
 
 Latencies (global steps from input local step t to output local step t):
-``CsdcEncode`` -, ``CsdcNeuron`` and ``CsdcTernaryNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
+``CsdcEncode`` -, ``CsdcNeuron``, ``CsdcTernaryNeuron`` and their two-word forms ``delay``,
+``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
 ``CsdcSynapse`` and ``CsdcSpikeMatMul`` 1 (like Lava's Dense/Sparse/Conv, whose output at
 step g is the synaptic input of step g - 1), ``CsdcReadout`` -.
 
