@@ -697,7 +697,8 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
                 if nb.get("membrane_bits", 0) > budget["word_bits"]:
                     notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['word_bits']})")
                 if "two_words_refused" in prm:
-                    notes.append(prm["two_words_refused"])
+                    notes.append(prm["two_words_refused"] + " (--profile loihi2 splits synapses so that they fit "
+                                 "where it can)")
             hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
                   "subtraction, per-neuron v0 and bias)" if kind == "neuron" else
                   "custom neuron microcode (ternary DIF: as DIF, plus -1 graded spikes and reset by addition below 0)")
