@@ -12,6 +12,10 @@ reset by subtraction never takes ``v`` below 0, so
 ``min(0, v0) + T min(lo + bias, 0) <= v <= v0 + T max(hi + bias, 0)``. A ternary neuron's spike is
 -1, 0 or +1 (a signed graded spike), and its reset by addition never takes ``v`` above
 ``threshold - 1``, so its upper bound starts from ``max(v0, threshold - 1)``.
+
+A profile with words (``loihi2``: 24 bits) holds a DIF or ternary membrane wider than one word in two,
+``V = hi * 2^s + lo`` (:func:`membrane_words`), and checks every word and compartment accumulator
+against the word; MBE neurons keep one word.
 """
 
 from __future__ import annotations
@@ -204,7 +208,7 @@ def membrane_range(op: Neuron, lo: np.ndarray, hi: np.ndarray, T: int) -> tuple[
 @dataclass(frozen=True)
 class MembraneWords:
     """A membrane potential kept in two words, ``V = hi * 2^shift + lo`` with ``0 <= lo < 2^shift``
-    (docs/precision.md, "Two-word membranes"): the summands whose values are multiples of
+    (docs/precision.md, ``--profile loihi2``): the summands whose values are multiples of
     ``2^shift`` feed the coarse compartment in units of ``2^shift`` (their weight exponent lowered
     by ``shift``, exact), the others the fine compartment in units of 1. Per integration step::
 

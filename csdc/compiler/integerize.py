@@ -249,7 +249,8 @@ def split_mantissa(w: np.ndarray, exponent: int, bits: int, cuts: tuple[int, ...
     return parts
 
 
-def split_wide_synapses(net: Network, weight_bits: int, cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
+def split_wide_synapses(net: Network, weight_bits: int,
+                        cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[Network, dict[str, int]]:
     """A copy of ``net`` in which every synapse wider than ``weight_bits`` mantissa bits is several
     synapse nodes summed by an Add under the original name (module docstring); with ``cuts`` (synapse ->
     exponents), a synapse's parts also end at those exponents (a part either side of a two-word
@@ -412,14 +413,16 @@ def _refuse_or_warn(net: Network, rep: PrecisionReport, profile: HardwareProfile
             continue
         lack = math.ceil(math.log2(pe.bound / REFUSE_LEVELS)) if pe.bound >= REFUSE_LEVELS else 0
         entry = widths.get(pop, {})
+        membrane = (f"a membrane of two {profile.word_bits}-bit words" if profile.word_bits
+                    else f"a {profile.membrane_bits}-bit membrane")
         if lack and frac_bits is None and "threshold_bits" in entry:
             need_t, need_m = entry["threshold_bits"] + lack, entry["membrane_bits"] + lack
             raise BudgetError(
                 f"population '{pop}' needs {need_t}-bit thresholds and a {need_m}-bit membrane to keep its worst-case "
                 f"integerization error below half a quantization level (it is {pe.bound:.3g} levels at "
                 f"{entry['threshold_bits']}-bit thresholds); profile '{profile.name}' allows {profile.threshold_bits}-bit "
-                f"thresholds and a {profile.membrane_bits}-bit membrane: choose a wider --profile")
+                f"thresholds and {membrane}: choose a wider --profile")
         why = (f"--frac-bits {frac_bits}" if frac_bits is not None
-               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {profile.membrane_bits}-bit membrane)")
+               else f"profile '{profile.name}' ({profile.threshold_bits}-bit thresholds, {membrane.removeprefix('a ')})")
         rep.warnings.append(f"population '{pop}': worst-case integerization error {pe.bound:.3g} of a level "
                             f"(target {rep.target:.3g}) under {why}")

@@ -182,7 +182,7 @@ def test_a_word_profile_checks_every_word_and_refuses_by_name() -> None:
     assert {k: rep.per_node["p"][k] for k in ("word_shift", "hi_bits", "coarse_bits", "fine_bits")} == {
         "word_shift": words.shift, "hi_bits": words.hi_bits, "coarse_bits": words.coarse_bits, "fine_bits": words.fine_bits}
     assert "two_words" in rep.to_dict() and "two_words" not in analyze_bitwidth(net, "int64").to_dict()
-    with pytest.raises(BudgetError, match=r"node 'p' \(Neuron\) does not fit two 8-bit membrane words: at shift \d+ .*profile 'w8'"):
+    with pytest.raises(BudgetError, match=r"node 'p' \(Neuron\) does not fit two 8-bit membrane words: at shift \d+ .*'w8'"):
         analyze_bitwidth(_population([(100, 0), (5, 20)], 2**26), HardwareProfile("w8", 8, 48, 48, word_bits=8))
 
 
