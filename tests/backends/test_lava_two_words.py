@@ -268,6 +268,32 @@ def test_digits_csdformer_in_two_words_equals_numba(profile: str, delay) -> None
         assert "does not fit two 24-bit membrane words" in " ".join(rows["q_head"]["notes"])
 
 
+@pytest.mark.parametrize("delay", ["T", 1])
+def test_compiled_signed_attention_under_loihi2_equals_generic_on_numba(tmp_path: Path, delay) -> None:
+    """A QCDQ attention whose Q, K, V and A V quantizers become ternary populations: under --profile loihi2
+    every population (the four ternary ones included) takes two words, and Lava's spike trains equal
+    numba's on the generic compile."""
+    import onnx
+
+    from csdc.compiler.pipeline import CompileOptions, compile_onnx
+    from csdc.ir.ops import TernaryNeuron
+    from tests.compiler.onnx_build import signed_attention_model
+
+    onnx.save(signed_attention_model(L=3), tmp_path / "m.onnx")
+    gen, _ = compile_onnx(tmp_path / "m.onnx")
+    net, _ = compile_onnx(tmp_path / "m.onnx", CompileOptions(profile="loihi2"))
+    D = net.T if delay == "T" else delay
+    gen, net = gen.with_delay(D), net.with_delay(D)
+    x = (np.random.default_rng(5).integers(0, 17, (4, 1, 8, 8)) / 16).astype(np.float32)
+    ref = NumbaBackend().run(gen, x, keep_trains=True)
+    assert_same(ref, BACKEND.run(net, x, keep_trains=True))
+    two = assert_planned_as_the_layouts_say(net, BACKEND.last_plan)
+    ternary = {n for n in net.neurons() if isinstance(net.op(n), TernaryNeuron)}
+    assert two == set(net.neurons()) and len(ternary) == 4
+    assert {BACKEND.last_plan.process(n)["kind"] for n in ternary} == {"ternary"}
+    assert sum(s.negative_spikes for s in ref.stats.values()) > 0
+
+
 def test_digits_cnn_in_two_words_runs_the_two_word_processes(tmp_path: Path) -> None:
     """The digits CNN (31-bit membranes): its bundle builds CsdcTwoWordNeuron processes in the Lava
     environment and reproduces numba's counts."""

@@ -194,8 +194,9 @@ class CsdcTwoWordTernaryNeuron(CsdcTwoWordNeuron):
 
 
 #: The words a two-word population checks every step, by their index in its ``overflow`` record.
-TWO_WORD_CHECKS = ("the fine word lo + I_fine + bias_lo", "the coarse accumulator I_coarse + bias_hi + carry",
-                   "the high word hi")
+TWO_WORD_CHECKS = ("the fine word lo (with I_fine + bias_lo before the carry, or during a reset)",
+                   "the coarse accumulator I_coarse + bias_hi + carry", "the high word hi",
+                   "the fine accumulator I_fine")
 
 
 def outside_word(values: np.ndarray, bits: int) -> int | None:
@@ -507,6 +508,7 @@ class _TwoWordModel(_DifModel):
         self.lo = self.v0_lo.astype(np.int64).copy()
 
     def _integrate(self, fine: np.ndarray, coarse: np.ndarray) -> None:
+        self._check(3, fine)
         lo = self.lo + fine + self.bias_lo
         self._check(0, lo)
         carry = lo >> self._shift  # floor: 0 <= lo < 2**shift afterwards
@@ -524,6 +526,7 @@ class _TwoWordModel(_DifModel):
 
     def _subtract(self, n: np.ndarray) -> None:
         lo = self.lo - n * self.threshold_lo  # n in {-1, 0, 1}: lo stays within (-2**shift, 2**(shift + 1))
+        self._check(0, lo)
         borrow = lo >> self._shift  # -1, 0 or 1
         self.lo = lo - (borrow << self._shift)
         self.hi = self.hi + borrow - n * self.threshold_hi
