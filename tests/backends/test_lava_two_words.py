@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from csdc.backends.lava import env as lava_env
 from csdc.backends.lava.export import export_bundle
-from csdc.backends.lava.plan import hardware_report, linear_matrix, make_plan, membrane_layouts
+from csdc.backends.lava.plan import hardware_report, lava_network, linear_matrix, make_plan, membrane_layouts
 from csdc.backends.numba import NumbaBackend
 from csdc.compiler.bitwidth import current_bounds, membrane_words
 from csdc.errors import CsdcError
@@ -67,9 +67,11 @@ def two_word_procs(plan) -> dict[str, dict]:
 
 
 def assert_planned_as_the_layouts_say(net: Network, plan) -> set[str]:
-    """Every population whose membrane_words is not None runs as a two-word process with that shift and
+    """On the network the plan maps (``lava_network``: synapses cut at a shift where that makes two words
+    fit), every population whose membrane_words is not None runs as a two-word process with that shift and
     those coarse summands (each from a copy of its process with weights divided by 2^shift); every other
     one as a one-word process. Returns the two-word populations."""
+    net = lava_network(net, WORD)
     bounds = current_bounds(net)
     procs = two_word_procs(plan)
     words, refused = membrane_layouts(net, WORD)
@@ -246,9 +248,9 @@ def _compiled(example: str, profile: str) -> Network:
 @pytest.mark.parametrize("delay", ["T", 1])
 def test_digits_csdformer_in_two_words_equals_numba(profile: str, delay) -> None:
     """The shipped digits CSDformer on Lava, 4 test images: spike trains identical to numba's on the
-    generic compile, for both compiles. Under loihi2 every population takes two words (the residual
-    stream's 31-38-bit membranes included); under generic the populations whose unsplit synapses are
-    too wide for a 24-bit fine word stay one int64 word, as the hardware report says."""
+    generic compile, for both compiles, every population in two words (the residual stream's 31-38-bit
+    membranes included). The generic compile's unsplit stream synapses, too wide for a 24-bit fine word,
+    are cut at the shift by the plan (the loihi2 compile comes cut)."""
     from csdc.runtime.datasets import load_digits_split
 
     gen = _compiled("digits_csdformer", "generic")
@@ -259,13 +261,15 @@ def test_digits_csdformer_in_two_words_equals_numba(profile: str, delay) -> None
     ref = NumbaBackend().run(gen, x, keep_trains=True)
     assert_same(ref, BACKEND.run(net, x, keep_trains=True))
     two = assert_planned_as_the_layouts_say(net, BACKEND.last_plan)
-    stream = {"blocks/blocks.1/attn/q_in", "q_head"}
+    assert two == set(net.neurons())
+    refused = membrane_layouts(net, WORD)[1]
     if profile == "loihi2":
-        assert two == set(net.neurons())
-    else:
-        assert two and not stream & two
+        assert not refused and lava_network(net, WORD) is net
+    else:  # the stream populations: two words hold them only once their synapses are cut at the shift
+        assert {"blocks/blocks.1/attn/q_in", "q_head"} <= set(refused)
+        assert "q_head/QuantizeLinear_syn_part0" in {p["ir_node"] for p in BACKEND.last_plan.processes}
         rows = {r["process"]: r for r in hardware_report(net, BACKEND.last_plan)}
-        assert "does not fit two 24-bit membrane words" in " ".join(rows["q_head"]["notes"])
+        assert rows["q_head"]["lava"] == "CsdcTwoWordNeuron" and not rows["q_head"]["notes"]
 
 
 @pytest.mark.parametrize("delay", ["T", 1])

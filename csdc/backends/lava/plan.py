@@ -16,7 +16,8 @@ Process mapping (see docs/lava.md):
   membrane, else (``bitwidth.membrane_words``) ``CsdcTwoWordNeuron`` / ``CsdcTwoWordTernaryNeuron``
   (two words, a fine and a coarse compartment; the coarse summands come from copies of their synapse
   or SpikeMatMul processes with weights divided by ``2**shift``, named ``<node>__coarse<shift>``; a
-  process left without readers is pruned), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
+  process left without readers is pruned; a synapse whose bits on both sides of a shift keep two
+  words from fitting is first cut there: :func:`lava_network`), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
   ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
 - ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
@@ -42,7 +43,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from csdc.compiler.bitwidth import PROFILES, MembraneWords, analyze_bitwidth, current_bounds, membrane_words
+from csdc.compiler.bitwidth import (PROFILES, HardwareProfile, MembraneWords, analyze_bitwidth, current_bounds,
+                                   membrane_words)
+from csdc.compiler.integerize import split_for_profile
 from csdc.errors import BudgetError, CsdcError, IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
@@ -229,6 +232,26 @@ def membrane_layouts(net: Network, word_bits: int) -> tuple[dict[str, MembraneWo
     return words, refused
 
 
+def loihi2_word_bits() -> int:
+    """Bits of a Loihi 2 neuron state word (the ``loihi2`` profile's)."""
+    return PROFILES["loihi2"].word_bits or LOIHI2["word_bits"]
+
+
+def lava_network(net: Network, word_bits: int) -> Network:
+    """The network a plan maps: ``net`` itself, or, where two words cannot hold a population's membrane
+    because a synapse reading into it feeds its fine compartment bits above the shift (a generic
+    compile's unsplit residual-stream synapses), ``net`` with those synapses cut at the shift
+    (``integerize.split_for_profile`` with the network's own weight widths: the parts below and above
+    ``2^s``, summed by an Add under the synapse's name; the same integer current, so the same spikes).
+    A ``--profile loihi2`` compile comes already cut."""
+    _, refused = membrane_layouts(net, word_bits)
+    if not refused:
+        return net
+    wide = max(PROFILES.values(), key=lambda p: p.weight_bits).weight_bits  # cut only: never split by width
+    return split_for_profile(net, HardwareProfile("lava", weight_bits=wide, threshold_bits=wide, membrane_bits=64,
+                                                  word_bits=word_bits))[0]
+
+
 def _weight_exp(m: sp.csr_matrix) -> int | None:
     """Smallest e >= 0 such that every weight is ``mant << e`` with mant in [-256, 255] (Lava's
     fixed-point Dense/Sparse with mixed sign and ``num_weight_bits=9``), or None."""
@@ -283,6 +306,8 @@ class _Planner:
         if conv not in CONV_IMPLS:
             raise IRError(f"unknown Lava convolution mapping '{conv}'; choose one of {', '.join(CONV_IMPLS)}")
         self.conv = conv
+        self.word_bits = loihi2_word_bits()
+        net = lava_network(net, self.word_bits)
         self.net = net
         self.T = net.T
         self.n = int(n_samples)
@@ -292,7 +317,6 @@ class _Planner:
         delays += [self.T for _, op in net.nodes() if isinstance(op, MBENeuron)]  # an MBE population's window is 2T
         self.period = self.T + max(delays, default=0)
         self.bounds = abs_bounds(net)
-        self.word_bits = PROFILES["loihi2"].word_bits or LOIHI2["word_bits"]
         self.words, self.words_refused = membrane_layouts(net, self.word_bits)
         self.plan = Plan(meta={})
         self.terms: dict[str, list[Term]] = {}
@@ -648,7 +672,7 @@ def _profile_bits(net: Network) -> tuple[dict[str, int], dict[str, dict[str, int
     budget = dict(LOIHI2)
     prof = PROFILES["loihi2"]
     budget.update(weight_bits=prof.weight_bits, threshold_bits=prof.threshold_bits, membrane_bits=prof.membrane_bits,
-                  word_bits=prof.word_bits or budget["word_bits"])
+                  word_bits=loihi2_word_bits())
     try:
         per_node = analyze_bitwidth(net, "int64").per_node  # measure without enforcing a budget
     except CsdcError:
@@ -663,6 +687,7 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     with its shift and per-compartment widths); 24-bit dendritic accumulators and graded-spike
     payloads)."""
     plan = plan or make_plan(net)
+    net = lava_network(net, loihi2_word_bits())  # the network the plan maps (synapses cut at shifts)
     bounds = abs_bounds(net)
     budget, bits = _profile_bits(net)
     rows = []
@@ -697,8 +722,7 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
                 if nb.get("membrane_bits", 0) > budget["word_bits"]:
                     notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['word_bits']})")
                 if "two_words_refused" in prm:
-                    notes.append(prm["two_words_refused"] + " (--profile loihi2 splits synapses so that they fit "
-                                 "where it can)")
+                    notes.append(prm["two_words_refused"])
             hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
                   "subtraction, per-neuron v0 and bias)" if kind == "neuron" else
                   "custom neuron microcode (ternary DIF: as DIF, plus -1 graded spikes and reset by addition below 0)")
@@ -738,4 +762,4 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
 
 
 __all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "TERNARY_MESSAGE_BITS", "Plan", "abs_bounds",
-           "hardware_report", "linear_matrix", "make_plan", "membrane_layouts", "split_words"]
+           "hardware_report", "lava_network", "linear_matrix", "make_plan", "membrane_layouts", "split_words"]
