@@ -29,7 +29,7 @@ from lava.utils.weightutils import SignMode
 from . import processes as P
 
 PLAN_FORMAT = "csdc-lava-plan"
-SUPPORTED_PLAN_VERSIONS = (1,)
+SUPPORTED_PLAN_VERSIONS = (1, 2)  # 2: two-word DIF populations
 _SPIKING = ("neuron", "ternary", "maxpool")  # process kinds that record spike counts
 
 
@@ -117,6 +117,11 @@ def build_graph(plan: dict, arrays: dict[str, np.ndarray], levels: np.ndarray, *
         arr = {k: arrays[v] for k, v in p["arrays"].items()}
         if kind == "encode":
             proc = source = P.CsdcEncode(levels=levels, T=T, period=period, name=name)
+        elif kind in ("neuron", "ternary") and prm.get("shift"):  # two-word membrane, two compartments
+            neuron = P.CsdcTwoWordNeuron if kind == "neuron" else P.CsdcTwoWordTernaryNeuron
+            proc = neuron(**{k: (arr[f"{k}_hi"], arr[f"{k}_lo"]) for k in ("threshold", "v0", "bias")},
+                          shift=prm["shift"], word_bits=prm["word_bits"], T=T, delay=prm["delay"], start=p["start"],
+                          period=period, n_samples=n, keep_trains=keep_trains, name=name)
         elif kind in ("neuron", "ternary"):
             neuron = P.CsdcNeuron if kind == "neuron" else P.CsdcTernaryNeuron
             proc = neuron(threshold=arr["threshold"], v0=arr["v0"], bias=arr["bias"], T=T, delay=prm["delay"],
@@ -220,6 +225,7 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
         t1 = time.perf_counter()
         out.readout = np.rint(np.asarray(graph.sink.readout.get(), dtype=np.float64)).astype(np.int64).reshape(n, -1)
         by_node = {p["ir_node"]: p for p in graph.plan["processes"] if p["kind"] in _SPIKING}
+        overflows: list[str] = []
         for node, p in by_node.items():
             proc = graph.processes[p["name"]]
             shape = tuple(p["out_port"])
@@ -234,6 +240,10 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
                 out.trains[node] = trains - 1 if bits == 2 else trains
             if p["kind"] in ("neuron", "ternary"):
                 out.max_abs_v[node] = int(np.asarray(proc.max_abs_v.get()).ravel()[0])
+            if p["params"].get("shift"):
+                overflow = P.word_overflow_message(p["name"], p["params"]["word_bits"], proc.overflow.get())
+                if overflow is not None:
+                    overflows.append(overflow)
         for p in graph.plan["processes"]:
             if p["kind"] == "mbe":  # spikes of all bases and steps per element, and the largest |u|
                 proc = graph.processes[p["name"]]
@@ -245,6 +255,8 @@ def run_graph(graph: LavaGraph) -> GraphOutput:
         t2 = time.perf_counter()
     finally:
         graph.sink.stop()
+    if overflows:
+        raise OverflowError("; ".join(overflows))
     out.steps = steps
     out.seconds_run, out.seconds_fetch = t1 - t0, t2 - t1
     return out

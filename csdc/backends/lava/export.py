@@ -185,8 +185,8 @@ rewrites, at import time and in memory only, the mutable dataclass defaults of
 
 - `plan.json`, `arrays.npz` (no pickle), `manifest.json` (SHA-256 of every file, checked at run time),
   `requirements.txt` (the Lava environment)
-- `csdc_lava_runtime/`: the custom fixed-point Lava processes (DIF neurons, TDEC max-pool,
-  encoder, readout, delay lines) and the graph builder
+- `csdc_lava_runtime/`: the custom fixed-point Lava processes (DIF neurons, in one or two 24-bit
+  words, TDEC max-pool, encoder, readout, delay lines) and the graph builder
 - `hardware.json`: per process, what it would need on Loihi 2
 """
 

@@ -12,7 +12,12 @@ Process mapping (see docs/lava.md):
   Otherwise the op becomes an exact int64 ``CsdcSynapse`` with the same one-step latency.
 - ``MBENeuron`` -> ``CsdcMBENeuron`` (latency T: it integrates the window, then encodes; docs/mbe.md).
 - ``Neuron`` -> ``CsdcNeuron``, ``TernaryNeuron`` -> ``CsdcTernaryNeuron`` (graded spikes -1/0/+1,
-  so the synapses it feeds take graded input), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
+  so the synapses it feeds take graded input): int64 state where one 24-bit Loihi 2 word holds the
+  membrane, else (``bitwidth.membrane_words``) ``CsdcTwoWordNeuron`` / ``CsdcTwoWordTernaryNeuron``
+  (two words, a fine and a coarse compartment; the coarse summands come from copies of their synapse
+  or SpikeMatMul processes with weights divided by ``2**shift``, named ``<node>__coarse<shift>``; a
+  process left without readers is pruned; a synapse whose bits on both sides of a shift keep two
+  words from fitting is first cut there: :func:`lava_network`), ``SpikeMaxPool`` -> ``CsdcMaxPool``, ``SpikeMatMul`` ->
   ``CsdcSpikeMatMul`` (latency 1, like a synapse), ``Encode`` ->
   ``CsdcEncode``, ``Readout`` -> ``CsdcReadout`` (custom fixed-point process models).
 - ``Add`` is no process: every branch connects to the consumer's InPort, and Lava InPorts sum
@@ -30,6 +35,7 @@ Samples are pipelined with ``period = T + max D`` steps (``max D`` at least T wi
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +43,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from csdc.errors import CsdcError, IRError
+from csdc.compiler.bitwidth import (PROFILES, HardwareProfile, MembraneWords, analyze_bitwidth, current_bounds,
+                                   membrane_words)
+from csdc.compiler.integerize import split_for_profile
+from csdc.errors import BudgetError, CsdcError, IRError
 from csdc.ir.graph import Network
 from csdc.ir.ops import (
     SPIKES,
@@ -62,12 +71,14 @@ from csdc.ir.ops import (
 from csdc.ir.semantics import _windows
 
 PLAN_FORMAT = "csdc-lava-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: two-word DIF populations (params "shift", "word_bits"; a "c_in" port)
 
-#: Loihi 2 budgets used for the hardware report (same numbers as the "loihi2" profile of the
-#: bit-width analysis: 8-bit synaptic weights, 24-bit thresholds and membrane potentials),
-#: plus 24-bit dendritic accumulators and graded-spike payloads.
-LOIHI2 = {"weight_bits": 8, "threshold_bits": 24, "membrane_bits": 24, "accumulator_bits": 24, "payload_bits": 24}
+#: Loihi 2 budgets used for the planning and the hardware report: 8-bit synaptic weights, 24-bit
+#: neuron state words (a membrane of one or two words: thresholds and potentials up to 48 bits),
+#: 24-bit dendritic accumulators and graded-spike payloads (the "loihi2" profile of the bit-width
+#: analysis, whose numbers take precedence where it has them).
+LOIHI2 = {"weight_bits": 8, "word_bits": 24, "threshold_bits": 48, "membrane_bits": 48, "accumulator_bits": 24,
+          "payload_bits": 24}
 
 _INT32 = 2**31  # Lava's Dense / Sparse send int32 currents
 TERNARY_MESSAGE_BITS = 2  # payload of a signed spike -1/0/+1 (two's complement)
@@ -182,6 +193,65 @@ def abs_bounds(net: Network) -> dict[str, int]:
     return b
 
 
+def split_words(x: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x = hi * 2**shift + lo`` with ``0 <= lo < 2**shift`` (floor division), as int64 arrays."""
+    x = np.asarray(x, dtype=np.int64)
+    return x >> shift, x & ((1 << shift) - 1)
+
+
+def _exact_shift(values, shift: int, node: str):  # type: ignore[no-untyped-def]
+    """An integer array or sparse matrix divided by ``2**shift``: exact, or an IRError naming ``node``."""
+    if not shift:
+        return values
+    data = values.data if sp.issparse(values) else values
+    if np.any(data & ((1 << shift) - 1)):
+        raise IRError(f"node '{node}': its weights are not multiples of 2**{shift}, so it cannot feed a coarse "
+                      f"compartment in units of 2**{shift}")
+    if sp.issparse(values):
+        out = values.copy()
+        out.data = out.data >> shift
+        return out
+    return values >> shift
+
+
+def membrane_layouts(net: Network, word_bits: int) -> tuple[dict[str, MembraneWords], dict[str, str]]:
+    """Per DIF / ternary population whose membrane needs more than one ``word_bits``-bit word, its
+    two-word layout (:func:`csdc.compiler.bitwidth.membrane_words`); and per population that two
+    words cannot hold either, why (it stays one int64 word in simulation)."""
+    bounds = current_bounds(net)
+    words: dict[str, MembraneWords] = {}
+    refused: dict[str, str] = {}
+    for name in net.neurons():
+        try:
+            layout = membrane_words(net, name, word_bits, bounds)
+        except BudgetError as exc:
+            refused[name] = str(exc)
+            continue
+        if layout is not None:
+            words[name] = layout
+    return words, refused
+
+
+def loihi2_word_bits() -> int:
+    """Bits of a Loihi 2 neuron state word (the ``loihi2`` profile's)."""
+    return PROFILES["loihi2"].word_bits or LOIHI2["word_bits"]
+
+
+def lava_network(net: Network, word_bits: int) -> Network:
+    """The network a plan maps: ``net`` itself, or, where two words cannot hold a population's membrane
+    because a synapse reading into it feeds its fine compartment bits above the shift (a generic
+    compile's unsplit residual-stream synapses), ``net`` with those synapses cut at the shift
+    (``integerize.split_for_profile`` with the network's own weight widths: the parts below and above
+    ``2^s``, summed by an Add under the synapse's name; the same integer current, so the same spikes).
+    A ``--profile loihi2`` compile comes already cut."""
+    _, refused = membrane_layouts(net, word_bits)
+    if not refused:
+        return net
+    wide = max(PROFILES.values(), key=lambda p: p.weight_bits).weight_bits  # cut only: never split by width
+    return split_for_profile(net, HardwareProfile("lava", weight_bits=wide, threshold_bits=wide, membrane_bits=64,
+                                                  word_bits=word_bits))[0]
+
+
 def _weight_exp(m: sp.csr_matrix) -> int | None:
     """Smallest e >= 0 such that every weight is ``mant << e`` with mant in [-256, 255] (Lava's
     fixed-point Dense/Sparse with mixed sign and ``num_weight_bits=9``), or None."""
@@ -236,6 +306,8 @@ class _Planner:
         if conv not in CONV_IMPLS:
             raise IRError(f"unknown Lava convolution mapping '{conv}'; choose one of {', '.join(CONV_IMPLS)}")
         self.conv = conv
+        self.word_bits = loihi2_word_bits()
+        net = lava_network(net, self.word_bits)
         self.net = net
         self.T = net.T
         self.n = int(n_samples)
@@ -245,6 +317,7 @@ class _Planner:
         delays += [self.T for _, op in net.nodes() if isinstance(op, MBENeuron)]  # an MBE population's window is 2T
         self.period = self.T + max(delays, default=0)
         self.bounds = abs_bounds(net)
+        self.words, self.words_refused = membrane_layouts(net, self.word_bits)
         self.plan = Plan(meta={})
         self.terms: dict[str, list[Term]] = {}
         self.offset: dict[str, int] = {}
@@ -333,11 +406,13 @@ class _Planner:
             self._connect_raw(src_name, dst, route.steps, dst_port)
 
     # -- lowering ---------------------------------------------------------------------
-    def _synapse(self, name: str, op: Op) -> None:
+    def _synapse(self, name: str, op: Op, shift: int = 0, proc_name: str | None = None) -> None:
+        """The process of synapse node ``name`` (named ``proc_name``, default ``name``), its
+        weights divided by ``2**shift`` (exact: a coarse compartment's copy of the synapse)."""
         src = self.net.inputs(name)[0]
         in_ir, out_ir = self.net.info(src).shape, self.net.info(name).shape
         in_kind = self.net.info(src).kind
-        m = linear_matrix(op, in_ir, out_ir)
+        m = _exact_shift(linear_matrix(op, in_ir, out_ir), shift, name)
         in_bound = self.bounds[src]
         acc = int(np.asarray(abs(m).sum(axis=1)).ravel().max(initial=0)) * in_bound
         # binary spikes carry no payload; a ternary spike is a graded spike carrying its sign
@@ -348,7 +423,7 @@ class _Planner:
         if self.use_lava:
             sym = isinstance(op, ConvSynapse) and op.padding[0] == op.padding[2] and op.padding[1] == op.padding[3]
             if (self.conv == "lava.Conv" and isinstance(op, ConvSynapse) and sym and acc < _CONV24
-                    and np.abs(op.weight).max(initial=0) < _INT32):
+                    and np.abs(op.weight >> shift).max(initial=0) < _INT32):
                 impl = "lava.Conv"
             elif exp is not None and acc < _INT32:
                 impl = "lava.Dense" if isinstance(op, DenseSynapse) and len(in_ir) == 1 else "lava.Sparse"
@@ -360,13 +435,13 @@ class _Planner:
         if impl == "lava.Conv":
             c, h, w = in_ir
             o, oh, ow = out_ir
-            lw = np.ascontiguousarray(op.weight[:, :, ::-1, ::-1].transpose(0, 3, 2, 1)).astype(np.int64)
+            lw = np.ascontiguousarray((op.weight >> shift)[:, :, ::-1, ::-1].transpose(0, 3, 2, 1)).astype(np.int64)
             arrays["weight"] = lw
             params.update(stride=[op.stride[1], op.stride[0]], padding=[op.padding[1], op.padding[0]],
                           dilation=[op.dilation[1], op.dilation[0]], groups=op.groups)
             in_port, out_port = (w, h, c), (ow, oh, o)
         elif impl == "lava.Dense":
-            arrays["weights"] = (op.weight.astype(np.int64) >> exp)
+            arrays["weights"] = (op.weight.astype(np.int64) >> (shift + exp))
             params.update(weight_exp=exp, num_weight_bits=9)
             in_port, out_port = (int(np.prod(in_ir)),), (int(np.prod(out_ir)),)
         else:
@@ -380,11 +455,15 @@ class _Planner:
                 in_port, out_port = tuple(in_ir), tuple(out_ir)
             else:
                 in_port, out_port = (int(np.prod(in_ir)),), (int(np.prod(out_ir)),)
-        self._proc(name, "synapse", name, in_port, out_port, out_ir, in_ir, off, params, arrays, impl=impl,
+        if shift:
+            params["shift"] = shift
+        proc_name = proc_name or name
+        self._proc(proc_name, "synapse", name, in_port, out_port, out_ir, in_ir, off, params, arrays, impl=impl,
                    start=self.offset[src])
-        self._connect_terms(self.terms[src], name)
-        self.terms[name] = [Term(name, 0)]
-        self.offset[name] = off
+        self._connect_terms(self.terms[src], proc_name)
+        if proc_name == name:
+            self.terms[name] = [Term(name, 0)]
+            self.offset[name] = off
 
     # One lowering per op type, registered in LOWERINGS below. Each creates the node's Lava
     # process (if any), wires its inputs and sets ``terms`` / ``offset`` of the node.
@@ -398,14 +477,52 @@ class _Planner:
 
     def _neuron(self, name: str, op: Neuron, ins: list[str], shape: tuple[int, ...]) -> None:
         start = self.offset[ins[0]]
-        self._proc(name, "neuron", name, shape, shape, shape, shape, start + op.delay, {"delay": int(op.delay)},
-                   {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}, start=start)
-        self._connect_terms(self.terms[ins[0]], name)
+        words = self.words.get(name)
+        params: dict = {"delay": int(op.delay)}
+        if words is None:  # one int64 word
+            arrays = {"threshold": op.threshold, "v0": op.v0, "bias": op.bias}
+            if name in self.words_refused:
+                params["two_words_refused"] = self.words_refused[name]
+        else:  # two words, two compartments: threshold, v0 and bias as (hi, lo) words
+            params.update(shift=words.shift, word_bits=self.word_bits, coarse=list(words.coarse),
+                          widths={"hi": words.hi_bits, "coarse": words.coarse_bits, "fine": words.fine_bits})
+            arrays = {}
+            for key, value in (("threshold", op.threshold), ("v0", op.v0), ("bias", op.bias)):
+                arrays[f"{key}_hi"], arrays[f"{key}_lo"] = split_words(value, words.shift)
+        kind = "ternary" if isinstance(op, TernaryNeuron) else "neuron"
+        self._proc(name, kind, name, shape, shape, shape, shape, start + op.delay, params, arrays, start=start)
+        fine, coarse = self._compartments(name, ins[0], words)
+        self._connect_terms(fine, name)
+        if coarse:
+            self._connect_terms(coarse, name, "c_in")
         self.terms[name], self.offset[name] = [Term(name, 0)], start + op.delay
 
-    def _ternary(self, name: str, op: TernaryNeuron, ins: list[str], shape: tuple[int, ...]) -> None:
-        self._neuron(name, op, ins, shape)
-        self.procs[name]["kind"] = "ternary"
+    def _compartments(self, name: str, current: str, words: MembraneWords | None) -> tuple[list[Term], list[Term]]:
+        """The terms of ``current`` for the fine and the coarse compartment of population ``name``:
+        a coarse summand comes from a copy of its process with weights divided by ``2**shift``."""
+        terms = self.terms[current]
+        if words is None or not words.coarse:
+            return terms, []
+        coarse = Counter(words.coarse)
+        if Counter(t.proc for t in terms if t.proc in coarse) != coarse:
+            raise IRError(f"node '{name}': the coarse summands {sorted(coarse)} of its two-word membrane are not "
+                          f"the processes feeding it ({sorted(t.proc for t in terms)})")
+        fine = [t for t in terms if t.proc not in coarse]
+        return fine, [Term(self._coarse_copy(t.proc, words.shift), t.delay, t.transforms) for t in terms
+                      if t.proc in coarse]
+
+    def _coarse_copy(self, node: str, shift: int) -> str:
+        """The process of synapse or SpikeMatMul ``node`` with its weights divided by ``2**shift``."""
+        proc = f"{node}__coarse{shift}"
+        if proc not in self.procs:
+            op = self.net.op(node)
+            if isinstance(op, SpikeMatMul):
+                self._matmul(node, op, self.net.inputs(node), self.net.info(node).shape, shift, proc)
+            elif isinstance(op, (DenseSynapse, ConvSynapse, DiagonalSynapse)):
+                self._synapse(node, op, shift, proc)
+            else:
+                raise IRError(f"node '{node}' ({type(op).__name__}) cannot feed a coarse compartment")
+        return proc
 
     def _mbe(self, name: str, op: MBENeuron, ins: list[str], shape: tuple[int, ...]) -> None:
         start = self.offset[ins[0]]  # integrates its input's T steps, then emits its S encoding steps
@@ -423,16 +540,21 @@ class _Planner:
         self._connect_terms(self.terms[ins[0]], name)
         self.terms[name], self.offset[name] = [Term(name, 0)], start
 
-    def _matmul(self, name: str, op: SpikeMatMul, ins: list[str], shape: tuple[int, ...]) -> None:
+    def _matmul(self, name: str, op: SpikeMatMul, ins: list[str], shape: tuple[int, ...], shift: int = 0,
+                proc_name: str | None = None) -> None:
         start = max(self.offset[s] for s in ins)
         a_shape, b_shape = self.net.info(ins[0]).shape, self.net.info(ins[1]).shape
-        p = self._proc(name, "matmul", name, a_shape, shape, shape, a_shape, start + 1, {"weight": int(op.weight)},
-                       start=start)
+        proc_name = proc_name or name
+        params: dict = {"weight": int(_exact_shift(np.array([op.weight], np.int64), shift, name)[0])}
+        if shift:
+            params["shift"] = shift
+        p = self._proc(proc_name, "matmul", name, a_shape, shape, shape, a_shape, start + 1, params, start=start)
         p["in_port_b"] = list(b_shape)
         for port, s in zip(("a_in", "b_in"), ins):
             d = start - self.offset[s]  # delay balancing of the earlier operand
-            self._connect_terms([Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]], name, port)
-        self.terms[name], self.offset[name] = [Term(name, 0)], start + 1
+            self._connect_terms([Term(t.proc, t.delay + d, t.transforms) for t in self.terms[s]], proc_name, port)
+        if proc_name == name:
+            self.terms[name], self.offset[name] = [Term(name, 0)], start + 1
 
     def _add(self, name: str, op: Add, ins: list[str], shape: tuple[int, ...]) -> None:
         off = max(self.offset[s] for s in ins)
@@ -454,6 +576,21 @@ class _Planner:
         self._connect_terms(self.terms[ins[0]], name)
         self.offset[name] = start
 
+    def _prune(self) -> None:
+        """Drop the synapse, SpikeMatMul and delay processes whose output reaches no process (a
+        synapse whose every reader takes its coarse copy), with their connections and arrays."""
+        while True:
+            feeding = {c["src"] for c in self.plan.connections}
+            dead = {p["name"] for p in self.plan.processes
+                    if p["kind"] in ("synapse", "matmul", "delay") and p["name"] not in feeding}
+            if not dead:
+                return
+            for name in dead:
+                for key in self.procs.pop(name)["arrays"].values():
+                    del self.plan.arrays[key]
+            self.plan.processes = [p for p in self.plan.processes if p["name"] not in dead]
+            self.plan.connections = [c for c in self.plan.connections if c["dst"] not in dead]
+
     def run(self) -> Plan:
         net = self.net
         for name, op in net.nodes():
@@ -462,6 +599,7 @@ class _Planner:
                 raise IRError(f"node '{name}': the Lava backend has no mapping for {type(op).__name__} "
                               f"(mapped: {', '.join(sorted(c.__name__ for c in LOWERINGS))})")
             lower(self, name, op, net.inputs(name), net.info(name).shape)
+        self._prune()
         readout = net.output_name
         self.plan.meta = {
             "T": self.T,
@@ -489,7 +627,7 @@ LOWERINGS: dict[type[Op], Callable[[_Planner, str, Any, list[str], tuple[int, ..
     SumPool: _Planner._linear_op,
     ReduceSum: _Planner._linear_op,
     Neuron: _Planner._neuron,
-    TernaryNeuron: _Planner._ternary,
+    TernaryNeuron: _Planner._neuron,
     MBENeuron: _Planner._mbe,
     SpikeMaxPool: _Planner._maxpool,
     SpikeMatMul: _Planner._matmul,
@@ -519,17 +657,25 @@ _CUSTOM_CLASS = {"encode": "CsdcEncode", "neuron": "CsdcNeuron", "maxpool": "Csd
                  "readout": "CsdcReadout", "matmul": "CsdcSpikeMatMul", "synapse": "CsdcSynapse"}
 
 
-def _profile_bits(net: Network) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Loihi 2 budgets and per-node bit widths from the compiler's bit-width analysis (its
-    ``loihi2`` profile), falling back to :data:`LOIHI2` if the analysis is unavailable."""
-    budget = dict(LOIHI2)
-    try:
-        from csdc.compiler.bitwidth import PROFILES, analyze_bitwidth
+def _lava_class(p: dict) -> str:
+    """The Lava process class that runs plan process ``p``."""
+    if p["impl"] != "custom":
+        return p["impl"]
+    if p["kind"] in ("neuron", "ternary") and p["params"].get("shift"):
+        return "CsdcTwoWordNeuron" if p["kind"] == "neuron" else "CsdcTwoWordTernaryNeuron"
+    return _CUSTOM_CLASS[p["kind"]]
 
-        prof = PROFILES["loihi2"]
-        budget.update(weight_bits=prof.weight_bits, threshold_bits=prof.threshold_bits, membrane_bits=prof.membrane_bits)
+
+def _profile_bits(net: Network) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Loihi 2 budgets (:data:`LOIHI2`, updated from the compiler's ``loihi2`` profile) and per-node
+    bit widths from the bit-width analysis."""
+    budget = dict(LOIHI2)
+    prof = PROFILES["loihi2"]
+    budget.update(weight_bits=prof.weight_bits, threshold_bits=prof.threshold_bits, membrane_bits=prof.membrane_bits,
+                  word_bits=loihi2_word_bits())
+    try:
         per_node = analyze_bitwidth(net, "int64").per_node  # measure without enforcing a budget
-    except (ImportError, KeyError, CsdcError):
+    except CsdcError:
         per_node = {}
     return budget, per_node
 
@@ -537,9 +683,11 @@ def _profile_bits(net: Network) -> tuple[dict[str, int], dict[str, dict[str, int
 def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     """Per Lava process: the class that runs it, its offset, what real Loihi 2 would need and
     where the network exceeds the ``loihi2`` hardware profile of the bit-width analysis (8-bit
-    weights, 24-bit thresholds and membrane potentials; plus 24-bit dendritic accumulators and
-    graded-spike payloads)."""
+    weights; 24-bit neuron words, a DIF membrane of one or two words (the two-word microcode
+    with its shift and per-compartment widths); 24-bit dendritic accumulators and graded-spike
+    payloads)."""
     plan = plan or make_plan(net)
+    net = lava_network(net, loihi2_word_bits())  # the network the plan maps (synapses cut at shifts)
     bounds = abs_bounds(net)
     budget, bits = _profile_bits(net)
     rows = []
@@ -562,23 +710,34 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
                 notes.append(f"graded input exceeds the {budget['payload_bits']}-bit spike payload")
             hw = ("Loihi 2 synapses" if impl.startswith("lava.")
                   else "Loihi 2 synapses (custom only in simulation: " + p["params"]["reason"] + ")")
+            if p["params"].get("shift"):
+                hw += f" feeding a coarse compartment (weight exponent lowered by {p['params']['shift']})"
         elif kind in ("neuron", "ternary"):
             op = net.op(node)
-            tb = nb.get("threshold_bits", int(op.threshold.max(initial=1)).bit_length())
-            if tb > budget["threshold_bits"]:
-                notes.append(f"thresholds need {tb} bits (> {budget['threshold_bits']})")
-            if nb.get("membrane_bits", 0) > budget["membrane_bits"]:
-                notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['membrane_bits']})")
+            prm = p["params"]
+            if not prm.get("shift"):  # one word holds it, or two words do not (then it says why)
+                tb = nb.get("threshold_bits", int(op.threshold.max(initial=1)).bit_length())
+                if tb > budget["word_bits"]:
+                    notes.append(f"thresholds need {tb} bits (> {budget['word_bits']})")
+                if nb.get("membrane_bits", 0) > budget["word_bits"]:
+                    notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['word_bits']})")
+                if "two_words_refused" in prm:
+                    notes.append(prm["two_words_refused"])
             hw = ("custom neuron microcode (DIF: integration window T, delayed firing after D steps, reset by "
                   "subtraction, per-neuron v0 and bias)" if kind == "neuron" else
                   "custom neuron microcode (ternary DIF: as DIF, plus -1 graded spikes and reset by addition below 0)")
+            if prm.get("shift"):
+                w = prm["widths"]
+                hw += (f"; two-word membrane microcode (shift {prm['shift']}, coarse/fine compartments: high word "
+                       f"{w['hi']} bits, coarse accumulator {w['coarse']} bits, fine word {w['fine']} bits, of "
+                       f"{prm['word_bits']})")
         elif kind == "mbe":
             op = net.op(node)
             tb = nb.get("threshold_bits", int(op.threshold.max()).bit_length())
-            if tb > budget["threshold_bits"]:
-                notes.append(f"thresholds need {tb} bits (> {budget['threshold_bits']})")
-            if nb.get("membrane_bits", 0) > budget["membrane_bits"]:
-                notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['membrane_bits']})")
+            if tb > budget["word_bits"]:
+                notes.append(f"thresholds need {tb} bits (> {budget['word_bits']})")
+            if nb.get("membrane_bits", 0) > budget["word_bits"]:
+                notes.append(f"membrane potential may need {nb['membrane_bits']} bits (> {budget['word_bits']})")
             hw = ("custom neuron microcode (MBE: integration window T, then per basis a threshold / reset table over "
                   "S steps; a spike sends its step's output weight as a graded payload)")
         elif kind == "maxpool":
@@ -586,6 +745,8 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
         elif kind == "matmul":
             hw = ("custom neuron microcode (TDEC VMM: running spike counts held as neuron state, sent as graded spikes "
                   "and gated by the other operand's spikes)")
+            if p["params"].get("shift"):
+                hw += f" feeding a coarse compartment (event weight divided by 2**{p['params']['shift']})"
         elif kind == "encode":
             hw = "host / embedded CPU (graded spikes carrying the input levels)"
         elif kind == "readout":
@@ -595,9 +756,10 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
         else:
             hw = "Loihi 2 axon / synaptic delay"
         rows.append({"process": p["name"], "ir_node": node, "kind": kind,
-                     "lava": impl if impl != "custom" else _CUSTOM_CLASS[kind],
+                     "lava": _lava_class(p),
                      "offset": p["offset"], "loihi2": hw, "notes": notes})
     return rows
 
 
-__all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "TERNARY_MESSAGE_BITS", "Plan", "abs_bounds", "hardware_report", "linear_matrix", "make_plan"]
+__all__ = ["CONV_IMPLS", "LOIHI2", "LOWERINGS", "PLAN_FORMAT", "PLAN_VERSION", "TERNARY_MESSAGE_BITS", "Plan", "abs_bounds",
+           "hardware_report", "lava_network", "linear_matrix", "make_plan", "membrane_layouts", "split_words"]

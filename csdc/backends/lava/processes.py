@@ -12,7 +12,8 @@ consecutive samples never interact; ``period >= T + max delay`` guarantees the w
 process do not overlap, and every process resets its state at local step 1.
 
 Latencies (global steps from input local step t to output local step t):
-``CsdcEncode`` -, ``CsdcNeuron`` and ``CsdcTernaryNeuron`` ``delay``, ``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
+``CsdcEncode`` -, ``CsdcNeuron``, ``CsdcTernaryNeuron`` and their two-word forms ``delay``,
+``CsdcMaxPool`` 0, ``CsdcDelay`` ``steps``,
 ``CsdcSynapse`` and ``CsdcSpikeMatMul`` 1 (like Lava's Dense/Sparse/Conv, whose output at
 step g is the synaptic input of step g - 1), ``CsdcReadout`` -.
 
@@ -98,7 +99,31 @@ class CsdcEncode(AbstractProcess):
         self.a_out = OutPort(shape=shape)
 
 
-class CsdcNeuron(AbstractProcess):
+class _DifPopulation(AbstractProcess):
+    """Ports, recording Vars and schedule of the DIF populations (one-word and two-word): an
+    input port ``a_in``, spikes out on ``s_out``, ``state`` as Vars (integer arrays of the
+    population's shape), the largest |membrane| and the packed counts / trains per sample."""
+
+    ternary = False  # graded -1/0/+1 spikes: -1 counts in neg_counts_packed, trains packed in 2 bits
+
+    def __init__(self, *, shape: tuple[int, ...], state: dict[str, np.ndarray], T: int, delay: int, start: int,
+                 period: int, n_samples: int, keep_trains: bool, name: str, **params) -> None:
+        super().__init__(T=int(T), delay=int(delay), start=int(start), period=int(period), n_samples=int(n_samples),
+                         keep_trains=bool(keep_trains), name=name, **params)
+        size = int(np.prod(shape))
+        self.a_in = InPort(shape=shape)
+        self.s_out = OutPort(shape=shape)
+        for key, value in state.items():
+            setattr(self, key, Var(shape=shape, init=np.broadcast_to(np.asarray(value, dtype=np.int64), shape).copy()))
+        self.max_abs_v = Var(shape=(1,), init=0)
+        self.counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
+        train_bits = 2 if self.ternary else 1
+        self.trains_packed = Var(shape=(packed_words(n_samples * T * size if keep_trains else 0, train_bits),), init=0)
+        if self.ternary:
+            self.neg_counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
+
+
+class CsdcNeuron(_DifPopulation):
     """Delayed integrate-and-fire population (DIF, reset by subtraction), paper Algorithm 1.
 
     At local step u (1..T+delay): ``v = v0`` before u = 1; ``v += I(u) + bias`` for u <= T;
@@ -109,19 +134,9 @@ class CsdcNeuron(AbstractProcess):
     def __init__(self, *, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, T: int, delay: int,
                  start: int, period: int, n_samples: int, keep_trains: bool = False, name: str = "neuron") -> None:
         threshold = np.asarray(threshold, dtype=np.int64)
-        shape = tuple(threshold.shape)
-        size = int(np.prod(shape))
-        super().__init__(T=int(T), delay=int(delay), start=int(start), period=int(period), n_samples=int(n_samples),
-                         keep_trains=bool(keep_trains), name=name)
-        self.a_in = InPort(shape=shape)
-        self.s_out = OutPort(shape=shape)
-        self.threshold = Var(shape=shape, init=threshold)
-        self.v0 = Var(shape=shape, init=np.asarray(v0, dtype=np.int64))
-        self.bias = Var(shape=shape, init=np.asarray(bias, dtype=np.int64))
-        self.v = Var(shape=shape, init=np.asarray(v0, dtype=np.int64))
-        self.max_abs_v = Var(shape=(1,), init=0)
-        self.counts_packed = Var(shape=(packed_words(n_samples * size, count_bits(T)),), init=0)
-        self.trains_packed = Var(shape=(packed_words(n_samples * T * size if keep_trains else 0, 1),), init=0)
+        super().__init__(shape=tuple(threshold.shape), state={"threshold": threshold, "v0": v0, "bias": bias, "v": v0},
+                         T=T, delay=delay, start=start, period=period, n_samples=n_samples, keep_trains=keep_trains,
+                         name=name)
 
 
 class CsdcTernaryNeuron(CsdcNeuron):
@@ -130,13 +145,83 @@ class CsdcTernaryNeuron(CsdcNeuron):
     and adds it (a graded spike carrying a sign). Records the +1 counts in ``counts_packed`` and
     the -1 counts in ``neg_counts_packed``; trains are packed as ``spike + 1`` in 2 bits."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        p = self.proc_params
-        size = int(np.prod(self.v.shape))
-        self.neg_counts_packed = Var(shape=(packed_words(p["n_samples"] * size, count_bits(p["T"])),), init=0)
-        self.trains_packed = Var(shape=(packed_words(p["n_samples"] * p["T"] * size if p["keep_trains"] else 0, 2),),
-                                 init=0)
+    ternary = True
+
+
+class CsdcTwoWordNeuron(_DifPopulation):
+    """A :class:`CsdcNeuron` whose membrane is two ``word_bits``-bit words (custom neuron
+    microcode with two compartments): ``V = hi * 2**shift + lo``, ``0 <= lo < 2**shift``.
+
+    ``a_in`` is the fine compartment (currents in units of 1), ``c_in`` the coarse one (in units
+    of ``2**shift``: its synapses' weight exponents are lowered by ``shift``). Threshold, v0 and
+    bias come as (hi, lo) words of the same split. Per integration step (u <= T):
+    ``lo += I_fine + bias_lo; c = lo >> shift; lo -= c << shift; hi += I_coarse + bias_hi + c``.
+    Fire test (u > delay): ``hi > threshold_hi or (hi == threshold_hi and lo >= threshold_lo)``
+    (V >= threshold); reset by subtraction with a borrow from ``hi``. V equals the one-word
+    membrane at every step, so the spikes are the same. The first word leaving ``word_bits`` signed
+    bits (``hi``, the fine word before the carry, the coarse accumulator) is recorded in
+    ``overflow``, and the run then fails naming the process (``builder.run_graph``): a mapping
+    bug, never a property of the input."""
+
+    def __init__(self, *, threshold: tuple[np.ndarray, np.ndarray], v0: tuple[np.ndarray, np.ndarray],
+                 bias: tuple[np.ndarray, np.ndarray], shift: int, word_bits: int, T: int, delay: int, start: int,
+                 period: int, n_samples: int, keep_trains: bool = False, name: str = "neuron") -> None:
+        shift, word_bits = int(shift), int(word_bits)
+        if not 0 < shift < word_bits:
+            raise ValueError(f"process '{name}': shift {shift} is not in 1..{word_bits - 1}")
+        words = {}
+        for key, (hi, lo) in (("threshold", threshold), ("v0", v0), ("bias", bias)):
+            hi, lo = np.asarray(hi, dtype=np.int64), np.asarray(lo, dtype=np.int64)
+            if lo.size and (lo.min() < 0 or lo.max() >= 1 << shift):
+                raise ValueError(f"process '{name}': {key}_lo must lie in [0, 2**{shift})")
+            check_word(name, f"{key}_hi", hi, word_bits)
+            words[f"{key}_hi"], words[f"{key}_lo"] = hi, lo
+        shape = tuple(np.broadcast_shapes(*(w.shape for w in words.values())))
+        super().__init__(shape=shape, state={**words, "hi": words["v0_hi"], "lo": words["v0_lo"]}, T=T, delay=delay,
+                         start=start, period=period, n_samples=n_samples, keep_trains=keep_trains, name=name,
+                         shift=shift, word_bits=word_bits)
+        self.c_in = InPort(shape=shape)
+        # the first word that left word_bits: [global step, index in TWO_WORD_CHECKS, value]; 0 = none.
+        # Recorded, not raised: an exception inside a Lava process model stalls the whole run
+        self.overflow = Var(shape=(3,), init=0)
+
+
+class CsdcTwoWordTernaryNeuron(CsdcTwoWordNeuron):
+    """A :class:`CsdcTernaryNeuron` with a two-word membrane (see :class:`CsdcTwoWordNeuron`):
+    -1 where V < 0 (``hi < 0``), reset by addition with a carry into ``hi``."""
+
+    ternary = True
+
+
+#: The words a two-word population checks every step, by their index in its ``overflow`` record.
+TWO_WORD_CHECKS = ("the fine word lo (with I_fine + bias_lo before the carry, or during a reset)",
+                   "the coarse accumulator I_coarse + bias_hi + carry", "the high word hi",
+                   "the fine accumulator I_fine")
+
+
+def outside_word(values: np.ndarray, bits: int) -> int | None:
+    """A value of ``values`` outside the ``bits``-bit signed range, or None."""
+    if not values.size:
+        return None
+    lo, hi = int(values.min()), int(values.max())
+    return hi if hi >= 1 << (bits - 1) else lo if lo < -(1 << (bits - 1)) else None
+
+
+def word_overflow_message(process: str, bits: int, record: np.ndarray) -> str | None:
+    """What a two-word population's ``overflow`` record ``[global step, check, value]`` says (None:
+    every word stayed within ``bits`` signed bits)."""
+    step, check, value = (int(v) for v in np.rint(np.asarray(record, dtype=np.float64)))
+    if step == 0:
+        return None
+    return (f"process '{process}': {TWO_WORD_CHECKS[check]} reached {value} at global step {step}, outside its "
+            f"{bits}-bit signed word (a mapping bug: the plan's two-word layout promised it fits)")
+
+
+def check_word(process: str, word: str, values: np.ndarray, bits: int) -> None:
+    """Raise ``ValueError`` naming ``process`` if a parameter word leaves the ``bits``-bit signed range."""
+    bad = outside_word(np.asarray(values, dtype=np.int64), bits)
+    if bad is not None:
+        raise ValueError(f"process '{process}': {word} = {bad} does not fit its {bits}-bit signed word")
 
 
 class CsdcMBENeuron(AbstractProcess):
@@ -282,15 +367,13 @@ class _RecordingModel(PyLoihiProcessModel):
 
 
 class _DifModel(_RecordingModel):
-    """Integration window, delay and reset of the DIF neuron models (int64 state); ``_fire``
-    decides the spikes of a firing step and resets ``v``."""
+    """Integration window, delay, firing and recording of the DIF populations. How the membrane
+    is held (one int64 word, or two words) lives in the state hooks of the subclasses:
+    ``_receive``, ``_start``, ``_integrate``, ``_at_or_above``, ``_below_zero``, ``_subtract``,
+    ``_membrane``. ``_fire`` is the DIF rule (+1 and reset by subtraction at or above threshold)."""
 
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int64)
-    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64)
-    v0: np.ndarray = LavaPyType(np.ndarray, np.int64)
-    bias: np.ndarray = LavaPyType(np.ndarray, np.int64)
-    v: np.ndarray = LavaPyType(np.ndarray, np.int64)
     max_abs_v: np.ndarray = LavaPyType(np.ndarray, np.int64)
 
     def __init__(self, proc_params: dict) -> None:
@@ -298,22 +381,35 @@ class _DifModel(_RecordingModel):
         p = proc_params
         self._sched = _Schedule(p["start"], p["period"], p["n_samples"])
         self._D = p["delay"]
+        self._name = p["name"]
         self._recording_ready = False
 
+    def _peak(self) -> None:
+        self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self._membrane()).max(initial=0)))
+
+    def _receive(self) -> tuple[np.ndarray, ...]:
+        return (self.a_in.recv().astype(np.int64),)
+
+    def _fire(self) -> np.ndarray:
+        fire = self._at_or_above().astype(np.int64)
+        self._subtract(fire)
+        return fire
+
     def run_spk(self) -> None:
+        shape = tuple(self.s_out.shape)
         if not self._recording_ready:
-            self._init_recording(self.v.shape)
+            self._init_recording(shape)
             self._recording_ready = True
-        current = self.a_in.recv().astype(np.int64)
+        currents = self._receive()  # every port is read every step, inside the window or not
         k, u = self._sched.locate(self.time_step)
-        out = np.zeros(self.v.shape, dtype=np.int64)
+        out = np.zeros(shape, dtype=np.int64)
         if k >= 0 and u <= self._T + self._D:
             if u == 1:
-                self.v = self.v0.astype(np.int64).copy()
-                self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+                self._start()
+                self._peak()
             if u <= self._T:
-                self.v = self.v + current + self.bias
-                self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+                self._integrate(*currents)
+                self._peak()
             if u > self._D:
                 out = self._fire()
                 self._record(k, u - self._D, out)
@@ -322,31 +418,17 @@ class _DifModel(_RecordingModel):
         self.s_out.send(out)
 
 
-@implements(proc=CsdcNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("fixed_pt")
-class PyCsdcNeuronModel(_DifModel):
-    """Fixed-point DIF neuron (int64 state)."""
-
-    def _fire(self) -> np.ndarray:
-        fire = self.v >= self.threshold
-        self.v = self.v - np.where(fire, self.threshold, 0)
-        return fire.astype(np.int64)
-
-
-@implements(proc=CsdcTernaryNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("fixed_pt")
-class PyCsdcTernaryNeuronModel(_DifModel):
-    """Fixed-point ternary DIF neuron (int64 state, graded spikes -1/0/+1)."""
+class _TernaryRule:
+    """Firing rule and recording of the ternary populations (mixed in before a state model): +1
+    at or above threshold (reset by subtraction), -1 below 0 (reset by addition)."""
 
     neg_counts_packed: np.ndarray = LavaPyType(np.ndarray, np.int64)
 
     def _fire(self) -> np.ndarray:
-        fire = (self.v >= self.threshold).astype(np.int64) - (self.v < 0)
-        self.v = self.v - fire * self.threshold
+        fire = self._at_or_above().astype(np.int64) - self._below_zero()
+        self._subtract(fire)
         # a -1 reset can raise |v| (up to threshold - 1): measured like the numba kernel
-        self.max_abs_v[0] = max(int(self.max_abs_v[0]), int(np.abs(self.v).max(initial=0)))
+        self._peak()
         return fire
 
     def _init_recording(self, shape: tuple[int, ...]) -> None:
@@ -364,6 +446,122 @@ class PyCsdcTernaryNeuronModel(_DifModel):
         self.neg_counts_packed = pack_uint(self._neg, count_bits(self._T))
         if self._keep:
             self.trains_packed = pack_uint(self._trains.astype(np.int64) + 1, 2)
+
+
+class _OneWordModel(_DifModel):
+    """The membrane as one int64 word ``v`` (the simulators' datapath)."""
+
+    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v0: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    bias: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def _start(self) -> None:
+        self.v = self.v0.astype(np.int64).copy()
+
+    def _integrate(self, current: np.ndarray) -> None:
+        self.v = self.v + current + self.bias
+
+    def _at_or_above(self) -> np.ndarray:
+        return self.v >= self.threshold
+
+    def _below_zero(self) -> np.ndarray:
+        return self.v < 0
+
+    def _subtract(self, n: np.ndarray) -> None:
+        self.v = self.v - n * self.threshold
+
+    def _membrane(self) -> np.ndarray:
+        return self.v
+
+
+class _TwoWordModel(_DifModel):
+    """The membrane as two words ``V = hi * 2**shift + lo`` with ``0 <= lo < 2**shift``, each
+    checked to stay within ``word_bits`` signed bits (docs/lava.md, two-word membranes)."""
+
+    c_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64)
+    threshold_hi: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    threshold_lo: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v0_hi: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    v0_lo: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    bias_hi: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    bias_lo: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    hi: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    lo: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    overflow: np.ndarray = LavaPyType(np.ndarray, np.int64)
+
+    def __init__(self, proc_params: dict) -> None:
+        super().__init__(proc_params)
+        self._shift, self._bits = proc_params["shift"], proc_params["word_bits"]
+
+    def _check(self, check: int, values: np.ndarray) -> None:
+        if self.overflow[0] == 0:
+            bad = outside_word(values, self._bits)
+            if bad is not None:
+                self.overflow = np.array([self.time_step, check, bad], dtype=np.int64)
+
+    def _receive(self) -> tuple[np.ndarray, ...]:
+        return self.a_in.recv().astype(np.int64), self.c_in.recv().astype(np.int64)
+
+    def _start(self) -> None:
+        self.hi = self.v0_hi.astype(np.int64).copy()
+        self.lo = self.v0_lo.astype(np.int64).copy()
+
+    def _integrate(self, fine: np.ndarray, coarse: np.ndarray) -> None:
+        self._check(3, fine)
+        lo = self.lo + fine + self.bias_lo
+        self._check(0, lo)
+        carry = lo >> self._shift  # floor: 0 <= lo < 2**shift afterwards
+        self.lo = lo - (carry << self._shift)
+        acc = coarse + self.bias_hi + carry
+        self._check(1, acc)
+        self.hi = self.hi + acc
+        self._check(2, self.hi)
+
+    def _at_or_above(self) -> np.ndarray:
+        return (self.hi > self.threshold_hi) | ((self.hi == self.threshold_hi) & (self.lo >= self.threshold_lo))
+
+    def _below_zero(self) -> np.ndarray:
+        return self.hi < 0
+
+    def _subtract(self, n: np.ndarray) -> None:
+        lo = self.lo - n * self.threshold_lo  # n in {-1, 0, 1}: lo stays within (-2**shift, 2**(shift + 1))
+        self._check(0, lo)
+        borrow = lo >> self._shift  # -1, 0 or 1
+        self.lo = lo - (borrow << self._shift)
+        self.hi = self.hi + borrow - n * self.threshold_hi
+        self._check(2, self.hi)
+
+    def _membrane(self) -> np.ndarray:
+        return (self.hi << self._shift) + self.lo  # the one-word V (a simulation-side measurement)
+
+
+@implements(proc=CsdcNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcNeuronModel(_OneWordModel):
+    """Fixed-point DIF neuron (int64 state)."""
+
+
+@implements(proc=CsdcTernaryNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcTernaryNeuronModel(_TernaryRule, _OneWordModel):
+    """Fixed-point ternary DIF neuron (int64 state, graded spikes -1/0/+1)."""
+
+
+@implements(proc=CsdcTwoWordNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcTwoWordNeuronModel(_TwoWordModel):
+    """Fixed-point DIF neuron with a two-word membrane (two compartments)."""
+
+
+@implements(proc=CsdcTwoWordTernaryNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyCsdcTwoWordTernaryNeuronModel(_TernaryRule, _TwoWordModel):
+    """Fixed-point ternary DIF neuron with a two-word membrane (two compartments)."""
 
 
 @implements(proc=CsdcMBENeuron, protocol=LoihiProtocol)
@@ -582,6 +780,8 @@ PROCESS_MODELS: dict[type, type] = {
     CsdcEncode: PyCsdcEncodeModel,
     CsdcNeuron: PyCsdcNeuronModel,
     CsdcTernaryNeuron: PyCsdcTernaryNeuronModel,
+    CsdcTwoWordNeuron: PyCsdcTwoWordNeuronModel,
+    CsdcTwoWordTernaryNeuron: PyCsdcTwoWordTernaryNeuronModel,
     CsdcMBENeuron: PyCsdcMBENeuronModel,
     CsdcMaxPool: PyCsdcMaxPoolModel,
     CsdcDelay: PyCsdcDelayModel,
@@ -601,6 +801,12 @@ __all__ = [
     "CsdcSpikeMatMul",
     "CsdcSynapse",
     "CsdcTernaryNeuron",
+    "CsdcTwoWordNeuron",
+    "CsdcTwoWordTernaryNeuron",
+    "TWO_WORD_CHECKS",
+    "check_word",
+    "outside_word",
+    "word_overflow_message",
     "count_bits",
     "pack_uint",
     "packed_words",
