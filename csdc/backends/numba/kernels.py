@@ -591,13 +591,6 @@ spike_matmul, spike_matmul_signed = _signed_variants(
     """)
 
 
-@njit(inline="always")
-def _spike(v: int, threshold: int, signed: bool) -> np.int32:
-    """The spike of a neuron at potential ``v`` in a firing step: +1 where ``v >= threshold``; in a
-    ternary population (``signed``) -1 where ``v < 0``; else 0. The reset is ``v -= spike * threshold``."""
-    return np.int32(v >= threshold) - np.int32(signed and v < 0)
-
-
 def _neurons(signed: bool) -> Callable:
     def kernel(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
                out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
@@ -619,19 +612,23 @@ def _neurons(signed: bool) -> Callable:
             for u in range(1, T + 1):
                 x = cur[b, u - 1 if Tc > 1 else 0]
                 if u > delay:
-                    # Branch-free update (vectorizes): fire, reset by subtraction (by addition after a -1).
+                    # Branch-free update (vectorizes): fire where v >= threshold (ternary: or v < 0), reset by
+                    # subtracting (adding) the threshold.
                     row = out[b, u - delay - 1]
                     for n in range(N):
                         vn = vt(v[n] + x[n] + bias[n])
-                        peak = max(peak, abs(vn))
-                        f = _spike(vn, threshold[n], signed)
+                        up = vn >= threshold[n]
+                        down = signed and vn < 0
+                        f = np.int32(up) - np.int32(down)
                         row[n] = f
                         cnt[n] += f
                         vr = vt(vn - f * threshold[n])
                         if signed:  # a -1 reset can raise |v| (up to threshold - 1); counts cannot give k
-                            peak = max(peak, abs(vr))
-                            k += f != 0
-                            kn += f < 0
+                            k += up + down
+                            kn += down
+                            peak = max(peak, max(abs(vn), abs(vr)))
+                        else:
+                            peak = max(peak, abs(vn))
                         v[n] = vr
                 else:
                     for n in range(N):
@@ -642,14 +639,17 @@ def _neurons(signed: bool) -> Callable:
             for u in range(max(T, delay) + 1, T + delay + 1):
                 row = out[b, u - delay - 1]
                 for n in range(N):
-                    f = _spike(v[n], threshold[n], signed)
+                    vn = v[n]
+                    up = vn >= threshold[n]
+                    down = signed and vn < 0
+                    f = np.int32(up) - np.int32(down)
                     row[n] = f
                     cnt[n] += f
-                    vr = vt(v[n] - f * threshold[n])
+                    vr = vt(vn - f * threshold[n])
                     if signed:
+                        k += up + down
+                        kn += down
                         peak = max(peak, abs(vr))
-                        k += f != 0
-                        kn += f < 0
                     v[n] = vr
             cb = counts[b]
             for n in range(N):
