@@ -22,6 +22,12 @@ Synaptic work is proportional to the number of nonzero inputs: a spike at input 
 ``i`` adds the fan-out weights of ``i`` to the outputs it reaches (an accumulate, AC); a
 nonzero current ``q`` adds ``q`` times them (a multiply-accumulate, MAC).
 
+A kernel that treats ternary spikes differently from binary ones (the neurons, SpikeMatMul) is
+written once, as a body closed over a constant ``signed``, and compiled into its two variants
+(:func:`_signed_variants`): the binary variant carries no -1 handling. Dense and conv synapses
+read ternary spikes split into their +1 and -1 halves (see the backend), sum pooling and
+diagonal synapses take either type as it is.
+
 All kernels are compiled with ``cache=True``: the machine code is written to numba's
 cache directory (``NUMBA_CACHE_DIR``, default ``__pycache__`` next to this file) on first
 use and loaded from there by later processes.
