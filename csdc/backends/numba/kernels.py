@@ -597,6 +597,20 @@ spike_matmul, spike_matmul_signed = _signed_variants(
     """)
 
 
+@njit(inline="always")
+def _fire(v: int, n: int, threshold: np.ndarray, row: np.ndarray, cnt: np.ndarray,
+          signed: bool) -> tuple[int, int, bool]:
+    """A firing step of neuron ``n`` at potential ``v``: its spike ``f`` (+1 where ``v >= threshold[n]``;
+    in a ternary population (``signed``) -1 where ``v < 0``; else 0) written to ``row[n]`` and added
+    to ``cnt[n]``. Returns ``(v - f * threshold[n], whether it spiked, whether with -1)``."""
+    up = v >= threshold[n]
+    down = signed and v < 0
+    f = np.int32(up) - np.int32(down)
+    row[n] = f
+    cnt[n] += f
+    return v - f * threshold[n], up + down, down
+
+
 def _neurons(signed: bool) -> Callable:
     def kernel(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
                out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
@@ -623,14 +637,10 @@ def _neurons(signed: bool) -> Callable:
                     row = out[b, u - delay - 1]
                     for n in range(N):
                         vn = vt(v[n] + x[n] + bias[n])
-                        up = vn >= threshold[n]
-                        down = signed and vn < 0
-                        f = np.int32(up) - np.int32(down)
-                        row[n] = f
-                        cnt[n] += f
-                        vr = vt(vn - f * threshold[n])
+                        reset, fired, down = _fire(vn, n, threshold, row, cnt, signed)
+                        vr = vt(reset)
                         if signed:  # a -1 reset can raise |v| (up to threshold - 1); counts cannot give k
-                            k += up + down
+                            k += fired
                             kn += down
                             peak = max(peak, max(abs(vn), abs(vr)))
                         else:
@@ -645,15 +655,10 @@ def _neurons(signed: bool) -> Callable:
             for u in range(max(T, delay) + 1, T + delay + 1):
                 row = out[b, u - delay - 1]
                 for n in range(N):
-                    vn = v[n]
-                    up = vn >= threshold[n]
-                    down = signed and vn < 0
-                    f = np.int32(up) - np.int32(down)
-                    row[n] = f
-                    cnt[n] += f
-                    vr = vt(vn - f * threshold[n])
+                    reset, fired, down = _fire(v[n], n, threshold, row, cnt, signed)
+                    vr = vt(reset)
                     if signed:
-                        k += up + down
+                        k += fired
                         kn += down
                         peak = max(peak, abs(vr))
                     v[n] = vr
