@@ -430,14 +430,16 @@ def _reduce_sum(op: ReduceSum, ctx: NodeContext) -> Step:
 
 @dataclass(frozen=True, slots=True)
 class NeuronStep:
-    """DIF neurons; ``threshold``, ``v0``, ``bias`` flattened to (N,), int32 when the membrane
-    potential provably stays below 2^31 in magnitude, else int64."""
+    """DIF neurons, or ternary neurons (``signed``: int8 trains of -1/0/+1 and signed counts);
+    ``threshold``, ``v0``, ``bias`` flattened to (N,), int32 when the membrane potential provably
+    stays below 2^31 in magnitude, else int64."""
 
     threshold: np.ndarray
     v0: np.ndarray
     bias: np.ndarray
     delay: int
     T: int
+    signed: bool = False
     bound: int = 1
 
     def __call__(self, ins: list[np.ndarray], stats: NodeStats) -> np.ndarray:
@@ -446,32 +448,16 @@ class NeuronStep:
     def fire(self, ins: list[np.ndarray], stats: NodeStats,
              counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The spike trains (batch, T, *shape) and their counts (batch, *shape) int64, written
-        into ``counts`` (C-contiguous) if given; adds the spikes and the peak |v| to ``stats``."""
+        into ``counts`` (C-contiguous) if given; adds the spikes (of both signs), the -1 spikes
+        and the peak |v| to ``stats``."""
         cur = ins[0]
         b, tc = cur.shape[:2]
         n = self.threshold.size
-        out = np.empty((b, self.T, n), dtype=np.uint8)  # the kernel writes every step and count
+        out = np.empty((b, self.T, n), dtype=np.int8 if self.signed else np.uint8)  # every step and count is written
         counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
-        spikes, peak = K.dif_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out, counts)
-        stats.spikes += spikes
-        stats.max_abs_v = max(stats.max_abs_v, peak)
-        return out.reshape(b, self.T, *cur.shape[2:]), counts.reshape(b, *cur.shape[2:])
-
-
-@dataclass(frozen=True, slots=True)
-class TernaryNeuronStep(NeuronStep):
-    """Ternary neurons (signed spikes, int8 trains); parameters as :class:`NeuronStep`."""
-
-    def fire(self, ins: list[np.ndarray], stats: NodeStats,
-             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The signed spike trains and counts, as :meth:`NeuronStep.fire` (spikes of both signs)."""
-        cur = ins[0]
-        b, tc = cur.shape[:2]
-        n = self.threshold.size
-        out = np.empty((b, self.T, n), dtype=np.int8)  # the kernel writes every step and count
-        counts = np.empty((b, n), dtype=np.int64) if counts is None else counts.reshape(b, n)
-        spikes, negative, peak = K.ternary_neurons(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay,
-                                                   out, counts)
+        kernel = K.ternary_neurons if self.signed else K.dif_neurons
+        spikes, negative, peak = kernel(cur.reshape(b, tc, n), self.threshold, self.v0, self.bias, self.delay, out,
+                                        counts)
         stats.spikes += spikes
         stats.negative_spikes += negative
         stats.max_abs_v = max(stats.max_abs_v, peak)
@@ -486,8 +472,8 @@ def _neuron(op: Neuron, ctx: NodeContext) -> Step:
     peak = lambda a: int(np.abs(a.astype(np.float64)).max(initial=0))
     v_bound = peak(op.v0) + ctx.T * (ctx.in_bounds[0] + peak(op.bias)) + peak(op.threshold)
     dt = _current_dtype(v_bound)
-    step = TernaryNeuronStep if isinstance(op, TernaryNeuron) else NeuronStep
-    return step(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)), op.delay, ctx.T)
+    return NeuronStep(*(np.ascontiguousarray(a.ravel(), dtype=dt) for a in (op.threshold, op.v0, op.bias)), op.delay,
+                      ctx.T, isinstance(op, TernaryNeuron))
 
 
 @dataclass(frozen=True, slots=True)

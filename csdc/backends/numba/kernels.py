@@ -22,12 +22,20 @@ Synaptic work is proportional to the number of nonzero inputs: a spike at input 
 ``i`` adds the fan-out weights of ``i`` to the outputs it reaches (an accumulate, AC); a
 nonzero current ``q`` adds ``q`` times them (a multiply-accumulate, MAC).
 
+A kernel that treats ternary spikes differently from binary ones (the neurons, SpikeMatMul) is
+written once, as a body closed over a constant ``signed``, and compiled into its two variants
+(:func:`_signed_variants`): the binary variant carries no -1 handling. Dense and conv synapses
+read ternary spikes split into their +1 and -1 halves (see the backend), sum pooling and
+diagonal synapses take either type as it is.
+
 All kernels are compiled with ``cache=True``: the machine code is written to numba's
 cache directory (``NUMBA_CACHE_DIR``, default ``__pycache__`` next to this file) on first
 use and loaded from there by later processes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
@@ -49,14 +57,24 @@ def _taps(n_in: int, n_out: int, k: int, stride: int, pad: int, dilation: int) -
 
 
 @njit(inline="always")
-def _gather_spikes(mask: np.ndarray, idx: np.ndarray) -> int:
-    """Write the positions of the nonzero entries of ``mask`` to ``idx[:k]`` and return ``k``
-    (branch-free: every position is written, the count advances only on a spike)."""
-    k = 0
-    for i in range(mask.shape[0]):
-        idx[k] = i
-        k += mask[i] != 0
-    return k
+def _gather_spikes(row: np.ndarray, pos: np.ndarray, neg: np.ndarray, signed: bool) -> tuple[int, int]:
+    """Write the positions of the spikes of ``row`` to ``pos[:kp]`` and return ``(kp, kn)``: binary
+    spikes (``signed`` false) are the nonzero entries, and ``kn`` is 0 (``neg`` is not touched);
+    ternary ones write the +1 entries to ``pos`` and the -1 entries to ``neg[:kn]``.
+    ``signed`` is a constant of the calling kernel, so each variant compiles to its own loop.
+    Branch-free: every position is written, a count advances only on a spike."""
+    kp = 0
+    kn = 0
+    for i in range(row.shape[0]):
+        v = row[i]
+        pos[kp] = i
+        if signed:
+            neg[kn] = i
+            kp += v > 0
+            kn += v < 0
+        else:
+            kp += v != 0
+    return kp, kn
 
 
 @njit(inline="always")
@@ -101,7 +119,7 @@ def dense_spikes(s: np.ndarray, w: np.ndarray, scale: int, out: np.ndarray, prot
     n_ac = 0
     for b in range(B):
         for m in range(M):
-            k = _gather_spikes(s[b, m], idx)
+            k, _ = _gather_spikes(s[b, m], idx, idx, False)
             n_ac += k * n_out
             acc[:] = 0
             j = 0
@@ -472,8 +490,91 @@ def spike_max_pool(s: np.ndarray, kernel: np.ndarray, stride: np.ndarray, pad: n
     return total
 
 
-@njit(nogil=True, cache=True)
-def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, proto: np.ndarray) -> int:
+def _signed_variants(body: Callable[[bool], Callable], name: str, signed_name: str, doc: str,
+                     signed_doc: str) -> tuple[Dispatcher, Dispatcher]:
+    """The kernels ``name`` (binary spikes) and ``signed_name`` (ternary spikes) compiled from one
+    body: ``body(signed)`` returns the kernel function closed over the constant ``signed``, so
+    numba compiles the -1 handling into the signed variant only (the binary one runs the
+    binary loops, no per-spike test). Each variant has its own name, hence its own entry in
+    numba's on-disk cache (:func:`kernels_cached` checks every kernel)."""
+    kernels = []
+    for signed, label, text in ((False, name, doc), (True, signed_name, signed_doc)):
+        fn = body(signed)
+        fn.__name__ = fn.__qualname__ = label
+        fn.__doc__ = text
+        kernels.append(njit(nogil=True, cache=True)(fn))
+    return kernels[0], kernels[1]
+
+
+def _spike_matmul(signed: bool) -> Callable:
+    def kernel(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, proto: np.ndarray) -> int:
+        B, T, L, M, K = a.shape
+        N = bm.shape[4]
+        count_a = np.zeros((K, M), dtype=proto.dtype)  # C_A, transposed: column k of C_A is contiguous
+        count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
+        col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
+        rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
+        pos = np.empty(max(K, N) + 1, dtype=np.int64)  # a row's (+1) spikes
+        neg = np.empty(max(K, N) + 1 if signed else 0, dtype=np.int64)  # its -1 spikes
+        n_ac = 0
+        for b in range(B):
+            for l in range(L):
+                count_a[:] = 0
+                count_b[:] = 0
+                for t in range(T):
+                    o = out[b, t, l]
+                    bt = bm[b, t, l]
+                    at = a[b, t, l]
+                    # A spike B(t)[k, n] adds (a -1 subtracts) the counts C_A(t-1)[:, k] (count_a not yet
+                    # updated) to column n; B(t) is read by rows (contiguous); then C_B includes step t.
+                    nb = 0
+                    col[:] = 0
+                    for kk in range(K):
+                        kp, kn = _gather_spikes(bt[kk], pos, neg, signed)
+                        nb += kp + kn
+                        cak = count_a[kk]
+                        for j in range(kp):
+                            cn = col[pos[j]]
+                            for i in range(M):
+                                cn[i] += cak[i]
+                        for j in range(kn):  # none in the binary variant (kn is the constant 0)
+                            cn = col[neg[j]]
+                            for i in range(M):
+                                cn[i] -= cak[i]
+                    for kk in range(K):
+                        cbk = count_b[kk]
+                        btk = bt[kk]
+                        for n in range(N):
+                            cbk[n] += btk[n]
+                    # A(t) spikes of row m add (a -1 subtracts) the counts C_B(t)[k, :].
+                    na = 0
+                    for m in range(M):
+                        rm = rowp[m]
+                        rm[:] = 0
+                        kp, kn = _gather_spikes(at[m], pos, neg, signed)
+                        na += kp + kn
+                        _add_rows(rm, count_b, pos, kp)
+                        for j in range(kn):
+                            cb = count_b[neg[j]]
+                            for n in range(N):
+                                rm[n] -= cb[n]
+                        for j in range(kp):
+                            count_a[pos[j], m] += 1
+                        for j in range(kn):
+                            count_a[neg[j], m] -= 1
+                    n_ac += nb * M + na * N
+                    for m in range(M):
+                        om = o[m]
+                        rm = rowp[m]
+                        for n in range(N):
+                            om[n] = weight * (np.int64(rm[n]) + np.int64(col[n, m]))
+        return n_ac
+
+    return kernel
+
+
+spike_matmul, spike_matmul_signed = _signed_variants(
+    _spike_matmul, "spike_matmul", "spike_matmul_signed",
     """Product of two spike tensors by temporal decomposition (SPEC 2.4):
     ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with running counts ``C``.
 
@@ -487,62 +588,94 @@ def spike_matmul(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, pr
     added four at a time; those of a row k of B(t) add column k of C_A(t-1) to a transposed
     buffer (contiguous adds, added to the output once per step), and ``weight`` multiplies
     each output once.
-    """
-    B, T, L, M, K = a.shape
-    N = bm.shape[4]
-    count_a = np.zeros((K, M), dtype=proto.dtype)  # C_A, transposed: column k of C_A is contiguous
-    count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
-    col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
-    rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
-    idx = np.empty(max(K, N) + 1, dtype=np.int64)
-    n_ac = 0
-    for b in range(B):
-        for l in range(L):
-            count_a[:] = 0
-            count_b[:] = 0
-            for t in range(T):
-                o = out[b, t, l]
-                bt = bm[b, t, l]
-                at = a[b, t, l]
-                # A spike B(t)[k, n] adds the counts C_A(t-1)[:, k] (count_a not yet updated) to
-                # column n; B(t) is read by rows (contiguous); then C_B includes step t.
-                nb = 0
-                col[:] = 0
-                for kk in range(K):
-                    k = _gather_spikes(bt[kk], idx)
-                    nb += k
-                    cak = count_a[kk]
-                    for j in range(k):
-                        cn = col[idx[j]]
-                        for i in range(M):
-                            cn[i] += cak[i]
-                for kk in range(K):
-                    cbk = count_b[kk]
-                    btk = bt[kk]
-                    for n in range(N):
-                        cbk[n] += btk[n]
-                # A(t) spikes of row m add the counts C_B(t)[k, :].
-                na = 0
-                for m in range(M):
-                    rm = rowp[m]
-                    rm[:] = 0
-                    k = _gather_spikes(at[m], idx)
-                    na += k
-                    _add_rows(rm, count_b, idx, k)
-                    for j in range(k):
-                        count_a[idx[j], m] += 1
-                n_ac += nb * M + na * N
-                for m in range(M):
-                    om = o[m]
-                    rm = rowp[m]
-                    for n in range(N):
-                        om[n] = weight * (np.int64(rm[n]) + np.int64(col[n, m]))
-    return n_ac
+    """,
+    """:func:`spike_matmul` where either operand may be ternary (int8 -1/0/+1; the other uint8 or
+    int8): ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with signed running counts ``C``.
+    A +1 spike adds the count row / column it gates, a -1 spike subtracts it (additions and
+    subtractions only). Same layouts, bounds (``|C| <= T``) and ACs (one per target of a spike
+    of either sign) as :func:`spike_matmul`.
+    """)
 
 
-@njit(nogil=True, cache=True)
-def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
-                out: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
+@njit(inline="always")
+def _fire(v: int, n: int, threshold: np.ndarray, row: np.ndarray, cnt: np.ndarray,
+          signed: bool) -> tuple[int, int, bool]:
+    """A firing step of neuron ``n`` at potential ``v``: its spike ``f`` (+1 where ``v >= threshold[n]``;
+    in a ternary population (``signed``) -1 where ``v < 0``; else 0) written to ``row[n]`` and added
+    to ``cnt[n]``. Returns ``(v - f * threshold[n], whether it spiked, whether with -1)``."""
+    up = v >= threshold[n]
+    down = signed and v < 0
+    f = np.int32(up) - np.int32(down)
+    row[n] = f
+    cnt[n] += f
+    return v - f * threshold[n], up + down, down
+
+
+def _neurons(signed: bool) -> Callable:
+    def kernel(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
+               out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
+        B, Tc, N = cur.shape
+        T = out.shape[1]
+        vt = threshold.dtype.type
+        v = np.empty(N, dtype=threshold.dtype)
+        cnt = np.empty(N, dtype=np.int32)  # (signed) counts, |count| <= T < 2^31: in the lanes of v when v is int32
+        peak = vt(0)
+        total = 0
+        negative = 0
+        for b in range(B):
+            v[:] = v0
+            cnt[:] = 0
+            for n in range(N):
+                peak = max(peak, abs(v[n]))
+            k = 0  # spikes (the binary variant sums its counts instead, once per sample)
+            kn = 0  # -1 spikes
+            for u in range(1, T + 1):
+                x = cur[b, u - 1 if Tc > 1 else 0]
+                if u > delay:
+                    # Branch-free update (vectorizes): fire where v >= threshold (ternary: or v < 0), reset by
+                    # subtracting (adding) the threshold.
+                    row = out[b, u - delay - 1]
+                    for n in range(N):
+                        vn = vt(v[n] + x[n] + bias[n])
+                        reset, fired, down = _fire(vn, n, threshold, row, cnt, signed)
+                        vr = vt(reset)
+                        if signed:  # a -1 reset can raise |v| (up to threshold - 1); counts cannot give k
+                            k += fired
+                            kn += down
+                            peak = max(peak, max(abs(vn), abs(vr)))
+                        else:
+                            peak = max(peak, abs(vn))
+                        v[n] = vr
+                else:
+                    for n in range(N):
+                        vn = vt(v[n] + x[n] + bias[n])
+                        peak = max(peak, abs(vn))
+                        v[n] = vn
+            # Input exhausted: the remaining output steps only fire and reset.
+            for u in range(max(T, delay) + 1, T + delay + 1):
+                row = out[b, u - delay - 1]
+                for n in range(N):
+                    reset, fired, down = _fire(v[n], n, threshold, row, cnt, signed)
+                    vr = vt(reset)
+                    if signed:
+                        k += fired
+                        kn += down
+                        peak = max(peak, abs(vr))
+                    v[n] = vr
+            cb = counts[b]
+            for n in range(N):
+                cb[n] = cnt[n]
+                if not signed:
+                    k += cnt[n]
+            total += k
+            negative += kn
+        return total, negative, np.int64(peak)
+
+    return kernel
+
+
+dif_neurons, ternary_neurons = _signed_variants(
+    _neurons, "dif_neurons", "ternary_neurons",
     """Delayed integrate-and-fire population (SPEC 2.2, Algorithm 1) with reset by subtraction.
 
     ``cur`` (B, Tc, N) input current, Tc = T or 1 (constant over time); ``threshold``, ``v0``,
@@ -551,142 +684,11 @@ def dif_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np
     uint8 and ``counts`` (B, N) int64, every element written. Per neuron: ``v = v0``; for u
     in 1..T+delay: if u <= T, ``v += I(u) + bias``; if u > delay and ``v >= threshold``,
     spike at output step u - delay and ``v -= threshold``. Steps in (T, delay] do nothing
-    and are skipped. Returns (spikes, the largest |v| reached over v0 and every integrated
-    value; a reset only moves v towards 0, so it cannot set a new maximum). Counts are
-    kept in int32 while firing (the int64 results are written once per sample).
-    """
-    B, Tc, N = cur.shape
-    T = out.shape[1]
-    vt = threshold.dtype.type
-    v = np.empty(N, dtype=threshold.dtype)
-    cnt = np.empty(N, dtype=np.int32)  # counts <= T < 2^31, in the lanes of v when v is int32
-    peak = vt(0)
-    total = 0
-    for b in range(B):
-        v[:] = v0
-        cnt[:] = 0
-        for n in range(N):
-            peak = max(peak, abs(v[n]))
-        for u in range(1, T + 1):
-            x = cur[b, u - 1 if Tc > 1 else 0]
-            if u > delay:
-                # Branch-free update (vectorizes): fire where v >= threshold, reset by subtraction.
-                row = out[b, u - delay - 1]
-                for n in range(N):
-                    vn = vt(v[n] + x[n] + bias[n])
-                    peak = max(peak, abs(vn))
-                    f = vn >= threshold[n]
-                    row[n] = f
-                    cnt[n] += f
-                    v[n] = vn - f * threshold[n]
-            else:
-                for n in range(N):
-                    vn = vt(v[n] + x[n] + bias[n])
-                    peak = max(peak, abs(vn))
-                    v[n] = vn
-        # Input exhausted: the remaining output steps only fire and reset.
-        for u in range(max(T, delay) + 1, T + delay + 1):
-            row = out[b, u - delay - 1]
-            for n in range(N):
-                f = v[n] >= threshold[n]
-                row[n] = f
-                cnt[n] += f
-                v[n] -= f * threshold[n]
-        cb = counts[b]
-        k = 0
-        for n in range(N):
-            cb[n] = cnt[n]
-            k += cnt[n]
-        total += k
-    return total, np.int64(peak)
-
-
-@njit(inline="always")
-def _gather_signed(row: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[int, int]:
-    """Write the positions of the +1 entries of ``row`` to ``pos[:kp]`` and of the -1 entries to
-    ``neg[:kn]`` (branch-free, as :func:`_gather_spikes`); return ``(kp, kn)``."""
-    kp = 0
-    kn = 0
-    for i in range(row.shape[0]):
-        v = row[i]
-        pos[kp] = i
-        neg[kn] = i
-        kp += v > 0
-        kn += v < 0
-    return kp, kn
-
-
-@njit(nogil=True, cache=True)
-def spike_matmul_signed(a: np.ndarray, bm: np.ndarray, weight: int, out: np.ndarray, proto: np.ndarray) -> int:
-    """:func:`spike_matmul` where either operand may be ternary (int8 -1/0/+1; the other uint8 or
-    int8): ``out(t) = weight * (A(t) C_B(t) + C_A(t-1) B(t))`` with signed running counts ``C``.
-    A +1 spike adds the count row / column it gates, a -1 spike subtracts it (additions and
-    subtractions only). Same layouts, bounds (``|C| <= T``) and ACs (one per target of a spike
-    of either sign) as :func:`spike_matmul`.
-    """
-    B, T, L, M, K = a.shape
-    N = bm.shape[4]
-    count_a = np.zeros((K, M), dtype=proto.dtype)  # C_A, transposed
-    count_b = np.zeros((K, N), dtype=proto.dtype)  # C_B
-    col = np.empty((N, M), dtype=proto.dtype)  # C_A(t-1) B(t), transposed
-    rowp = np.empty((M, N), dtype=proto.dtype)  # A(t) C_B(t)
-    pos = np.empty(max(K, N) + 1, dtype=np.int64)
-    neg = np.empty(max(K, N) + 1, dtype=np.int64)
-    n_ac = 0
-    for b in range(B):
-        for l in range(L):
-            count_a[:] = 0
-            count_b[:] = 0
-            for t in range(T):
-                o = out[b, t, l]
-                bt = bm[b, t, l]
-                at = a[b, t, l]
-                nb = 0
-                col[:] = 0
-                for kk in range(K):
-                    kp, kn = _gather_signed(bt[kk], pos, neg)
-                    nb += kp + kn
-                    cak = count_a[kk]
-                    for j in range(kp):
-                        cn = col[pos[j]]
-                        for i in range(M):
-                            cn[i] += cak[i]
-                    for j in range(kn):
-                        cn = col[neg[j]]
-                        for i in range(M):
-                            cn[i] -= cak[i]
-                for kk in range(K):
-                    cbk = count_b[kk]
-                    btk = bt[kk]
-                    for n in range(N):
-                        cbk[n] += btk[n]
-                na = 0
-                for m in range(M):
-                    rm = rowp[m]
-                    rm[:] = 0
-                    kp, kn = _gather_signed(at[m], pos, neg)
-                    na += kp + kn
-                    _add_rows(rm, count_b, pos, kp)
-                    for j in range(kn):
-                        cb = count_b[neg[j]]
-                        for n in range(N):
-                            rm[n] -= cb[n]
-                    for j in range(kp):
-                        count_a[pos[j], m] += 1
-                    for j in range(kn):
-                        count_a[neg[j], m] -= 1
-                n_ac += nb * M + na * N
-                for m in range(M):
-                    om = o[m]
-                    rm = rowp[m]
-                    for n in range(N):
-                        om[n] = weight * (np.int64(rm[n]) + np.int64(col[n, m]))
-    return n_ac
-
-
-@njit(nogil=True, cache=True)
-def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias: np.ndarray, delay: int,
-                    out: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
+    and are skipped. Returns (spikes, 0 (the -1 spikes of :func:`ternary_neurons`), the
+    largest |v| reached over v0 and every integrated value; a reset only moves v towards 0,
+    so it cannot set a new maximum). Counts are kept in int32 while firing (the int64
+    results are written once per sample).
+    """,
     """Delayed integrate-and-fire population with signed spikes (docs/signed_spikes.md).
 
     Arguments as :func:`dif_neurons`, but ``out`` (B, T, N) is int8 (-1/0/+1) and ``counts``
@@ -695,63 +697,7 @@ def ternary_neurons(cur: np.ndarray, threshold: np.ndarray, v0: np.ndarray, bias
     ``v < 0`` emits -1 and adds ``threshold``. Returns (spikes of both signs, the -1 spikes among
     them, the largest |v| over v0, every integrated value and every value after a firing step: a
     -1 reset can raise |v| up to ``threshold - 1``).
-    """
-    B, Tc, N = cur.shape
-    T = out.shape[1]
-    vt = threshold.dtype.type
-    v = np.empty(N, dtype=threshold.dtype)
-    cnt = np.empty(N, dtype=np.int32)  # signed counts, |count| <= T
-    peak = vt(0)
-    total = 0
-    negative = 0
-    for b in range(B):
-        v[:] = v0
-        cnt[:] = 0
-        for n in range(N):
-            peak = max(peak, abs(v[n]))
-        k = 0
-        kn = 0
-        for u in range(1, T + 1):
-            x = cur[b, u - 1 if Tc > 1 else 0]
-            if u > delay:
-                row = out[b, u - delay - 1]
-                for n in range(N):
-                    vn = vt(v[n] + x[n] + bias[n])
-                    up = vn >= threshold[n]
-                    down = vn < 0
-                    f = np.int32(up) - np.int32(down)
-                    row[n] = f
-                    cnt[n] += f
-                    k += up + down
-                    kn += down
-                    vr = vt(vn - f * threshold[n])
-                    peak = max(peak, max(abs(vn), abs(vr)))
-                    v[n] = vr
-            else:
-                for n in range(N):
-                    vn = vt(v[n] + x[n] + bias[n])
-                    peak = max(peak, abs(vn))
-                    v[n] = vn
-        for u in range(max(T, delay) + 1, T + delay + 1):
-            row = out[b, u - delay - 1]
-            for n in range(N):
-                vn = v[n]
-                up = vn >= threshold[n]
-                down = vn < 0
-                f = np.int32(up) - np.int32(down)
-                row[n] = f
-                cnt[n] += f
-                k += up + down
-                kn += down
-                vr = vt(vn - f * threshold[n])
-                peak = max(peak, abs(vr))
-                v[n] = vr
-        cb = counts[b]
-        for n in range(N):
-            cb[n] = cnt[n]
-        total += k
-        negative += kn
-    return total, negative, np.int64(peak)
+    """)
 
 
 @njit(nogil=True, cache=True)
