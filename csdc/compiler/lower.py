@@ -1202,9 +1202,12 @@ class Lowering:
 
         1. the row max ``M = max_j c_j``: a SpikeMaxPool over the row;
         2. ``d_j = M - c_j`` in ``[0, T]``: M's spikes broadcast to the row (synapses of weight 1) minus ``c_j``'s;
-        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
+        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: MBE populations (:func:`softmax_exp_fit`: secant pieces within a
+           tenth of the readout's unit) read out as two digit populations of radix ``2^b <= T + 1``
+           (:func:`mbe_digits`), in units ``1 / (T 2^b)``: each element's error enters the row sum;
         4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
-           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
+           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow
+           (:func:`softmax_reciprocal_fit`, verified on every level);
         5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits (:func:`softmax_pairs`: all but the two
            last digits'), weighted by their places, into the output quantizer's neuron.
 
@@ -1259,9 +1262,9 @@ class Lowering:
         levels = np.arange(q_lo, q_hi + 1, dtype=np.float64)
         # its error reaches an output times e <= 1: SOFTMAX_RECIPROCAL_TARGET output steps, in the readout's unit
         r_unit = 1.0 / (e.unit * q_lo * T * (1 << radix))
+        r_target = SOFTMAX_RECIPROCAL_TARGET * out_step / r_unit
         r = self.mbe_digits(f"{n.name}_reciprocal", total, q_lo, 1.0 / (e.unit * levels), radix_bits=radix,
-                            fitter=lambda v: softmax_reciprocal_fit(q_lo, q_hi, T, 1 << radix,
-                                                                    SOFTMAX_RECIPROCAL_TARGET * out_step / r_unit, steps))
+                            fitter=lambda v: softmax_reciprocal_fit(q_lo, q_hi, T, 1 << radix, r_target, steps))
         # 5. y_j = e_j r: one product per pair of digits, in the output quantizer's neuron
         e_col = [self.add(f"{n.name}_exp_col", Reshape((R, N, 1)), [d]) for d in e.nodes]
         r_col = [self.add(f"{n.name}_reciprocal_col", Reshape((R, 1, 1)), [d]) for d in r.nodes]

@@ -459,7 +459,8 @@ def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int
     best: tuple[MBESum, np.ndarray, bool] | None = None  # (fit, its knots, measured on every level)
     ratio, tol, placement = 2.0, 2.0 * max_error, knots
     while True:
-        knots = _geometric_knots(lo, hi, ratio, steps) if placement == "geometric" else _secant_knots(q, y, w, tol, steps)
+        knots = (_geometric_knots(lo, hi, ratio, steps) if placement == "geometric"
+                 else _secant_knots(q, y, w, tol, steps))
         if len(knots) > max_bases and best is not None:
             break
         cand = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, sample)

@@ -56,7 +56,8 @@ class Digits:
 
     def report(self) -> dict:
         """The fields of a ``CompileReport.approximations`` entry this readout fills (errors in f's units)."""
-        return {"mbe_node": self.mbe_node, "mbe_nodes": list(self.populations), "bases": self.bases, "steps": self.fit.steps, "levels": [self.lo, self.hi],
+        return {"mbe_node": self.mbe_node, "mbe_nodes": list(self.populations), "bases": self.bases,
+                "steps": self.fit.steps, "levels": [self.lo, self.hi],
                 "digits": list(self.nodes), "places": list(self.places), "unit": self.unit,
                 "max_abs_error": self.max_abs_error, "mean_abs_error": self.mean_abs_error}
 
@@ -119,9 +120,9 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
     ``refine``: a second MBE population on the same current, fitted to the first one's residual in the same
     unit, adds its current (smaller errors for twice the bases and spikes).
     Integer ops that are not spike accumulations: none. ``add(name, op, inputs) -> node`` adds an IR node
-    (default ``net.add`` with ``_2``, ``_3``, ... for a name taken; the lowering's records them for --explain). ``fitter``: makes the
-    MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g. :func:`fit_geometric`'s populations
-    for a domain too large for least squares; their currents are added)."""
+    (default ``net.add`` with ``_2``, ``_3``, ... for a name taken; the lowering's records them for --explain).
+    ``fitter``: makes the MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g.
+    :func:`fit_geometric`'s populations for a domain too large for least squares; their currents are added)."""
     values = np.asarray(values, dtype=np.float64)
     add = add or (lambda name, op, inputs: net.add(_unique(net, name), op, inputs))
     T = net.T
@@ -190,8 +191,8 @@ SOFTMAX_RECIPROCAL_TARGET = 0.02
 SOFTMAX_FIT_BITS = 28
 SOFTMAX_SAMPLE_ROWS = 4096  # random rows on which the mean error of a softmax is measured
 #: the exact worst case's dynamic program first runs up to this many times the row max's readout (the others' exact
-#: total up to about 2: the worst rows have a small sum), doubling while the bound above it may exceed what it found
-SOFTMAX_DP_START = 2.0
+#: total up to about 1: the worst rows have a small sum), doubling while the bound above it may exceed what it found
+SOFTMAX_DP_START = 1.0
 
 
 def softmax_radix_bits(T: int, N: int) -> int | None:
@@ -295,7 +296,8 @@ def _softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, fl
             found = _softmax_worst()(a, q_a, reach, ce, G, unit, exact_e, least, most, s_fixed, worst)
             if limit >= top:
                 break
-            bound = _softmax_bound()(a, q_a, reach, ce, G, unit, exact_e, max(limit + 1, free * int(R.min())), top,
+            beyond = np.minimum(reach, _softmax_coarse(e, r, a, own, free, s_fixed, exact_e, limit + 1))
+            bound = _softmax_bound()(a, q_a, beyond, ce, G, unit, exact_e, max(limit + 1, free * int(R.min())), top,
                                      e.unit, free * own.min(), free * own.max(), free * exact_e.min(), float(free),
                                      s_fixed, found)
             if bound <= found:
@@ -309,6 +311,27 @@ def _softmax_error(e: Digits, r: Digits, N: int, step: float) -> tuple[float, fl
     q = e.readout[d].sum(axis=1)
     got = e.unit * r.unit * softmax_product(e, r, d, q[:, None])
     return worst, float(np.abs(got - exact).mean())
+
+
+def _softmax_coarse(e: Digits, r: Digits, a: np.ndarray, own: np.ndarray, free: int, s_fixed: float,
+                    exact_e: np.ndarray, start: int) -> np.ndarray:
+    """For each gap ``a``, a bound on the error of every row whose others' readout total is at least ``start`` (so that
+    :func:`_softmax_bound` scans only the gaps it leaves above the worst case found). With the true total ``A = e(a) +
+    s_fixed + S_o`` and ``unit_e q = A - eps`` (eps: the row's readout errors ``own``, at most ``eps_hi``):
+    ``|y^ - y| <= dropped + e^(a) rho + e(a) |eps| / (A (A - eps_hi)) + |own(a)| / (A - eps_hi)`` (rho: the reciprocal
+    readout's worst error; dropped: the left-out product of the last digits), decreasing in ``A >= A(start)``."""
+    pairs = softmax_pairs(e, r)
+    last_e, last_r = len(e.places) - 1, len(r.places) - 1
+    dropped = (0.0 if (last_e, last_r) in pairs else
+               e.unit * r.unit * e.places[-1] * r.places[-1] * e.counts[a, -1] * float(r.counts[:, -1].max()))
+    fixed = own[0] if s_fixed else 0.0  # another element at the row max
+    eps_lo, eps_hi = own[a] + fixed + free * own.min(), own[a] + fixed + free * own.max()
+    least = exact_e[a] + s_fixed + max(e.unit * start + free * own.min(), free * exact_e.min())
+    room = least - eps_hi
+    with np.errstate(divide="ignore"):
+        coarse = (dropped + e.unit * e.readout[a] * r.max_abs_error
+                  + exact_e[a] * np.maximum(np.abs(eps_lo), np.abs(eps_hi)) / (least * room) + np.abs(own[a]) / room)
+    return np.where(room > 0, coarse, np.inf)
 
 
 @functools.cache
@@ -368,6 +391,7 @@ def _softmax_bound():  # type: ignore[no-untyped-def]
     return run
 
 
-__all__ = ["Digits", "RSQRT_BITS", "SOFTMAX_EXP_TARGET", "SOFTMAX_FIT_BITS", "SOFTMAX_RECIPROCAL_TARGET",
-           "SOFTMAX_ROW_SUM_LEVELS", "SOFTMAX_SAMPLE_ROWS", "layernorm_rsqrt", "mbe_digits", "rsqrt_fit", "softmax_error",
-           "softmax_exp_fit", "softmax_pairs", "softmax_product", "softmax_radix_bits", "softmax_reciprocal_fit"]
+__all__ = ["Digits", "RSQRT_BITS", "SOFTMAX_DP_START", "SOFTMAX_EXP_TARGET", "SOFTMAX_FIT_BITS",
+           "SOFTMAX_RECIPROCAL_TARGET", "SOFTMAX_ROW_SUM_LEVELS", "SOFTMAX_SAMPLE_ROWS", "layernorm_rsqrt", "mbe_digits",
+           "rsqrt_fit", "softmax_error", "softmax_exp_fit", "softmax_pairs", "softmax_product", "softmax_radix_bits",
+           "softmax_reciprocal_fit"]
