@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -362,6 +362,8 @@ class MBESum:
     max_abs_error: float
     mean_abs_error: float
     max_rel_error: float
+    #: the sum of the parts' totals at every level lo..hi, as measured (kept: a lowering reads it again)
+    table: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def bases(self) -> int:
@@ -372,7 +374,10 @@ class MBESum:
         return max(p.steps for p in self.parts)
 
     def totals(self, q: np.ndarray) -> np.ndarray:
-        """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel."""
+        """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel (or its measured table)."""
+        q = np.asarray(q, dtype=np.int64)
+        if self.table is not None and (q.size == 0 or (q.min() >= self.lo and q.max() <= self.hi)):
+            return self.table[q - self.lo]
         return sum(numba_totals(p.op(np.zeros((), np.int64)), q) for p in self.parts)
 
     def evaluate(self, q: np.ndarray) -> np.ndarray:
@@ -522,13 +527,14 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
         parts.append(MBEFit(name, lo, hi, threshold[sl, :used].copy(), reset[sl, :used].copy(),
                             weight_tab[sl, :used].copy(), -knots[sl].astype(np.int64), 0, frac_bits, 0.0, 0.0, used))
     constant = int(at_knots[0])
-    got = (sum(numba_totals(p.op(np.zeros((), np.int64)), measured) for p in parts) + constant) / scale
+    totals = sum(numba_totals(p.op(np.zeros((), np.int64)), measured) for p in parts)
+    got = (totals + constant) / scale
     at = measured - lo
     err = w[at] * np.abs(got - y[at])
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.abs(got / y[at] - 1.0)
     return MBESum(name, lo, hi, tuple(parts), constant, frac_bits, float(err.max()), float(err.mean()),
-                  float(np.max(rel[np.isfinite(rel)], initial=0.0)))
+                  float(np.max(rel[np.isfinite(rel)], initial=0.0)), totals if measured is q else None)
 
 
 __all__ = ["BASES_CHOICES", "FIT_SAMPLE_LEVELS", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS",
