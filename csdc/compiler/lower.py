@@ -45,8 +45,9 @@ from csdc.compiler.bitwidth import PROFILES
 from csdc.compiler.integerize import (NeuronParameters, PopulationError, Precision, PrecisionReport, neuron_bound_at,
                                       neuron_parameters, rounded_with_residual, scaled_weights, split_power_of_two)
 from csdc.compiler.mbe import MBEFit, MBESum, fit_table
-from csdc.compiler.mbe_readout import (EXP_RADIX_BITS, RECIPROCAL_BASES, Digits, layernorm_rsqrt, mbe_digits, rsqrt_fit,
-                                       softmax_error, softmax_pairs)
+from csdc.compiler.mbe_readout import (SOFTMAX_RECIPROCAL_TARGET, Digits, layernorm_rsqrt, mbe_digits, rsqrt_fit,
+                                       softmax_error, softmax_exp_fit, softmax_pairs, softmax_radix_bits,
+                                       softmax_reciprocal_fit)
 from csdc.compiler.passes.fuse_elementwise import evaluate
 from csdc.compiler.passes.move_input_quant import unmoved_reason
 from csdc.compiler.qgraph import QGraph, QNode
@@ -1202,9 +1203,12 @@ class Lowering:
 
         1. the row max ``M = max_j c_j``: a SpikeMaxPool over the row;
         2. ``d_j = M - c_j`` in ``[0, T]``: M's spikes broadcast to the row (synapses of weight 1) minus ``c_j``'s;
-        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: an MBE population read out as digit populations (:func:`mbe_digits`);
+        3. ``e_j = exp(-step d_j)`` in ``(0, 1]``: MBE populations (:func:`softmax_exp_fit`: secant pieces within a
+           tenth of the readout's unit) read out as two digit populations of radix ``2^b <= T + 1``
+           (:func:`mbe_digits`), in units ``1 / (T 2^b)``: each element's error enters the row sum;
         4. the row sum of e's digit counts times their places (synapses fed by spikes) is an integer ``q`` and
-           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow;
+           ``1/S = 1 / (unit_e q)`` another MBE digit readout over every q the ranges allow
+           (:func:`softmax_reciprocal_fit`, verified on every level);
         5. ``y_j = e_j / S``: one SpikeMatMul (K = 1) per pair of digits (:func:`softmax_pairs`: all but the two
            last digits'), weighted by their places, into the output quantizer's neuron.
 
@@ -1238,14 +1242,15 @@ class Lowering:
         flat = self.add(f"{n.name}_flat", Reshape((R, N)), [src.node])
         minus = self.add(f"{n.name}_minus_x", DiagonalSynapse(np.broadcast_to(np.int8(-1), (R, N))), [flat])
         gap = self.add(f"{n.name}_gap", Add(), [spread, minus])
-        # 3. e(d) = exp(-step d), d = 0..T
+        # 3. e(d) = exp(-step d), d = 0..T, in units of 1 / (T 2^b): secant pieces within a tenth of a unit
         exact_e = np.exp(-src.step * np.arange(T + 1, dtype=np.float64))
-        # the finest radix whose row sums stay enumerable (at most 2^20 levels for the reciprocal's fit)
-        radix = next((b for b in range(min(EXP_RADIX_BITS, T.bit_length() - 1), 0, -1) if N * T << b <= 1 << 20), None)
+        radix = softmax_radix_bits(T, N)  # the finest radix whose row sums stay enumerable
         if radix is None:
             self.fail(n, f"a row of {N} elements is too long for the reciprocal of its sum to be fitted on every level")
             return
-        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e, radix_bits=radix, refine=True)
+        steps = min(self.mbe.steps, T)  # an MBE population encodes in at most T steps
+        e = self.mbe_digits(f"{n.name}_exp", gap, 0, exact_e, radix_bits=radix,
+                            fitter=lambda v: softmax_exp_fit(src.step, T, 1 << radix, steps))
         # 4. q = sum_j readout_e(d_j) (an integer: digit counts times places), then 1/S = 1 / (unit_e q)
         sums = [self.add(f"{n.name}_row_sum{k}", DenseSynapse(np.ones((1, N), dtype=np.int8), exponent=p.bit_length() - 1), [d])
                 for k, (d, p) in enumerate(zip(e.nodes, e.places))]
@@ -1253,11 +1258,14 @@ class Lowering:
         q_lo = int(e.readout[0] + (N - 1) * e.readout.min())  # one element is the max (d = 0)
         q_hi = int(e.readout[0] + (N - 1) * e.readout.max())
         if q_lo < 1:
-            self.fail(n, "the exponential's readout of the row max is zero; the MBE fit is too coarse (raise --mbe-bases)")
+            self.fail(n, "the exponential's readout of the row max is zero; the MBE fit is too coarse")
             return
         levels = np.arange(q_lo, q_hi + 1, dtype=np.float64)
-        r = self.mbe_digits(f"{n.name}_reciprocal", total, q_lo, 1.0 / (e.unit * levels),
-                            bases=self.mbe.bases if self.mbe.bases is not None else (RECIPROCAL_BASES if q_hi - q_lo > 4096 else None))
+        # its error reaches an output times e <= 1: SOFTMAX_RECIPROCAL_TARGET output steps, in the readout's unit
+        r_unit = 1.0 / (e.unit * q_lo * T * (1 << radix))
+        r_target = SOFTMAX_RECIPROCAL_TARGET * out_step / r_unit
+        r = self.mbe_digits(f"{n.name}_reciprocal", total, q_lo, 1.0 / (e.unit * levels), radix_bits=radix,
+                            fitter=lambda v: softmax_reciprocal_fit(q_lo, q_hi, T, 1 << radix, r_target, steps))
         # 5. y_j = e_j r: one product per pair of digits, in the output quantizer's neuron
         e_col = [self.add(f"{n.name}_exp_col", Reshape((R, N, 1)), [d]) for d in e.nodes]
         r_col = [self.add(f"{n.name}_reciprocal_col", Reshape((R, 1, 1)), [d]) for d in r.nodes]
@@ -1270,6 +1278,7 @@ class Lowering:
         worst, mean = softmax_error(e, r, N, src.step)
         self.report.approximations.append({
             "source": n.name, "op": "softmax", "nodes": [n.name], "mbe_node": f"{e.mbe_node}, {r.mbe_node}",
+            "mbe_nodes": [*e.populations, *r.populations],
             "bases": max(e.bases, r.bases), "steps": max(e.fit.steps, r.fit.steps), "latency_steps": 2 * T + (len(e.nodes) + len(r.nodes)) * self.delay,
             "levels": [0, T], "row": N, "max_abs_error": worst / out_step, "mean_abs_error": mean / out_step,
             "error_unit": f"steps of the reading quantizer ({out_step:.6g})", "max_abs_error_real": worst,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -241,18 +241,21 @@ def numba_totals(op: MBENeuron, q: np.ndarray, chunk: int = 1 << 16) -> np.ndarr
     return out
 
 
-def sum_ranges(readout: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def sum_ranges(readout: np.ndarray, values: np.ndarray, count: int,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Over every choice of ``count`` levels (with repetition) of a table of integer ``readout``s (>= 0) and real
     ``values``: for each total ``q = 0..count * max(readout)`` of the readouts, the least and the largest total of
     the values (+inf / -inf where no choice reaches q). A dynamic program over the elements (numba), used to state
-    the worst case of a row sum exactly."""
+    the worst case of a row sum exactly. ``limit``: only the totals up to it (exact there: readouts are >= 0, so a
+    partial total above the limit never comes back under it), for a cost proportional to the limit."""
     readout = np.asarray(readout, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
     # levels with the same readout: only their least and largest value matter
     keys = np.unique(readout)
     lo_v = np.array([values[readout == k].min() for k in keys])
     hi_v = np.array([values[readout == k].max() for k in keys])
-    return _sum_ranges(keys, lo_v, hi_v, int(count))
+    top = int(count) * int(keys.max())
+    return _sum_ranges(keys, lo_v, hi_v, int(count), top if limit is None else max(min(int(limit), top), 0))
 
 
 @functools.cache
@@ -260,8 +263,8 @@ def _sum_ranges_kernel():  # type: ignore[no-untyped-def]
     from numba import njit
 
     @njit(cache=True, nogil=True)
-    def run(keys, lo_v, hi_v, count):  # type: ignore[no-untyped-def]
-        width = count * keys.max() + 1
+    def run(keys, lo_v, hi_v, count, limit):  # type: ignore[no-untyped-def]
+        width = limit + 1
         least = np.full(width, np.inf)
         most = np.full(width, -np.inf)
         least[0] = 0.0
@@ -275,6 +278,8 @@ def _sum_ranges_kernel():  # type: ignore[no-untyped-def]
                     continue
                 for i in range(len(keys)):
                     t = q + keys[i]
+                    if t > limit:
+                        break  # keys ascend
                     a = least[q] + lo_v[i]
                     b = most[q] + hi_v[i]
                     if a < new_least[t]:
@@ -282,16 +287,17 @@ def _sum_ranges_kernel():  # type: ignore[no-untyped-def]
                     if b > new_most[t]:
                         new_most[t] = b
             least, most = new_least, new_most
-            top += keys.max()
+            top = min(top + keys.max(), limit)
         return least, most
 
     return run
 
 
-def _sum_ranges(keys: np.ndarray, lo_v: np.ndarray, hi_v: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _sum_ranges(keys: np.ndarray, lo_v: np.ndarray, hi_v: np.ndarray, count: int,
+                limit: int) -> tuple[np.ndarray, np.ndarray]:
     if count == 0:
         return np.zeros(1), np.zeros(1)
-    return _sum_ranges_kernel()(keys, lo_v, hi_v, count)
+    return _sum_ranges_kernel()(keys, lo_v, hi_v, count, limit)
 
 
 BASES_CHOICES = (1, 2, 4, 8, 16, 32, 64)
@@ -356,6 +362,8 @@ class MBESum:
     max_abs_error: float
     mean_abs_error: float
     max_rel_error: float
+    #: the sum of the parts' totals at every level lo..hi, as measured (kept: a lowering reads it again)
+    table: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def bases(self) -> int:
@@ -366,7 +374,10 @@ class MBESum:
         return max(p.steps for p in self.parts)
 
     def totals(self, q: np.ndarray) -> np.ndarray:
-        """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel."""
+        """``sum of the parts' totals`` (int64) at the levels ``q`` (1-D), by the numba kernel (or its measured table)."""
+        q = np.asarray(q, dtype=np.int64)
+        if self.table is not None and (q.size == 0 or (q.min() >= self.lo and q.max() <= self.hi)):
+            return self.table[q - self.lo]
         return sum(numba_totals(p.op(np.zeros((), np.int64)), q) for p in self.parts)
 
     def evaluate(self, q: np.ndarray) -> np.ndarray:
@@ -389,9 +400,32 @@ def _geometric_knots(lo: int, hi: int, ratio: float, steps: int) -> np.ndarray:
     return np.array(knots[:-1], dtype=np.int64)
 
 
+def _secant_knots(q: np.ndarray, y: np.ndarray, w: np.ndarray, tol: float, steps: int) -> np.ndarray:
+    """Knots from ``q[0]``, each piece the widest ``2^m - 1`` levels (m <= ``steps`` digits) whose secant stays within
+    ``tol`` of ``y`` on every level it spans (errors weighted by ``w``): the resolution follows the curvature, for
+    any smooth target (an exponential's, a reciprocal's far from 0)."""
+    lo, hi = int(q[0]), int(q[-1])
+    knots = [lo]
+    while True:
+        b = knots[-1] - lo
+        end = b + 1
+        for m in range(2, steps + 1):
+            e = min(b + (1 << m) - 1, hi - lo)
+            line = y[b] + (y[e] - y[b]) * np.arange(e - b + 1, dtype=np.float64) / (e - b)
+            if float(np.max(w[b:e + 1] * np.abs(line - y[b:e + 1]))) > tol:
+                break
+            end = e
+            if e == hi - lo:
+                break
+        if end >= hi - lo:
+            return np.array(knots, dtype=np.int64)
+        knots.append(lo + end)
+
+
 def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, *,
                   weight: Callable[[np.ndarray], np.ndarray] | None = None, max_error: float, steps: int = 16,
-                  max_bases: int = 8 * MBE_BASES_MAX, frac_bits: int | None = None) -> MBESum:
+                  max_bases: int = 8 * MBE_BASES_MAX, frac_bits: int | None = None,
+                  knots: str = "geometric") -> MBESum:
     """An MBE fit of a smooth monotone ``target`` (e.g. ``1/sqrt``) on a domain too large for :func:`fit`'s
     least squares (up to :data:`LARGE_LEVELS_MAX` levels).
 
@@ -403,7 +437,12 @@ def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int
     function lies above it). The fewest pieces (ratio halved from 2) whose ``weight * error`` is within
     ``max_error`` on every level wins, else the finest tried within ``max_bases``. Bases are split into
     populations of at most ``MBE_BASES_MAX``. The error is **verified on every level** of ``lo..hi`` by the
-    numba kernel. ``weight``: the error's weight per level (default 1)."""
+    numba kernel. ``weight``: the error's weight per level (default 1). ``knots="secant"``: pieces as wide as the
+    target's curvature allows (:func:`_secant_knots`, the tolerance divided by sqrt 2 from twice ``max_error``)
+    instead of geometric ones: a convex target far from a power law's pole (``exp(-s d)`` on every level, ``1/q``
+    from a large ``q``) within a tight ``max_error``."""
+    if knots not in ("geometric", "secant"):
+        raise CsdcError(f"MBE fit of {name}: knots must be 'geometric' or 'secant', got {knots!r}")
     lo, hi = int(lo), int(hi)
     if hi <= lo:
         raise CsdcError(f"MBE fit of {name}: empty level range [{lo}, {hi}]")
@@ -423,9 +462,10 @@ def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int
     sample = q if q.size <= 2**16 else np.unique(np.concatenate([
         q[:4096], np.rint(np.geomspace(lo + 4096, hi, 2**15)).astype(np.int64), [hi]]))
     best: tuple[MBESum, np.ndarray, bool] | None = None  # (fit, its knots, measured on every level)
-    ratio = 2.0
+    ratio, tol, placement = 2.0, 2.0 * max_error, knots
     while True:
-        knots = _geometric_knots(lo, hi, ratio, steps)
+        knots = (_geometric_knots(lo, hi, ratio, steps) if placement == "geometric"
+                 else _secant_knots(q, y, w, tol, steps))
         if len(knots) > max_bases and best is not None:
             break
         cand = _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, sample)
@@ -436,7 +476,7 @@ def fit_geometric(name: str, target: Callable[[np.ndarray], np.ndarray], lo: int
             best = (cand, knots, everywhere)
         if cand.max_abs_error <= max_error or len(knots) >= hi - lo + 1:
             break
-        ratio = 1.0 + (ratio - 1.0) / 2 ** 0.5
+        ratio, tol = 1.0 + (ratio - 1.0) / 2 ** 0.5, tol / 2 ** 0.5
     fitted, knots, everywhere = best
     return fitted if everywhere else _secant_sum(name, q, y, w, knots, hi, steps, frac_bits, q)
 
@@ -487,13 +527,14 @@ def _secant_sum(name: str, q: np.ndarray, y: np.ndarray, w: np.ndarray, knots: n
         parts.append(MBEFit(name, lo, hi, threshold[sl, :used].copy(), reset[sl, :used].copy(),
                             weight_tab[sl, :used].copy(), -knots[sl].astype(np.int64), 0, frac_bits, 0.0, 0.0, used))
     constant = int(at_knots[0])
-    got = (sum(numba_totals(p.op(np.zeros((), np.int64)), measured) for p in parts) + constant) / scale
+    totals = sum(numba_totals(p.op(np.zeros((), np.int64)), measured) for p in parts)
+    got = (totals + constant) / scale
     at = measured - lo
     err = w[at] * np.abs(got - y[at])
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.abs(got / y[at] - 1.0)
     return MBESum(name, lo, hi, tuple(parts), constant, frac_bits, float(err.max()), float(err.mean()),
-                  float(np.max(rel[np.isfinite(rel)], initial=0.0)))
+                  float(np.max(rel[np.isfinite(rel)], initial=0.0)), totals if measured is q else None)
 
 
 __all__ = ["BASES_CHOICES", "FIT_SAMPLE_LEVELS", "FUNCTIONS", "LARGE_LEVELS_MAX", "MBE_TARGET_LEVELS", "OUTPUT_BITS",
