@@ -25,6 +25,7 @@ from csdc.errors import CsdcError, UnsupportedModelError
 from csdc.ir import MBENeuron, semantics
 from csdc.ir.ops import DenseSynapse, DiagonalSynapse, SpikeMatMul
 from csdc.runtime.datasets import load_digits_split
+from lava_check import assert_lava_equals_numba
 
 torch = pytest.importorskip("torch")
 
@@ -244,27 +245,11 @@ def test_a_ternary_input_and_gamma_of_both_signs_at_a_small_window(tmp_path: Pat
 def test_lava_equals_numba_spike_for_spike_on_the_ternary_layernorm(tmp_path: Path, delay) -> None:
     """The T = 7 LayerNorm above (mean, centred, fraction, variance, MBE, digit and product populations) under
     Loihi2SimCfg(select_tag="fixed_pt"): every population's trains and the readout equal numba's (D = T and 1)."""
-    import os
-
-    from csdc.backends.lava import env as lava_env
-    from csdc.backends.lava.backend import LavaBackend
-    from csdc.backends.lava.compat import LavaUnavailableError
-    from csdc.backends.numba import NumbaBackend
-
-    try:
-        lava_env.require()
-    except LavaUnavailableError as exc:  # the policy of tests/backends/test_lava.py: skipped only when asked to
-        if os.environ.get("CSDC_ALLOW_NO_LAVA") == "1":
-            pytest.skip(f"LAVA BACKEND NOT TESTED: {exc}")
-        raise
     onnx.save(_ternary_layernorm_model(), tmp_path / "t.onnx")
     net, _ = compile_onnx(tmp_path / "t.onnx", CompileOptions(nonlinear="mbe"))
     net = net.with_delay(net.T if delay == "T" else delay)
     x = np.random.default_rng(0).uniform(0, 1, size=(3, 1, 8, 8)).astype(np.float32)
-    ref, got = NumbaBackend().run(net, x, keep_trains=True), LavaBackend().run(net, x, keep_trains=True)
-    assert np.array_equal(got.readout, ref.readout) and got.trains.keys() == ref.trains.keys()
-    for name in ref.trains:
-        assert np.array_equal(got.trains[name], ref.trains[name]), name
+    assert_lava_equals_numba(net, x, trains=True)
 
 
 def _semantic_values(f, q: np.ndarray) -> np.ndarray:

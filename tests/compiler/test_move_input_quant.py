@@ -22,6 +22,7 @@ from csdc.errors import UnsupportedModelError
 from csdc.ir import semantics
 from csdc.runtime.evaluate import onnx_logits
 
+from lava_check import assert_lava_equals_numba
 from onnx_build import Builder
 
 
@@ -202,12 +203,6 @@ def test_canonical_graph_quantizes_the_input_first(tmp_path):
 def test_routed_and_flattened_inputs_run_on_lava_spike_for_spike(tmp_path):
     """The encoder reading the model input and the IR routing of its levels on every backend: Lava's spike counts and
     readouts equal numba's (the routed MLP above, and the (n, 64) model reshaped to an image)."""
-    import os
-
-    from csdc.backends.base import get_backend
-    from csdc.backends.lava.compat import LavaUnavailableError
-    from csdc.backends.numba import NumbaBackend
-
     b = Builder((1, 64))
     t = b.node("Reshape", ["x", b.const(np.array([-1, 1, 8, 8], np.int64))])
     h = b.quant(b.bn(b.conv(b.quant(t, 1 / 16, 16), 1, 4), 4), 0.25, 15)
@@ -216,16 +211,7 @@ def test_routed_and_flattened_inputs_run_on_lava_spike_for_spike(tmp_path):
     for name, model, shape in (("routed.onnx", routed_mlp(), (4, 1, 8, 8)), ("flat.onnx", flat, (4, 64))):
         onnx.save(model, tmp_path / name)
         net, _ = compile_onnx(tmp_path / name)
-        xs = (rng.integers(0, 17, shape) / 16).astype(np.float32)
-        want = NumbaBackend().run(net, xs)
-        try:
-            got = get_backend("lava").run(net, xs)
-        except LavaUnavailableError as exc:
-            if os.environ.get("CSDC_ALLOW_NO_LAVA") == "1":
-                pytest.skip(f"LAVA BACKEND NOT TESTED: {exc}")
-            raise
-        assert np.array_equal(got.readout, want.readout)
-        assert all(np.array_equal(got.counts[n], want.counts[n]) for n in want.counts)
+        assert_lava_equals_numba(net, (rng.integers(0, 17, shape) / 16).astype(np.float32))
 
 # --- property: any routing chain, per-tensor or per-axis -------------------------------------------
 def _routing_chain_model(shape: tuple[int, ...], ops: list[tuple], quant_at_input: bool, scales: list[float],
