@@ -71,10 +71,9 @@ def assert_planned_as_the_layouts_say(net: Network, plan) -> set[str]:
     fit), every population whose membrane_words is not None runs as a two-word process with that shift and
     those coarse summands (each from a copy of its process with weights divided by 2^shift); every other
     one as a one-word process. Returns the two-word populations."""
-    net = lava_network(net, WORD)
+    net, words, refused = lava_network(net, WORD)
     bounds = current_bounds(net)
     procs = two_word_procs(plan)
-    words, refused = membrane_layouts(net, WORD)
     for name in net.neurons():
         if name in refused:
             assert name not in procs and plan.process(name)["params"]["two_words_refused"] == refused[name]
@@ -264,7 +263,7 @@ def test_digits_csdformer_in_two_words_equals_numba(profile: str, delay) -> None
     assert two == set(net.neurons())
     refused = membrane_layouts(net, WORD)[1]
     if profile == "loihi2":
-        assert not refused and lava_network(net, WORD) is net
+        assert not refused and lava_network(net, WORD)[0] is net
     else:  # the stream populations: two words hold them only once their synapses are cut at the shift
         assert {"blocks/blocks.1/attn/q_in", "q_head"} <= set(refused)
         assert "q_head/QuantizeLinear_syn_part0" in {p["ir_node"] for p in BACKEND.last_plan.processes}

@@ -237,19 +237,21 @@ def loihi2_word_bits() -> int:
     return PROFILES["loihi2"].word_bits or LOIHI2["word_bits"]
 
 
-def lava_network(net: Network, word_bits: int) -> Network:
-    """The network a plan maps: ``net`` itself, or, where two words cannot hold a population's membrane
-    because a synapse reading into it feeds its fine compartment bits above the shift (a generic
-    compile's unsplit residual-stream synapses), ``net`` with those synapses cut at the shift
+def lava_network(net: Network, word_bits: int) -> tuple[Network, dict[str, MembraneWords], dict[str, str]]:
+    """The network a plan maps, with its :func:`membrane_layouts`: ``net`` itself, or, where two words
+    cannot hold a population's membrane because a synapse reading into it feeds its fine compartment
+    bits above the shift (a generic compile's unsplit residual-stream synapses), ``net`` with those
+    synapses cut at the shift
     (``integerize.split_for_profile`` with the network's own weight widths: the parts below and above
     ``2^s``, summed by an Add under the synapse's name; the same integer current, so the same spikes).
     A ``--profile loihi2`` compile comes already cut."""
-    _, refused = membrane_layouts(net, word_bits)
+    words, refused = membrane_layouts(net, word_bits)
     if not refused:
-        return net
+        return net, words, refused
     wide = max(PROFILES.values(), key=lambda p: p.weight_bits).weight_bits  # cut only: never split by width
-    return split_for_profile(net, HardwareProfile("lava", weight_bits=wide, threshold_bits=wide, membrane_bits=64,
-                                                  word_bits=word_bits))[0]
+    cut = split_for_profile(net, HardwareProfile("lava", weight_bits=wide, threshold_bits=wide, membrane_bits=64,
+                                                 word_bits=word_bits))[0]
+    return (cut, *membrane_layouts(cut, word_bits))
 
 
 def _weight_exp(m: sp.csr_matrix) -> int | None:
@@ -307,7 +309,7 @@ class _Planner:
             raise IRError(f"unknown Lava convolution mapping '{conv}'; choose one of {', '.join(CONV_IMPLS)}")
         self.conv = conv
         self.word_bits = loihi2_word_bits()
-        net = lava_network(net, self.word_bits)
+        net, self.words, self.words_refused = lava_network(net, self.word_bits)
         self.net = net
         self.T = net.T
         self.n = int(n_samples)
@@ -317,7 +319,6 @@ class _Planner:
         delays += [self.T for _, op in net.nodes() if isinstance(op, MBENeuron)]  # an MBE population's window is 2T
         self.period = self.T + max(delays, default=0)
         self.bounds = abs_bounds(net)
-        self.words, self.words_refused = membrane_layouts(net, self.word_bits)
         self.plan = Plan(meta={})
         self.terms: dict[str, list[Term]] = {}
         self.offset: dict[str, int] = {}
@@ -687,7 +688,7 @@ def hardware_report(net: Network, plan: Plan | None = None) -> list[dict]:
     with its shift and per-compartment widths); 24-bit dendritic accumulators and graded-spike
     payloads)."""
     plan = plan or make_plan(net)
-    net = lava_network(net, loihi2_word_bits())  # the network the plan maps (synapses cut at shifts)
+    net = lava_network(net, loihi2_word_bits())[0]  # the network the plan maps (synapses cut at shifts)
     bounds = abs_bounds(net)
     budget, bits = _profile_bits(net)
     rows = []
