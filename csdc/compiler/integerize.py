@@ -278,7 +278,7 @@ def split_wide_synapses(net: Network, weight_bits: int,
         for i, (m, e) in enumerate(parts):
             m = np.broadcast_to(m, op.mantissa.shape) if m.shape != op.mantissa.shape else m
             part = _with_weights(op, m, e)
-            names.append(out.add(_free(out, net, f"{name}_part{i}"), part, ins))
+            names.append(out.add(out.free_name(f"{name}_part{i}", net), part, ins))
         groups[name] = len(names)
         out.add(name, Add(), names) if len(names) > 1 else out.add(name, _with_weights(op, *parts[0]), ins)
     return out, groups
@@ -304,14 +304,6 @@ def split_for_profile(net: Network, profile: HardwareProfile) -> tuple[Network, 
     if not cuts:
         return split, groups
     return split_wide_synapses(net, profile.weight_bits, {k: tuple(sorted(v)) for k, v in cuts.items()})
-
-
-def _free(out: Network, net: Network, base: str) -> str:
-    cand, i = base, 1
-    while cand in out or cand in net:
-        i += 1
-        cand = f"{base}_{i}"
-    return cand
 
 
 def _with_weights(op: DenseSynapse | ConvSynapse | DiagonalSynapse, mantissa: np.ndarray, exponent: int):

@@ -318,12 +318,7 @@ class Lowering:
         for suffix in ("/QuantizeLinear", "_QuantizeLinear", "QuantizeLinear"):
             if base.endswith(suffix) and len(base) > len(suffix):
                 base = base[: -len(suffix)]
-        base = base.strip("/_") or "node"
-        cand, i = base, 1
-        while cand in self.net:
-            i += 1
-            cand = f"{base}_{i}"
-        return cand
+        return self.net.free_name(base.strip("/_") or "node")
 
     def add(self, base: str, op, inputs: list[str]) -> str:
         nm = self.net.add(self.name(base), op, inputs)

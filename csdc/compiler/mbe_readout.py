@@ -92,15 +92,6 @@ def layernorm_rsqrt(S: np.ndarray, channels: int, eps_levels: float, frac: int =
 
 
 
-def _unique(net: Network, name: str) -> str:
-    """``name``, or ``name_2``, ``name_3``, ... if it is taken."""
-    cand, i = name, 1
-    while cand in net:
-        i += 1
-        cand = f"{name}_{i}"
-    return cand
-
-
 def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarray, *, delay: int, digits: int = 2,
                radix_bits: int | None = None, bases: int | None = None, max_bases: int = 64, steps: int = 16,
                refine: bool = False, add: Callable[[str, object, list[str]], str] | None = None,
@@ -124,7 +115,7 @@ def mbe_digits(net: Network, base: str, current: str, lo: int, values: np.ndarra
     ``fitter``: makes the MBE population(s) from ``values / unit`` instead of :func:`fit_table` (e.g.
     :func:`fit_geometric`'s populations for a domain too large for least squares; their currents are added)."""
     values = np.asarray(values, dtype=np.float64)
-    add = add or (lambda name, op, inputs: net.add(_unique(net, name), op, inputs))
+    add = add or (lambda name, op, inputs: net.add(net.free_name(name), op, inputs))
     T = net.T
     if values.ndim != 1 or not len(values) or not np.all(np.isfinite(values)) or values.min() < 0:
         raise CsdcError(f"{base}: an MBE digit readout needs finite non-negative values, one per level")

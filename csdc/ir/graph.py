@@ -8,7 +8,7 @@ source and one :class:`Readout` sink, and a global time window ``T``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Container, Iterator
 
 import networkx as nx
 import numpy as np
@@ -103,6 +103,14 @@ class Network:
 
     def __contains__(self, name: str) -> bool:
         return name in self.graph
+
+    def free_name(self, base: str, taken: Container[str] = ()) -> str:
+        """``base``, or the first of ``base_2``, ``base_3``, ... that names no node here nor is in ``taken``."""
+        cand, i = base, 1
+        while cand in self or cand in taken:
+            i += 1
+            cand = f"{base}_{i}"
+        return cand
 
     @property
     def input_name(self) -> str:
